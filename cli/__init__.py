@@ -1,0 +1,1 @@
+"""The `otclip` command: one entry point dispatching to engine, indexer, training and app."""

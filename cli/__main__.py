@@ -1,0 +1,5 @@
+import sys
+
+from otclip.main import main
+
+sys.exit(main())

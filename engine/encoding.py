@@ -1,0 +1,150 @@
+"""Batched image and text encoding: (n, d) float32 L2-normalised embeddings.
+
+Decoding runs in DataLoader workers so it overlaps the model's forward pass; bad images are
+reported per item instead of aborting the batch.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from .devices import autocast_for
+from .images import ImageDecodeError, load_image
+from .model_loading import LoadedModel
+
+ImageInput = str | Path | bytes | Image.Image
+
+
+@dataclass
+class ImageBatch:
+    """One encoded batch: `embeddings[j]` belongs to input `indices[j]`; `failures` are (index, reason)."""
+
+    indices: list[int]
+    embeddings: np.ndarray
+    failures: list[tuple[int, str]] = field(default_factory=list)
+
+
+class _DecodeDataset(Dataset):
+    def __init__(self, items: Sequence[ImageInput], preprocess) -> None:
+        self.items = items
+        self.preprocess = preprocess
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str | None]:
+        try:
+            return i, self.preprocess(load_image(self.items[i])), None
+        except ImageDecodeError as exc:
+            return i, None, exc.reason
+        except Exception as exc:  # a preprocessing failure must not kill the worker and the whole run
+            return i, None, f"cannot preprocess ({type(exc).__name__}: {exc})"
+
+
+def _collate(samples: list[tuple[int, Any, str | None]]):
+    ok = [(i, t) for i, t, err in samples if err is None]
+    failures = [(i, err) for i, _, err in samples if err is not None]
+    tensors = torch.stack([t for _, t in ok]) if ok else None
+    return [i for i, _ in ok], tensors, failures
+
+
+def _single_threaded_worker(_: int) -> None:
+    torch.set_num_threads(1)  # decoding workers must not compete with the model for every core
+
+
+def default_num_workers() -> int:
+    return max(1, min(8, (os.cpu_count() or 2) - 1))
+
+
+class Encoder:
+    """Embeds images and texts with one loaded model."""
+
+    def __init__(self, loaded: LoadedModel, batch_size: int = 64, num_workers: int | None = None) -> None:
+        self.loaded = loaded
+        self.batch_size = batch_size
+        self.num_workers = default_num_workers() if num_workers is None else num_workers
+
+    @property
+    def device(self) -> torch.device:
+        return self.loaded.device
+
+    @torch.no_grad()
+    def _embed(self, encode, batch: torch.Tensor) -> np.ndarray:
+        with autocast_for(self.device):
+            features = encode(batch.to(self.device, non_blocking=True))
+        return F.normalize(features.float(), dim=-1).cpu().numpy()
+
+    def encode_texts(
+        self, texts: Sequence[str], batch_size: int | None = None, progress: bool | None = None
+    ) -> np.ndarray:
+        """(n, d) float32 L2-normalised text embeddings."""
+        texts = list(texts)
+        bs = batch_size or self.batch_size
+        out = [np.zeros((0, self.loaded.embed_dim), np.float32)]
+        show = progress if progress is not None else len(texts) > 8 * bs
+        for start in tqdm(range(0, len(texts), bs), desc="encode texts", unit="batch", disable=not show):
+            tokens = self.loaded.tokenizer(texts[start : start + bs])
+            out.append(self._embed(self.loaded.model.encode_text, tokens))
+        return np.concatenate(out)
+
+    def iter_image_batches(
+        self,
+        images: Sequence[ImageInput],
+        batch_size: int | None = None,
+        num_workers: int | None = None,
+        progress: bool | None = None,
+    ) -> Iterator[ImageBatch]:
+        """Decode (in workers) and encode `images` batch by batch, in input order."""
+        bs = batch_size or self.batch_size
+        workers = self.num_workers if num_workers is None else num_workers
+        if len(images) <= bs:
+            workers = 0  # starting workers costs more than decoding one batch
+        loader = DataLoader(
+            _DecodeDataset(images, self.loaded.preprocess),
+            batch_size=bs,
+            num_workers=workers,
+            collate_fn=_collate,
+            pin_memory=self.device.type == "cuda",
+            prefetch_factor=4 if workers else None,
+            worker_init_fn=_single_threaded_worker,
+        )
+        show = progress if progress is not None else len(images) > 4 * bs
+        with tqdm(total=len(images), desc="encode images", unit="img", disable=not show) as bar:
+            for indices, tensors, failures in loader:
+                embeddings = (
+                    self._embed(self.loaded.model.encode_image, tensors)
+                    if tensors is not None
+                    else np.zeros((0, self.loaded.embed_dim), np.float32)
+                )
+                bar.update(len(indices) + len(failures))
+                yield ImageBatch(indices, embeddings, failures)
+
+    def encode_images(self, images: Sequence[ImageInput], **kwargs) -> np.ndarray:
+        """(n, d) float32 L2-normalised image embeddings; raises ImageDecodeError on the first bad input."""
+        parts = [np.zeros((0, self.loaded.embed_dim), np.float32)]
+        for batch in self.iter_image_batches(images, **kwargs):
+            if batch.failures:
+                index, reason = batch.failures[0]
+                item = images[index]
+                raise ImageDecodeError(str(item) if isinstance(item, (str, Path)) else f"image #{index}", reason)
+            parts.append(batch.embeddings)
+        return np.concatenate(parts)
+
+    def encode_image(self, image: ImageInput) -> np.ndarray:
+        """(d,) embedding of one image."""
+        return self.encode_images([image])[0]
+
+    def encode_text(self, text: str) -> np.ndarray:
+        """(d,) embedding of one text."""
+        return self.encode_texts([text])[0]

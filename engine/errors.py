@@ -1,0 +1,19 @@
+"""Errors that carry a message for the user: the CLI prints them in one line, without a traceback."""
+
+from __future__ import annotations
+
+from .images import ImageDecodeError
+from .model_loading import ModelLoadError
+
+
+class IndexDirectoryError(RuntimeError):
+    """An index directory that is missing, unreadable, or built with another model."""
+
+
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    ModelLoadError,
+    ImageDecodeError,
+    IndexDirectoryError,
+    FileNotFoundError,
+    ValueError,
+)

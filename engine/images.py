@@ -1,0 +1,77 @@
+"""Safe image decoding: every image otclip embeds goes through `load_image`."""
+
+from __future__ import annotations
+
+import io
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+
+
+class ImageDecodeError(ValueError):
+    """An input that is not a usable image; str() names the input and the reason."""
+
+    def __init__(self, source: str, reason: str) -> None:
+        super().__init__(f"{source}: {reason}")
+        self.source = source
+        self.reason = reason
+
+
+def is_image_path(path: str | Path) -> bool:
+    return Path(path).suffix.lower() in IMAGE_EXTENSIONS
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode -> 8-bit RGB. Transparency is composited on white; 16-bit and float are rescaled."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        lo, hi = float(arr.min()), float(arr.max())
+        arr = (arr - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(arr)
+        img = Image.fromarray(arr.astype(np.uint8), mode="L")
+    if img.mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    if img.mode in ("RGBA", "LA", "PA"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, rgba)
+    return img.convert("RGB") if img.mode != "RGB" else img
+
+
+def load_image(source: str | Path | bytes | Image.Image, name: str | None = None) -> Image.Image:
+    """Decode `source` into an RGB image with EXIF orientation applied (first frame if animated).
+
+    Raises ImageDecodeError for anything that is not a complete, reasonably sized image:
+    missing/unreadable files, truncated data, non-images, decompression bombs.
+    """
+    label = name or (str(source) if isinstance(source, (str, Path)) else "image")
+    if isinstance(source, Image.Image):
+        img = source
+    else:
+        try:
+            fp = io.BytesIO(source) if isinstance(source, bytes) else open(source, "rb")
+        except OSError as exc:
+            raise ImageDecodeError(label, f"cannot open ({exc.strerror or exc})") from None
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                with fp:
+                    img = Image.open(fp)
+                    img.seek(0)
+                    img.load()  # decode now: truncated files fail here, not later in a worker
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            raise ImageDecodeError(label, f"too large to decode safely ({exc})") from None
+        except UnidentifiedImageError:
+            raise ImageDecodeError(label, "not an image (cannot identify format)") from None
+        except (OSError, SyntaxError, ValueError, EOFError) as exc:
+            raise ImageDecodeError(label, f"corrupt or truncated image ({exc})") from None
+    if img.width == 0 or img.height == 0:
+        raise ImageDecodeError(label, "empty image (zero width or height)")
+    try:
+        img = ImageOps.exif_transpose(img) or img
+    except Exception:  # a broken EXIF block should not lose the image itself
+        pass
+    return _to_rgb(img)

@@ -1,0 +1,76 @@
+import numpy as np
+import pytest
+import torch
+
+from otclip.engine import ImageDecodeError, select_device
+from otclip.engine.sample_photos import SAMPLE_PHOTOS, sample_photo, write_sample_photos
+
+
+@pytest.fixture(scope="module")
+def photo_paths(tmp_path_factory):
+    return write_sample_photos(tmp_path_factory.mktemp("photos"))
+
+
+def test_text_embeddings_are_normalised_float32(encoder):
+    emb = encoder.encode_texts(["a cat", "a dog", ""])
+    assert emb.dtype == np.float32 and emb.shape == (3, 384)
+    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
+
+
+def test_image_embeddings_are_normalised_float32(encoder, photo_paths):
+    emb = encoder.encode_images(photo_paths[:5])
+    assert emb.dtype == np.float32 and emb.shape == (5, 384)
+    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
+
+
+def test_same_vectors_across_batch_sizes_and_workers(encoder, photo_paths):
+    paths = photo_paths[:9]
+    a = encoder.encode_images(paths, batch_size=9, num_workers=0)
+    b = encoder.encode_images(paths, batch_size=2, num_workers=1)
+    np.testing.assert_allclose(a, b, atol=1e-5)
+    texts = [p.caption for p in SAMPLE_PHOTOS]
+    np.testing.assert_allclose(encoder.encode_texts(texts, batch_size=32), encoder.encode_texts(texts, batch_size=3),
+                               atol=1e-5)
+
+
+def test_paths_and_pil_images_agree(encoder, photo_paths):
+    from PIL import Image
+
+    from_path = encoder.encode_images(photo_paths[:2])
+    from_pil = encoder.encode_images([Image.open(p) for p in photo_paths[:2]])
+    np.testing.assert_allclose(from_path, from_pil, atol=1e-5)
+
+
+def test_bad_image_names_the_input(encoder, tmp_path):
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"nope")
+    with pytest.raises(ImageDecodeError, match="broken.jpg"):
+        encoder.encode_images([sample_photo("coffee"), bad])
+
+
+def test_batches_report_failures_in_order(encoder, photo_paths, tmp_path):
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"")
+    items = [photo_paths[0], bad, photo_paths[1], photo_paths[2]]
+    batches = list(encoder.iter_image_batches(items, batch_size=2, num_workers=1))
+    assert [i for b in batches for i in b.indices] == [0, 2, 3]
+    assert [f[0] for b in batches for f in b.failures] == [1]
+
+
+def test_device_selection():
+    assert select_device("cpu").type == "cpu"
+    assert select_device(None).type == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            select_device("cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none on this machine)")
+def test_cuda_encoding_matches_cpu(default_model, encoder):
+    from otclip.engine import Encoder, load_model
+
+    gpu = Encoder(load_model("effnet-minilm", device="cuda"))
+    img = sample_photo("chelsea")
+    cpu_emb, gpu_emb = encoder.encode_image(img), gpu.encode_image(img)
+    assert float(cpu_emb @ gpu_emb) > 0.99  # bf16 autocast on CUDA: close, not bit-equal

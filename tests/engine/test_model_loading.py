@@ -1,0 +1,65 @@
+import numpy as np
+import pytest
+import torch
+
+from otclip.engine import Encoder, ModelLoadError, load_model, save_checkpoint
+from otclip.engine.effnet_minilm import EMBED_DIM
+
+
+def test_default_model_loads_offline_with_identity(default_model):
+    assert default_model.identity.name == "effnet-minilm"
+    assert len(default_model.identity.checksum) == 64
+    assert default_model.embed_dim == EMBED_DIM
+    tokens = default_model.tokenizer(["a cat"])
+    assert tokens.shape[0] == 1
+    assert hasattr(default_model.model, "encode_image") and hasattr(default_model.model, "encode_text")
+
+
+def test_default_model_is_an_open_clip_custom_text_clip(default_model):
+    from open_clip.model import CustomTextCLIP
+
+    assert isinstance(default_model.model, CustomTextCLIP)
+    trainable = [n for n, p in default_model.model.named_parameters() if p.requires_grad]
+    assert any(n.startswith("visual.proj") for n in trainable) and any(n.startswith("text.proj") for n in trainable)
+
+
+def test_open_clip_architecture_with_random_weights_loads_reproducibly():
+    a = load_model("RN50", device="cpu")
+    b = load_model("RN50", device="cpu")
+    assert a.identity.checksum == b.identity.checksum
+    assert a.embed_dim == 1024
+    emb = Encoder(a).encode_texts(["a dog"])
+    assert emb.shape == (1, 1024)
+
+
+def test_unreachable_pretrained_tag_fails_in_one_line():
+    with pytest.raises(ModelLoadError) as info:
+        load_model("RN50:openai", device="cpu")
+    message = str(info.value)
+    assert "\n" not in message
+    assert "RN50:openai" in message and "RN50:/path/to/" in message
+
+
+def test_unknown_model_name_is_explained():
+    with pytest.raises(ModelLoadError, match="unknown model"):
+        load_model("no-such-model", device="cpu")
+
+
+def test_non_otclip_file_is_refused_with_the_alternative(tmp_path):
+    path = tmp_path / "weights.pt"
+    torch.save({"something": torch.zeros(2)}, path)
+    with pytest.raises(ModelLoadError, match="ARCH:"):
+        load_model(str(path))
+
+
+def test_checkpoint_round_trip(default_model, encoder, tmp_path):
+    path = save_checkpoint(default_model, tmp_path / "ckpt.pt")
+    reloaded = load_model(str(path), device="cpu")
+    assert reloaded.identity.name == "effnet-minilm@ckpt.pt"
+    assert reloaded.identity.checksum != default_model.identity.checksum
+    texts = ["a red car", "a cup of coffee"]
+    np.testing.assert_allclose(Encoder(reloaded).encode_texts(texts), encoder.encode_texts(texts), atol=1e-6)
+    from otclip.engine.sample_photos import sample_photo
+
+    img = sample_photo("coffee")
+    np.testing.assert_allclose(Encoder(reloaded).encode_image(img), encoder.encode_image(img), atol=1e-5)
