@@ -28,11 +28,13 @@ ImageInput = str | Path | bytes | Image.Image
 
 @dataclass
 class ImageBatch:
-    """One encoded batch: `embeddings[j]` belongs to input `indices[j]`; `failures` are (index, reason)."""
+    """One encoded batch: `embeddings[j]` belongs to input `indices[j]` of decoded size `sizes[j]`
+    (width, height); `failures` are (index, reason)."""
 
     indices: list[int]
     embeddings: np.ndarray
     failures: list[tuple[int, str]] = field(default_factory=list)
+    sizes: list[tuple[int, int]] = field(default_factory=list)
 
 
 class _DecodeDataset(Dataset):
@@ -43,9 +45,10 @@ class _DecodeDataset(Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str | None]:
+    def __getitem__(self, i: int) -> tuple[int, Any, str | None]:
         try:
-            return i, self.preprocess(load_image(self.items[i])), None
+            image = load_image(self.items[i])
+            return i, (self.preprocess(image), image.size), None
         except ImageDecodeError as exc:
             return i, None, exc.reason
         except Exception as exc:  # a preprocessing failure must not kill the worker and the whole run
@@ -53,10 +56,10 @@ class _DecodeDataset(Dataset):
 
 
 def _collate(samples: list[tuple[int, Any, str | None]]):
-    ok = [(i, t) for i, t, err in samples if err is None]
+    ok = [(i, decoded) for i, decoded, err in samples if err is None]
     failures = [(i, err) for i, _, err in samples if err is not None]
-    tensors = torch.stack([t for _, t in ok]) if ok else None
-    return [i for i, _ in ok], tensors, failures
+    tensors = torch.stack([d[0] for _, d in ok]) if ok else None
+    return [i for i, _ in ok], tensors, failures, [d[1] for _, d in ok]
 
 
 def _single_threaded_worker(_: int) -> None:
@@ -121,14 +124,14 @@ class Encoder:
         )
         show = progress if progress is not None else len(images) > 4 * bs
         with tqdm(total=len(images), desc="encode images", unit="img", disable=not show) as bar:
-            for indices, tensors, failures in loader:
+            for indices, tensors, failures, sizes in loader:
                 embeddings = (
                     self._embed(self.loaded.model.encode_image, tensors)
                     if tensors is not None
                     else np.zeros((0, self.loaded.embed_dim), np.float32)
                 )
                 bar.update(len(indices) + len(failures))
-                yield ImageBatch(indices, embeddings, failures)
+                yield ImageBatch(indices, embeddings, failures, sizes)
 
     def encode_images(self, images: Sequence[ImageInput], **kwargs) -> np.ndarray:
         """(n, d) float32 L2-normalised image embeddings; raises ImageDecodeError on the first bad input."""

@@ -47,6 +47,12 @@ def _hub_offline():
     old = os.environ.get("HF_HUB_OFFLINE")
     os.environ["HF_HUB_OFFLINE"] = "1"
     try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # a "Loading weights" bar on every start is noise
+    except ImportError:
+        pass
+    try:
         yield
     finally:
         if old is None:

@@ -1,0 +1,104 @@
+"""FAISS index construction, GPU offload and persistence. Indexes hold L2-normalised vectors and
+use inner product, so scores are cosine similarities."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+from .atomic_files import write_atomically
+
+EXACT_LIMIT = 50_000  # below this, exact search is fast enough and needs no training
+PQ_LIMIT = 2_000_000  # past this, full vectors no longer fit comfortably: compress with PQ
+TRAIN_SAMPLE_PER_LIST = 64
+
+
+def auto_factory(n: int, dim: int) -> str:
+    """The factory string `auto` picks for `n` vectors of dimension `dim`."""
+    if n < EXACT_LIMIT:
+        return "Flat"
+    nlist = 2 ** int(round(math.log2(4 * math.sqrt(n))))
+    if n < PQ_LIMIT:
+        return f"IVF{nlist},Flat"
+    m = next(m for m in (64, 48, 32, 24, 16, 8) if dim % m == 0)
+    return f"OPQ{m},IVF{nlist},PQ{m}"
+
+
+def default_nprobe(index: faiss.Index) -> int | None:
+    ivf = _ivf_of(index)
+    return None if ivf is None else max(8, ivf.nlist // 16)
+
+
+def _ivf_of(index: faiss.Index):
+    try:
+        return faiss.extract_index_ivf(index)
+    except RuntimeError:
+        return None
+
+
+def gpu_count() -> int:
+    return faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
+
+
+def _to_gpu(index: faiss.Index) -> faiss.Index:
+    """All GPUs (sharded when several) if FAISS sees any; HNSW and others without a GPU form stay on CPU."""
+    if gpu_count() == 0:
+        return index
+    try:
+        if gpu_count() == 1:
+            return faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
+        options = faiss.GpuMultipleClonerOptions()
+        options.shard = True
+        return faiss.index_cpu_to_all_gpus(index, options)
+    except RuntimeError:
+        return index
+
+
+def _to_cpu(index: faiss.Index) -> faiss.Index:
+    return faiss.index_gpu_to_cpu(index) if gpu_count() and "Gpu" in type(index).__name__ else index
+
+
+def build_index(vectors: np.ndarray, factory: str = "auto", seed: int = 0) -> tuple[faiss.Index, str]:
+    """Train (on a sample) and fill an inner-product index; returns the CPU index and the factory used.
+    Training and adding run on the GPU when FAISS sees one."""
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    n, dim = vectors.shape
+    factory = auto_factory(n, dim) if factory == "auto" else factory
+    try:
+        index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as exc:
+        raise ValueError(f"factory string {factory!r}: not a valid FAISS index description ({exc})") from None
+    work = _to_gpu(index)
+    if not work.is_trained:
+        ivf = _ivf_of(index)
+        sample_size = min(n, max(10_000, TRAIN_SAMPLE_PER_LIST * (ivf.nlist if ivf else 256)))
+        if n < (ivf.nlist if ivf else 1):
+            raise ValueError(f"factory {factory!r} needs at least {ivf.nlist} vectors to train; the index has {n}")
+        sample = vectors[np.random.default_rng(seed).choice(n, size=sample_size, replace=False)]
+        work.train(sample)
+    if n:
+        work.add(vectors)
+    index = _to_cpu(work)
+    nprobe = default_nprobe(index)
+    if nprobe is not None:
+        faiss.extract_index_ivf(index).nprobe = nprobe
+    return index, factory
+
+
+def save_index(index: faiss.Index, path: str | Path) -> Path:
+    return write_atomically(path, lambda tmp: faiss.write_index(index, tmp))
+
+
+def load_index(path: str | Path, use_gpu: bool = True) -> faiss.Index:
+    index = faiss.read_index(str(path))
+    nprobe = default_nprobe(index)
+    if nprobe is not None:
+        faiss.extract_index_ivf(index).nprobe = nprobe
+    return _to_gpu(index) if use_gpu else index
+
+
+def index_description(index: faiss.Index) -> str:
+    return type(_to_cpu(index)).__name__

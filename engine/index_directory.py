@@ -1,0 +1,175 @@
+"""The on-disk layout of an otclip index and the only code that reads or writes it.
+
+  INDEX_DIR/manifest.json        format version, model identity, dimension, metric, per side:
+                                 factory, counts, generation, updated; replaced atomically (the commit point)
+  INDEX_DIR/metadata.sqlite      MetadataStore (one row per image / text)
+  INDEX_DIR/embeddings/*.npy     embedding chunks (plain float32 arrays; `reindex` rebuilds from them)
+  INDEX_DIR/embeddings/*.json    a chunk's records until it is ingested into SQLite
+  INDEX_DIR/{side}-{gen}.faiss   the FAISS index of a side, CPU form
+  INDEX_DIR/{side}-{gen}.ids.npy FAISS position -> SQLite id
+  INDEX_DIR/errors.jsonl         files skipped by the last run, with reasons
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .atomic_files import write_json_atomically, write_npy_atomically
+from .errors import IndexDirectoryError
+from .faiss_indexes import build_index, index_description, load_index, save_index
+from .metadata_store import SIDES, ItemRecord, MetadataStore
+from .model_loading import ModelIdentity
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+METRIC = "inner_product"
+
+
+class IndexDirectory:
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        self.embeddings_dir = self.root / "embeddings"
+        self._store: MetadataStore | None = None
+
+    # --- manifest ----------------------------------------------------------------------------
+    @property
+    def manifest_path(self) -> Path:
+        return self.root / MANIFEST
+
+    def exists(self) -> bool:
+        return self.manifest_path.exists()
+
+    def manifest(self) -> dict:
+        if not self.exists():
+            raise IndexDirectoryError(f"{self.root}: not an otclip index (no {MANIFEST}); build one with `otclip index`")
+        data = json.loads(self.manifest_path.read_text())
+        if data.get("format_version", 0) > FORMAT_VERSION:
+            raise IndexDirectoryError(f"{self.root}: index format {data['format_version']} is newer than this otclip")
+        return data
+
+    def model_identity(self) -> ModelIdentity:
+        m = self.manifest()["model"]
+        return ModelIdentity(m["name"], m["checksum"])
+
+    def model_spec(self) -> str:
+        return self.manifest()["model"]["spec"]
+
+    def open_for_model(self, spec: str, identity: ModelIdentity, dim: int) -> None:
+        """Create the directory for this model, or check that an existing one was built with it."""
+        if self.exists():
+            self.check_model(identity)
+            return
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.embeddings_dir.mkdir(exist_ok=True)
+        write_json_atomically(
+            self.manifest_path,
+            {
+                "format_version": FORMAT_VERSION,
+                "model": {"spec": spec, "name": identity.name, "checksum": identity.checksum},
+                "dim": dim,
+                "metric": METRIC,
+                "created": time.time(),
+                "sides": {},
+            },
+        )
+
+    def check_model(self, identity: ModelIdentity) -> None:
+        built = self.model_identity()
+        if not built.same_weights(identity):
+            raise IndexDirectoryError(
+                f"{self.root}: built with model {built}, refusing model {identity}; "
+                f"use --model {self.model_spec()} or build a new index"
+            )
+
+    # --- metadata and embeddings ---------------------------------------------------------------
+    @property
+    def store(self) -> MetadataStore:
+        if self._store is None:
+            self.embeddings_dir.mkdir(parents=True, exist_ok=True)
+            self._store = MetadataStore(self.root / "metadata.sqlite")
+        return self._store
+
+    def close(self) -> None:
+        if self._store is not None:
+            self._store.close()
+            self._store = None
+
+    def write_chunk(self, name: str, side: str, embeddings: np.ndarray, records: list[ItemRecord]) -> None:
+        """Persist a chunk: embeddings first, then its records; a chunk with records is complete."""
+        write_npy_atomically(self.embeddings_dir / f"{name}.npy", np.asarray(embeddings, np.float32))
+        write_json_atomically(
+            self.embeddings_dir / f"{name}.json", {"side": side, "records": [r.__dict__ for r in records]}
+        )
+
+    def ingest_pending(self) -> int:
+        """Move every complete chunk's records into SQLite (idempotent) and drop incomplete leftovers."""
+        ingested = 0
+        for sidecar in sorted(self.embeddings_dir.glob("*.json")):
+            name = sidecar.stem
+            if not self.store.chunk_ingested(name):
+                data = json.loads(sidecar.read_text())
+                ingested += self.store.ingest_chunk(name, data["side"], [ItemRecord(**r) for r in data["records"]])
+            sidecar.unlink()
+        referenced = self.store.referenced_shards()
+        for leftover in self.embeddings_dir.glob(".*.tmp*"):
+            leftover.unlink()
+        for npy in self.embeddings_dir.glob("*.npy"):
+            if npy.stem not in referenced and not (self.embeddings_dir / f"{npy.stem}.json").exists():
+                npy.unlink()  # a chunk cut off before its records were written, or no longer used
+        return ingested
+
+    def unique_embeddings(self, side: str) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, (n, d) vectors): one vector per distinct content, read from the embedding chunks."""
+        entries = self.store.unique_vectors(side)
+        dim = self.manifest()["dim"]
+        if not entries:
+            return np.zeros(0, np.int64), np.zeros((0, dim), np.float32)
+        cache: dict[str, np.ndarray] = {}
+        vectors = np.empty((len(entries), dim), np.float32)
+        for i, (_, shard, row) in enumerate(entries):
+            if shard not in cache:
+                cache[shard] = np.load(self.embeddings_dir / f"{shard}.npy", mmap_mode="r")
+            vectors[i] = cache[shard][row]
+        return np.array([e[0] for e in entries], np.int64), vectors
+
+    # --- FAISS sides -------------------------------------------------------------------------
+    def publish(self, side: str, factory: str = "auto") -> dict:
+        """(Re)build the FAISS index of a side from the stored embeddings and commit it via the manifest."""
+        ids, vectors = self.unique_embeddings(side)
+        index, used = build_index(vectors, factory)
+        manifest = self.manifest()
+        old = manifest["sides"].get(side)
+        generation = (old["generation"] + 1) if old else 1
+        save_index(index, self.root / f"{side}-{generation}.faiss")
+        write_npy_atomically(self.root / f"{side}-{generation}.ids.npy", ids)
+        manifest["sides"][side] = {
+            "factory": used,
+            "index_type": index_description(index),
+            "vectors": int(len(ids)),
+            "items": self.store.count(side),
+            "generation": generation,
+            "updated": time.time(),
+        }
+        write_json_atomically(self.manifest_path, manifest)
+        if old:
+            for suffix in (".faiss", ".ids.npy"):
+                (self.root / f"{side}-{old['generation']}{suffix}").unlink(missing_ok=True)
+        return manifest["sides"][side]
+
+    def load_side(self, side: str, use_gpu: bool = True):
+        """(faiss index, ids) of a side, or None when the side was never built."""
+        if side not in SIDES:
+            raise ValueError(f"side {side!r}: expected one of {SIDES}")
+        info = self.manifest()["sides"].get(side)
+        if info is None:
+            return None
+        gen = info["generation"]
+        index = load_index(self.root / f"{side}-{gen}.faiss", use_gpu=use_gpu)
+        return index, np.load(self.root / f"{side}-{gen}.ids.npy")
+
+    def size_on_disk(self) -> int:
+        return sum(p.stat().st_size for p in self.root.rglob("*") if p.is_file())

@@ -1,0 +1,209 @@
+"""The SQLite metadata store beside an index: one row per indexed image or text.
+
+Schema (version 1), table `items`:
+  side     'images' | 'texts'
+  key      images: absolute path; texts: sha256 of the text (a text corpus is a set of texts)
+  sha256   content hash (file bytes or text), used to find duplicates
+  size, mtime_ns, width, height   images only
+  text     the caption of an image, or the text itself
+  label, extra (JSON object of any other manifest columns)
+  shard, row                      where the embedding lives: embeddings/SHARD.npy, row ROW
+Table `chunks` records every ingested embedding chunk by name, which makes ingesting idempotent.
+Table `meta` carries schema_version; `migrate` upgrades older files in place.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+SCHEMA_VERSION = 1
+SIDES = ("images", "texts")
+
+_MIGRATIONS: dict[int, str] = {
+    1: """
+    CREATE TABLE items (
+        id INTEGER PRIMARY KEY,
+        side TEXT NOT NULL CHECK (side IN ('images', 'texts')),
+        key TEXT NOT NULL,
+        sha256 TEXT NOT NULL,
+        size INTEGER, mtime_ns INTEGER, width INTEGER, height INTEGER,
+        text TEXT, label TEXT, extra TEXT,
+        shard TEXT NOT NULL, row INTEGER NOT NULL,
+        indexed_at REAL NOT NULL,
+        UNIQUE (side, key)
+    );
+    CREATE INDEX items_by_hash ON items (side, sha256);
+    CREATE TABLE chunks (name TEXT PRIMARY KEY, side TEXT NOT NULL, ingested_at REAL NOT NULL);
+    """,
+}
+
+
+@dataclass
+class ItemRecord:
+    """One item to store; `row` indexes into the chunk's embedding array."""
+
+    key: str
+    sha256: str
+    row: int
+    text: str | None = None
+    label: str | None = None
+    extra: dict | None = None
+    size: int | None = None
+    mtime_ns: int | None = None
+    width: int | None = None
+    height: int | None = None
+    shard: str | None = None  # set when reusing an embedding stored by an earlier chunk
+
+
+class MetadataStore:
+    def __init__(self, path: str | Path, readonly: bool = False) -> None:
+        self.path = Path(path)
+        uri = f"file:{self.path}?mode=ro" if readonly else f"file:{self.path}"
+        self._db = sqlite3.connect(uri, uri=True, check_same_thread=False, timeout=60, isolation_level=None)
+        self._db.row_factory = sqlite3.Row
+        self._lock = threading.Lock()  # one connection shared by server threads
+        if not readonly:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self.migrate()
+
+    def close(self) -> None:
+        self._db.close()
+
+    def schema_version(self) -> int:
+        has_meta = self._db.execute("SELECT 1 FROM sqlite_master WHERE name='meta'").fetchone()
+        if not has_meta:
+            return 0
+        row = self._db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+        return int(row[0]) if row else 0
+
+    def migrate(self) -> None:
+        """Apply every migration newer than the file's schema version, each in its own transaction."""
+        version = self.schema_version()
+        if version > SCHEMA_VERSION:
+            raise RuntimeError(f"{self.path}: schema version {version} is newer than this otclip ({SCHEMA_VERSION})")
+        for target in range(version + 1, SCHEMA_VERSION + 1):
+            with self._transaction():
+                self._db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
+                for statement in _MIGRATIONS[target].split(";"):
+                    if statement.strip():
+                        self._db.execute(statement)
+                self._db.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", (str(target),))
+
+    def _transaction(self):
+        store = self
+
+        class _Tx:
+            def __enter__(self):
+                store._lock.acquire()
+                store._db.execute("BEGIN IMMEDIATE")
+
+            def __exit__(self, exc_type, *_):
+                try:
+                    store._db.execute("ROLLBACK" if exc_type else "COMMIT")
+                finally:
+                    store._lock.release()
+
+        return _Tx()
+
+    def _query(self, sql: str, params: Sequence = ()) -> list[sqlite3.Row]:
+        with self._lock:
+            return self._db.execute(sql, params).fetchall()
+
+    # --- writing -----------------------------------------------------------------------------
+    def chunk_ingested(self, name: str) -> bool:
+        return bool(self._query("SELECT 1 FROM chunks WHERE name=?", (name,)))
+
+    def ingest_chunk(self, name: str, side: str, records: Iterable[ItemRecord]) -> int:
+        """Store a chunk's records (replacing older rows with the same key) in one transaction.
+        Ingesting the same chunk twice changes nothing."""
+        now = time.time()
+        count = 0
+        with self._transaction():
+            if self._db.execute("SELECT 1 FROM chunks WHERE name=?", (name,)).fetchone():
+                return 0
+            for r in records:
+                self._db.execute(
+                    """INSERT INTO items (side, key, sha256, size, mtime_ns, width, height, text, label, extra,
+                                          shard, row, indexed_at)
+                       VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)
+                       ON CONFLICT (side, key) DO UPDATE SET
+                         sha256=excluded.sha256, size=excluded.size, mtime_ns=excluded.mtime_ns,
+                         width=excluded.width, height=excluded.height, text=excluded.text, label=excluded.label,
+                         extra=excluded.extra, shard=excluded.shard, row=excluded.row, indexed_at=excluded.indexed_at""",
+                    (side, r.key, r.sha256, r.size, r.mtime_ns, r.width, r.height, r.text, r.label,
+                     json.dumps(r.extra) if r.extra else None, r.shard or name, r.row, now),
+                )
+                count += 1
+            self._db.execute("INSERT INTO chunks VALUES (?,?,?)", (name, side, now))
+        return count
+
+    def delete_keys(self, side: str, keys: Iterable[str]) -> int:
+        keys = list(keys)
+        with self._transaction():
+            for start in range(0, len(keys), 500):
+                part = keys[start : start + 500]
+                self._db.execute(
+                    f"DELETE FROM items WHERE side=? AND key IN ({','.join('?' * len(part))})", (side, *part)
+                )
+        return len(keys)
+
+    def update_stats(self, side: str, stats: Iterable[tuple[str, int, int]]) -> None:
+        """(key, size, mtime_ns) for items whose file was touched but whose content is unchanged."""
+        with self._transaction():
+            self._db.executemany(
+                "UPDATE items SET size=?, mtime_ns=? WHERE side=? AND key=?",
+                [(size, mtime, side, key) for key, size, mtime in stats],
+            )
+
+    # --- reading -----------------------------------------------------------------------------
+    def stats(self, side: str) -> dict[str, sqlite3.Row]:
+        """key -> row (size, mtime_ns, sha256, text, label, extra, shard, row, ...) of every item of a side."""
+        return {r["key"]: r for r in self._query("SELECT * FROM items WHERE side=?", (side,))}
+
+    def hash_locations(self, side: str) -> dict[str, tuple[str, int]]:
+        """sha256 -> (shard, row) of an existing embedding, so duplicates are never embedded twice."""
+        rows = self._query("SELECT sha256, shard, row FROM items WHERE side=? ORDER BY id", (side,))
+        out: dict[str, tuple[str, int]] = {}
+        for r in rows:
+            out.setdefault(r["sha256"], (r["shard"], r["row"]))
+        return out
+
+    def unique_vectors(self, side: str) -> list[tuple[int, str, int]]:
+        """(id, shard, row) of one item per distinct content hash (the oldest), in id order."""
+        rows = self._query(
+            "SELECT MIN(id) AS id, shard, row FROM items WHERE side=? GROUP BY sha256 ORDER BY MIN(id)", (side,)
+        )
+        return [(r["id"], r["shard"], r["row"]) for r in rows]
+
+    def referenced_shards(self) -> set[str]:
+        return {r["shard"] for r in self._query("SELECT DISTINCT shard FROM items")}
+
+    def count(self, side: str) -> int:
+        return self._query("SELECT COUNT(*) FROM items WHERE side=?", (side,))[0][0]
+
+    def items(self, ids: Sequence[int]) -> dict[int, dict]:
+        """id -> metadata dict (with `duplicates`: other keys holding the same content)."""
+        if not len(ids):
+            return {}
+        marks = ",".join("?" * len(ids))
+        rows = self._query(f"SELECT * FROM items WHERE id IN ({marks})", [int(i) for i in ids])
+        out = {}
+        for r in rows:
+            item = {k: r[k] for k in ("id", "side", "key", "sha256", "size", "width", "height", "text", "label")}
+            item["extra"] = json.loads(r["extra"]) if r["extra"] else {}
+            dups = self._query(
+                "SELECT key FROM items WHERE side=? AND sha256=? AND id<>? ORDER BY id", (r["side"], r["sha256"], r["id"])
+            )
+            item["duplicates"] = [d["key"] for d in dups]
+            out[r["id"]] = item
+        return out
+
+    def has_key(self, side: str, key: str) -> bool:
+        return bool(self._query("SELECT 1 FROM items WHERE side=? AND key=?", (side, key)))

@@ -1,0 +1,132 @@
+"""The search API over an index directory: what the CLI and the app call; nothing else opens indexes."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .encoding import Encoder, ImageInput
+from .errors import IndexDirectoryError
+from .faiss_indexes import index_description
+from .index_directory import IndexDirectory
+from .model_loading import LoadedModel, load_model
+
+
+@dataclass
+class SearchResult:
+    rank: int
+    score: float
+    id: int
+    path: str | None = None  # images
+    text: str | None = None  # texts, or an image's caption
+    label: str | None = None
+    width: int | None = None
+    height: int | None = None
+    duplicates: list[str] = field(default_factory=list)
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if v is not None and v != [] and v != {}}
+
+
+class IndexSearcher:
+    """Loads an index directory (and its model, once) and answers text/image queries against it."""
+
+    def __init__(self, index_dir: str | Path, model: LoadedModel | None = None, device: str | None = None) -> None:
+        self.directory = IndexDirectory(index_dir)
+        manifest = self.directory.manifest()
+        if model is None:
+            model = load_model(manifest["model"]["spec"], device=device)
+        self.directory.check_model(model.identity)
+        self.model = model
+        self.encoder = Encoder(model)
+        self.manifest = manifest
+        self._sides = {side: self.directory.load_side(side) for side in manifest["sides"]}
+        from .metadata_store import MetadataStore
+
+        self._store = MetadataStore(self.directory.root / "metadata.sqlite", readonly=True)
+
+    def has_side(self, side: str) -> bool:
+        return self._sides.get(side) is not None
+
+    def info(self) -> dict:
+        sides = {
+            side: {**self.manifest["sides"][side], "index_type": index_description(loaded[0])}
+            for side, loaded in self._sides.items()
+            if loaded is not None
+        }
+        return {
+            "index_dir": str(self.directory.root),
+            "model": self.manifest["model"],
+            "dim": self.manifest["dim"],
+            "metric": self.manifest["metric"],
+            "sides": sides,
+            "size_bytes": self.directory.size_on_disk(),
+        }
+
+    # --- vectors -----------------------------------------------------------------------------
+    def search_vectors(
+        self, queries: np.ndarray, side: str = "images", k: int = 10, min_score: float | None = None
+    ) -> list[list[SearchResult]]:
+        """Nearest items of `side` for each (d,) query vector (rows of `queries`)."""
+        loaded = self._sides.get(side)
+        if loaded is None:
+            hint = "otclip index-texts TEXTS --out DIR" if side == "texts" else "otclip index IMAGES --out DIR"
+            raise IndexDirectoryError(f"{self.directory.root}: has no {side} side; build it with `{hint}`")
+        if k < 1:
+            raise ValueError(f"k={k}: must be at least 1")
+        index, ids = loaded
+        queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
+        scores, positions = index.search(queries, min(k, max(1, index.ntotal)))
+        found = [[(float(s), int(ids[p])) for s, p in zip(row_s, row_p) if p >= 0 and (min_score is None or s >= min_score)]
+                 for row_s, row_p in zip(scores, positions)]
+        meta = self._store.items(sorted({i for row in found for _, i in row}))
+        return [[self._result(rank, score, meta[i], side) for rank, (score, i) in enumerate(row, 1)] for row in found]
+
+    @staticmethod
+    def _result(rank: int, score: float, item: dict, side: str) -> SearchResult:
+        return SearchResult(
+            rank=rank, score=score, id=item["id"],
+            path=item["key"] if side == "images" else None,
+            text=item["text"], label=item["label"], width=item["width"], height=item["height"],
+            duplicates=item["duplicates"], extra=item["extra"],
+        )
+
+    # --- queries -----------------------------------------------------------------------------
+    def search_text_batch(self, queries: Sequence[str], k: int = 10, min_score: float | None = None,
+                          target: str = "images") -> list[list[SearchResult]]:
+        queries = list(queries)
+        for q in queries:
+            if not q or not q.strip():
+                raise ValueError("empty query: type some words to search for")
+        return self.search_vectors(self.encoder.encode_texts(queries), target, k, min_score)
+
+    def search_image_batch(self, images: Sequence[ImageInput], k: int = 10, min_score: float | None = None,
+                           target: str = "images") -> list[list[SearchResult]]:
+        return self.search_vectors(self.encoder.encode_images(list(images)), target, k, min_score)
+
+    def search_text(self, query: str, k: int = 10, min_score: float | None = None) -> list[SearchResult]:
+        """Text -> image."""
+        return self.search_text_batch([query], k, min_score)[0]
+
+    def search_image(self, image: ImageInput, k: int = 10, min_score: float | None = None) -> list[SearchResult]:
+        """Image -> image."""
+        return self.search_image_batch([image], k, min_score)[0]
+
+    def search_texts_for_image(self, image: ImageInput, k: int = 10, min_score: float | None = None) -> list[SearchResult]:
+        """Image -> text (the index's text side)."""
+        return self.search_image_batch([image], k, min_score, target="texts")[0]
+
+    def search_texts_for_text(self, query: str, k: int = 10, min_score: float | None = None) -> list[SearchResult]:
+        """Text -> text."""
+        return self.search_text_batch([query], k, min_score, target="texts")[0]
+
+    def image_paths(self) -> set[str]:
+        """Every image path the index lists (what an app may serve)."""
+        return set(self._store.stats("images"))
+
+    def close(self) -> None:
+        self._store.close()

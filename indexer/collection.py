@@ -1,0 +1,126 @@
+"""Reading what to index: image folders, image manifests (CSV / JSONL / Parquet) and text corpora."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from otclip.engine.images import is_image_path
+
+MANIFEST_SUFFIXES = (".csv", ".jsonl", ".parquet")
+
+
+@dataclass
+class CollectionItem:
+    """One image to index: an absolute path and optional metadata from a manifest."""
+
+    path: str
+    caption: str | None = None
+    label: str | None = None
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class TextItem:
+    text: str
+    label: str | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def walk_images(folder: Path) -> list[CollectionItem]:
+    """Image files below `folder`, recursively, following symlinked folders once (loops are cut)."""
+    seen_dirs: set[tuple[int, int]] = set()
+    found: list[str] = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        st = os.stat(dirpath)
+        if (st.st_dev, st.st_ino) in seen_dirs:
+            dirnames[:] = []
+            continue
+        seen_dirs.add((st.st_dev, st.st_ino))
+        dirnames.sort()
+        found.extend(os.path.join(dirpath, name) for name in filenames if is_image_path(name))
+    return [CollectionItem(os.path.abspath(p)) for p in sorted(found)]
+
+
+def _rows(path: Path) -> list[dict]:
+    suffix = path.suffix.lower()
+    if suffix == ".csv":
+        with open(path, newline="", encoding="utf-8") as f:
+            return list(csv.DictReader(f))
+    if suffix == ".jsonl":
+        rows = []
+        with open(path, encoding="utf-8") as f:
+            for number, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        rows.append(json.loads(line))
+                    except json.JSONDecodeError as exc:
+                        raise ValueError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
+        return rows
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        return pq.read_table(path).to_pylist()
+    raise ValueError(f"{path}: unsupported manifest type; use .csv, .jsonl or .parquet")
+
+
+def _clean(value) -> str | None:
+    return None if value is None or (isinstance(value, str) and not value.strip()) else str(value)
+
+
+def read_image_manifest(path: Path) -> list[CollectionItem]:
+    """Rows with a `path` column (relative to the manifest's folder) and optional caption, label, others."""
+    rows = _rows(path)
+    if rows and "path" not in rows[0]:
+        raise ValueError(f"{path}: manifest has no 'path' column (columns: {', '.join(rows[0])})")
+    items = []
+    for row in rows:
+        if not _clean(row.get("path")):
+            continue
+        p = Path(str(row["path"]))
+        extra = {k: v for k, v in row.items() if k not in ("path", "caption", "label") and v not in (None, "")}
+        items.append(
+            CollectionItem(
+                os.path.abspath(p if p.is_absolute() else path.parent / p),
+                _clean(row.get("caption")),
+                _clean(row.get("label")),
+                json.loads(json.dumps(extra, default=str)),
+            )
+        )
+    return items
+
+
+def read_collection(source: str | Path) -> list[CollectionItem]:
+    """A folder (walked) or a manifest file, as a list of images in a stable order (no duplicate paths)."""
+    source = Path(source)
+    if source.is_dir():
+        return walk_images(source)
+    if source.is_file() and source.suffix.lower() in MANIFEST_SUFFIXES:
+        items = read_image_manifest(source)
+        unique = {item.path: item for item in items}
+        return [unique[p] for p in sorted(unique)]
+    if not source.exists():
+        raise FileNotFoundError(f"{source}: no such folder or manifest")
+    raise ValueError(f"{source}: expected a folder of images or a manifest (.csv, .jsonl, .parquet)")
+
+
+def read_texts(source: str | Path) -> list[TextItem]:
+    """A text corpus: .txt (one text per line) or .csv / .jsonl / .parquet with a `text` column."""
+    source = Path(source)
+    if not source.is_file():
+        raise FileNotFoundError(f"{source}: no such text file")
+    if source.suffix.lower() in MANIFEST_SUFFIXES:
+        rows = _rows(source)
+        if rows and "text" not in rows[0]:
+            raise ValueError(f"{source}: has no 'text' column (columns: {', '.join(rows[0])})")
+        return [
+            TextItem(str(r["text"]).strip(), _clean(r.get("label")),
+                     {k: v for k, v in r.items() if k not in ("text", "label") and v not in (None, "")})
+            for r in rows
+            if _clean(r.get("text"))
+        ]
+    with open(source, encoding="utf-8") as f:
+        return [TextItem(line.strip()) for line in f if line.strip()]

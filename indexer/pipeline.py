@@ -1,0 +1,295 @@
+"""Incremental, crash-safe indexing of an image collection or a text corpus into an index directory.
+
+reader (collection.py) -> planner (what is new, changed, duplicated, removed) -> mapper (Encoder,
+decoding in workers) -> writer (embedding chunks, committed to SQLite as they complete) -> FAISS
+build. Under torchrun, every rank plans identically, embeds its share of the new content and
+writes its own chunks; rank 0 ingests them all and builds the index.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from otclip.engine import Encoder, LoadedModel, load_model
+from otclip.engine.atomic_files import write_lines_atomically
+from otclip.engine.index_directory import IndexDirectory
+from otclip.engine.metadata_store import ItemRecord
+
+from .collection import CollectionItem, read_collection, read_texts
+from .distributed import Ranks, init_from_env
+
+
+@dataclass
+class IndexingSummary:
+    side: str
+    embedded: int = 0
+    unchanged: int = 0
+    duplicates: int = 0
+    removed: int = 0
+    skipped: int = 0
+    total: int = 0
+    seconds: float = 0.0
+    factory: str = ""
+    errors_file: str | None = None
+
+    def line(self) -> str:
+        s = (f"{self.side}: {self.total} indexed ({self.embedded} embedded, {self.unchanged} unchanged, "
+             f"{self.duplicates} duplicates), {self.removed} removed, {self.skipped} skipped")
+        if self.skipped and self.errors_file:
+            s += f" (reasons in {self.errors_file})"
+        return s + f", index {self.factory}, {self.seconds:.1f}s"
+
+
+def file_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@dataclass
+class _Plan:
+    """What one indexing run must do. `groups` maps a new content hash to the items holding it."""
+
+    groups: dict[str, list[tuple[CollectionItem, int, int]]] = field(default_factory=dict)  # (item, size, mtime)
+    reuse: list[ItemRecord] = field(default_factory=list)  # known content: record only, no embedding
+    touched: list[tuple[str, int, int]] = field(default_factory=list)  # same content, new size/mtime
+    unchanged: int = 0
+    errors: list[dict] = field(default_factory=list)
+
+
+def _stat(item: CollectionItem) -> tuple[int, int] | str:
+    try:
+        st = os.stat(item.path)
+    except FileNotFoundError:
+        return "dangling symlink or missing file" if os.path.islink(item.path) else "missing file"
+    except OSError as exc:
+        return f"cannot stat ({exc.strerror})"
+    if not os.access(item.path, os.R_OK):
+        return "unreadable (permission denied)"
+    return st.st_size, st.st_mtime_ns
+
+
+def _hash_all(paths: list[str]) -> dict[str, str | Exception]:
+    def one(p):
+        try:
+            return file_sha256(p)
+        except OSError as exc:
+            return exc
+
+    with ThreadPoolExecutor(max_workers=8) as pool:  # hashlib releases the GIL: threads overlap I/O
+        return dict(zip(paths, pool.map(one, paths)))
+
+
+def _same_metadata(row, item: CollectionItem) -> bool:
+    extra = json.loads(row["extra"]) if row["extra"] else {}
+    return row["text"] == item.caption and row["label"] == item.label and extra == (item.extra or {})
+
+
+def _plan(items: list[CollectionItem], directory: IndexDirectory, ranks: Ranks) -> _Plan:
+    plan = _Plan()
+    stored = directory.store.stats("images")
+    known = directory.store.hash_locations("images")
+    known_sizes = {row["sha256"]: (row["width"], row["height"]) for row in stored.values()}
+    candidates: list[tuple[CollectionItem, int, int]] = []
+    for item in items:
+        stat = _stat(item)
+        if isinstance(stat, str):
+            plan.errors.append({"path": item.path, "reason": stat})
+            continue
+        size, mtime = stat
+        row = stored.get(item.path)
+        if row is not None and row["size"] == size and row["mtime_ns"] == mtime:
+            plan.unchanged += 1
+            if not _same_metadata(row, item):
+                plan.reuse.append(_record(item, row["sha256"], row["row"], size, mtime, row["shard"],
+                                          (row["width"], row["height"])))
+            continue
+        candidates.append((item, size, mtime))
+    # every rank hashes its share of the candidates; all ranks then see all hashes
+    mine = [c[0].path for c in candidates[ranks.rank :: ranks.world_size]]
+    hashes: dict[str, str | Exception] = {}
+    for part in ranks.gather(_hash_all(mine)):
+        hashes.update(part)
+    for item, size, mtime in candidates:
+        digest = hashes[item.path]
+        if isinstance(digest, Exception):
+            plan.errors.append({"path": item.path, "reason": f"unreadable ({digest})"})
+            continue
+        row = stored.get(item.path)
+        if row is not None and row["sha256"] == digest and _same_metadata(row, item):
+            plan.touched.append((item.path, size, mtime))
+            plan.unchanged += 1
+        elif digest in known:
+            shard, r = known[digest]
+            plan.reuse.append(_record(item, digest, r, size, mtime, shard, known_sizes.get(digest, (None, None))))
+        else:
+            plan.groups.setdefault(digest, []).append((item, size, mtime))
+    return plan
+
+
+def _record(item: CollectionItem, digest: str, row: int, size, mtime, shard=None, wh=(None, None)) -> ItemRecord:
+    return ItemRecord(key=item.path, sha256=digest, row=row, text=item.caption, label=item.label,
+                      extra=item.extra or None, size=size, mtime_ns=mtime, width=wh[0], height=wh[1], shard=shard)
+
+
+class _ChunkWriter:
+    """Buffers embeddings and records; each full chunk is written, and (single process) committed."""
+
+    def __init__(self, directory: IndexDirectory, side: str, ranks: Ranks, size: int) -> None:
+        self.directory, self.side, self.ranks, self.size = directory, side, ranks, size
+        self.run = f"{side}-{time.time_ns()}-r{ranks.rank}"
+        self.count = 0
+        self.vectors: list[np.ndarray] = []
+        self.records: list[ItemRecord] = []
+
+    def add(self, vector: np.ndarray, records: list[ItemRecord]) -> None:
+        row = len(self.vectors)
+        for r in records:
+            r.row = row
+        self.vectors.append(vector)
+        self.records.extend(records)
+        if len(self.vectors) >= self.size:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.records:
+            return
+        name = f"{self.run}-{self.count:06d}"
+        dim = self.directory.manifest()["dim"]
+        vectors = np.stack(self.vectors) if self.vectors else np.zeros((0, dim), np.float32)
+        self.directory.write_chunk(name, self.side, vectors, self.records)
+        if not self.ranks.distributed:
+            self.directory.ingest_pending()  # committed: a crash after this loses nothing
+        self.count += 1
+        self.vectors, self.records = [], []
+
+
+def index_images(
+    source: str | Path,
+    index_dir: str | Path,
+    model: str | LoadedModel = "effnet-minilm",
+    factory: str = "auto",
+    batch_size: int = 64,
+    workers: int | None = None,
+    chunk_size: int = 1024,
+    progress: bool = True,
+) -> IndexingSummary:
+    """Index (or update the index of) an image folder or manifest. Returns the run's summary."""
+    start = time.time()
+    ranks = init_from_env()
+    try:
+        loaded = model if isinstance(model, LoadedModel) else load_model(model, device=ranks.device())
+        spec = model if isinstance(model, str) else loaded.identity.name
+        directory = IndexDirectory(index_dir)
+        if ranks.is_main:
+            directory.open_for_model(spec, loaded.identity, loaded.embed_dim)
+            directory.ingest_pending()  # chunks a killed run wrote but did not commit
+        ranks.barrier()
+        directory.check_model(loaded.identity)
+        items = read_collection(source)
+        plan = _plan(items, directory, ranks)
+        summary = IndexingSummary("images", unchanged=plan.unchanged, duplicates=len(plan.reuse))
+        writer = _ChunkWriter(directory, "images", ranks, chunk_size)
+        if ranks.is_main and plan.reuse:
+            reuse = _ChunkWriter(directory, "images", ranks, chunk_size)
+            reuse.run += "-reuse"
+            reuse.records = plan.reuse  # these keep their existing shard/row
+            reuse.flush()
+        groups = list(plan.groups.items())[ranks.rank :: ranks.world_size]
+        summary.duplicates += sum(len(g) - 1 for _, g in groups)
+        failed: list[dict] = []
+        encoder = Encoder(loaded, batch_size=batch_size, num_workers=workers)
+        paths = [g[0][0].path for _, g in groups]
+        for batch in encoder.iter_image_batches(paths, progress=progress and ranks.is_main):
+            for j, i in enumerate(batch.indices):
+                digest, group = groups[i]
+                wh = batch.sizes[j]
+                writer.add(batch.embeddings[j], [_record(it, digest, 0, sz, mt, None, wh) for it, sz, mt in group])
+            for i, reason in batch.failures:
+                failed.extend({"path": it.path, "reason": reason} for it, _, _ in groups[i][1])
+            summary.embedded += len(batch.indices)
+        writer.flush()
+        summary.duplicates = sum(ranks.gather(summary.duplicates))
+        summary.embedded = sum(ranks.gather(summary.embedded))
+        failed = [f for part in ranks.gather(failed) for f in part]
+        ranks.barrier()
+        if ranks.is_main:
+            directory.ingest_pending()
+            errors = plan.errors + failed
+            present = {it.path for it in items} - {e["path"] for e in errors}
+            gone = [k for k in directory.store.stats("images") if k not in present]
+            directory.store.delete_keys("images", gone)
+            directory.store.update_stats("images", plan.touched)
+            summary.removed = len([g for g in gone if g not in {e["path"] for e in errors}])
+            summary.skipped = len(errors)
+            errors_file = directory.root / "errors.jsonl"
+            write_lines_atomically(errors_file, [json.dumps(e, ensure_ascii=False) for e in errors])
+            summary.errors_file = str(errors_file)
+            side = directory.publish("images", factory)
+            summary.factory, summary.total = side["factory"], side["items"]
+        ranks.barrier()
+        summary.seconds = time.time() - start
+        return summary
+    finally:
+        ranks.close()
+
+
+def index_texts(
+    source: str | Path,
+    index_dir: str | Path,
+    model: str | LoadedModel | None = None,
+    factory: str = "auto",
+    batch_size: int = 256,
+    chunk_size: int = 4096,
+    progress: bool = True,
+) -> IndexingSummary:
+    """Index a text corpus as the text side of an index directory (the set of texts in the file)."""
+    start = time.time()
+    directory = IndexDirectory(index_dir)
+    if model is None:
+        model = directory.model_spec() if directory.exists() else "effnet-minilm"
+    loaded = model if isinstance(model, LoadedModel) else load_model(model)
+    spec = model if isinstance(model, str) else loaded.identity.name
+    directory.open_for_model(spec, loaded.identity, loaded.embed_dim)
+    directory.ingest_pending()
+    texts = read_texts(source)
+    stored = directory.store.stats("texts")
+    wanted: dict[str, object] = {}
+    for t in texts:
+        wanted.setdefault(hashlib.sha256(t.text.encode()).hexdigest(), t)
+    new = [(k, t) for k, t in wanted.items() if k not in stored]
+    summary = IndexingSummary("texts", unchanged=len(wanted) - len(new), duplicates=len(texts) - len(wanted))
+    writer = _ChunkWriter(directory, "texts", Ranks(), chunk_size)
+    encoder = Encoder(loaded, batch_size=batch_size)
+    for startpos in range(0, len(new), chunk_size):
+        part = new[startpos : startpos + chunk_size]
+        vectors = encoder.encode_texts([t.text for _, t in part], progress=progress)
+        for (key, t), v in zip(part, vectors):
+            writer.add(v, [ItemRecord(key=key, sha256=key, row=0, text=t.text, label=t.label, extra=t.extra or None)])
+    writer.flush()
+    summary.embedded = len(new)
+    gone = [k for k in stored if k not in wanted]
+    directory.store.delete_keys("texts", gone)
+    summary.removed = len(gone)
+    side = directory.publish("texts", factory)
+    summary.factory, summary.total = side["factory"], side["items"]
+    summary.seconds = time.time() - start
+    return summary
+
+
+def reindex(index_dir: str | Path, factory: str) -> list[dict]:
+    """Rebuild every side's FAISS index with another factory string from the stored embeddings."""
+    directory = IndexDirectory(index_dir)
+    directory.ingest_pending()
+    return [directory.publish(side, factory) for side in directory.manifest()["sides"]]
+

@@ -1,0 +1,41 @@
+import json
+import subprocess
+import sys
+
+
+def otclip(*args):
+    done = subprocess.run([sys.executable, "-m", "otclip", *map(str, args)], capture_output=True, text=True, timeout=300)
+    return done.returncode, done.stdout, done.stderr
+
+
+def test_cli_index_search_info_reindex(gallery, tmp_path):
+    out = tmp_path / "ix"
+    code, stdout, _ = otclip("index", gallery, "--out", out, "--no-progress", "--workers", "0")
+    assert code == 0 and "images: 20 indexed" in stdout
+    captions = tmp_path / "captions.csv"
+    captions.write_text("text,label\na tabby cat,animal\na rocket on the launch pad,vehicle\n")
+    assert otclip("index-texts", captions, "--out", out, "--no-progress")[0] == 0
+    code, stdout, _ = otclip("search", out, "a cat", "-k", "2", "--json")
+    results = json.loads(stdout)
+    assert code == 0 and results[0]["path"].endswith("chelsea.jpg") and {"rank", "score", "path"} <= set(results[0])
+    code, stdout, _ = otclip("search", out, "--image", gallery / "rocket.jpg", "--target", "texts", "-k", "1", "--json")
+    assert json.loads(stdout)[0]["text"] == "a rocket on the launch pad"
+    code, stdout, _ = otclip("search", out, "a cat", "-k", "3")
+    assert stdout.splitlines()[0].split()[0] == "1" and "chelsea.jpg" in stdout.splitlines()[0]
+    code, stdout, _ = otclip("search", out, "a cat", "--min-score", "0.99")
+    assert code == 0 and "no results above score 0.99" in stdout
+    code, stdout, _ = otclip("info", out, "--json")
+    info = json.loads(stdout)
+    assert info["sides"]["images"]["items"] == 20 and info["sides"]["texts"]["items"] == 2
+    assert info["model"]["name"] == "effnet-minilm"
+    code, stdout, _ = otclip("reindex", out, "--factory", "IVF2,Flat")
+    assert code == 0 and "IVF2,Flat" in stdout
+
+
+def test_cli_errors_are_one_line(tmp_path):
+    code, _, stderr = otclip("search", tmp_path / "nothing", "a cat")
+    assert code == 2 and "not an otclip index" in stderr and "Traceback" not in stderr
+    code, _, stderr = otclip("index", tmp_path / "missing", "--out", tmp_path / "ix")
+    assert code == 2 and "no such folder or manifest" in stderr
+    code, _, stderr = otclip("index", tmp_path, "--out", tmp_path / "ix2", "--factory", "Bogus99")
+    assert code == 2 and "not a valid FAISS index description" in stderr

@@ -1,0 +1,185 @@
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from otclip.engine.errors import IndexDirectoryError
+from otclip.engine.index_directory import IndexDirectory
+from otclip.engine.search import IndexSearcher
+from otclip.indexer.pipeline import index_images, index_texts, reindex
+
+from gallery import BROKEN, write_odd_images
+
+
+def build(gallery, out, default_model, **kw):
+    return index_images(gallery, out, default_model, progress=False, workers=1, **kw)
+
+
+def paths_in(out):
+    d = IndexDirectory(out)
+    keys = sorted(d.store.stats("images"))
+    d.close()
+    return keys
+
+
+def test_index_then_search_finds_the_cat(gallery, tmp_path, default_model):
+    out = tmp_path / "ix"
+    s = build(gallery, out, default_model)
+    assert (s.embedded, s.total, s.skipped) == (20, 20, 0)
+    assert (out / "metadata.sqlite").exists() and list(out.glob("images-*.faiss"))
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["model"]["checksum"] == default_model.identity.checksum
+    searcher = IndexSearcher(out, model=default_model)
+    top = searcher.search_text("a cat", k=3)
+    assert top[0].path.endswith("chelsea.jpg") and top[0].rank == 1 and top[0].width == 451
+    assert [r.score for r in top] == sorted([r.score for r in top], reverse=True)
+    assert searcher.search_image(gallery / "coffee.jpg", k=1)[0].path.endswith("coffee.jpg")
+    assert searcher.search_text("a cat", k=20, min_score=0.3)[0].path.endswith("chelsea.jpg")
+    assert all(r.score >= 0.3 for r in searcher.search_text("a cat", k=20, min_score=0.3))
+
+
+def test_exact_index_equals_brute_force(gallery, tmp_path, default_model, encoder):
+    out = tmp_path / "ix"
+    build(gallery, out, default_model)
+    searcher = IndexSearcher(out, model=default_model)
+    paths = sorted(str(p) for p in gallery.iterdir())
+    emb = encoder.encode_images(paths)
+    for query in ["a rocket", "galaxies", "a brick wall"]:
+        q = encoder.encode_text(query)
+        expected = [paths[i] for i in np.argsort(-(emb @ q))[:5]]
+        assert [r.path for r in searcher.search_text(query, k=5)] == expected
+
+
+def test_incremental_add_change_delete_duplicate(gallery, tmp_path, default_model):
+    out = tmp_path / "ix"
+    build(gallery, out, default_model)
+    shutil.copy(gallery / "coffee.jpg", gallery / "coffee-copy.jpg")  # duplicate content
+    (gallery / "moon.jpg").unlink()  # deleted
+    from PIL import Image
+    Image.open(gallery / "rocket.jpg").transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(gallery / "horse.jpg")  # changed
+    os.utime(gallery / "grass.jpg", ns=(time.time_ns(), time.time_ns() + 10**9))  # touched, same content
+    s = build(gallery, out, default_model)
+    assert s.embedded == 1  # only the changed horse.jpg
+    assert s.duplicates == 1 and s.removed == 1 and s.total == 20
+    assert not any(p.endswith("moon.jpg") for p in paths_in(out))
+    searcher = IndexSearcher(out, model=default_model)
+    hit = searcher.search_image(gallery / "coffee.jpg", k=2)
+    assert hit[0].score == pytest.approx(1.0, abs=1e-4)
+    assert any(d.endswith("coffee-copy.jpg") for d in hit[0].duplicates) or hit[0].path.endswith("coffee-copy.jpg")
+    assert hit[1].score < 0.99  # the duplicate is one vector, not two
+    again = build(gallery, out, default_model)
+    assert again.embedded == 0 and again.unchanged == 20
+
+
+def test_broken_and_awkward_files(tmp_path, default_model):
+    odd = tmp_path / "odd"
+    write_odd_images(odd)
+    (odd / "loop").symlink_to(odd)  # a symlink loop
+    s = build(odd, tmp_path / "ix", default_model)
+    errors = [json.loads(line) for line in (tmp_path / "ix" / "errors.jsonl").read_text().splitlines()]
+    assert {os.path.basename(e["path"]) for e in errors} == BROKEN
+    assert all(e["reason"] for e in errors)
+    indexed = {os.path.basename(p) for p in paths_in(tmp_path / "ix")}
+    assert "non-ascii-é猫.webp" in indexed and "cmyk.JPG" in indexed and "rotated.jpg" in indexed
+    assert s.skipped == len(BROKEN) and s.total == len(indexed) == 9
+
+
+def test_model_mismatch_is_refused(gallery, tmp_path, default_model):
+    from otclip.engine import load_model
+
+    out = tmp_path / "ix"
+    build(gallery, out, default_model)
+    other = load_model("RN50", device="cpu")
+    with pytest.raises(IndexDirectoryError, match=r"built with model effnet-minilm.*refusing model RN50"):
+        IndexSearcher(out, model=other)
+    with pytest.raises(IndexDirectoryError, match="refusing"):
+        index_images(gallery, out, other, progress=False)
+
+
+def test_text_side_and_reindex(gallery, tmp_path, default_model):
+    from otclip.engine.sample_photos import SAMPLE_PHOTOS
+
+    out = tmp_path / "ix"
+    build(gallery, out, default_model)
+    corpus = tmp_path / "captions.txt"
+    corpus.write_text("\n".join(p.caption for p in SAMPLE_PHOTOS) + "\na tabby cat\n")
+    s = index_texts(corpus, out, default_model, progress=False)
+    assert s.total == len(SAMPLE_PHOTOS) and s.duplicates == 1
+    searcher = IndexSearcher(out, model=default_model)
+    assert searcher.search_texts_for_image(gallery / "chelsea.jpg", k=1)[0].text == "a tabby cat"
+    rebuilt = reindex(out, "HNSW32")
+    assert {r["factory"] for r in rebuilt} == {"HNSW32"}
+    searcher = IndexSearcher(out, model=default_model)
+    assert searcher.info()["sides"]["images"]["index_type"] == "IndexHNSWFlat"
+    assert searcher.search_text("a cat", k=1)[0].path.endswith("chelsea.jpg")
+
+
+def test_manifest_with_captions(tmp_path, sample_dir, default_model):
+    manifest = tmp_path / "m.jsonl"
+    rows = [{"path": str(sample_dir / "chelsea.jpg"), "caption": "my cat", "label": "pet", "owner": "ann"},
+            {"path": str(sample_dir / "rocket.jpg"), "caption": "launch"}]
+    manifest.write_text("\n".join(json.dumps(r) for r in rows))
+    build(manifest, tmp_path / "ix", default_model)
+    r = IndexSearcher(tmp_path / "ix", model=default_model).search_text("a cat", k=1)[0]
+    assert (r.text, r.label, r.extra) == ("my cat", "pet", {"owner": "ann"})
+
+
+def _run_index(gallery, out, env=None):
+    return subprocess.Popen(
+        [sys.executable, "-m", "otclip", "index", str(gallery), "--out", str(out), "--chunk-size", "4",
+         "--batch-size", "4", "--workers", "0", "--no-progress"],
+        env={**os.environ, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+
+
+@pytest.mark.slow
+def test_kill_and_resume(tmp_path, sample_dir):
+    gallery = tmp_path / "big"
+    gallery.mkdir()
+    for i in range(3):  # 60 files: distinct content so nothing is de-duplicated
+        for p in sample_dir.iterdir():
+            from PIL import Image
+            Image.open(p).rotate(90 * i + 1).save(gallery / f"{i}-{p.name}")
+    out = tmp_path / "ix"
+    proc = _run_index(gallery, out)
+    deadline = time.time() + 300
+    while time.time() < deadline:  # kill once some chunks were committed
+        if len(list((out / "embeddings").glob("*.npy"))) >= 3 if (out / "embeddings").exists() else False:
+            break
+        time.sleep(0.2)
+    proc.kill()
+    proc.wait()
+    committed = len(paths_in(out))
+    assert 0 < committed < 60
+    proc = _run_index(gallery, out)
+    output, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, output
+    keys = paths_in(out)
+    assert len(keys) == len(set(keys)) == 60
+    assert "60 indexed" in output and f"{60 - committed} embedded" in output
+
+
+@pytest.mark.slow
+def test_two_process_gloo_equals_single_process(gallery, tmp_path, default_model):
+    single = tmp_path / "single"
+    build(gallery, single, default_model)
+    sharded = tmp_path / "sharded"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+           "-m", "otclip", "index", str(gallery), "--out", str(sharded), "--workers", "0", "--no-progress"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    a, b = IndexDirectory(single), IndexDirectory(sharded)
+    ids_a, vec_a = a.unique_embeddings("images")
+    ids_b, vec_b = b.unique_embeddings("images")
+    keys_a, keys_b = a.store.items(ids_a.tolist()), b.store.items(ids_b.tolist())
+    order_a = np.argsort([keys_a[i]["key"] for i in ids_a])
+    order_b = np.argsort([keys_b[i]["key"] for i in ids_b])
+    assert [keys_a[i]["key"] for i in ids_a[order_a]] == [keys_b[i]["key"] for i in ids_b[order_b]]
+    np.testing.assert_allclose(vec_a[order_a], vec_b[order_b], atol=1e-5)
+    shards = {row["shard"].split("-r")[1][:1] for row in b.store.stats("images").values()}
+    assert shards == {"0", "1"}  # both ranks embedded a share
