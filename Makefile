@@ -24,7 +24,7 @@ system-deps:
 	fi
 
 demo: $(STAMP) system-deps
-	$(VENV)/bin/otclip rank "a cat" "a cup of coffee" "a rocket" "galaxies in deep space"
+	$(VENV)/bin/otclip demo --out $(DEMO_INDEX) --host 127.0.0.1 --port 7860
 
 test: $(STAMP) system-deps
 	$(VENV)/bin/pytest

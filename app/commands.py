@@ -1,0 +1,43 @@
+"""App subcommands: `otclip serve INDEX_DIR` and `otclip demo`."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="serve the search app for an index directory")
+    p.add_argument("index_dir", type=Path)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--report", type=Path, default=None, help="an `otclip eval` JSON or partial-pairs report to show")
+    p.set_defaults(func=_serve)
+
+    p = sub.add_parser("demo", help="index the bundled sample gallery and serve the app")
+    p.add_argument("--out", type=Path, default=Path("demo-index"), help="index directory (default: %(default)s)")
+    p.add_argument("--data", type=Path, default=Path("data/sample-gallery"), help="where sample images are written")
+    p.add_argument("--fashion-mnist", type=int, default=300, help="Fashion-MNIST test images to add (if installed)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--no-serve", action="store_true", help="build the index and stop")
+    p.set_defaults(func=_demo)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from .server import EXAMPLE_QUERIES, serve
+
+    print(f"otclip: serving {args.index_dir} on http://{args.host}:{args.port}  (try: {', '.join(EXAMPLE_QUERIES[:4])})")
+    serve(args.index_dir, args.host, args.port, args.report)
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import build_demo_index
+
+    for line in build_demo_index(args.out, args.data, args.fashion_mnist):
+        print(line)
+    if args.no_serve:
+        return 0
+    args.index_dir, args.report = args.out, None
+    return _serve(args)

@@ -1,0 +1,167 @@
+"""The Gradio app: text -> image, image -> text and image -> image search over one index directory.
+
+The model is loaded once (by the IndexSearcher); Gradio's queue serialises model calls with a
+concurrency limit. Only paths that the index lists are ever returned to the browser, and Gradio
+serves only files that functions return, so no request can read an arbitrary file.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+from pathlib import Path
+
+import gradio as gr
+from PIL import Image
+
+from otclip.engine.images import ImageDecodeError, load_image
+from otclip.engine.search import IndexSearcher, SearchResult
+
+MAX_UPLOAD = "20mb"
+MAX_UPLOAD_PIXELS = 40_000_000
+EXAMPLE_QUERIES = ["a cat", "a cup of coffee", "a rocket", "galaxies in deep space", "a sneaker", "a dress"]
+
+
+def _caption(r: SearchResult) -> str:
+    name = Path(r.path).name if r.path else ""
+    return f"{r.score:.3f} · {r.text or name}"
+
+
+class SearchApp:
+    """The three searches as plain functions: the UI and the named API endpoints both call these."""
+
+    def __init__(self, searcher: IndexSearcher, report: Path | None = None) -> None:
+        self.searcher = searcher
+        self.report = report
+
+    def _check_image(self, image) -> Image.Image:
+        if image is None:
+            raise gr.Error("no image: upload or paste an image, or pick one from the results")
+        try:
+            img = load_image(image if not isinstance(image, str) else Path(image), name="upload")
+        except ImageDecodeError as exc:
+            raise gr.Error(f"{exc}") from None
+        if img.width * img.height > MAX_UPLOAD_PIXELS:
+            raise gr.Error(f"upload: {img.width}x{img.height} is too large (limit {MAX_UPLOAD_PIXELS:,} pixels)")
+        return img
+
+    def _gallery(self, results: list[SearchResult], min_score: float) -> tuple[list, str]:
+        if not results:
+            return [], f"No results above score {min_score:.2f}. Lower the minimum score."
+        return [(r.path, _caption(r)) for r in results], f"{len(results)} results"
+
+    def text_to_image(self, query: str, k: float = 12, min_score: float = -1.0) -> tuple[list, str]:
+        if not query or not query.strip():
+            raise gr.Error("empty query: type what you are looking for, e.g. 'a cat'")
+        results = self.searcher.search_text(query.strip()[:500], int(k), float(min_score))
+        return self._gallery(results, min_score)
+
+    def image_to_image(self, image, k: float = 12, min_score: float = -1.0) -> tuple[list, str]:
+        results = self.searcher.search_image(self._check_image(image), int(k), float(min_score))
+        return self._gallery(results, min_score)
+
+    def image_to_text(self, image, k: float = 5) -> list[list]:
+        if not self.searcher.has_side("texts"):
+            raise gr.Error("this index has no text side: build one with `otclip index-texts CAPTIONS.txt --out INDEX_DIR`")
+        results = self.searcher.search_texts_for_image(self._check_image(image), int(k))
+        return [[r.rank, round(r.score, 4), r.text] for r in results]
+
+    def index_panel(self) -> str:
+        info = self.searcher.info()
+        lines = [f"**Model** {info['model']['name']} (weights `{info['model']['checksum'][:12]}`)",
+                 f"**Dimension** {info['dim']}, {info['metric']}"]
+        for side, s in info["sides"].items():
+            when = datetime.datetime.fromtimestamp(s["updated"]).strftime("%Y-%m-%d %H:%M")
+            lines.append(f"**{side.capitalize()}** {s['items']} ({s['index_type']}, factory `{s['factory']}`, built {when})")
+        if "texts" not in info["sides"]:
+            lines.append("No text side: image -> text needs `otclip index-texts`.")
+        return "  \n".join(lines)
+
+    def report_markdown(self) -> str:
+        if self.report is None:
+            return ("Start the app with `--report PATH` (an `otclip eval` JSON or the partial-pairs report) "
+                    "to compare models here.")
+        data = json.loads(Path(self.report).read_text())
+        return _report_tables(data)
+
+    def report_plots(self) -> list[str]:
+        if self.report is None:
+            return []
+        return sorted(str(p) for p in Path(self.report).parent.glob("*.png"))
+
+
+def _report_tables(data: dict) -> str:
+    """Every {name: {metric: value}} block of a report as a Markdown table."""
+    out = []
+    for section, rows in data.items():
+        if isinstance(rows, dict) and rows and all(isinstance(v, dict) for v in rows.values()):
+            metrics = sorted({m for v in rows.values() for m, x in v.items() if isinstance(x, (int, float))})
+            out.append(f"### {section}\n\n| | " + " | ".join(metrics) + " |\n|---|" + "---|" * len(metrics))
+            for name, v in rows.items():
+                out.append(f"| {name} | " + " | ".join(f"{v[m]:.3f}" if m in v else "" for m in metrics) + " |")
+            out.append("")
+    return "\n".join(out) or "The report has no metric tables."
+
+
+def build_ui(app: SearchApp) -> gr.Blocks:
+    with gr.Blocks(title="otclip") as ui:
+        gr.Markdown("# otclip - text and image search")
+        with gr.Accordion("Index", open=False):
+            gr.Markdown(app.index_panel())
+        with gr.Tab("Text -> image"):
+            with gr.Row():
+                query = gr.Textbox(label="Query", placeholder="a cat", scale=4, elem_id="query")
+                search = gr.Button("Search", variant="primary", scale=1, elem_id="search")
+            with gr.Row():
+                k = gr.Slider(1, 50, value=12, step=1, label="k")
+                min_score = gr.Slider(-1, 1, value=-1, step=0.01, label="minimum score")
+            gr.Examples(EXAMPLE_QUERIES, inputs=query)
+            status = gr.Markdown(elem_id="t2i-status")
+            gallery = gr.Gallery(label="Results", columns=6, height="auto", elem_id="t2i-gallery")
+            last_results = gr.State([])  # the indexed paths behind the gallery, for click-to-search
+
+            def text_search(q, k_, s_):
+                items, message = app.text_to_image(q, k_, s_)
+                return items, message, [path for path, _ in items]
+
+            outputs = [gallery, status, last_results]
+            search.click(text_search, [query, k, min_score], outputs, api_name="text_to_image")
+            query.submit(text_search, [query, k, min_score], outputs, api_name=False)
+        with gr.Tab("Image -> text"):
+            image_in = gr.Image(type="pil", label="Image", sources=["upload", "clipboard"], elem_id="i2t-image")
+            k_text = gr.Slider(1, 20, value=5, step=1, label="k")
+            find_texts = gr.Button("Find texts", variant="primary", elem_id="i2t-search")
+            texts = gr.Dataframe(headers=["rank", "score", "text"], label="Texts", elem_id="i2t-texts")
+            find_texts.click(app.image_to_text, [image_in, k_text], texts, api_name="image_to_text")
+        with gr.Tab("Image -> image"):
+            image_q = gr.Image(type="pil", label="Image", sources=["upload", "clipboard"], elem_id="i2i-image")
+            find_similar = gr.Button("Find similar", variant="primary", elem_id="i2i-search")
+            status_i = gr.Markdown()
+            gallery_i = gr.Gallery(label="Similar images", columns=6, height="auto", elem_id="i2i-gallery")
+            find_similar.click(app.image_to_image, [image_q, k, min_score], [gallery_i, status_i], api_name="image_to_image")
+        with gr.Tab("Evaluation"):
+            gr.Markdown(app.report_markdown())
+            plots = app.report_plots()
+            if plots:
+                gr.Gallery(value=plots, label="Plots", columns=2)
+
+        def search_by_result(paths, evt: gr.SelectData):
+            """Clicking a result searches by it; only paths the index lists are opened."""
+            source = paths[evt.index] if paths and 0 <= evt.index < len(paths) else None
+            if source is None or source not in app.searcher.image_paths():
+                raise gr.Error("that result is no longer in the index")
+            return (source, *app.image_to_image(source))
+
+        gallery.select(search_by_result, last_results, [image_q, gallery_i, status_i], api_name=False)
+    return ui
+
+
+def serve(index_dir: str | Path, host: str = "127.0.0.1", port: int = 7860, report: Path | None = None,
+          block: bool = True, searcher: IndexSearcher | None = None):
+    """Start the app; returns the Blocks (already launched) when block=False."""
+    searcher = searcher or IndexSearcher(index_dir)
+    ui = build_ui(SearchApp(searcher, report))
+    ui.queue(default_concurrency_limit=2, max_size=64)
+    ui.launch(server_name=host, server_port=port, max_file_size=MAX_UPLOAD, prevent_thread_lock=not block,
+              show_error=True, quiet=not block)
+    return ui

@@ -1,0 +1,77 @@
+"""End to end in a real headless Chromium (Debian's chromium + chromium-driver) driven by Selenium."""
+
+import shutil
+
+import pytest
+
+CHROMIUM = shutil.which("chromium")
+CHROMEDRIVER = shutil.which("chromedriver")
+pytestmark = pytest.mark.skipif(
+    not (CHROMIUM and CHROMEDRIVER), reason="Debian chromium + chromium-driver not installed (make system-deps)"
+)
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--disable-quic", "--no-first-run",
+                 "--window-size=1400,1200", f"--user-data-dir={tmp_path_factory.mktemp('chromium')}"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    driver.set_page_load_timeout(60)
+    yield driver
+    driver.quit()
+
+
+def wait_for(driver, condition, timeout=60):
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    return WebDriverWait(driver, timeout).until(condition)
+
+
+def test_text_query_shows_the_cat_first(browser, live_app, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    browser.get(live_app)
+    box = wait_for(browser, lambda d: d.find_element(By.CSS_SELECTOR, "#query textarea"))
+    box.send_keys("a cat")
+    browser.find_element(By.ID, "search").click()
+    first = wait_for(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#t2i-gallery img"))
+    caption = wait_for(browser, lambda d: d.find_element(By.ID, "t2i-gallery").text)
+    browser.save_screenshot(str(tmp_path / "text-to-image.png"))
+    assert first
+    cat = caption.find("a tabby cat")
+    others = [caption.find(c) for c in ("launch pad", "coffee", "astronaut", "horse", "galaxies") if c in caption]
+    assert cat >= 0 and others and all(cat < o for o in others)  # the cat's tile comes first
+
+
+def test_upload_in_image_to_text_shows_the_caption(browser, live_app, demo_index, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    browser.get(live_app)
+    tab = wait_for(browser, lambda d: [b for b in d.find_elements(By.CSS_SELECTOR, "button[role='tab']")
+                                       if "Image -> text" in b.text])
+    tab[0].click()
+    upload = wait_for(browser, lambda d: d.find_element(By.CSS_SELECTOR, "#i2t-image input[type='file']"))
+    upload.send_keys(str(demo_index / "data" / "photos" / "rocket.jpg"))
+    wait_for(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#i2t-image img"))
+    browser.find_element(By.ID, "i2t-search").click()
+    table = wait_for(browser, lambda d: "launch pad" in d.find_element(By.ID, "i2t-texts").text
+                     and d.find_element(By.ID, "i2t-texts"))
+    browser.save_screenshot(str(tmp_path / "image-to-text.png"))
+    rows = [line for line in table.text.splitlines() if "launch pad" in line or "tabby" in line]
+    assert "launch pad" in rows[0]
+
+
+def test_empty_query_shows_a_message(browser, live_app):
+    from selenium.webdriver.common.by import By
+
+    browser.get(live_app)
+    wait_for(browser, lambda d: d.find_element(By.CSS_SELECTOR, "#query textarea"))
+    browser.find_element(By.ID, "search").click()
+    wait_for(browser, lambda d: "empty query" in d.find_element(By.TAG_NAME, "body").text)
