@@ -1,0 +1,122 @@
+"""Search benchmark on clustered synthetic unit vectors: build time, single-query p50/p99 latency,
+batch QPS, recall@10 against exact search, index size, for `auto` and a few factory strings; and
+our search call (IndexSearcher.search_vectors: FAISS + id mapping + SQLite metadata) against the
+raw `index.search` in the same run. Writes benchmarks/results/search_bench-N.json.
+
+  python benchmarks/search_bench.py [--n 1000000] [--dim 512] [--factories auto "IVF1024,Flat" "HNSW32"]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+from otclip.engine.faiss_indexes import auto_factory, build_index, gpu_count
+
+
+def clustered_unit_vectors(n: int, dim: int, clusters: int = 1000, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(size=(clusters, dim)).astype(np.float32)
+    out = np.empty((n, dim), np.float32)
+    for start in range(0, n, 100_000):
+        m = min(100_000, n - start)
+        out[start : start + m] = centers[rng.integers(0, clusters, m)] + 0.6 * rng.normal(size=(m, dim)).astype(np.float32)
+    faiss.normalize_L2(out)
+    return out
+
+
+def latencies(fn, queries: np.ndarray) -> np.ndarray:
+    times = []
+    for q in queries:
+        t = time.perf_counter()
+        fn(q[None])
+        times.append(time.perf_counter() - t)
+    return np.array(times) * 1000
+
+
+def index_bytes(index: faiss.Index) -> int:
+    return int(faiss.serialize_index(index).nbytes)
+
+
+def our_search_overhead(vectors: np.ndarray, index: faiss.Index, queries: np.ndarray, k: int) -> dict:
+    """Raw index.search vs IndexSearcher.search_vectors on an index directory holding these vectors."""
+    from otclip.engine.index_directory import IndexDirectory
+    from otclip.engine.metadata_store import ItemRecord
+    from otclip.engine.model_loading import ModelIdentity
+    from otclip.engine.search import IndexSearcher
+
+    root = Path(tempfile.mkdtemp(prefix="otclip-bench-"))
+    directory = IndexDirectory(root)
+    directory.open_for_model("bench", ModelIdentity("bench", "0" * 64), vectors.shape[1])
+    step = 200_000
+    for c, start in enumerate(range(0, len(vectors), step)):
+        part = vectors[start : start + step]
+        records = [ItemRecord(key=f"/images/{start + i}.jpg", sha256=f"{start + i:064x}", row=i) for i in range(len(part))]
+        directory.write_chunk(f"bench-{c:04d}", "images", part, records)
+        directory.ingest_pending()
+    directory.publish("images", factory="Flat")
+    searcher = IndexSearcher.__new__(IndexSearcher)  # no model needed to search by vector
+    searcher.directory, searcher.manifest = directory, directory.manifest()
+    ids = directory.load_side("images")[1]
+    searcher._sides = {"images": (index, ids)}
+    from otclip.engine.metadata_store import MetadataStore
+
+    searcher._store = MetadataStore(root / "metadata.sqlite", readonly=True)
+    raw = latencies(lambda q: index.search(q, k), queries)
+    ours = latencies(lambda q: searcher.search_vectors(q, "images", k), queries)
+    ours_no_meta = latencies(lambda q: ids[index.search(q, k)[1]], queries)
+    return {"raw_p50_ms": float(np.median(raw)), "ours_p50_ms": float(np.median(ours)),
+            "ids_only_p50_ms": float(np.median(ours_no_meta)),
+            "overhead_ratio_p50": float(np.median(ours) / np.median(raw))}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--n", type=int, default=1_000_000)
+    ap.add_argument("--dim", type=int, default=512)
+    ap.add_argument("--queries", type=int, default=200)
+    ap.add_argument("--k", type=int, default=10)
+    ap.add_argument("--factories", nargs="+", default=["auto", "IVF1024,Flat", "IVF1024,PQ64", "HNSW32"])
+    args = ap.parse_args()
+
+    vectors = clustered_unit_vectors(args.n, args.dim)
+    queries = clustered_unit_vectors(args.queries, args.dim, seed=1)
+    exact = faiss.IndexFlatIP(args.dim)
+    exact.add(vectors)
+    _, truth = exact.search(queries, args.k)
+    rows = []
+    for factory in args.factories:
+        t = time.perf_counter()
+        index, used = build_index(vectors, factory)
+        build_s = time.perf_counter() - t
+        _, found = index.search(queries, args.k)
+        recall = float(np.mean([len(set(a) & set(b)) / args.k for a, b in zip(found, truth)]))
+        lat = latencies(lambda q, index=index: index.search(q, args.k), queries[:100])
+        t = time.perf_counter()
+        index.search(queries, args.k)
+        qps = len(queries) / (time.perf_counter() - t)
+        rows.append({"factory": factory, "resolved": used, "build_s": build_s, "p50_ms": float(np.median(lat)),
+                     "p99_ms": float(np.percentile(lat, 99)), "batch_qps": qps, "recall@10": recall,
+                     "index_mb": index_bytes(index) / 1e6})
+    overhead = our_search_overhead(vectors, exact, queries[:100], args.k)
+    print(f"n={args.n} dim={args.dim} (auto -> {auto_factory(args.n, args.dim)}), GPUs seen by FAISS: {gpu_count()}")
+    print(f"{'factory':<16}{'build s':>9}{'p50 ms':>9}{'p99 ms':>9}{'QPS':>9}{'R@10':>7}{'MB':>9}")
+    for r in rows:
+        print(f"{r['factory']:<16}{r['build_s']:>9.1f}{r['p50_ms']:>9.2f}{r['p99_ms']:>9.2f}{r['batch_qps']:>9.0f}"
+              f"{r['recall@10']:>7.3f}{r['index_mb']:>9.1f}")
+    print(f"exact search, raw index.search p50 {overhead['raw_p50_ms']:.2f} ms, ours (ids + SQLite metadata) "
+          f"{overhead['ours_p50_ms']:.2f} ms: ratio {overhead['overhead_ratio_p50']:.3f}")
+    out = Path(__file__).parent / "results" / f"search_bench-{args.n}.json"
+    out.write_text(json.dumps({"n": args.n, "dim": args.dim, "gpus": gpu_count(), "factories": rows,
+                               "our_search_vs_raw": overhead}, indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
