@@ -82,7 +82,12 @@ class ImageNetBridge(nn.Module):
         return top.values.softmax(dim=-1), top.indices
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        weights, indices = self.class_distribution(images)
+        return self.head(self.trunk(images))
+
+    def head(self, logits: torch.Tensor) -> torch.Tensor:
+        """The trainable part: ImageNet logits (n, 1000) -> embedding (n, d). Training caches the logits."""
+        top = (logits.float() / self.config.temperature).topk(self.config.top_k, dim=-1)
+        weights, indices = top.values.softmax(dim=-1), top.indices
         mixture = torch.einsum("nk,nkd->nd", weights, self.class_embeddings[indices])
         # Every mixture shares the mean class direction; removing it spreads images apart, so that
         # one caption close to that mean does not become every image's nearest text (hubness).

@@ -7,7 +7,7 @@ reported per item instead of aborting the batch.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -83,10 +83,10 @@ class Encoder:
         return self.loaded.device
 
     @torch.no_grad()
-    def _embed(self, encode, batch: torch.Tensor) -> np.ndarray:
+    def _embed(self, encode, batch: torch.Tensor, normalize: bool = True) -> np.ndarray:
         with autocast_for(self.device):
-            features = encode(batch.to(self.device, non_blocking=True))
-        return F.normalize(features.float(), dim=-1).cpu().numpy()
+            features = encode(batch.to(self.device, non_blocking=True)).float()
+        return (F.normalize(features, dim=-1) if normalize else features).cpu().numpy()
 
     def encode_texts(
         self, texts: Sequence[str], batch_size: int | None = None, progress: bool | None = None
@@ -107,8 +107,13 @@ class Encoder:
         batch_size: int | None = None,
         num_workers: int | None = None,
         progress: bool | None = None,
+        encode: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        normalize: bool = True,
     ) -> Iterator[ImageBatch]:
-        """Decode (in workers) and encode `images` batch by batch, in input order."""
+        """Decode (in workers) and encode `images` batch by batch, in input order.
+
+        `encode` replaces the model's encode_image (training caches a frozen trunk's features this
+        way); `normalize=False` keeps its raw output."""
         bs = batch_size or self.batch_size
         workers = self.num_workers if num_workers is None else num_workers
         if len(images) <= bs:
@@ -125,11 +130,10 @@ class Encoder:
         show = progress if progress is not None else len(images) > 4 * bs
         with tqdm(total=len(images), desc="encode images", unit="img", disable=not show) as bar:
             for indices, tensors, failures, sizes in loader:
-                embeddings = (
-                    self._embed(self.loaded.model.encode_image, tensors)
-                    if tensors is not None
-                    else np.zeros((0, self.loaded.embed_dim), np.float32)
-                )
+                if tensors is not None:
+                    embeddings = self._embed(encode or self.loaded.model.encode_image, tensors, normalize)
+                else:
+                    embeddings = np.zeros((0, self.loaded.embed_dim), np.float32)
                 bar.update(len(indices) + len(failures))
                 yield ImageBatch(indices, embeddings, failures, sizes)
 

@@ -1,0 +1,54 @@
+import json
+
+import pytest
+
+from otclip.engine import fashion_mnist
+from otclip.training.corpus import CorpusError, load_corpus
+from otclip.training.fashion_corpus import build_fashion_mnist_corpus
+
+
+def write(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_pairs_and_unpaired_rows(tmp_path):
+    from PIL import Image
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    corpus = load_corpus(write(tmp_path / "c.jsonl", [
+        {"image": "a.png", "text": "a thing"}, {"image": "a.png"}, {"text": "words"}, {"text": "more", "label": "x"}]))
+    assert (len(corpus.pairs), len(corpus.images), len(corpus.texts)) == (1, 1, 2)
+    assert corpus.pairs[0].image == str(tmp_path / "a.png")
+
+
+def test_validation_lists_the_offending_rows(tmp_path):
+    with pytest.raises(CorpusError) as info:
+        load_corpus(write(tmp_path / "c.jsonl", [{"image": "missing.png", "text": "x"}, {"image": "", "text": ""},
+                                                 {"text": "fine"}]))
+    message = str(info.value)
+    assert "row 1: image missing.png not found" in message and "row 2: neither image nor text" in message
+
+
+def test_unknown_columns_and_no_pairs(tmp_path):
+    with pytest.raises(CorpusError, match="unknown columns"):
+        load_corpus(write(tmp_path / "c.jsonl", [{"text": "x", "caption": "y"}]))
+    with pytest.raises(CorpusError, match="no pairs at all"):
+        load_corpus(write(tmp_path / "d.jsonl", [{"text": "x"}]))
+    (tmp_path / "e.csv").write_text("image,text\n,   \n")
+    with pytest.raises(CorpusError, match="row 2"):
+        load_corpus(tmp_path / "e.csv")
+
+
+@pytest.mark.skipif(not fashion_mnist.available(), reason="Debian's dataset-fashion-mnist is not installed")
+def test_fashion_mnist_corpus_holds_unseen_classes_out(tmp_path):
+    info = build_fashion_mnist_corpus(tmp_path, 0.1, "sandal,bag", seed=0, train_size=200, val_size=50, test_size=300)
+    assert info["pairs"] == 20 and info["unpaired_images"] == info["unpaired_texts"] == 180
+    train = [json.loads(line) for line in (tmp_path / "train.jsonl").read_text().splitlines()]
+    test = [json.loads(line) for line in (tmp_path / "test.jsonl").read_text().splitlines()]
+    assert not {"sandal", "bag"} & {r["label"] for r in train}
+    assert {"sandal", "bag"} <= {r["label"] for r in test}
+    corpus = load_corpus(tmp_path / "train.jsonl")
+    assert len(corpus.pairs) == 20
+    with pytest.raises(ValueError, match="unknown classes"):
+        build_fashion_mnist_corpus(tmp_path / "x", 0.1, "spaceship")

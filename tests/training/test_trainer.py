@@ -1,0 +1,121 @@
+"""Real training runs on a small Fashion-MNIST corpus (frozen features cached once per machine)."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from otclip.engine import fashion_mnist
+
+pytestmark = pytest.mark.skipif(not fashion_mnist.available(), reason="Debian's dataset-fashion-mnist is not installed")
+
+
+@pytest.fixture(scope="session")
+def small_corpus(tmp_path_factory):
+    from otclip.training.fashion_corpus import build_fashion_mnist_corpus
+
+    root = tmp_path_factory.mktemp("fm-corpus")
+    build_fashion_mnist_corpus(root, 0.1, "sandal,bag", seed=0, train_size=300, val_size=100, test_size=100)
+    return root
+
+
+def read_log(run):
+    return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+
+
+def train(corpus, out, **kw):
+    from otclip.training.trainer import TrainConfig, Trainer
+
+    cfg = TrainConfig(corpus=str(corpus), out=str(out), steps=kw.pop("steps", 60), eval_every=kw.pop("eval_every", 20),
+                      batch_size=32, unpaired_batch_size=64, **kw)
+    return Trainer(cfg, progress=False).train()
+
+
+def test_training_lowers_val_loss_and_raises_recall_over_the_untrained_default(small_corpus, tmp_path):
+    summary = train(small_corpus, tmp_path / "run")
+    log = read_log(tmp_path / "run")
+    before = next(r for r in log if r.get("step") == 0 and "val_loss" in r)
+    assert summary["val_loss"] < before["val_loss"]
+    assert summary["val_mean_recall"] > before["val_mean_recall"]
+    step_terms = [r for r in log if "contrastive_loss" in r]
+    assert len(step_terms) == 60 and all("uniformity_images" in r for r in step_terms)
+
+
+@pytest.mark.parametrize("reg", ["ot-pairwise", "ot-loop", "ot-barycenter", "ot-match", "mmcl-pseudo"])
+def test_no_regularizer_collapses(small_corpus, tmp_path, reg):
+    summary = train(small_corpus, tmp_path / reg, reg=reg, alpha=0.5, match_every=20)
+    log = read_log(tmp_path / reg)
+    before = next(r for r in log if r.get("step") == 0 and "val_loss" in r)
+    named = {k for r in log for k in r}
+    expected = {"ot-pairwise": "ot_pairwise", "ot-loop": "ot_loop_consistency", "ot-barycenter": "ot_barycenter",
+                "ot-match": "ot_match", "mmcl-pseudo": "mmcl_pseudo"}[reg]
+    assert expected in named  # each term is logged by name
+    assert summary["val_uniformity"] < -1.0  # spread kept: a collapsed embedding has uniformity near 0
+    assert summary["val_mean_recall"] > before["val_mean_recall"]
+
+
+def test_checkpoint_loads_in_the_engine_and_indexes(small_corpus, tmp_path):
+    from otclip.engine import Encoder, load_model
+    from otclip.engine.search import IndexSearcher
+    from otclip.indexer.pipeline import index_images
+
+    train(small_corpus, tmp_path / "run", steps=20)
+    best = tmp_path / "run" / "best.pt"
+    loaded = load_model(str(best), device="cpu")
+    assert loaded.identity.name == "effnet-minilm@best.pt"
+    assert Encoder(loaded).encode_texts(["a shirt"]).shape == (1, 384)
+    index_images(small_corpus / "images" / "val", tmp_path / "ix", str(best), progress=False, workers=0)
+    searcher = IndexSearcher(tmp_path / "ix")
+    assert searcher.model.identity.checksum == loaded.identity.checksum
+    assert len(searcher.search_text("a trouser", k=3)) == 3
+
+
+def test_resume_after_kill(small_corpus, tmp_path):
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "otclip", "train", "--corpus", str(small_corpus), "--out", str(run), "--steps", "3000",
+           "--save-every", "10", "--eval-every", "1000", "--batch-size", "32", "--unpaired-batch-size", "64",
+           "--reg", "ot-pairwise", "--no-progress"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.time() + 300
+    while time.time() < deadline and not (run / "last.pt").exists():
+        time.sleep(0.1)
+    time.sleep(0.5)
+    proc.kill()
+    proc.wait()
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout + done.stderr
+    log = read_log(run)
+    assert [r["event"] for r in log if "event" in r][:2] == ["start", "resume"]
+    end = log[-1]
+    assert end["event"] == "end" and end["steps"] == 3000 and 0 < end["trained_steps"] < 3000
+    resumed_at = next(r["step"] for r in log if r.get("event") == "resume")
+    assert resumed_at % 10 == 0 and resumed_at > 0
+
+
+def test_two_process_gloo_matches_one_process(small_corpus, tmp_path):
+    base = ["--corpus", str(small_corpus), "--steps", "3", "--batch-size", "32", "--unpaired-batch-size", "64",
+            "--reg", "ot-loop", "--no-progress", "--eval-every", "100"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    single = subprocess.run([sys.executable, "-m", "otclip", "train", "--out", str(tmp_path / "one"), *base],
+                            capture_output=True, text=True, timeout=600, env=env)
+    assert single.returncode == 0, single.stderr[-2000:]
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+                          "-m", "otclip", "train", "--out", str(tmp_path / "two"), *base],
+                         capture_output=True, text=True, timeout=600, env=env)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    one = [r for r in read_log(tmp_path / "one") if "total" in r]
+    two = [r for r in read_log(tmp_path / "two") if "total" in r]
+    assert len(one) == len(two) == 3
+    for a, b in zip(one, two):
+        for term in ("contrastive_loss", "ot_loop_TI", "total"):
+            assert a[term] == pytest.approx(b[term], rel=1e-4, abs=1e-5)
+
+
+def test_bad_corpus_is_a_one_line_error(tmp_path):
+    (tmp_path / "train.jsonl").write_text('{"text": "only text"}\n')
+    done = subprocess.run([sys.executable, "-m", "otclip", "train", "--corpus", str(tmp_path), "--out", str(tmp_path / "r")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "no pairs at all" in done.stderr and "Traceback" not in done.stderr

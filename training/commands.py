@@ -1,0 +1,57 @@
+"""Training subcommands: `otclip data fashion-mnist` and `otclip train`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("data", help="build a partially-paired corpus from real data")
+    p.add_argument("dataset", choices=["fashion-mnist"])
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--pair-fraction", type=float, default=0.05)
+    p.add_argument("--unseen", default="", help='classes held out of training, e.g. "sandal,bag,ankle boot"')
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--train-size", type=int, default=10_000)
+    p.add_argument("--val-size", type=int, default=1_000)
+    p.add_argument("--test-size", type=int, default=2_000)
+    p.set_defaults(func=_data)
+
+    from .trainer import TrainConfig
+
+    p = sub.add_parser("train", help="fine-tune a model on a partially-paired corpus")
+    p.add_argument("--corpus", required=True, help="corpus folder (train.jsonl, val.jsonl) or a manifest")
+    p.add_argument("--out", required=True, help="run directory (log.jsonl, best.pt, last.pt); resumes if present")
+    defaults = TrainConfig(corpus="", out="")
+    for name, value in vars(defaults).items():
+        if name in ("corpus", "out"):
+            continue
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            p.add_argument(flag, action="store_true")
+        else:
+            kind = float if name == "ot_rho" else type(value)
+            p.add_argument(flag, type=kind, default=value)
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_train)
+
+
+def _data(args: argparse.Namespace) -> int:
+    from .fashion_corpus import build_fashion_mnist_corpus
+
+    info = build_fashion_mnist_corpus(args.out, args.pair_fraction, args.unseen, args.seed, args.train_size,
+                                      args.val_size, args.test_size)
+    print(json.dumps(info))
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from .trainer import TrainConfig, Trainer
+
+    fields = {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__}
+    summary = Trainer(TrainConfig(**fields), progress=not args.no_progress).train()
+    if summary:
+        print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items() if k != "event"))
+    return 0

@@ -1,0 +1,99 @@
+"""Partially-paired corpora: a manifest (CSV or JSONL) with columns `image` (path), `text`, optional
+`label` and `split`. A row with both image and text is a pair; a row with one of them is unpaired.
+Validated up front: nothing starts half-way on a bad corpus."""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+KNOWN_COLUMNS = {"image", "text", "label", "split"}
+MAX_LISTED = 5
+
+
+class CorpusError(ValueError):
+    """A corpus that cannot be trained on; the message lists the first offending rows."""
+
+
+@dataclass
+class CorpusRow:
+    image: str | None
+    text: str | None
+    label: str | None = None
+    split: str | None = None
+
+
+@dataclass
+class PartiallyPairedCorpus:
+    pairs: list[CorpusRow] = field(default_factory=list)
+    images: list[CorpusRow] = field(default_factory=list)  # unpaired images
+    texts: list[CorpusRow] = field(default_factory=list)  # unpaired texts
+    source: str = ""
+
+    def summary(self) -> str:
+        return f"{self.source}: {len(self.pairs)} pairs, {len(self.images)} unpaired images, {len(self.texts)} unpaired texts"
+
+
+def _read_rows(path: Path) -> list[dict]:
+    if path.suffix.lower() == ".csv":
+        with open(path, newline="", encoding="utf-8") as f:
+            return list(csv.DictReader(f))
+    if path.suffix.lower() == ".jsonl":
+        rows = []
+        with open(path, encoding="utf-8") as f:
+            for number, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        rows.append(json.loads(line))
+                    except json.JSONDecodeError as exc:
+                        raise CorpusError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
+        return rows
+    raise CorpusError(f"{path}: corpus manifest must be .csv or .jsonl")
+
+
+def _blank(v) -> bool:
+    return v is None or (isinstance(v, str) and not v.strip())
+
+
+def load_corpus(path: str | Path, split: str | None = None, require_pairs: bool = True) -> PartiallyPairedCorpus:
+    """Read and validate a manifest; relative image paths are relative to the manifest's folder.
+    With `split`, only rows whose `split` column equals it are kept."""
+    path = Path(path)
+    if not path.is_file():
+        raise CorpusError(f"{path}: corpus manifest not found")
+    rows = _read_rows(path)
+    problems: list[str] = []
+    if rows:
+        unknown = set(rows[0]) - KNOWN_COLUMNS
+        if unknown:
+            problems.append(f"unknown columns {sorted(unknown)} (expected {sorted(KNOWN_COLUMNS)})")
+    corpus = PartiallyPairedCorpus(source=str(path))
+    for number, row in enumerate(rows, start=2 if path.suffix.lower() == ".csv" else 1):
+        if split is not None and row.get("split") not in (split, None, ""):
+            continue
+        image, text = row.get("image"), row.get("text")
+        if _blank(image) and _blank(text):
+            problems.append(f"row {number}: neither image nor text")
+            continue
+        if "text" in row and text is not None and not _blank(image) and isinstance(text, str) and text != "" and not text.strip():
+            problems.append(f"row {number}: empty text")
+            continue
+        if not _blank(image):
+            p = Path(str(image))
+            p = p if p.is_absolute() else path.parent / p
+            if not p.is_file():
+                problems.append(f"row {number}: image {image} not found")
+                continue
+            image = str(p)
+        item = CorpusRow(None if _blank(image) else image, None if _blank(text) else str(text).strip(),
+                         None if _blank(row.get("label")) else str(row["label"]), row.get("split"))
+        (corpus.pairs if item.image and item.text else corpus.images if item.image else corpus.texts).append(item)
+    if require_pairs and not corpus.pairs and not problems:
+        problems.append("no pairs at all: at least a few rows need both an image and a text")
+    if problems:
+        listed = "; ".join(problems[:MAX_LISTED])
+        more = f" (and {len(problems) - MAX_LISTED} more)" if len(problems) > MAX_LISTED else ""
+        raise CorpusError(f"{path}: {listed}{more}")
+    return corpus

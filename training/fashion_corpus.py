@@ -1,0 +1,88 @@
+"""`otclip data fashion-mnist`: a real partially-paired corpus from Debian's dataset-fashion-mnist.
+
+Train: a random `pair_fraction` of the training images keep a caption (pairs); the other images
+lose theirs and the captions of those images become unpaired texts, each list shuffled on its own,
+so the partners exist but their correspondence is unknown. Captions come from several paraphrase
+templates per class. Unseen classes appear in no training or validation row; the test split holds
+seen and unseen classes (generalized zero-shot).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+from otclip.engine import fashion_mnist
+from otclip.engine.atomic_files import write_lines_atomically
+
+TEMPLATES = (
+    "a photo of a {}.",
+    "a {} on a white background.",
+    "a product photo of a {}.",
+    "a picture of a {}, seen from the front.",
+    "an item of clothing: a {}.",
+    "this is a {}.",
+)
+
+
+def caption(label: int, rng: random.Random) -> str:
+    return rng.choice(TEMPLATES).format(fashion_mnist.SHORT_NAMES[label])
+
+
+def parse_unseen(names: str) -> set[int]:
+    wanted = [n.strip().lower() for n in names.split(",") if n.strip()]
+    lookup = {name.lower(): i for i, name in enumerate(fashion_mnist.SHORT_NAMES)}
+    bad = [n for n in wanted if n not in lookup]
+    if bad:
+        raise ValueError(f"--unseen {bad}: unknown classes; choose from {', '.join(fashion_mnist.SHORT_NAMES)}")
+    return {lookup[n] for n in wanted}
+
+
+def build_fashion_mnist_corpus(out: str | Path, pair_fraction: float = 0.05, unseen: str = "", seed: int = 0,
+                               train_size: int = 10_000, val_size: int = 1_000, test_size: int = 2_000) -> dict:
+    """Write PNGs and train/val/test manifests under `out`; returns counts per split."""
+    if not 0 < pair_fraction <= 1:
+        raise ValueError(f"--pair-fraction {pair_fraction}: must be in (0, 1]")
+    out = Path(out)
+    rng = random.Random(seed)
+    unseen_ids = parse_unseen(unseen)
+    train_x, train_y = fashion_mnist.load_split("train")
+    test_x, test_y = fashion_mnist.load_split("test")
+    seen_idx = [i for i in range(len(train_y)) if int(train_y[i]) not in unseen_ids]
+    rng.shuffle(seen_idx)
+    train_idx, val_idx = seen_idx[:train_size], seen_idx[train_size : train_size + val_size]
+    test_idx = list(range(len(test_y)))
+    rng.shuffle(test_idx)
+    test_idx = sorted(test_idx[:test_size])
+
+    def save(split: str, x, i: int) -> str:
+        rel = Path("images") / split / f"{i:05d}.png"
+        path = out / rel
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fashion_mnist.to_photo(x[i]).save(path)
+        return str(rel)
+
+    n_pairs = max(1, round(pair_fraction * len(train_idx)))
+    pairs, rest = train_idx[:n_pairs], train_idx[n_pairs:]
+    rows = [{"image": save("train", train_x, i), "text": caption(int(train_y[i]), rng),
+             "label": fashion_mnist.SHORT_NAMES[train_y[i]], "split": "train"} for i in pairs]
+    images = [{"image": save("train", train_x, i), "label": fashion_mnist.SHORT_NAMES[train_y[i]], "split": "train"}
+              for i in rest]
+    texts = [{"text": caption(int(train_y[i]), rng), "label": fashion_mnist.SHORT_NAMES[train_y[i]], "split": "train"}
+             for i in rest]
+    rng.shuffle(images)
+    rng.shuffle(texts)
+    train = rows + images + texts
+    val = [{"image": save("val", train_x, i), "text": caption(int(train_y[i]), rng),
+            "label": fashion_mnist.SHORT_NAMES[train_y[i]], "split": "val"} for i in val_idx]
+    test = [{"image": save("test", test_x, i), "text": caption(int(test_y[i]), rng),
+             "label": fashion_mnist.SHORT_NAMES[test_y[i]], "split": "test"} for i in test_idx]
+    for name, split_rows in (("train", train), ("val", val), ("test", test)):
+        write_lines_atomically(out / f"{name}.jsonl", [json.dumps(r) for r in split_rows])
+    info = {"pairs": len(rows), "unpaired_images": len(images), "unpaired_texts": len(texts), "val": len(val),
+            "test": len(test), "unseen": sorted(fashion_mnist.SHORT_NAMES[i] for i in unseen_ids),
+            "pair_fraction": pair_fraction, "seed": seed}
+    write_lines_atomically(out / "corpus.json", [json.dumps(info, indent=2)])
+    return info

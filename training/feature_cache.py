@@ -1,0 +1,100 @@
+"""On-disk cache of frozen-tower features, keyed by the frozen extractor and each item's content
+(sha256 of the image file, or of the text). Runs that share a model never recompute a feature."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from otclip.engine import Encoder
+from otclip.engine.atomic_files import write_json_atomically, write_npy_atomically
+
+from .trainable import TrainableModel
+
+
+def default_cache_dir() -> Path:
+    root = os.environ.get("OTCLIP_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "otclip")
+    return Path(root) / "features"
+
+
+def _file_digest(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class FeatureCache:
+    def __init__(self, trainable: TrainableModel, cache_dir: Path | None = None, batch_size: int = 64,
+                 workers: int | None = None, progress: bool = True) -> None:
+        self.trainable = trainable
+        self.root = cache_dir or default_cache_dir()
+        self.encoder = Encoder(trainable.loaded, batch_size=batch_size, num_workers=workers)
+        self.progress = progress
+
+    def _load(self, side: str) -> tuple[Path, dict[str, int], np.ndarray | None]:
+        folder = self.root / self.trainable.feature_key(side)
+        index_path = folder / f"{side}.json"
+        if not index_path.exists():
+            return folder, {}, None
+        index = json.loads(index_path.read_text())
+        return folder, index["rows"], np.load(folder / f"{side}-{index['generation']}.npy")
+
+    def _store(self, folder: Path, side: str, rows: dict[str, int], array: np.ndarray) -> None:
+        old = json.loads((folder / f"{side}.json").read_text())["generation"] if (folder / f"{side}.json").exists() else 0
+        write_npy_atomically(folder / f"{side}-{old + 1}.npy", array)
+        write_json_atomically(folder / f"{side}.json", {"generation": old + 1, "rows": rows})
+        (folder / f"{side}-{old}.npy").unlink(missing_ok=True)
+
+    def images(self, paths: list[str]) -> torch.Tensor:
+        """(n, f) frozen image features, computed for the images not cached yet."""
+        if not self.trainable.cache_images:
+            raise RuntimeError("image features are not cacheable with an unlocked image tower")
+        digests = [_file_digest(p) for p in paths]
+        folder, rows, array = self._load("images")
+        missing = sorted({d: p for d, p in zip(digests, paths) if d not in rows}.items())
+        if missing:
+            new_rows, parts = dict(rows), [array] if array is not None else []
+            batches = self.encoder.iter_image_batches([p for _, p in missing], encode=self.trainable.image_features,
+                                                      normalize=False, progress=self.progress)
+            offset = 0 if array is None else len(array)
+            for batch in batches:
+                if batch.failures:
+                    i, reason = batch.failures[0]
+                    raise ValueError(f"{missing[i][1]}: {reason}")
+                for j, i in enumerate(batch.indices):
+                    new_rows[missing[i][0]] = offset + j
+                offset += len(batch.indices)
+                parts.append(batch.embeddings)
+            array = np.concatenate(parts)
+            rows = new_rows
+            self._store(folder, "images", rows, array)
+        return torch.from_numpy(np.ascontiguousarray(array[[rows[d] for d in digests]]))
+
+    def texts(self, texts: list[str]) -> torch.Tensor:
+        """(n, f) frozen text features (pooled MiniLM outputs), cached by text."""
+        if not self.trainable.cache_texts:
+            raise RuntimeError("text features are not cacheable with an unlocked text tower")
+        digests = [hashlib.sha256(t.encode()).hexdigest() for t in texts]
+        folder, rows, array = self._load("texts")
+        missing = sorted({d: t for d, t in zip(digests, texts) if d not in rows}.items())
+        if missing:
+            tokenizer = self.trainable.loaded.tokenizer
+            parts = [array] if array is not None else []
+            rows = dict(rows)
+            offset = 0 if array is None else len(array)
+            for start in range(0, len(missing), 256):
+                chunk = missing[start : start + 256]
+                feats = self.trainable.text_features(tokenizer([t for _, t in chunk]).to(self.encoder.device))
+                parts.append(feats.cpu().numpy())
+                for j, (d, _) in enumerate(chunk):
+                    rows[d] = offset + start + j
+            array = np.concatenate(parts)
+            self._store(folder, "texts", rows, array)
+        return torch.from_numpy(np.ascontiguousarray(array[[rows[d] for d in digests]]))

@@ -1,0 +1,175 @@
+"""Training losses. Each is a small module whose forward returns a dict of named terms; the trainer
+adds `contrastive_loss` and alpha times every regularizer term, and logs each one.
+
+Notation: x = image embeddings, y = text embeddings, all L2-normalised; s_ij = <x_i, y_j>;
+OT costs C_ij = 1 - s_ij (cosine), entropic OT as in `sinkhorn.py`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .barycenter import free_support_barycenter
+from .sinkhorn import cosine_cost, entropic_ot, sinkhorn_divergence, sqeuclidean_cost
+
+
+@dataclass
+class StepEmbeddings:
+    """The embeddings of one training step."""
+
+    pair_images: torch.Tensor  # (B, d) anchors: images that have a caption
+    pair_texts: torch.Tensor  # (B, d) their captions
+    images: torch.Tensor  # (U, d) unpaired images
+    texts: torch.Tensor  # (V, d) unpaired texts
+    logit_scale: torch.Tensor  # exp() gives the inverse temperature
+    match_images: torch.Tensor | None = None  # ot-match pseudo-pairs
+    match_texts: torch.Tensor | None = None
+    match_weights: torch.Tensor | None = None
+
+
+def clip_loss(x: torch.Tensor, y: torch.Tensor, logit_scale: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Symmetric InfoNCE: row i of x matches row i of y. L = (CE(S, I) + CE(S^T, I)) / 2, S = e^scale x y^T.
+    Optional per-pair weights (pseudo-pairs weighted by their plan mass)."""
+    logits = logit_scale.exp().clamp(max=100) * x @ y.T
+    target = torch.arange(len(x), device=x.device)
+    per_pair = (F.cross_entropy(logits, target, reduction="none") + F.cross_entropy(logits.T, target, reduction="none")) / 2
+    if weights is None:
+        return per_pair.mean()
+    return (weights * per_pair).sum() / weights.sum().clamp_min(1e-12)
+
+
+def uniformity(x: torch.Tensor, t: float = 2.0) -> torch.Tensor:
+    """log E_{i != j} exp(-t ||x_i - x_j||^2) (Wang & Isola 2020): near 0 means collapsed, lower is spread."""
+    sq = torch.pdist(x.float()).pow(2)
+    return torch.log(torch.exp(-t * sq).mean().clamp_min(1e-30))
+
+
+class ContrastiveLoss(nn.Module):
+    def forward(self, e: StepEmbeddings) -> dict[str, torch.Tensor]:
+        return {"contrastive_loss": clip_loss(e.pair_images, e.pair_texts, e.logit_scale)}
+
+
+class PairwiseOT(nn.Module):
+    """`ot-pairwise`: OT_eps(images, texts), or the debiased Sinkhorn divergence."""
+
+    def __init__(self, eps: float = 0.05, rho: float | None = None, debiased: bool = False) -> None:
+        super().__init__()
+        self.eps, self.rho, self.debiased = eps, rho, debiased
+
+    def forward(self, e: StepEmbeddings) -> dict[str, torch.Tensor]:
+        if self.debiased:
+            return {"ot_pairwise": sinkhorn_divergence(e.images, e.texts, self.eps, self.rho)}
+        return {"ot_pairwise": entropic_ot(cosine_cost(e.images, e.texts), eps=self.eps, rho=self.rho).value}
+
+
+def loop_consistency(P_IA: torch.Tensor, P_AT: torch.Tensor, P_IT: torch.Tensor, b_A: torch.Tensor) -> torch.Tensor:
+    """|| P_IA diag(1/b_A) P_AT - P_IT ||_F^2: the image->anchor->text plan against the direct one."""
+    return (P_IA @ (P_AT / b_A[:, None]) - P_IT).pow(2).sum()
+
+
+class LoopOT(nn.Module):
+    """`ot-loop`: W(I, A) + W(A, T) + W(T, I) + lambda * loop consistency (Zhu & Luo, PRCV 2024).
+
+    I: unpaired images, T: unpaired texts, A: the step's paired anchors. W(I, A) compares images with
+    the anchors' images, W(A, T) the anchors' texts with the texts, W(T, I) is cross-modal.
+    """
+
+    def __init__(self, eps: float = 0.05, rho: float | None = None, lam: float = 1.0) -> None:
+        super().__init__()
+        self.eps, self.rho, self.lam = eps, rho, lam
+
+    def forward(self, e: StepEmbeddings) -> dict[str, torch.Tensor]:
+        ia = entropic_ot(cosine_cost(e.images, e.pair_images), eps=self.eps, rho=self.rho)
+        at = entropic_ot(cosine_cost(e.pair_texts, e.texts), eps=self.eps, rho=self.rho)
+        ti = entropic_ot(cosine_cost(e.texts, e.images), eps=self.eps, rho=self.rho)
+        b_A = ia.plan.sum(0).detach()
+        # plans scaled to the number of points keep the penalty's size independent of the batch size
+        n = len(e.images)
+        penalty = loop_consistency(ia.plan * n, at.plan * n, ti.plan.T * n, b_A * n) / (n * n)
+        return {"ot_loop_IA": ia.value, "ot_loop_AT": at.value, "ot_loop_TI": ti.value,
+                "ot_loop_consistency": self.lam * penalty}
+
+
+class BarycenterOT(nn.Module):
+    """`ot-barycenter`: sum_m w_m W(mu_m, B), B the free-support barycenter of the image and text batches
+    (support size k, equal weights). Both modalities go to one B, so the plans are consistent by construction."""
+
+    def __init__(self, eps: float = 0.05, support: int = 64, n_iter: int = 5) -> None:
+        super().__init__()
+        self.eps, self.support, self.n_iter = eps, support, n_iter
+
+    def forward(self, e: StepEmbeddings) -> dict[str, torch.Tensor]:
+        union = torch.cat([e.images, e.texts]).detach()
+        pick = torch.linspace(0, len(union) - 1, self.support, device=union.device).long()
+        B = free_support_barycenter([e.images.detach(), e.texts.detach()], union[pick], eps=self.eps * 2,
+                                    n_iter=self.n_iter, inner_tol=1e-3)
+        # squared Euclidean between unit vectors is 2 (1 - cos): eps doubles with it
+        value = sum(0.5 * entropic_ot(sqeuclidean_cost(m, B), eps=self.eps * 2, tol=1e-3).value
+                    for m in (e.images, e.texts))
+        return {"ot_barycenter": value}
+
+
+class MMCLPseudoPairs(nn.Module):
+    """`mmcl-pseudo` (Nakada et al., AISTATS 2023): the top-m entries of the unpaired batch's similarity
+    matrix are taken as positive pairs in the contrastive loss (one per image and per text at most)."""
+
+    def __init__(self, top_m: int | None = None) -> None:
+        super().__init__()
+        self.top_m = top_m
+
+    @staticmethod
+    @torch.no_grad()
+    def select(scores: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Greedy one-to-one selection of the m largest entries: (image indices, text indices)."""
+        order = scores.flatten().argsort(descending=True)
+        rows, cols, used_r, used_c = [], [], set(), set()
+        n_cols = scores.shape[1]
+        for flat in order.tolist():
+            r, c = divmod(flat, n_cols)
+            if r in used_r or c in used_c:
+                continue
+            rows.append(r)
+            cols.append(c)
+            used_r.add(r)
+            used_c.add(c)
+            if len(rows) == m:
+                break
+        return torch.tensor(rows, device=scores.device), torch.tensor(cols, device=scores.device)
+
+    def forward(self, e: StepEmbeddings) -> dict[str, torch.Tensor]:
+        m = self.top_m or max(1, min(len(e.images), len(e.texts)) // 4)
+        rows, cols = self.select(e.images @ e.texts.T, m)
+        return {"mmcl_pseudo": clip_loss(e.images[rows], e.texts[cols], e.logit_scale)}
+
+
+class OTMatchLoss(nn.Module):
+    """`ot-match`: contrastive loss on the pseudo-pairs found by global OT matching, weighted by plan mass."""
+
+    def forward(self, e: StepEmbeddings) -> dict[str, torch.Tensor]:
+        if e.match_images is None or len(e.match_images) < 2:
+            return {"ot_match": e.logit_scale.new_zeros(())}
+        return {"ot_match": clip_loss(e.match_images, e.match_texts, e.logit_scale, e.match_weights)}
+
+
+REGULARIZERS = ("none", "ot-pairwise", "ot-loop", "ot-barycenter", "ot-match", "mmcl-pseudo")
+
+
+def build_regularizer(name: str, eps: float = 0.05, rho: float | None = None, debiased: bool = False,
+                      loop_lambda: float = 1.0, barycenter_support: int = 64) -> nn.Module | None:
+    if name == "none":
+        return None
+    if name == "ot-pairwise":
+        return PairwiseOT(eps, rho, debiased)
+    if name == "ot-loop":
+        return LoopOT(eps, rho, loop_lambda)
+    if name == "ot-barycenter":
+        return BarycenterOT(eps, barycenter_support)
+    if name == "ot-match":
+        return OTMatchLoss()
+    if name == "mmcl-pseudo":
+        return MMCLPseudoPairs()
+    raise ValueError(f"--reg {name!r}: expected one of {', '.join(REGULARIZERS)}")

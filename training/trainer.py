@@ -1,0 +1,335 @@
+"""The training loop: L = L_clip(pairs) + alpha * R(unpaired), on cached frozen features.
+
+Each step draws a paired batch and independent unpaired image and text batches (for `ot-match`, a
+batch of the current global matching's pseudo-pairs too). Cosine schedule with warmup, gradient
+accumulation, autocast on CUDA, a JSONL log of every term plus the embeddings' spread, validation
+recall every N steps, best and last checkpoints, resume from last.pt after a crash, and data
+parallelism under torchrun (embeddings all-gathered with gradients before the losses, so every rank
+computes the loss of the global batch; gradients are then averaged over ranks).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from otclip.engine import load_model, save_checkpoint
+from otclip.engine.devices import autocast_for
+from otclip.engine.metrics import recall_at_k
+
+from .corpus import PartiallyPairedCorpus, load_corpus
+from .feature_cache import FeatureCache
+from .losses import REGULARIZERS, ContrastiveLoss, StepEmbeddings, build_regularizer, uniformity
+from .matching import global_matching
+from .trainable import TrainableModel
+
+
+@dataclass
+class TrainConfig:
+    corpus: str
+    out: str
+    model: str = "effnet-minilm"
+    reg: str = "none"
+    alpha: float = 0.1
+    ot_eps: float = 0.05
+    ot_rho: float | None = None
+    debiased: bool = False
+    loop_lambda: float = 1.0
+    steps: int = 300
+    batch_size: int = 64
+    unpaired_batch_size: int = 256
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup: int = 20
+    accum: int = 1
+    eval_every: int = 50
+    save_every: int = 50
+    match_every: int = 100
+    pseudo_warmup: float = 0.3  # mmcl-pseudo: fraction of steps trained on pairs alone first
+    unlock_image: int = 0
+    unlock_text: int = 0
+    seed: int = 0
+    val_size: int = 1000
+
+    def __post_init__(self) -> None:
+        if self.reg not in REGULARIZERS:
+            raise ValueError(f"--reg {self.reg!r}: expected one of {', '.join(REGULARIZERS)}")
+        for name in ("steps", "batch_size", "unpaired_batch_size", "accum", "eval_every", "save_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+
+    def resume_fields(self) -> dict:
+        """What must match for a run directory to be resumed (steps and eval cadence may change)."""
+        d = asdict(self)
+        for k in ("steps", "eval_every", "save_every"):
+            d.pop(k)
+        return d
+
+
+def corpus_paths(corpus: str) -> tuple[Path, Path | None]:
+    """`--corpus` is a folder with train.jsonl (and val.jsonl) or a single manifest file."""
+    p = Path(corpus)
+    if p.is_dir():
+        train = next((p / n for n in ("train.jsonl", "train.csv") if (p / n).exists()), None)
+        if train is None:
+            raise FileNotFoundError(f"{p}: no train.jsonl or train.csv in the corpus folder")
+        val = next((p / n for n in ("val.jsonl", "val.csv") if (p / n).exists()), None)
+        return train, val
+    return p, None
+
+
+class Ranks:
+    def __init__(self) -> None:
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        if self.world > 1 and not dist.is_initialized():
+            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        self.rank = dist.get_rank() if self.world > 1 else 0
+        self.local = int(os.environ.get("LOCAL_RANK", "0"))
+
+    def gather(self, x: torch.Tensor) -> torch.Tensor:
+        """All ranks' rows, in rank order, keeping the gradient to this rank's rows."""
+        if self.world == 1:
+            return x
+        import torch.distributed.nn.functional as dfn
+
+        return torch.cat(dfn.all_gather(x))
+
+    def average_gradients(self, params: list[torch.nn.Parameter]) -> None:
+        """Data-parallel step. Every rank computed the loss of the whole gathered batch, and all_gather's
+        backward summed the ranks' gradients into each local slice: summing over ranks and dividing by
+        the world size gives exactly the single-process gradient of the global batch."""
+        if self.world == 1:
+            return
+        for p in params:
+            if p.grad is not None:
+                dist.all_reduce(p.grad)
+                p.grad /= self.world
+
+
+def multi_positive_loss(scores: np.ndarray, relevant: np.ndarray, scale: float) -> float:
+    """Contrastive loss with every relevant item a positive: mean over both directions of
+    -log(sum_{j relevant} e^{scale s_ij} / sum_j e^{scale s_ij}). Pair-identity InfoNCE would count
+    a same-class caption as a negative; this does not."""
+    s = torch.from_numpy(scores).double() * scale
+    r = torch.from_numpy(relevant)
+    out = 0.0
+    for m, rel in ((s, r), (s.T, r.T)):
+        out += float((torch.logsumexp(m, 1) - torch.logsumexp(m.masked_fill(~rel, -math.inf), 1)).mean())
+    return out / 2
+
+
+def _cosine_lr(step: int, total: int, warmup: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig, progress: bool = True) -> None:
+        self.cfg = config
+        self.progress = progress
+        self.ranks = Ranks()
+        self.out = Path(config.out)
+        train_path, val_path = corpus_paths(config.corpus)
+        self.train_corpus: PartiallyPairedCorpus = load_corpus(train_path, split=None if val_path else "train")
+        val_source = val_path or train_path
+        self.val_corpus = load_corpus(val_source, split=None if val_path else "val", require_pairs=False)
+        device = f"cuda:{self.ranks.local}" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device)
+        torch.manual_seed(config.seed)
+        self.loaded = load_model(config.model, device=device)
+        self.trainable = TrainableModel(self.loaded, config.unlock_image, config.unlock_text)
+        self.contrastive = ContrastiveLoss()
+        self.regularizer = build_regularizer(config.reg, config.ot_eps, config.ot_rho, config.debiased, config.loop_lambda)
+        self.step = 0
+        self.best = -1.0
+        self.matching = None
+        self._load_features()
+        params = self.trainable.trainable_parameters()
+        self.optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: _cosine_lr(s, config.steps, config.warmup))
+
+    # --- data ----------------------------------------------------------------------------------
+    def _image_inputs(self, cache: FeatureCache, paths: list[str]) -> torch.Tensor:
+        if self.trainable.cache_images:
+            return cache.images(paths)
+        batches = cache.encoder.iter_image_batches(paths, encode=lambda x: x, normalize=False, progress=self.progress)
+        return torch.cat([torch.from_numpy(b.embeddings) for b in batches])
+
+    def _text_inputs(self, cache: FeatureCache, texts: list[str]) -> torch.Tensor:
+        return cache.texts(texts) if self.trainable.cache_texts else self.loaded.tokenizer(texts)
+
+    def _load_features(self) -> None:
+        cache = FeatureCache(self.trainable, progress=self.progress and self.ranks.rank == 0)
+        c, v = self.train_corpus, self.val_corpus
+        val_pairs = v.pairs[: self.cfg.val_size]
+        t0 = time.time()
+        to = self.device
+        self.pair_img = self._image_inputs(cache, [r.image for r in c.pairs]).to(to)
+        self.pair_txt = self._text_inputs(cache, [r.text for r in c.pairs]).to(to)
+        self.unp_img = self._image_inputs(cache, [r.image for r in c.images]).to(to) if c.images else None
+        self.unp_txt = self._text_inputs(cache, [r.text for r in c.texts]).to(to) if c.texts else None
+        self.val_img = self._image_inputs(cache, [r.image for r in val_pairs]).to(to) if val_pairs else None
+        self.val_txt = self._text_inputs(cache, [r.text for r in val_pairs]).to(to) if val_pairs else None
+        self.val_labels = [r.label for r in val_pairs]
+        self.feature_seconds = time.time() - t0
+
+    def _draw(self, n: int, size: int, gen: torch.Generator) -> torch.Tensor:
+        """The global batch's indices (the same on every rank); this rank takes its slice."""
+        idx = torch.randperm(n, generator=gen)[:size] if n >= size else torch.randint(0, n, (size,), generator=gen)
+        return idx[self.ranks.rank :: self.ranks.world]
+
+    # --- one step ------------------------------------------------------------------------------
+    def step_embeddings(self, gen: torch.Generator) -> StepEmbeddings:
+        cfg, t, g = self.cfg, self.trainable, self.ranks.gather
+        pi = self._draw(len(self.pair_img), cfg.batch_size, gen)
+        e = StepEmbeddings(
+            pair_images=g(t.image_head(self.pair_img[pi])), pair_texts=g(t.text_head(self.pair_txt[pi])),
+            images=t.logit_scale.new_zeros((0, 1)), texts=t.logit_scale.new_zeros((0, 1)), logit_scale=t.logit_scale)
+        if self.regularizer is not None and self.unp_img is not None and self.unp_txt is not None:
+            ii = self._draw(len(self.unp_img), cfg.unpaired_batch_size, gen)
+            ti = self._draw(len(self.unp_txt), cfg.unpaired_batch_size, gen)
+            e.images, e.texts = g(t.image_head(self.unp_img[ii])), g(t.text_head(self.unp_txt[ti]))
+        if cfg.reg == "ot-match" and self.matching is not None and len(self.matching.images) >= 2:
+            mi = self._draw(len(self.matching.images), cfg.batch_size, gen)
+            e.match_images = g(t.image_head(self.unp_img[self.matching.images[mi]]))
+            e.match_texts = g(t.text_head(self.unp_txt[self.matching.texts[mi]]))
+            e.match_weights = g(self.matching.weights[mi].to(self.device))
+        return e
+
+    def losses(self, e: StepEmbeddings) -> dict[str, torch.Tensor]:
+        terms = self.contrastive(e)
+        alpha = self.cfg.alpha
+        if self.cfg.reg == "mmcl-pseudo" and self.step < self.cfg.pseudo_warmup * self.cfg.steps:
+            alpha = 0.0  # first stage: pairs only
+        if self.regularizer is not None and len(e.images) > 1:
+            reg_terms = self.regularizer(e)
+            terms.update(reg_terms)
+            terms["total"] = terms["contrastive_loss"] + alpha * sum(reg_terms.values())
+        else:
+            terms["total"] = terms["contrastive_loss"]
+        return terms
+
+    @torch.no_grad()
+    def _refresh_matching(self) -> None:
+        t = self.trainable
+        x = torch.cat([t.image_head(self.unp_img[s : s + 4096]) for s in range(0, len(self.unp_img), 4096)])
+        y = torch.cat([t.text_head(self.unp_txt[s : s + 4096]) for s in range(0, len(self.unp_txt), 4096)])
+        self.matching = global_matching(x, y, eps=self.cfg.ot_eps, rho=self.cfg.ot_rho, seed=self.cfg.seed + self.step)
+
+    # --- evaluation ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def validate(self) -> dict:
+        if self.val_img is None:
+            return {}
+        t = self.trainable
+        x = torch.cat([t.image_head(self.val_img[s : s + 1024]) for s in range(0, len(self.val_img), 1024)])
+        y = torch.cat([t.text_head(self.val_txt[s : s + 1024]) for s in range(0, len(self.val_txt), 1024)])
+        scores = (y @ x.T).cpu().numpy()
+        labels = np.array(self.val_labels, dtype=object)
+        relevant = np.eye(len(x), dtype=bool) if any(lbl is None for lbl in labels) else labels[:, None] == labels[None, :]
+        t2i, i2t = recall_at_k(scores, relevant), recall_at_k(scores.T, relevant.T)
+        return {"val_loss": multi_positive_loss(scores, relevant, float(t.logit_scale.exp())), "val_t2i_R@1": t2i["R@1"], "val_t2i_R@5": t2i["R@5"],
+                "val_i2t_R@1": i2t["R@1"], "val_i2t_R@5": i2t["R@5"],
+                "val_mean_recall": (t2i["R@1"] + t2i["R@5"] + i2t["R@1"] + i2t["R@5"]) / 4,
+                "val_uniformity": float(uniformity(x))}
+
+    # --- checkpoints ---------------------------------------------------------------------------
+    def _train_state(self) -> dict:
+        return {"step": self.step, "best": self.best, "config": self.cfg.resume_fields(),
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+
+    def save(self, name: str, with_state: bool) -> Path:
+        extra = {"train_state": self._train_state()} if with_state else {"train_config": asdict(self.cfg)}
+        return save_checkpoint(self.loaded, self.out / name, extra=extra)
+
+    def try_resume(self) -> bool:
+        last = self.out / "last.pt"
+        if not last.exists():
+            return False
+        ckpt = torch.load(last, map_location="cpu", weights_only=True)
+        state = ckpt["train_state"]
+        if state["config"] != self.cfg.resume_fields():
+            diff = sorted(k for k in state["config"] if state["config"][k] != self.cfg.resume_fields().get(k))
+            raise ValueError(f"{last}: a run with other settings ({', '.join(diff)}) is in this folder; use a new --out")
+        self.loaded.model.load_state_dict(ckpt["state_dict"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step, self.best = state["step"], state["best"]
+        return True
+
+    # --- loop ----------------------------------------------------------------------------------
+    def train(self) -> dict:
+        cfg, main = self.cfg, self.ranks.rank == 0
+        self.out.mkdir(parents=True, exist_ok=True)
+        resumed = self.try_resume()
+        log = open(self.out / "log.jsonl", "a", encoding="utf-8") if main else None
+        if main:
+            (self.out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+            log.write(json.dumps({"event": "resume" if resumed else "start", "step": self.step,
+                                  "corpus": self.train_corpus.summary(), "feature_seconds": self.feature_seconds}) + "\n")
+        start, t0 = self.step, time.time()
+        if main and not resumed:
+            log.write(json.dumps({"step": 0, **self.validate()}) + "\n")
+        random.seed(cfg.seed)
+        bar = tqdm(total=cfg.steps, initial=self.step, desc=f"train {cfg.reg}", disable=not (self.progress and main))
+        last_val: dict = {}
+        while self.step < cfg.steps:
+            if cfg.reg == "ot-match" and self.unp_img is not None and self.step % cfg.match_every == 0:
+                self._refresh_matching()
+            self.optimizer.zero_grad(set_to_none=True)
+            logged: dict[str, float] = {}
+            for micro in range(cfg.accum):
+                gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + self.step * cfg.accum + micro)
+                with autocast_for(self.device):
+                    e = self.step_embeddings(gen)
+                    terms = self.losses(e)
+                (terms["total"] / cfg.accum).backward()
+                for k, v in terms.items():
+                    logged[k] = logged.get(k, 0.0) + float(v.detach()) / cfg.accum
+            self.ranks.average_gradients(self.trainable.trainable_parameters())
+            torch.nn.utils.clip_grad_norm_(self.trainable.trainable_parameters(), 5.0)
+            self.optimizer.step()
+            self.scheduler.step()
+            with torch.no_grad():
+                self.trainable.logit_scale.clamp_(0, math.log(100))
+            self.step += 1
+            bar.update(1)
+            if main:
+                record = {"step": self.step, "lr": self.scheduler.get_last_lr()[0], **logged,
+                          "uniformity_images": float(uniformity(e.pair_images.detach()))}
+                if self.matching is not None:
+                    record["matched_pairs"] = int(len(self.matching.images))
+                if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
+                    last_val = self.validate()
+                    record.update(last_val)
+                    if last_val and last_val["val_mean_recall"] > self.best:
+                        self.best = last_val["val_mean_recall"]
+                        self.save("best.pt", with_state=False)
+                log.write(json.dumps(record) + "\n")
+                log.flush()
+                bar.set_postfix(loss=f"{logged['total']:.3f}")
+                if self.step % cfg.save_every == 0 or self.step == cfg.steps:
+                    self.save("last.pt", with_state=True)
+        bar.close()
+        if main:
+            if not (self.out / "best.pt").exists():
+                self.save("best.pt", with_state=False)
+            summary = {"event": "end", "steps": self.step, "trained_steps": self.step - start,
+                       "seconds": time.time() - t0, "best_val_mean_recall": self.best, **last_val}
+            log.write(json.dumps(summary) + "\n")
+            log.close()
+            return summary
+        return {}
