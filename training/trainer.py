@@ -241,7 +241,8 @@ class Trainer:
         labels = np.array(self.val_labels, dtype=object)
         relevant = np.eye(len(x), dtype=bool) if any(lbl is None for lbl in labels) else labels[:, None] == labels[None, :]
         t2i, i2t = recall_at_k(scores, relevant), recall_at_k(scores.T, relevant.T)
-        return {"val_loss": multi_positive_loss(scores, relevant, float(t.logit_scale.exp())), "val_t2i_R@1": t2i["R@1"], "val_t2i_R@5": t2i["R@5"],
+        return {"val_loss": multi_positive_loss(scores, relevant, float(t.logit_scale.exp())),
+                "val_t2i_R@1": t2i["R@1"], "val_t2i_R@5": t2i["R@5"],
                 "val_i2t_R@1": i2t["R@1"], "val_i2t_R@5": i2t["R@5"],
                 "val_mean_recall": (t2i["R@1"] + t2i["R@5"] + i2t["R@1"] + i2t["R@5"]) / 4,
                 "val_uniformity": float(uniformity(x))}
