@@ -17,7 +17,7 @@ from .sinkhorn import entropic_ot, sqeuclidean_cost, uniform
 @torch.no_grad()
 def free_support_barycenter(
     measures: list[torch.Tensor], init: torch.Tensor, weights: list[float] | None = None, eps: float = 0.05,
-    n_iter: int = 10, tol: float = 1e-7, inner_tol: float = 1e-6,
+    n_iter: int = 10, tol: float = 1e-7, inner_tol: float = 1e-6, overrelax: float = 1.0,
 ) -> torch.Tensor:
     """(k, d) barycenter support, starting from `init` (k, d); each measure uniform over its rows."""
     weights = weights or [1.0 / len(measures)] * len(measures)
@@ -26,7 +26,8 @@ def free_support_barycenter(
     for _ in range(n_iter):
         new = torch.zeros_like(Y)
         for w, X in zip(weights, measures):
-            plan = entropic_ot(sqeuclidean_cost(Y, X), b, uniform(len(X), X), eps, tol=inner_tol).plan
+            plan = entropic_ot(sqeuclidean_cost(Y, X), b, uniform(len(X), X), eps, tol=inner_tol,
+                               overrelax=overrelax).plan
             new += w * (plan @ X) / b[:, None]
         shift = float((new - Y).pow(2).sum())
         Y = new

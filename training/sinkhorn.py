@@ -43,7 +43,7 @@ def uniform(n: int, like: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def sinkhorn_potentials(
     C: torch.Tensor, a: torch.Tensor, b: torch.Tensor, eps: float, rho: float | None = None,
-    max_iter: int = 1000, tol: float = 1e-6, check_every: int = 5,
+    max_iter: int = 1000, tol: float = 1e-6, check_every: int = 5, overrelax: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor, int, float]:
     """Optimal log-potentials (f, g) of the entropic (un)balanced problem; also iterations and error.
 
@@ -58,7 +58,10 @@ def sinkhorn_potentials(
     err, it = math.inf, 0
     for it in range(1, max_iter + 1):
         u_prev = u
-        if tau == 1.0:
+        if tau == 1.0 and overrelax != 1.0:  # over-relaxed scaling (Thibault et al. 2021): same fixed point
+            u = u ** (1 - overrelax) * (a / (K @ v)) ** overrelax
+            v = v ** (1 - overrelax) * (b / (K.T @ u)) ** overrelax
+        elif tau == 1.0:
             u = a / (K @ v)
             v = b / (K.T @ u)
         else:  # the fixed point is f = tau F(g): potentials already absorbed into K must be discounted
@@ -87,7 +90,7 @@ def _kl(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 
 def entropic_ot(
     C: torch.Tensor, a: torch.Tensor | None = None, b: torch.Tensor | None = None, eps: float = 0.05,
-    rho: float | None = None, max_iter: int = 1000, tol: float = 1e-6,
+    rho: float | None = None, max_iter: int = 1000, tol: float = 1e-6, overrelax: float = 1.0,
 ) -> OTResult:
     """Entropic OT between uniform (default) or given marginals, with envelope-theorem gradients.
 
@@ -108,12 +111,12 @@ def entropic_ot(
 
 
 def sinkhorn_divergence(x: torch.Tensor, y: torch.Tensor, eps: float = 0.05, rho: float | None = None,
-                        cost=None) -> torch.Tensor:
+                        cost=None, tol: float = 1e-6) -> torch.Tensor:
     """Debiased S_eps(x, y) = OT(x, y) - OT(x, x)/2 - OT(y, y)/2 (Feydy et al. 2019): zero when x = y."""
     cost = cost or cosine_cost
-    return (entropic_ot(cost(x, y), eps=eps, rho=rho).value
-            - 0.5 * entropic_ot(cost(x, x), eps=eps, rho=rho).value
-            - 0.5 * entropic_ot(cost(y, y), eps=eps, rho=rho).value)
+    return (entropic_ot(cost(x, y), eps=eps, rho=rho, tol=tol).value
+            - 0.5 * entropic_ot(cost(x, x), eps=eps, rho=rho, tol=tol).value
+            - 0.5 * entropic_ot(cost(y, y), eps=eps, rho=rho, tol=tol).value)
 
 
 def cosine_cost(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
