@@ -43,7 +43,7 @@ def main() -> None:
     encoder = Encoder(loaded, batch_size=args.batch_size, num_workers=args.workers)
     photos = write_sample_photos(Path(tempfile.gettempdir()) / "otclip-bench-photos")
     files = [photos[i % len(photos)] for i in range(args.images)]
-    tensors = torch.stack([loaded.preprocess(load_image(p)) for p in files])
+    tensors = torch.stack([loaded.preprocess(load_image(p, draft=loaded.image_size)) for p in files])
 
     @torch.no_grad()
     def forward_only():

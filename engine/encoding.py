@@ -38,16 +38,17 @@ class ImageBatch:
 
 
 class _DecodeDataset(Dataset):
-    def __init__(self, items: Sequence[ImageInput], preprocess) -> None:
+    def __init__(self, items: Sequence[ImageInput], preprocess, draft: int | None) -> None:
         self.items = items
         self.preprocess = preprocess
+        self.draft = draft
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __getitem__(self, i: int) -> tuple[int, Any, str | None]:
         try:
-            image = load_image(self.items[i])
+            image = load_image(self.items[i], draft=self.draft)
             return i, (self.preprocess(image), image.size), None
         except ImageDecodeError as exc:
             return i, None, exc.reason
@@ -62,12 +63,40 @@ def _collate(samples: list[tuple[int, Any, str | None]]):
     return [i for i, _ in ok], tensors, failures, [d[1] for _, d in ok]
 
 
+class _DevicePreprocess:
+    """A torchvision pipeline split in two: workers resize and crop to uint8 (a quarter of float32's
+    bytes to ship between processes, which is what limits decoding throughput next to a fast GPU);
+    the model's device does the float conversion and normalisation."""
+
+    def __init__(self, preprocess) -> None:
+        from torchvision import transforms as T
+
+        steps = list(getattr(preprocess, "transforms", []))
+        names = [type(t).__name__ for t in steps]
+        to_tensor = next((i for i, n in enumerate(names) if n in ("ToTensor", "MaybeToTensor")), None)
+        normalize = next((t for t in steps if isinstance(t, T.Normalize)), None)
+        self.split = (to_tensor is not None and normalize is not None and steps[-1] is normalize
+                      and names[to_tensor + 1 :] == ["Normalize"])
+        if self.split:
+            self.cpu = T.Compose([*steps[:to_tensor], T.PILToTensor()])
+            self.mean = torch.tensor(normalize.mean).view(1, -1, 1, 1)
+            self.std = torch.tensor(normalize.std).view(1, -1, 1, 1)
+        else:
+            self.cpu = preprocess
+
+    def on_device(self, batch: torch.Tensor) -> torch.Tensor:
+        if not self.split:
+            return batch
+        batch = batch.float().div_(255.0)
+        return (batch - self.mean.to(batch.device)) / self.std.to(batch.device)
+
+
 def _single_threaded_worker(_: int) -> None:
     torch.set_num_threads(1)  # decoding workers must not compete with the model for every core
 
 
 def default_num_workers() -> int:
-    return max(1, min(8, (os.cpu_count() or 2) - 1))
+    return max(1, min(16, (os.cpu_count() or 2) - 1))
 
 
 class Encoder:
@@ -77,15 +106,19 @@ class Encoder:
         self.loaded = loaded
         self.batch_size = batch_size
         self.num_workers = default_num_workers() if num_workers is None else num_workers
+        self._preprocess = _DevicePreprocess(loaded.preprocess)
 
     @property
     def device(self) -> torch.device:
         return self.loaded.device
 
     @torch.no_grad()
-    def _embed(self, encode, batch: torch.Tensor, normalize: bool = True) -> np.ndarray:
+    def _embed(self, encode, batch: torch.Tensor, normalize: bool = True, prepare=None) -> np.ndarray:
+        batch = batch.to(self.device, non_blocking=True)
+        if prepare is not None:
+            batch = prepare(batch)
         with autocast_for(self.device):
-            features = encode(batch.to(self.device, non_blocking=True)).float()
+            features = encode(batch).float()
         return (F.normalize(features, dim=-1) if normalize else features).cpu().numpy()
 
     def encode_texts(
@@ -119,7 +152,7 @@ class Encoder:
         if len(images) <= bs:
             workers = 0  # starting workers costs more than decoding one batch
         loader = DataLoader(
-            _DecodeDataset(images, self.loaded.preprocess),
+            _DecodeDataset(images, self._preprocess.cpu, self.loaded.image_size),
             batch_size=bs,
             num_workers=workers,
             collate_fn=_collate,
@@ -131,7 +164,8 @@ class Encoder:
         with tqdm(total=len(images), desc="encode images", unit="img", disable=not show) as bar:
             for indices, tensors, failures, sizes in loader:
                 if tensors is not None:
-                    embeddings = self._embed(encode or self.loaded.model.encode_image, tensors, normalize)
+                    embeddings = self._embed(encode or self.loaded.model.encode_image, tensors, normalize,
+                                             prepare=self._preprocess.on_device)
                 else:
                     embeddings = np.zeros((0, self.loaded.embed_dim), np.float32)
                 bar.update(len(indices) + len(failures))

@@ -41,8 +41,11 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB") if img.mode != "RGB" else img
 
 
-def load_image(source: str | Path | bytes | Image.Image, name: str | None = None) -> Image.Image:
+def load_image(source: str | Path | bytes | Image.Image, name: str | None = None, draft: int | None = None) -> Image.Image:
     """Decode `source` into an RGB image with EXIF orientation applied (first frame if animated).
+
+    `draft`: the smallest side the caller needs; JPEGs are then decoded at a reduced DCT scale
+    that still covers it (PIL's draft mode), several times faster for large photos.
 
     Raises ImageDecodeError for anything that is not a complete, reasonably sized image:
     missing/unreadable files, truncated data, non-images, decompression bombs.
@@ -50,6 +53,8 @@ def load_image(source: str | Path | bytes | Image.Image, name: str | None = None
     label = name or (str(source) if isinstance(source, (str, Path)) else "image")
     if isinstance(source, Image.Image):
         img = source
+        if draft and img.format == "JPEG" and getattr(img, "tile", None):  # opened, not yet decoded
+            img.draft("RGB", (draft, draft))
     else:
         try:
             fp = io.BytesIO(source) if isinstance(source, bytes) else open(source, "rb")
@@ -60,6 +65,8 @@ def load_image(source: str | Path | bytes | Image.Image, name: str | None = None
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
                 with fp:
                     img = Image.open(fp)
+                    if draft and img.format == "JPEG":
+                        img.draft("RGB", (draft, draft))
                     img.seek(0)
                     img.load()  # decode now: truncated files fail here, not later in a worker
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:

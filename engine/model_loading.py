@@ -101,6 +101,12 @@ class LoadedModel:
     recipe: dict = field(default_factory=dict)  # how to rebuild the architecture from a checkpoint
 
     @property
+    def image_size(self) -> int | None:
+        """The input side the image preprocessing resizes to (lets JPEG decoding skip detail)."""
+        size = getattr(self.model.visual, "image_size", None)
+        return int(min(size)) if isinstance(size, (tuple, list)) else (int(size) if size else None)
+
+    @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 

@@ -67,19 +67,22 @@ def sinkhorn_potentials(
         else:  # the fixed point is f = tau F(g): potentials already absorbed into K must be discounted
             u = (a / (K @ v)) ** tau * torch.exp((tau - 1.0) * f / eps)
             v = (b / (K.T @ u)) ** tau * torch.exp((tau - 1.0) * g / eps)
-        if not (torch.isfinite(u).all() and torch.isfinite(v).all()):
+        if it % check_every and it != max_iter:
+            continue  # host synchronisation (costly on a GPU) only every `check_every` iterations
+        if rho is None:
+            error = (u * (K @ v) - a).abs().sum()
+        else:
+            error = (u - u_prev).abs().max() / u.abs().max().clamp_min(1.0)
+        largest = torch.maximum(u.max(), v.max())
+        err, largest = (float(t) for t in torch.stack([error, largest]).tolist())
+        if not math.isfinite(err) or not math.isfinite(largest):
             raise FloatingPointError(f"Sinkhorn diverged at iteration {it} (eps={eps} too small for this cost?)")
-        if u.max() > ABSORB_ABOVE or v.max() > ABSORB_ABOVE:
+        if err < tol:
+            break
+        if largest > ABSORB_ABOVE:
             f, g = f + eps * torch.log(u), g + eps * torch.log(v)
             u, v = torch.ones_like(u), torch.ones_like(v)
             K = torch.exp((f[:, None] + g[None, :] - C) / eps) * a[:, None] * b[None, :]
-        if it % check_every == 0 or it == max_iter:
-            if rho is None:
-                err = float((u * (K @ v) - a).abs().sum())
-            else:
-                err = float((u - u_prev).abs().max() / max(float(u.abs().max()), 1.0))
-            if err < tol:
-                break
     return f + eps * torch.log(u), g + eps * torch.log(v), it, err
 
 
