@@ -37,6 +37,35 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_train)
 
+    p = sub.add_parser("eval", help="retrieval recall and zero-shot accuracy of a model on a test corpus")
+    p.add_argument("--model", default="effnet-minilm", help="model spec or checkpoint (default: %(default)s)")
+    p.add_argument("--corpus", type=Path, required=True, help="test manifest (pairs; labels for zero-shot)")
+    p.add_argument("--relevance", choices=["pair", "label"], default="pair")
+    p.add_argument("--unseen", default=None, help="unseen classes (default: from corpus.json beside the manifest)")
+    p.add_argument("--index", type=Path, default=None, help="search through this index directory (text -> image)")
+    p.add_argument("--out", type=Path, default=None, help="write the report as JSON")
+    p.add_argument("--md", type=Path, default=None, help="write the report as Markdown")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_eval)
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from otclip.engine import load_model
+    from otclip.engine.atomic_files import write_json_atomically, write_lines_atomically
+
+    from .evaluation import evaluate, format_report
+
+    unseen = [c.strip() for c in args.unseen.split(",") if c.strip()] if args.unseen else None
+    report = evaluate(load_model(args.model), args.corpus, args.relevance, unseen, args.index,
+                      progress=not args.no_progress)
+    text = format_report(report)
+    print(text)
+    if args.out:
+        write_json_atomically(args.out, report)
+    if args.md:
+        write_lines_atomically(args.md, [text])
+    return 0
+
 
 def _data(args: argparse.Namespace) -> int:
     from .fashion_corpus import build_fashion_mnist_corpus

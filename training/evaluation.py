@@ -1,0 +1,129 @@
+"""`otclip eval`: retrieval recall both ways, ranks, and (generalized) zero-shot classification,
+for any model the loader takes, on a corpus manifest of pairs, or against an indexer's index."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from otclip.engine import Encoder, LoadedModel
+from otclip.engine.metrics import harmonic_mean, recall_at_k, relevance_from_ids, zero_shot_accuracy
+
+from .corpus import load_corpus
+
+KS = (1, 5, 10)
+PROMPT = "a photo of a {}."
+
+
+@dataclass
+class EvalData:
+    """Unique images and texts of a test corpus, with the ids that decide relevance."""
+
+    images: list[str]
+    texts: list[str]
+    image_labels: list[str | None]
+    text_labels: list[str | None]
+    relevant: np.ndarray  # (n_texts, n_images) bool: text j describes image i
+
+
+def eval_data(manifest: str | Path, relevance: str = "pair") -> EvalData:
+    corpus = load_corpus(manifest, require_pairs=True)
+    images = sorted({r.image for r in corpus.pairs})
+    texts = sorted({r.text for r in corpus.pairs})
+    img_at, txt_at = {p: i for i, p in enumerate(images)}, {t: j for j, t in enumerate(texts)}
+    img_label: dict[str, str | None] = {}
+    txt_label: dict[str, str | None] = {}
+    relevant = np.zeros((len(texts), len(images)), dtype=bool)
+    for r in corpus.pairs:  # several captions per image and several images per caption are normal
+        relevant[txt_at[r.text], img_at[r.image]] = True
+        img_label[r.image], txt_label[r.text] = r.label, r.label
+    il, tl = [img_label[p] for p in images], [txt_label[t] for t in texts]
+    if relevance == "label":
+        if any(x is None for x in il + tl):
+            raise ValueError(f"{manifest}: --relevance label needs a label on every row")
+        relevant = relevance_from_ids(tl, il)
+    elif relevance != "pair":
+        raise ValueError(f"--relevance {relevance!r}: expected 'pair' or 'label'")
+    return EvalData(images, texts, il, tl, relevant)
+
+
+def _unseen_from_corpus_info(manifest: Path) -> list[str] | None:
+    info = manifest.parent / "corpus.json"
+    return json.loads(info.read_text()).get("unseen") if info.exists() else None
+
+
+def evaluate(loaded: LoadedModel, manifest: str | Path, relevance: str = "pair", unseen: list[str] | None = None,
+             index_dir: str | Path | None = None, batch_size: int = 64, progress: bool = True) -> dict:
+    """The report: {"model", "corpus", "text_to_image": {...}, "image_to_text": {...}, "zero_shot": {...}}."""
+    manifest = Path(manifest)
+    data = eval_data(manifest, relevance)
+    encoder = Encoder(loaded, batch_size=batch_size)
+    texts = encoder.encode_texts(data.texts, progress=progress)
+    report: dict = {"model": {"name": loaded.identity.name, "checksum": loaded.identity.checksum},
+                    "corpus": str(manifest), "relevance": relevance,
+                    "counts": {"images": len(data.images), "texts": len(data.texts)}}
+    if index_dir is None:
+        images = encoder.encode_images(data.images, progress=progress)
+        scores = texts @ images.T
+    else:
+        images, scores = _scores_from_index(loaded, index_dir, data, texts)
+    report["text_to_image"] = recall_at_k(scores, data.relevant, KS)
+    if index_dir is None:
+        report["image_to_text"] = recall_at_k(scores.T, data.relevant.T, KS)
+    labels = data.image_labels
+    if all(lbl is not None for lbl in labels):
+        classes = sorted(set(labels) | set(unseen or []))
+        prompts = encoder.encode_texts([PROMPT.format(c) for c in classes], progress=False)
+        y = np.array([classes.index(lbl) for lbl in labels])
+        zs = {"accuracy": zero_shot_accuracy(images, prompts, y), "classes": len(classes)}
+        unseen = unseen if unseen is not None else _unseen_from_corpus_info(manifest)
+        if unseen:
+            predictions = np.argmax(images @ prompts.T, axis=1)
+            is_unseen = np.array([lbl in unseen for lbl in labels])
+            seen_acc = float(np.mean(predictions[~is_unseen] == y[~is_unseen])) if (~is_unseen).any() else 0.0
+            unseen_acc = float(np.mean(predictions[is_unseen] == y[is_unseen])) if is_unseen.any() else 0.0
+            zs.update({"seen": seen_acc, "unseen": unseen_acc, "harmonic_mean": harmonic_mean(seen_acc, unseen_acc),
+                       "unseen_classes": sorted(unseen)})
+        report["zero_shot"] = zs
+    return report
+
+
+def _scores_from_index(loaded: LoadedModel, index_dir, data: EvalData, texts: np.ndarray):
+    """Text -> image scores through the index's own search (top 100); images absent from the results
+    score -inf. Also returns the index's stored vectors for the corpus images (for zero-shot)."""
+    from otclip.engine.search import IndexSearcher
+
+    searcher = IndexSearcher(index_dir, model=loaded)
+    at = {p: i for i, p in enumerate(data.images)}
+    missing = [p for p in data.images if p not in searcher.image_paths()]
+    if missing:
+        raise ValueError(f"{index_dir}: {len(missing)} corpus images are not in the index (first: {missing[0]})")
+    scores = np.full((len(data.texts), len(data.images)), -np.inf, dtype=np.float32)
+    for j, results in enumerate(searcher.search_vectors(texts, "images", k=100)):
+        for r in results:
+            for path in [r.path, *r.duplicates]:
+                if path in at:
+                    scores[j, at[path]] = r.score
+    images = Encoder(loaded).encode_images(data.images, progress=False)
+    return images, scores
+
+
+def format_report(report: dict) -> str:
+    """The report as Markdown tables (also what the terminal prints)."""
+    lines = [f"model {report['model']['name']} on {report['corpus']} "
+             f"({report['counts']['images']} images, {report['counts']['texts']} texts, relevance {report['relevance']})", "",
+             "| direction | R@1 | R@5 | R@10 | mean rank | median rank |", "|---|---|---|---|---|---|"]
+    for key in ("text_to_image", "image_to_text"):
+        if key in report:
+            r = report[key]
+            lines.append(f"| {key.replace('_', ' ')} | {r['R@1']:.3f} | {r['R@5']:.3f} | {r['R@10']:.3f} | "
+                         f"{r['mean_rank']:.1f} | {r['median_rank']:.1f} |")
+    zs = report.get("zero_shot")
+    if zs:
+        lines += ["", "| zero-shot | accuracy | seen | unseen | harmonic mean |", "|---|---|---|---|---|",
+                  f"| {zs['classes']} classes | {zs['accuracy']:.3f} | {zs.get('seen', float('nan')):.3f} | "
+                  f"{zs.get('unseen', float('nan')):.3f} | {zs.get('harmonic_mean', float('nan')):.3f} |"]
+    return "\n".join(lines)
