@@ -26,7 +26,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="run directory (log.jsonl, best.pt, last.pt); resumes if present")
     defaults = TrainConfig(corpus="", out="")
     for name, value in vars(defaults).items():
-        if name in ("corpus", "out"):
+        if name in ("corpus", "out", "save_checkpoints"):  # save_checkpoints is for sweeps through the API
             continue
         flag = "--" + name.replace("_", "-")
         if isinstance(value, bool):

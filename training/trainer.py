@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from otclip.engine import load_model, save_checkpoint
+from otclip.engine import LoadedModel, load_model, save_checkpoint
 from otclip.engine.devices import autocast_for
 from otclip.engine.metrics import recall_at_k
 
@@ -55,11 +55,12 @@ class TrainConfig:
     eval_every: int = 50
     save_every: int = 50
     match_every: int = 100
-    pseudo_warmup: float = 0.3  # mmcl-pseudo: fraction of steps trained on pairs alone first
+    pseudo_warmup: float = 0.3  # mmcl-pseudo, ot-match: fraction of steps trained on pairs alone first
     unlock_image: int = 0
     unlock_text: int = 0
     seed: int = 0
     val_size: int = 1000
+    save_checkpoints: bool = True  # experiments sweeping many runs turn this off
 
     def __post_init__(self) -> None:
         if self.reg not in REGULARIZERS:
@@ -136,7 +137,7 @@ def _cosine_lr(step: int, total: int, warmup: int) -> float:
 
 
 class Trainer:
-    def __init__(self, config: TrainConfig, progress: bool = True) -> None:
+    def __init__(self, config: TrainConfig, progress: bool = True, loaded: LoadedModel | None = None) -> None:
         self.cfg = config
         self.progress = progress
         self.ranks = Ranks()
@@ -148,7 +149,7 @@ class Trainer:
         device = f"cuda:{self.ranks.local}" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
         torch.manual_seed(config.seed)
-        self.loaded = load_model(config.model, device=device)
+        self.loaded = loaded or load_model(config.model, device=device)
         self.trainable = TrainableModel(self.loaded, config.unlock_image, config.unlock_text)
         self.contrastive = ContrastiveLoss()
         self.regularizer = build_regularizer(config.reg, config.ot_eps, config.ot_rho, config.debiased, config.loop_lambda)
@@ -212,8 +213,8 @@ class Trainer:
     def losses(self, e: StepEmbeddings) -> dict[str, torch.Tensor]:
         terms = self.contrastive(e)
         alpha = self.cfg.alpha
-        if self.cfg.reg == "mmcl-pseudo" and self.step < self.cfg.pseudo_warmup * self.cfg.steps:
-            alpha = 0.0  # first stage: pairs only
+        if self.cfg.reg in ("mmcl-pseudo", "ot-match") and self.step < self.cfg.pseudo_warmup * self.cfg.steps:
+            alpha = 0.0  # first stage: pairs only (pseudo-pairs from an untrained model are mostly wrong)
         if self.regularizer is not None and len(e.images) > 1:
             reg_terms = self.regularizer(e)
             terms.update(reg_terms)
@@ -231,21 +232,39 @@ class Trainer:
 
     # --- evaluation ----------------------------------------------------------------------------
     @torch.no_grad()
+    def embed(self, image_inputs: torch.Tensor, text_inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Embeddings of (cached) inputs with the current heads, in chunks."""
+        t = self.trainable
+        x = torch.cat([t.image_head(image_inputs[s : s + 1024]) for s in range(0, len(image_inputs), 1024)])
+        y = torch.cat([t.text_head(text_inputs[s : s + 1024]) for s in range(0, len(text_inputs), 1024)])
+        return x, y
+
+    def inputs_for(self, rows) -> tuple[torch.Tensor, torch.Tensor]:
+        """(Cached) image and text inputs of corpus rows that have both."""
+        cache = FeatureCache(self.trainable, progress=False)
+        return (self._image_inputs(cache, [r.image for r in rows]).to(self.device),
+                self._text_inputs(cache, [r.text for r in rows]).to(self.device))
+
+    @torch.no_grad()
     def validate(self) -> dict:
         if self.val_img is None:
             return {}
+        return self.retrieval_metrics(self.val_img, self.val_txt, self.val_labels, "val_")
+
+    @torch.no_grad()
+    def retrieval_metrics(self, image_inputs, text_inputs, labels, prefix: str = "") -> dict:
+        """Recall both ways between rows' images and texts: relevant = same label when every row has
+        one, else the row's own partner; plus the multi-positive loss and the images' uniformity."""
         t = self.trainable
-        x = torch.cat([t.image_head(self.val_img[s : s + 1024]) for s in range(0, len(self.val_img), 1024)])
-        y = torch.cat([t.text_head(self.val_txt[s : s + 1024]) for s in range(0, len(self.val_txt), 1024)])
+        x, y = self.embed(image_inputs, text_inputs)
         scores = (y @ x.T).cpu().numpy()
-        labels = np.array(self.val_labels, dtype=object)
+        labels = np.array(labels, dtype=object)
         relevant = np.eye(len(x), dtype=bool) if any(lbl is None for lbl in labels) else labels[:, None] == labels[None, :]
         t2i, i2t = recall_at_k(scores, relevant), recall_at_k(scores.T, relevant.T)
-        return {"val_loss": multi_positive_loss(scores, relevant, float(t.logit_scale.exp())),
-                "val_t2i_R@1": t2i["R@1"], "val_t2i_R@5": t2i["R@5"],
-                "val_i2t_R@1": i2t["R@1"], "val_i2t_R@5": i2t["R@5"],
-                "val_mean_recall": (t2i["R@1"] + t2i["R@5"] + i2t["R@1"] + i2t["R@5"]) / 4,
-                "val_uniformity": float(uniformity(x))}
+        out = {"loss": multi_positive_loss(scores, relevant, float(t.logit_scale.exp())),
+               "t2i_R@1": t2i["R@1"], "t2i_R@5": t2i["R@5"], "i2t_R@1": i2t["R@1"], "i2t_R@5": i2t["R@5"],
+               "mean_recall": (t2i["R@1"] + t2i["R@5"] + i2t["R@1"] + i2t["R@5"]) / 4, "uniformity": float(uniformity(x))}
+        return {prefix + k: v for k, v in out.items()}
 
     # --- checkpoints ---------------------------------------------------------------------------
     def _train_state(self) -> dict:
@@ -258,7 +277,7 @@ class Trainer:
 
     def try_resume(self) -> bool:
         last = self.out / "last.pt"
-        if not last.exists():
+        if not self.cfg.save_checkpoints or not last.exists():
             return False
         ckpt = torch.load(last, map_location="cpu", weights_only=True)
         state = ckpt["train_state"]
@@ -288,7 +307,9 @@ class Trainer:
         bar = tqdm(total=cfg.steps, initial=self.step, desc=f"train {cfg.reg}", disable=not (self.progress and main))
         last_val: dict = {}
         while self.step < cfg.steps:
-            if cfg.reg == "ot-match" and self.unp_img is not None and self.step % cfg.match_every == 0:
+            in_first_stage = self.step < cfg.pseudo_warmup * cfg.steps
+            if (cfg.reg == "ot-match" and self.unp_img is not None and not in_first_stage
+                    and (self.matching is None or self.step % cfg.match_every == 0)):
                 self._refresh_matching()
             self.optimizer.zero_grad(set_to_none=True)
             logged: dict[str, float] = {}
@@ -318,15 +339,16 @@ class Trainer:
                     record.update(last_val)
                     if last_val and last_val["val_mean_recall"] > self.best:
                         self.best = last_val["val_mean_recall"]
-                        self.save("best.pt", with_state=False)
+                        if cfg.save_checkpoints:
+                            self.save("best.pt", with_state=False)
                 log.write(json.dumps(record) + "\n")
                 log.flush()
                 bar.set_postfix(loss=f"{logged['total']:.3f}")
-                if self.step % cfg.save_every == 0 or self.step == cfg.steps:
+                if cfg.save_checkpoints and (self.step % cfg.save_every == 0 or self.step == cfg.steps):
                     self.save("last.pt", with_state=True)
         bar.close()
         if main:
-            if not (self.out / "best.pt").exists():
+            if cfg.save_checkpoints and not (self.out / "best.pt").exists():
                 self.save("best.pt", with_state=False)
             summary = {"event": "end", "steps": self.step, "trained_steps": self.step - start,
                        "seconds": time.time() - t0, "best_val_mean_recall": self.best, **last_val}
