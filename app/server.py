@@ -81,25 +81,37 @@ class SearchApp:
         if self.report is None:
             return ("Start the app with `--report PATH` (an `otclip eval` JSON or the partial-pairs report) "
                     "to compare models here.")
-        data = json.loads(Path(self.report).read_text())
-        return _report_tables(data)
+        report = Path(self.report)
+        markdown = report.with_suffix(".md")
+        if markdown.exists():  # `otclip eval --md` and the partial-pairs experiment write one beside the JSON
+            return markdown.read_text()
+        return report_tables(json.loads(report.read_text()))
 
     def report_plots(self) -> list[str]:
         if self.report is None:
             return []
-        return sorted(str(p) for p in Path(self.report).parent.glob("*.png"))
+        report = Path(self.report)
+        return sorted(str(p) for p in report.parent.glob(f"{report.stem}*.png"))
 
 
-def _report_tables(data: dict) -> str:
-    """Every {name: {metric: value}} block of a report as a Markdown table."""
+def report_tables(data: dict) -> str:
+    """A report's metrics as Markdown: each {metric: number} block is a row of one table, and each
+    {name: {metric: number}} block a table of its own."""
+    def numeric(d) -> bool:
+        return isinstance(d, dict) and d and all(isinstance(v, (int, float)) for v in d.values())
+
+    rows = {k: v for k, v in data.items() if numeric(v)}
     out = []
-    for section, rows in data.items():
-        if isinstance(rows, dict) and rows and all(isinstance(v, dict) for v in rows.values()):
-            metrics = sorted({m for v in rows.values() for m, x in v.items() if isinstance(x, (int, float))})
-            out.append(f"### {section}\n\n| | " + " | ".join(metrics) + " |\n|---|" + "---|" * len(metrics))
-            for name, v in rows.items():
-                out.append(f"| {name} | " + " | ".join(f"{v[m]:.3f}" if m in v else "" for m in metrics) + " |")
-            out.append("")
+    if rows:
+        metrics = list(dict.fromkeys(m for v in rows.values() for m in v))
+        out += ["| | " + " | ".join(metrics) + " |", "|---|" + "---|" * len(metrics)]
+        out += [f"| {k.replace('_', ' ')} | " + " | ".join(f"{v[m]:.3f}" if m in v else "" for m in metrics) + " |"
+                for k, v in rows.items()]
+        out.append("")
+    for section, block in data.items():
+        if isinstance(block, dict) and block and all(numeric(v) for v in block.values()):
+            out.append(f"### {section.replace('_', ' ')}\n")
+            out.append(report_tables(block))
     return "\n".join(out) or "The report has no metric tables."
 
 

@@ -76,6 +76,49 @@ def our_search_overhead(vectors: np.ndarray, index: faiss.Index, queries: np.nda
             "overhead_ratio_p50": float(np.median(ours) / np.median(raw))}
 
 
+def end_to_end(n_images: int) -> dict:
+    """Indexing throughput on a folder of real JPEGs (variants of the sample photos) against encoding
+    the same files alone, and text-query latency (encode + search + metadata) against its parts."""
+    from PIL import Image
+
+    from otclip.engine import Encoder, load_model
+    from otclip.engine.sample_photos import SAMPLE_PHOTOS, sample_photo
+    from otclip.engine.search import IndexSearcher
+    from otclip.indexer.pipeline import index_images
+
+    folder = Path(tempfile.mkdtemp(prefix="otclip-jpegs-"))
+    photos = [sample_photo(p.name) for p in SAMPLE_PHOTOS]
+    for i in range(n_images):
+        img = photos[i % len(photos)].rotate(7 * (i // len(photos)), expand=True)
+        img.save(folder / f"{i:05d}.jpg", quality=90)
+    loaded = load_model("effnet-minilm")
+    paths = sorted(folder.iterdir())
+    t = time.perf_counter()
+    Encoder(loaded).encode_images(paths, progress=False)
+    encode_s = time.perf_counter() - t
+    out = Path(tempfile.mkdtemp(prefix="otclip-e2e-")) / "ix"
+    t = time.perf_counter()
+    index_images(folder, out, loaded, progress=False)
+    index_s = time.perf_counter() - t
+    searcher = IndexSearcher(out, model=loaded)
+    queries = [p.caption for p in SAMPLE_PHOTOS] * 3
+    enc = Encoder(loaded)
+
+    def text_latencies(fn) -> np.ndarray:
+        times = []
+        for q in queries:
+            t = time.perf_counter()
+            fn(q)
+            times.append(time.perf_counter() - t)
+        return np.array(times) * 1000
+
+    full = text_latencies(lambda q: searcher.search_text(q, k=10))
+    encode_only = text_latencies(enc.encode_text)
+    return {"images": n_images, "index_images_per_s": n_images / index_s, "encode_only_images_per_s": n_images / encode_s,
+            "index_over_encode": encode_s / index_s, "text_query_p50_ms": float(np.median(full)),
+            "text_query_p99_ms": float(np.percentile(full, 99)), "text_encode_p50_ms": float(np.median(encode_only))}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=1_000_000)
@@ -83,10 +126,12 @@ def main() -> None:
     ap.add_argument("--queries", type=int, default=200)
     ap.add_argument("--k", type=int, default=10)
     ap.add_argument("--factories", nargs="+", default=["auto", "IVF1024,Flat", "IVF1024,PQ64", "HNSW32"])
+    ap.add_argument("--e2e-images", type=int, default=200, help="real JPEGs for the end-to-end section (0: skip)")
     args = ap.parse_args()
 
-    vectors = clustered_unit_vectors(args.n, args.dim)
-    queries = clustered_unit_vectors(args.queries, args.dim, seed=1)
+    everything = clustered_unit_vectors(args.n + args.queries, args.dim)  # queries from the same clusters
+    vectors, queries = everything[: args.n], np.ascontiguousarray(everything[args.n :])
+    del everything
     exact = faiss.IndexFlatIP(args.dim)
     exact.add(vectors)
     _, truth = exact.search(queries, args.k)
@@ -112,9 +157,15 @@ def main() -> None:
               f"{r['recall@10']:>7.3f}{r['index_mb']:>9.1f}")
     print(f"exact search, raw index.search p50 {overhead['raw_p50_ms']:.2f} ms, ours (ids + SQLite metadata) "
           f"{overhead['ours_p50_ms']:.2f} ms: ratio {overhead['overhead_ratio_p50']:.3f}")
+    e2e = end_to_end(args.e2e_images) if args.e2e_images else None
+    if e2e:
+        print(f"indexing {e2e['images']} JPEGs: {e2e['index_images_per_s']:.1f} img/s (encoding alone "
+              f"{e2e['encode_only_images_per_s']:.1f} img/s, ratio {e2e['index_over_encode']:.2f}); text query "
+              f"p50 {e2e['text_query_p50_ms']:.1f} ms (encoding the text alone {e2e['text_encode_p50_ms']:.1f} ms), "
+              f"p99 {e2e['text_query_p99_ms']:.1f} ms")
     out = Path(__file__).parent / "results" / f"search_bench-{args.n}.json"
     out.write_text(json.dumps({"n": args.n, "dim": args.dim, "gpus": gpu_count(), "factories": rows,
-                               "our_search_vs_raw": overhead}, indent=2))
+                               "our_search_vs_raw": overhead, "end_to_end": e2e}, indent=2))
     print(f"wrote {out}")
 
 

@@ -27,9 +27,24 @@ def auto_factory(n: int, dim: int) -> str:
     return f"OPQ{m},IVF{nlist},PQ{m}"
 
 
+HNSW_EF_SEARCH = 128
+
+
 def default_nprobe(index: faiss.Index) -> int | None:
     ivf = _ivf_of(index)
     return None if ivf is None else max(8, ivf.nlist // 16)
+
+
+def configure_search(index: faiss.Index) -> faiss.Index:
+    """Search-time parameters that trade a little speed for recall@10 near 0.95: IVF lists probed,
+    HNSW's candidate list (FAISS's default efSearch of 16 gives poor recall on 384-512-d data)."""
+    nprobe = default_nprobe(index)
+    if nprobe is not None:
+        faiss.extract_index_ivf(index).nprobe = nprobe
+    hnsw = getattr(faiss.downcast_index(index), "hnsw", None)
+    if hnsw is not None:
+        hnsw.efSearch = HNSW_EF_SEARCH
+    return index
 
 
 def _ivf_of(index: faiss.Index):
@@ -81,11 +96,7 @@ def build_index(vectors: np.ndarray, factory: str = "auto", seed: int = 0) -> tu
         work.train(sample)
     if n:
         work.add(vectors)
-    index = _to_cpu(work)
-    nprobe = default_nprobe(index)
-    if nprobe is not None:
-        faiss.extract_index_ivf(index).nprobe = nprobe
-    return index, factory
+    return configure_search(_to_cpu(work)), factory
 
 
 def save_index(index: faiss.Index, path: str | Path) -> Path:
@@ -93,10 +104,7 @@ def save_index(index: faiss.Index, path: str | Path) -> Path:
 
 
 def load_index(path: str | Path, use_gpu: bool = True) -> faiss.Index:
-    index = faiss.read_index(str(path))
-    nprobe = default_nprobe(index)
-    if nprobe is not None:
-        faiss.extract_index_ivf(index).nprobe = nprobe
+    index = configure_search(faiss.read_index(str(path)))
     return _to_gpu(index) if use_gpu else index
 
 

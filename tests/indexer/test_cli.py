@@ -39,3 +39,8 @@ def test_cli_errors_are_one_line(tmp_path):
     assert code == 2 and "no such folder or manifest" in stderr
     code, _, stderr = otclip("index", tmp_path, "--out", tmp_path / "ix2", "--factory", "Bogus99")
     assert code == 2 and "not a valid FAISS index description" in stderr
+
+
+def test_cli_rank_over_a_folder(gallery):
+    code, stdout, _ = otclip("rank", "a cat", "--images", gallery, "-k", "2")
+    assert code == 0 and stdout.splitlines()[1].strip().endswith("chelsea.jpg")

@@ -183,3 +183,17 @@ def test_two_process_gloo_equals_single_process(gallery, tmp_path, default_model
     np.testing.assert_allclose(vec_a[order_a], vec_b[order_b], atol=1e-5)
     shards = {row["shard"].split("-r")[1][:1] for row in b.store.stats("images").values()}
     assert shards == {"0", "1"}  # both ranks embedded a share
+
+
+def test_parquet_and_csv_manifests(tmp_path, sample_dir, default_model):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"path": [str(sample_dir / "rocket.jpg"), "coffee.jpg"], "caption": ["launch", None]}),
+                   tmp_path / "m.parquet")
+    shutil.copy(sample_dir / "coffee.jpg", tmp_path / "coffee.jpg")  # relative paths resolve beside the manifest
+    s = build(tmp_path / "m.parquet", tmp_path / "ix", default_model)
+    assert s.total == 2 and s.skipped == 0
+    (tmp_path / "bad.csv").write_text("file,caption\nx.jpg,y\n")
+    with pytest.raises(ValueError, match="no 'path' column"):
+        build(tmp_path / "bad.csv", tmp_path / "ix2", default_model)

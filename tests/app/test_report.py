@@ -1,0 +1,24 @@
+import json
+
+from otclip.app.server import SearchApp, report_tables
+
+
+def test_eval_report_becomes_a_table():
+    report = {"model": {"name": "m", "checksum": "x"}, "text_to_image": {"R@1": 0.5, "R@5": 0.75},
+              "image_to_text": {"R@1": 0.25, "R@5": 0.5}}
+    table = report_tables(report)
+    assert "| text to image | 0.500 | 0.750 |" in table and "| image to text | 0.250 | 0.500 |" in table
+
+
+def test_nested_blocks_become_tables_and_markdown_wins(tmp_path):
+    data = {"headline_gap_closed": {"fashion": {"ot-loop": 0.1, "mmcl-pseudo": 0.3}}}
+    assert "### headline gap closed" in report_tables(data) and "| fashion | 0.100 | 0.300 |" in report_tables(data)
+    path = tmp_path / "partial_pairs.json"
+    path.write_text(json.dumps(data))
+    app = SearchApp(searcher=None, report=path)
+    assert "headline gap closed" in app.report_markdown()
+    (tmp_path / "partial_pairs.md").write_text("# From the experiment")
+    (tmp_path / "partial_pairs-recall.png").write_bytes(b"png")
+    (tmp_path / "unrelated.png").write_bytes(b"png")
+    assert app.report_markdown() == "# From the experiment"
+    assert [p.split("/")[-1] for p in app.report_plots()] == ["partial_pairs-recall.png"]

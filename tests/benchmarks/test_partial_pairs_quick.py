@@ -1,0 +1,27 @@
+"""The experiment's --quick mode runs end to end and writes its JSON, Markdown and plots."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).parents[2] / "benchmarks" / "partial_pairs.py"
+
+
+@pytest.mark.slow
+def test_quick_mode_writes_report(tmp_path):
+    done = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--out", str(tmp_path), "--work", str(tmp_path / "work")],
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads((tmp_path / "partial_pairs-quick.json").read_text())
+    methods = {r["method"] for r in results["linear"]["runs"]}
+    assert {"oracle", "paired-only", "ot-pairwise", "ot-loop", "ot-barycenter", "ot-match", "mmcl-pseudo"} <= methods
+    assert all(0.0 <= r["test_top1"] <= 1.0 for r in results["linear"]["runs"])
+    assert "linear" in results["headline_gap_closed"]
+    report = (tmp_path / "partial_pairs-quick.md").read_text()
+    assert "| paired-only |" in report and "did not help" in report
+    if "runs" in results["fashion"]:
+        assert {"zero-shot", "oracle"} <= {r["method"] for r in results["fashion"]["runs"]}
+        assert (tmp_path / "partial_pairs-recall.png").stat().st_size > 1000
