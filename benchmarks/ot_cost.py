@@ -40,6 +40,43 @@ def clustered(n: int, d: int, device, seed: int) -> torch.Tensor:
     return F.normalize(x, dim=1).to(device)
 
 
+def measure(n: int, args, device: torch.device) -> dict:
+    """One batch size: every regularizer, and our Sinkhorn against POT's, forward + backward."""
+    x0, y0 = clustered(n, args.dim, device, 0), clustered(n, args.dim, device, 1)
+    scale = torch.tensor(2.659, device=device)
+
+    def step(loss_fn):
+        def run():
+            x, y = x0.clone().requires_grad_(True), y0.clone().requires_grad_(True)
+            loss_fn(x, y).backward()
+        return run
+
+    base = bench(step(lambda x, y: clip_loss(x, y, scale)), args.repeat, device)
+    row = {"batch": n, "contrastive_ms": base}
+    for name in ("ot-pairwise", "ot-loop", "ot-barycenter", "mmcl-pseudo"):
+        reg = build_regularizer(name, eps=args.eps)
+
+        def with_reg(x, y, reg=reg):
+            e = StepEmbeddings(x[: n // 4], y[: n // 4], x, y, scale)
+            return clip_loss(x, y, scale) + sum(reg(e).values())
+
+        row[f"{name}_ms"] = bench(step(with_reg), args.repeat, device)
+        row[f"{name}_ratio"] = row[f"{name}_ms"] / base
+    a = uniform(n, x0)
+    ours = bench(step(lambda x, y: entropic_ot(cosine_cost(x, y), eps=args.eps, tol=1e-4).value), args.repeat, device)
+    pot = bench(step(lambda x, y: ot.sinkhorn2(a, a, cosine_cost(x, y), args.eps, method="sinkhorn_log",
+                                              numItermax=100, stopThr=1e-4)), max(1, args.repeat // 2), device)
+    C = cosine_cost(x0, y0).double()
+    ref = ot.sinkhorn(a.double(), a.double(), C, args.eps, method="sinkhorn_log", stopThr=1e-12, numItermax=20000)
+    r = entropic_ot(cosine_cost(x0, y0), eps=args.eps, tol=1e-4)
+    pot_plan = ot.sinkhorn(a, a, cosine_cost(x0, y0), args.eps, method="sinkhorn_log", numItermax=100, stopThr=1e-4)
+    row.update({"our_sinkhorn_ms": ours, "pot_sinkhorn2_log_ms": pot, "pot_over_ours": pot / ours,
+                "our_iterations": r.iterations,
+                "our_plan_rel_error": float((r.plan.double() - ref).abs().sum() / ref.sum()),
+                "pot_plan_rel_error": float((pot_plan.double() - ref).abs().sum() / ref.sum())})
+    return row
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--batches", type=int, nargs="+", default=[256, 1024])
@@ -48,47 +85,14 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=5)
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    rows = []
-    for n in args.batches:
-        x0, y0 = clustered(n, args.dim, device, 0), clustered(n, args.dim, device, 1)
-        scale = torch.tensor(2.659, device=device)
-
-        def step(loss_fn):
-            def run():
-                x, y = x0.clone().requires_grad_(True), y0.clone().requires_grad_(True)
-                loss_fn(x, y).backward()
-            return run
-
-        base = bench(step(lambda x, y: clip_loss(x, y, scale)), args.repeat, device)
-        row = {"batch": n, "contrastive_ms": base}
-        for name in ("ot-pairwise", "ot-loop", "ot-barycenter", "mmcl-pseudo"):
-            reg = build_regularizer(name, eps=args.eps)
-
-            def with_reg(x, y, reg=reg):
-                e = StepEmbeddings(x[: n // 4], y[: n // 4], x, y, scale)
-                return clip_loss(x, y, scale) + sum(reg(e).values())
-
-            row[f"{name}_ms"] = bench(step(with_reg), args.repeat, device)
-            row[f"{name}_ratio"] = row[f"{name}_ms"] / base
-        a = uniform(n, x0)
-        ours = bench(step(lambda x, y: entropic_ot(cosine_cost(x, y), eps=args.eps, tol=1e-4).value), args.repeat, device)
-        pot = bench(step(lambda x, y: ot.sinkhorn2(a, a, cosine_cost(x, y), args.eps, method="sinkhorn_log",
-                                                  numItermax=100, stopThr=1e-4)), max(1, args.repeat // 2), device)
-        C = cosine_cost(x0, y0).double()
-        ref = ot.sinkhorn(a.double(), a.double(), C, args.eps, method="sinkhorn_log", stopThr=1e-12, numItermax=20000)
-        r = entropic_ot(cosine_cost(x0, y0), eps=args.eps, tol=1e-4)
-        pot_plan = ot.sinkhorn(a, a, cosine_cost(x0, y0), args.eps, method="sinkhorn_log", numItermax=100, stopThr=1e-4)
-        row.update({"our_sinkhorn_ms": ours, "pot_sinkhorn2_log_ms": pot, "pot_over_ours": pot / ours,
-                    "our_iterations": r.iterations,
-                    "our_plan_rel_error": float((r.plan.double() - ref).abs().sum() / ref.sum()),
-                    "pot_plan_rel_error": float((pot_plan.double() - ref).abs().sum() / ref.sum())})
-        rows.append(row)
+    rows = [measure(n, args, device) for n in args.batches]
     print(f"device {device}; eps {args.eps}; d {args.dim}; times are forward + backward per step (ms)")
     names = ["ot-pairwise", "ot-loop", "ot-barycenter", "mmcl-pseudo"]
     print(f"{'batch':>6}{'clip':>8}" + "".join(f"{n:>15}" for n in names) + f"{'ours':>8}{'POT log':>9}{'POT/ours':>9}")
     for r in rows:
-        print(f"{r['batch']:>6}{r['contrastive_ms']:>8.1f}" + "".join(f"{r[n + '_ms']:>8.1f} ({r[n + '_ratio']:.1f}x)" for n in names)
-              + f"{r['our_sinkhorn_ms']:>8.1f}{r['pot_sinkhorn2_log_ms']:>9.1f}{r['pot_over_ours']:>9.1f}")
+        cells = "".join(f"{r[n + '_ms']:>8.1f} ({r[n + '_ratio']:.1f}x)" for n in names)
+        print(f"{r['batch']:>6}{r['contrastive_ms']:>8.1f}{cells}"
+              f"{r['our_sinkhorn_ms']:>8.1f}{r['pot_sinkhorn2_log_ms']:>9.1f}{r['pot_over_ours']:>9.1f}")
         print(f"       plan L1 error vs converged POT: ours {r['our_plan_rel_error']:.2e} ({r['our_iterations']} it), "
               f"POT log-domain at the same tolerance {r['pot_plan_rel_error']:.2e}")
     out = Path(__file__).parent / "results" / f"ot_cost-{device.type}.json"

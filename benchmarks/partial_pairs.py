@@ -218,6 +218,11 @@ def linear(args, log) -> dict:
 
 
 # --- report ---------------------------------------------------------------------------------------
+def linear_mean(runs: list[dict], method: str, unpaired: int, half: bool) -> float:
+    return float(np.mean([r["test_top1"] for r in runs
+                          if r["method"] == method and r["unpaired"] == unpaired and r["half_partners"] == half]))
+
+
 def summarise(results: dict) -> tuple[str, dict]:
     lines, headline = ["# Partial-pairs experiment", ""], {}
     fm = results.get("fashion", {})
@@ -226,7 +231,8 @@ def summarise(results: dict) -> tuple[str, dict]:
         lines += [f"Fashion-MNIST: {s['train']} training images, {s['val']} validation, {s['test']} test; unseen "
                   f"classes {fm['unseen']}; {fm['steps']} steps per run; mean +- std over seeds. Recall uses label "
                   "relevance (a caption and an image of the same class match).", "",
-                  "| method | pairs | t2i R@1 | t2i R@5 | i2t R@1 | i2t R@5 | zs seen | zs unseen | zs H |", "|---|---|---|---|---|---|---|---|---|"]
+                  "| method | pairs | t2i R@1 | t2i R@5 | i2t R@1 | i2t R@5 | zs seen | zs unseen | zs H |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         groups: dict = {}
         for r in fm["runs"]:
             groups.setdefault((r["method"], r["fraction"]), []).append(r)
@@ -263,11 +269,10 @@ def summarise(results: dict) -> tuple[str, dict]:
                 lines.append(f"| {method} | " + " | ".join(cells) + " |")
             lines.append("")
             n_max = max(r["unpaired"] for r in lin["runs"])
-            pick = lambda m: np.mean([r["test_top1"] for r in lin["runs"] if r["method"] == m and r["unpaired"] == n_max  # noqa: E731
-                                      and r["half_partners"] == half])
-            base, oracle = pick("paired-only"), pick("oracle")
+            top1 = {m: linear_mean(lin["runs"], m, n_max, half) for m in ["oracle", *METHODS]}
+            base, oracle = top1["paired-only"], top1["oracle"]
             headline.setdefault("linear_half" if half else "linear", {}).update(
-                {m: float((pick(m) - base) / (oracle - base)) if oracle != base else float("nan") for m in METHODS[1:]})
+                {m: float((top1[m] - base) / (oracle - base)) if oracle != base else float("nan") for m in METHODS[1:]})
     lines += ["", "Where a gap fraction is near 0 or negative, that method did not help there."]
     return "\n".join(lines), headline
 

@@ -79,7 +79,6 @@ def our_search_overhead(vectors: np.ndarray, index: faiss.Index, queries: np.nda
 def end_to_end(n_images: int) -> dict:
     """Indexing throughput on a folder of real JPEGs (variants of the sample photos) against encoding
     the same files alone, and text-query latency (encode + search + metadata) against its parts."""
-    from PIL import Image
 
     from otclip.engine import Encoder, load_model
     from otclip.engine.sample_photos import SAMPLE_PHOTOS, sample_photo

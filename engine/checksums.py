@@ -11,7 +11,8 @@ import torch
 _CHUNK = 1 << 20
 
 
-def _sha256_of(path: Path) -> str:
+def sha256_file(path: str | Path) -> str:
+    """Hex sha256 of a file's bytes, read in 1 MiB chunks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(_CHUNK):
@@ -21,7 +22,7 @@ def _sha256_of(path: Path) -> str:
 
 @lru_cache(maxsize=64)
 def _cached_file_sha256(path: str, size: int, mtime_ns: int) -> str:
-    return _sha256_of(Path(path))
+    return sha256_file(path)
 
 
 def file_sha256(path: str | Path) -> str:

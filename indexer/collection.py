@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from otclip.engine.images import is_image_path
-
-MANIFEST_SUFFIXES = (".csv", ".jsonl", ".parquet")
+from otclip.engine.manifests import MANIFEST_SUFFIXES, read_rows
 
 
 @dataclass
@@ -45,35 +43,13 @@ def walk_images(folder: Path) -> list[CollectionItem]:
     return [CollectionItem(os.path.abspath(p)) for p in sorted(found)]
 
 
-def _rows(path: Path) -> list[dict]:
-    suffix = path.suffix.lower()
-    if suffix == ".csv":
-        with open(path, newline="", encoding="utf-8") as f:
-            return list(csv.DictReader(f))
-    if suffix == ".jsonl":
-        rows = []
-        with open(path, encoding="utf-8") as f:
-            for number, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        rows.append(json.loads(line))
-                    except json.JSONDecodeError as exc:
-                        raise ValueError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
-        return rows
-    if suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        return pq.read_table(path).to_pylist()
-    raise ValueError(f"{path}: unsupported manifest type; use .csv, .jsonl or .parquet")
-
-
 def _clean(value) -> str | None:
     return None if value is None or (isinstance(value, str) and not value.strip()) else str(value)
 
 
 def read_image_manifest(path: Path) -> list[CollectionItem]:
     """Rows with a `path` column (relative to the manifest's folder) and optional caption, label, others."""
-    rows = _rows(path)
+    rows = read_rows(path)
     if rows and "path" not in rows[0]:
         raise ValueError(f"{path}: manifest has no 'path' column (columns: {', '.join(rows[0])})")
     items = []
@@ -113,7 +89,7 @@ def read_texts(source: str | Path) -> list[TextItem]:
     if not source.is_file():
         raise FileNotFoundError(f"{source}: no such text file")
     if source.suffix.lower() in MANIFEST_SUFFIXES:
-        rows = _rows(source)
+        rows = read_rows(source)
         if rows and "text" not in rows[0]:
             raise ValueError(f"{source}: has no 'text' column (columns: {', '.join(rows[0])})")
         return [

@@ -20,6 +20,7 @@ import numpy as np
 
 from otclip.engine import Encoder, LoadedModel, load_model
 from otclip.engine.atomic_files import write_lines_atomically
+from otclip.engine.checksums import sha256_file
 from otclip.engine.index_directory import IndexDirectory
 from otclip.engine.metadata_store import ItemRecord
 
@@ -48,14 +49,6 @@ class IndexingSummary:
         return s + f", index {self.factory}, {self.seconds:.1f}s"
 
 
-def file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 @dataclass
 class _Plan:
     """What one indexing run must do. `groups` maps a new content hash to the items holding it."""
@@ -82,7 +75,7 @@ def _stat(item: CollectionItem) -> tuple[int, int] | str:
 def _hash_all(paths: list[str]) -> dict[str, str | Exception]:
     def one(p):
         try:
-            return file_sha256(p)
+            return sha256_file(p)
         except OSError as exc:
             return exc
 

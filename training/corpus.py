@@ -4,10 +4,10 @@ Validated up front: nothing starts half-way on a bad corpus."""
 
 from __future__ import annotations
 
-import csv
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from otclip.engine.manifests import read_rows
 
 KNOWN_COLUMNS = {"image", "text", "label", "split"}
 MAX_LISTED = 5
@@ -37,20 +37,12 @@ class PartiallyPairedCorpus:
 
 
 def _read_rows(path: Path) -> list[dict]:
-    if path.suffix.lower() == ".csv":
-        with open(path, newline="", encoding="utf-8") as f:
-            return list(csv.DictReader(f))
-    if path.suffix.lower() == ".jsonl":
-        rows = []
-        with open(path, encoding="utf-8") as f:
-            for number, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        rows.append(json.loads(line))
-                    except json.JSONDecodeError as exc:
-                        raise CorpusError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
-        return rows
-    raise CorpusError(f"{path}: corpus manifest must be .csv or .jsonl")
+    if path.suffix.lower() not in (".csv", ".jsonl"):
+        raise CorpusError(f"{path}: corpus manifest must be .csv or .jsonl")
+    try:
+        return read_rows(path)
+    except ValueError as exc:
+        raise CorpusError(str(exc)) from None
 
 
 def _blank(v) -> bool:

@@ -13,6 +13,7 @@ import torch
 
 from otclip.engine import Encoder
 from otclip.engine.atomic_files import write_json_atomically, write_npy_atomically
+from otclip.engine.checksums import sha256_file
 
 from .trainable import TrainableModel
 
@@ -20,14 +21,6 @@ from .trainable import TrainableModel
 def default_cache_dir() -> Path:
     root = os.environ.get("OTCLIP_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "otclip")
     return Path(root) / "features"
-
-
-def _file_digest(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 class FeatureCache:
@@ -56,7 +49,7 @@ class FeatureCache:
         """(n, f) frozen image features, computed for the images not cached yet."""
         if not self.trainable.cache_images:
             raise RuntimeError("image features are not cacheable with an unlocked image tower")
-        digests = [_file_digest(p) for p in paths]
+        digests = [sha256_file(p) for p in paths]
         folder, rows, array = self._load("images")
         missing = sorted({d: p for d, p in zip(digests, paths) if d not in rows}.items())
         if missing:
