@@ -160,7 +160,7 @@ def build_ui(app: SearchApp) -> gr.Blocks:
         def search_by_result(paths, evt: gr.SelectData):
             """Clicking a result searches by it; only paths the index lists are opened."""
             source = paths[evt.index] if paths and 0 <= evt.index < len(paths) else None
-            if source is None or source not in app.searcher.image_paths():
+            if source is None or not app.searcher.lists_image(source):
                 raise gr.Error("that result is no longer in the index")
             return (source, *app.image_to_image(source))
 

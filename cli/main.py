@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -37,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:
         from otclip.engine.errors import USER_ERRORS
 
-        if isinstance(exc, USER_ERRORS):
+        if isinstance(exc, USER_ERRORS) and not os.environ.get("OTCLIP_DEBUG"):  # OTCLIP_DEBUG=1: full traceback
             print(f"otclip {args.command}: {exc}", file=sys.stderr)
             return 2
         raise

@@ -124,9 +124,9 @@ class IndexSearcher:
         """Text -> text."""
         return self.search_text_batch([query], k, min_score, target="texts")[0]
 
-    def image_paths(self) -> set[str]:
-        """Every image path the index lists (what an app may serve)."""
-        return set(self._store.stats("images"))
+    def lists_image(self, path: str) -> bool:
+        """Whether the index lists this image path (the only images an app may open or serve)."""
+        return self._store.has_key("images", str(path))
 
     def close(self) -> None:
         self._store.close()

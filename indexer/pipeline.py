@@ -21,11 +21,11 @@ import numpy as np
 from otclip.engine import Encoder, LoadedModel, load_model
 from otclip.engine.atomic_files import write_lines_atomically
 from otclip.engine.checksums import sha256_file
+from otclip.engine.distributed import Ranks, init_from_env
 from otclip.engine.index_directory import IndexDirectory
 from otclip.engine.metadata_store import ItemRecord
 
 from .collection import CollectionItem, read_collection, read_texts
-from .distributed import Ranks, init_from_env
 
 
 @dataclass

@@ -98,7 +98,7 @@ def _scores_from_index(loaded: LoadedModel, index_dir, data: EvalData, texts: np
 
     searcher = IndexSearcher(index_dir, model=loaded)
     at = {p: i for i, p in enumerate(data.images)}
-    missing = [p for p in data.images if p not in searcher.image_paths()]
+    missing = [p for p in data.images if not searcher.lists_image(p)]
     if missing:
         raise ValueError(f"{index_dir}: {len(missing)} corpus images are not in the index (first: {missing[0]})")
     scores = np.full((len(data.texts), len(data.images)), -np.inf, dtype=np.float32)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import time
 from dataclasses import asdict, dataclass
@@ -20,11 +19,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from tqdm import tqdm
 
 from otclip.engine import LoadedModel, load_model, save_checkpoint
 from otclip.engine.devices import autocast_for
+from otclip.engine.distributed import init_from_env
 from otclip.engine.metrics import recall_at_k
 
 from .corpus import PartiallyPairedCorpus, load_corpus
@@ -89,34 +88,6 @@ def corpus_paths(corpus: str) -> tuple[Path, Path | None]:
     return p, None
 
 
-class Ranks:
-    def __init__(self) -> None:
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        if self.world > 1 and not dist.is_initialized():
-            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-        self.rank = dist.get_rank() if self.world > 1 else 0
-        self.local = int(os.environ.get("LOCAL_RANK", "0"))
-
-    def gather(self, x: torch.Tensor) -> torch.Tensor:
-        """All ranks' rows, in rank order, keeping the gradient to this rank's rows."""
-        if self.world == 1:
-            return x
-        import torch.distributed.nn.functional as dfn
-
-        return torch.cat(dfn.all_gather(x))
-
-    def average_gradients(self, params: list[torch.nn.Parameter]) -> None:
-        """Data-parallel step. Every rank computed the loss of the whole gathered batch, and all_gather's
-        backward summed the ranks' gradients into each local slice: summing over ranks and dividing by
-        the world size gives exactly the single-process gradient of the global batch."""
-        if self.world == 1:
-            return
-        for p in params:
-            if p.grad is not None:
-                dist.all_reduce(p.grad)
-                p.grad /= self.world
-
-
 def multi_positive_loss(scores: np.ndarray, relevant: np.ndarray, scale: float) -> float:
     """Contrastive loss with every relevant item a positive: mean over both directions of
     -log(sum_{j relevant} e^{scale s_ij} / sum_j e^{scale s_ij}). Pair-identity InfoNCE would count
@@ -140,13 +111,13 @@ class Trainer:
     def __init__(self, config: TrainConfig, progress: bool = True, loaded: LoadedModel | None = None) -> None:
         self.cfg = config
         self.progress = progress
-        self.ranks = Ranks()
+        self.ranks = init_from_env("nccl" if torch.cuda.is_available() else "gloo")
         self.out = Path(config.out)
         train_path, val_path = corpus_paths(config.corpus)
         self.train_corpus: PartiallyPairedCorpus = load_corpus(train_path, split=None if val_path else "train")
         val_source = val_path or train_path
         self.val_corpus = load_corpus(val_source, split=None if val_path else "val", require_pairs=False)
-        device = f"cuda:{self.ranks.local}" if torch.cuda.is_available() else "cpu"
+        device = f"cuda:{self.ranks.local_rank}" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
         torch.manual_seed(config.seed)
         self.loaded = loaded or load_model(config.model, device=device)
@@ -190,11 +161,11 @@ class Trainer:
     def _draw(self, n: int, size: int, gen: torch.Generator) -> torch.Tensor:
         """The global batch's indices (the same on every rank); this rank takes its slice."""
         idx = torch.randperm(n, generator=gen)[:size] if n >= size else torch.randint(0, n, (size,), generator=gen)
-        return idx[self.ranks.rank :: self.ranks.world]
+        return idx[self.ranks.rank :: self.ranks.world_size]
 
     # --- one step ------------------------------------------------------------------------------
     def step_embeddings(self, gen: torch.Generator) -> StepEmbeddings:
-        cfg, t, g = self.cfg, self.trainable, self.ranks.gather
+        cfg, t, g = self.cfg, self.trainable, self.ranks.gather_with_grad
         pi = self._draw(len(self.pair_img), cfg.batch_size, gen)
         e = StepEmbeddings(
             pair_images=g(t.image_head(self.pair_img[pi])), pair_texts=g(t.text_head(self.pair_txt[pi])),

@@ -1,4 +1,5 @@
-"""torch.distributed context for sharded indexing under `torchrun` (one process per GPU / node slot)."""
+"""torch.distributed context under `torchrun` (one process per GPU or node slot): sharded indexing
+and data-parallel training share it."""
 
 from __future__ import annotations
 
@@ -41,6 +42,25 @@ class Ranks:
         dist.all_gather_object(out, obj)
         return out
 
+    def gather_with_grad(self, x: torch.Tensor) -> torch.Tensor:
+        """All ranks' rows of `x`, in rank order, keeping the gradient to this rank's rows."""
+        if not self.distributed:
+            return x
+        import torch.distributed.nn.functional as dfn
+
+        return torch.cat(dfn.all_gather(x))
+
+    def average_gradients(self, params) -> None:
+        """Data-parallel step. When every rank computed the loss of the whole gathered batch, the
+        all-gather's backward summed the ranks' gradients into each local slice: summing over ranks
+        and dividing by the world size gives exactly the single-process gradient of the global batch."""
+        if not self.distributed:
+            return
+        for p in params:
+            if p.grad is not None:
+                dist.all_reduce(p.grad)
+                p.grad /= self.world_size
+
     def broadcast(self, obj):
         if not self.distributed:
             return obj
@@ -53,12 +73,12 @@ class Ranks:
             dist.destroy_process_group()
 
 
-def init_from_env() -> Ranks:
-    """Join the process group that `torchrun` describes in the environment (gloo on CPU, NCCL on GPU)."""
+def init_from_env(backend: str = "gloo") -> Ranks:
+    """Join the process group that `torchrun` describes in the environment. gloo carries object
+    collectives on CPU and GPU alike (indexing); training asks for NCCL when it runs on GPUs."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return Ranks()
     if not dist.is_initialized():
-        # gloo carries the object collectives used here on CPU and GPU alike
-        dist.init_process_group(backend="gloo")
+        dist.init_process_group(backend=backend)
     return Ranks(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
