@@ -57,6 +57,7 @@ class _Plan:
     reuse: list[ItemRecord] = field(default_factory=list)  # known content: record only, no embedding
     touched: list[tuple[str, int, int]] = field(default_factory=list)  # same content, new size/mtime
     unchanged: int = 0
+    duplicates: int = 0  # new or changed files whose content is already embedded
     errors: list[dict] = field(default_factory=list)
 
 
@@ -124,6 +125,7 @@ def _plan(items: list[CollectionItem], directory: IndexDirectory, ranks: Ranks) 
             plan.unchanged += 1
         elif digest in known:
             shard, r = known[digest]
+            plan.duplicates += 1
             plan.reuse.append(_record(item, digest, r, size, mtime, shard, known_sizes.get(digest, (None, None))))
         else:
             plan.groups.setdefault(digest, []).append((item, size, mtime))
@@ -153,6 +155,12 @@ class _ChunkWriter:
         self.records.extend(records)
         if len(self.vectors) >= self.size:
             self.flush()
+
+    def write_reused(self, records: list[ItemRecord]) -> None:
+        """A chunk of records whose embeddings are already stored (each names its shard and row)."""
+        self.flush()
+        self.records = records
+        self.flush()
 
     def flush(self) -> None:
         if not self.records:
@@ -191,13 +199,11 @@ def index_images(
         directory.check_model(loaded.identity)
         items = read_collection(source)
         plan = _plan(items, directory, ranks)
-        summary = IndexingSummary("images", unchanged=plan.unchanged, duplicates=len(plan.reuse))
+        summary = IndexingSummary("images", unchanged=plan.unchanged)
         writer = _ChunkWriter(directory, "images", ranks, chunk_size)
-        if ranks.is_main and plan.reuse:
-            reuse = _ChunkWriter(directory, "images", ranks, chunk_size)
-            reuse.run += "-reuse"
-            reuse.records = plan.reuse  # these keep their existing shard/row
-            reuse.flush()
+        if ranks.is_main:  # known content under a new path, or new metadata: no embedding needed
+            writer.write_reused(plan.reuse)
+            summary.duplicates = plan.duplicates
         groups = list(plan.groups.items())[ranks.rank :: ranks.world_size]
         summary.duplicates += sum(len(g) - 1 for _, g in groups)
         failed: list[dict] = []
