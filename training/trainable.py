@@ -32,8 +32,10 @@ class TrainableModel(nn.Module):
             for p in (*self.model.visual.proj.parameters(), self.model.visual.class_embeddings,
                       *self.model.text.proj.parameters(), self.model.logit_scale):
                 p.requires_grad = True
-            if unlock_text:
-                self.model.text.lock(unlocked_layers=unlock_text, freeze_layer_norm=True)
+            if unlock_text:  # open_clip's HFTextEncoder.lock lacks BERT's layer names: unfreeze them here
+                for layer in self.model.text.transformer.encoder.layer[-unlock_text:]:
+                    for p in layer.parameters():
+                        p.requires_grad = True
         else:  # open_clip architectures: unlock the last N groups/layers, always train the projections
             for p in self.model.parameters():
                 p.requires_grad = True

@@ -7,6 +7,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 from otclip.engine import fashion_mnist
 
@@ -119,3 +120,20 @@ def test_bad_corpus_is_a_one_line_error(tmp_path):
     done = subprocess.run([sys.executable, "-m", "otclip", "train", "--corpus", str(tmp_path), "--out", str(tmp_path / "r")],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 2 and "no pairs at all" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_unlocked_towers_train_their_last_blocks(small_corpus, tmp_path):
+    from otclip.training.trainer import TrainConfig, Trainer
+
+    cfg = TrainConfig(corpus=str(small_corpus), out=str(tmp_path / "run"), steps=2, eval_every=2, batch_size=8,
+                      unlock_image=2, unlock_text=1, val_size=16, save_checkpoints=False)  # 2: head + last block
+    trainer = Trainer(cfg, progress=False)
+    assert not trainer.trainable.cache_images and not trainer.trainable.cache_texts
+    model = trainer.loaded.model
+    last_block = next(model.visual.trunk.blocks[-1].parameters())
+    first_block = next(model.visual.trunk.blocks[0].parameters())
+    last_layer = next(model.text.transformer.encoder.layer[-1].parameters())
+    assert last_block.requires_grad and not first_block.requires_grad and last_layer.requires_grad
+    before = last_block.detach().clone()
+    summary = trainer.train()
+    assert summary["steps"] == 2 and not torch.equal(before, last_block.detach())
