@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from otclip.engine import fashion_mnist
+from otclip.engine.prompts import class_prompt, with_article
 from otclip.engine.sample_photos import SAMPLE_PHOTOS, write_sample_photos
 
 
@@ -27,9 +28,9 @@ def write_demo_corpus(data_dir: Path, fashion_mnist_count: int = 300) -> tuple[P
             if not path.exists():
                 fashion_mnist.to_photo(images[i]).save(path)
             name = fashion_mnist.SHORT_NAMES[labels[i]]
-            rows.append({"path": str(path.relative_to(data_dir)), "caption": f"a {name}", "label": name,
+            rows.append({"path": str(path.relative_to(data_dir)), "caption": with_article(name), "label": name,
                          "source": "Fashion-MNIST"})
-        texts += [f"a photo of a {name}" for name in fashion_mnist.SHORT_NAMES]
+        texts += [class_prompt(name) for name in fashion_mnist.SHORT_NAMES]
     manifest = data_dir / "gallery.jsonl"
     manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
     captions = data_dir / "captions.txt"

@@ -41,6 +41,7 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 # --- Fashion-MNIST ------------------------------------------------------------------------------
 def fashion(args, log) -> dict:
     from otclip.engine import fashion_mnist, load_model
+    from otclip.engine.prompts import class_prompt
     from otclip.training.corpus import load_corpus
     from otclip.training.fashion_corpus import build_fashion_mnist_corpus
     from otclip.training.trainer import TrainConfig, Trainer
@@ -80,7 +81,7 @@ def fashion(args, log) -> dict:
         from otclip.engine.metrics import harmonic_mean
 
         classes = list(fashion_mnist.SHORT_NAMES)
-        prompts = trainer.loaded.tokenizer([f"a photo of a {c}." for c in classes])
+        prompts = trainer.loaded.tokenizer([class_prompt(c) for c in classes])
         cache_txt = trainer.trainable.text_features(prompts.to(trainer.device))
         x, y = trainer.embed(img, cache_txt)
         pred = (x @ y.T).argmax(1).cpu().numpy()

@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
+from .prompts import class_prompt
+
 DEFAULT_DIR = Path(os.environ.get("OTCLIP_FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist"))
 
 # Class names with synonyms: the prompts list all of them, which pins the sense down for a text model.
@@ -54,5 +56,5 @@ def to_photo(array: np.ndarray) -> Image.Image:
     return ImageOps.invert(Image.fromarray(array, mode="L")).convert("RGB")
 
 
-def class_prompts(template: str = "a photo of a {}.") -> list[str]:
-    return [template.format(name) for name in CLASS_NAMES]
+def class_prompts(template: str = "a photo of {}.") -> list[str]:
+    return [class_prompt(name, template) for name in CLASS_NAMES]

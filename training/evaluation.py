@@ -11,11 +11,11 @@ import numpy as np
 
 from otclip.engine import Encoder, LoadedModel
 from otclip.engine.metrics import harmonic_mean, recall_at_k, relevance_from_ids, zero_shot_accuracy
+from otclip.engine.prompts import class_prompt
 
 from .corpus import load_corpus
 
 KS = (1, 5, 10)
-PROMPT = "a photo of a {}."
 
 
 @dataclass
@@ -76,7 +76,7 @@ def evaluate(loaded: LoadedModel, manifest: str | Path, relevance: str = "pair",
     labels = data.image_labels
     if all(lbl is not None for lbl in labels):
         classes = sorted(set(labels) | set(unseen or []))
-        prompts = encoder.encode_texts([PROMPT.format(c) for c in classes], progress=False)
+        prompts = encoder.encode_texts([class_prompt(c) for c in classes], progress=False)
         y = np.array([classes.index(lbl) for lbl in labels])
         zs = {"accuracy": zero_shot_accuracy(images, prompts, y), "classes": len(classes)}
         unseen = unseen if unseen is not None else _unseen_from_corpus_info(manifest)

@@ -15,19 +15,20 @@ from pathlib import Path
 
 from otclip.engine import fashion_mnist
 from otclip.engine.atomic_files import write_lines_atomically
+from otclip.engine.prompts import class_prompt
 
 TEMPLATES = (
-    "a photo of a {}.",
-    "a {} on a white background.",
-    "a product photo of a {}.",
-    "a picture of a {}, seen from the front.",
-    "an item of clothing: a {}.",
-    "this is a {}.",
+    "a photo of {}.",
+    "{} on a white background.",
+    "a product photo of {}.",
+    "a picture of {}, seen from the front.",
+    "an item of clothing: {}.",
+    "this is {}.",
 )
 
 
 def caption(label: int, rng: random.Random) -> str:
-    return rng.choice(TEMPLATES).format(fashion_mnist.SHORT_NAMES[label])
+    return class_prompt(fashion_mnist.SHORT_NAMES[label], rng.choice(TEMPLATES))
 
 
 def parse_unseen(names: str) -> set[int]:
