@@ -1,9 +1,12 @@
 """Global OT matching for `ot-match`: an entropic plan between ALL unpaired image and ALL unpaired
 text embeddings, whose confident entries become soft pseudo-pairs.
 
-For each image i, its partner is j* = argmax_j P_ij, kept when the mass P_ij* is at least
-`min_mass` times the uniform mass 1/n (plan mass relative to a perfect one-to-one match); the
-pair's weight is that relative mass, capped at 1. Large sets are matched block by block
+For each image i, its partner is j* = argmax_j P_ij with relative mass m_i = n P_ij* (1 for a
+perfect one-to-one match). A pair is kept when m_i >= `min_mass`, or when it is among the
+`keep_fraction` most confident rows: when many texts are near-duplicates (class-level captions)
+the plan spreads an image's mass over all of them and no single entry is large, yet the argmax is
+still a caption of the right kind. Weights are m_i divided by the largest kept m, so the surest
+pair weighs 1. Large sets are matched block by block
 (random blocks of `block` images against their nearest texts), and unbalanced OT (`rho`) lets
 items without a partner keep little mass instead of forcing a match.
 """
@@ -26,7 +29,7 @@ class Matching:
 
 @torch.no_grad()
 def global_matching(x: torch.Tensor, y: torch.Tensor, eps: float = 0.02, rho: float | None = None,
-                    min_mass: float = 0.3, block: int = 4096, seed: int = 0) -> Matching:
+                    min_mass: float = 0.3, keep_fraction: float = 0.5, block: int = 4096, seed: int = 0) -> Matching:
     """Pseudo-pairs between all rows of x (images) and all rows of y (texts), both L2-normalised."""
     n = len(x)
     gen = torch.Generator().manual_seed(seed)
@@ -42,7 +45,11 @@ def global_matching(x: torch.Tensor, y: torch.Tensor, eps: float = 0.02, rho: fl
         mass, j = plan.max(dim=1)
         relative = mass * len(rows)
         keep = relative >= min_mass
+        n_top = int(keep_fraction * len(rows))
+        if n_top:
+            keep[relative.topk(n_top).indices] = True
         imgs.append(rows[keep])
         txts.append(cols[j[keep]])
-        ws.append(relative[keep].clamp(max=1.0))
-    return Matching(torch.cat(imgs), torch.cat(txts), torch.cat(ws))
+        ws.append(relative[keep])
+    weights = torch.cat(ws)
+    return Matching(torch.cat(imgs), torch.cat(txts), weights / weights.max().clamp_min(1e-12))

@@ -66,3 +66,14 @@ def test_uniformity_detects_collapse():
     spread = unit(64, seed=6)
     collapsed = F.normalize(spread * 0.01 + torch.ones(16), dim=1)
     assert uniformity(collapsed) > -0.01 > uniformity(spread)
+
+
+def test_matching_keeps_class_level_pairs_among_duplicate_texts():
+    centers = unit(4, seed=7)
+    labels = torch.arange(40) % 4
+    x = F.normalize(centers[labels] + 0.05 * unit(40, seed=8), dim=1)
+    y = centers[labels[torch.randperm(40, generator=torch.Generator().manual_seed(9))]]  # 10 identical texts per class
+    match = global_matching(x, y, eps=0.05)
+    assert len(match.images) >= 20 and float(match.weights.max()) == 1.0
+    text_labels = (y[match.texts] @ centers.T).argmax(1)
+    assert torch.equal(text_labels, labels[match.images])
