@@ -73,7 +73,7 @@ def fashion(args, log) -> dict:
         test_rows = load_corpus(c / "test.jsonl").pairs
         img, txt = trainer.inputs_for(test_rows)
         labels = [r.label for r in test_rows]
-        test = trainer.retrieval_metrics(img, txt, labels, "test_")
+        test = trainer.retrieval_metrics(img, txt, labels, "test_", [r.text for r in test_rows])
         test.update(zero_shot(trainer, img, labels, args.unseen.split(",")))
         return {**val, **test}
 

@@ -156,6 +156,7 @@ class Trainer:
         self.val_img = self._image_inputs(cache, [r.image for r in val_pairs]).to(to) if val_pairs else None
         self.val_txt = self._text_inputs(cache, [r.text for r in val_pairs]).to(to) if val_pairs else None
         self.val_labels = [r.label for r in val_pairs]
+        self.val_texts = [r.text for r in val_pairs]
         self.feature_seconds = time.time() - t0
 
     def _draw(self, n: int, size: int, gen: torch.Generator) -> torch.Tensor:
@@ -220,18 +221,23 @@ class Trainer:
     def validate(self) -> dict:
         if self.val_img is None:
             return {}
-        return self.retrieval_metrics(self.val_img, self.val_txt, self.val_labels, "val_")
+        return self.retrieval_metrics(self.val_img, self.val_txt, self.val_labels, "val_", self.val_texts)
 
     @torch.no_grad()
-    def retrieval_metrics(self, image_inputs, text_inputs, labels, prefix: str = "") -> dict:
+    def retrieval_metrics(self, image_inputs, text_inputs, labels, prefix: str = "", texts=None) -> dict:
         """Recall both ways between rows' images and texts: relevant = same label when every row has
-        one, else the row's own partner; plus the multi-positive loss and the images' uniformity."""
+        one, else the same caption; plus the multi-positive loss and the images' uniformity.
+
+        `texts` (the rows' caption strings) makes image -> text search run over the distinct captions:
+        a caption repeated on many rows would otherwise fill an image's top k with identical ties."""
         t = self.trainable
         x, y = self.embed(image_inputs, text_inputs)
         scores = (y @ x.T).cpu().numpy()
         labels = np.array(labels, dtype=object)
-        relevant = np.eye(len(x), dtype=bool) if any(lbl is None for lbl in labels) else labels[:, None] == labels[None, :]
-        t2i, i2t = recall_at_k(scores, relevant), recall_at_k(scores.T, relevant.T)
+        keys = np.array(texts if texts is not None else range(len(x)), dtype=object)
+        relevant = keys[:, None] == keys[None, :] if any(lbl is None for lbl in labels) else labels[:, None] == labels[None, :]
+        distinct = sorted({key: j for j, key in reversed(list(enumerate(keys.tolist())))}.values())
+        t2i, i2t = recall_at_k(scores, relevant), recall_at_k(scores[distinct].T, relevant[distinct].T)
         out = {"loss": multi_positive_loss(scores, relevant, float(t.logit_scale.exp())),
                "t2i_R@1": t2i["R@1"], "t2i_R@5": t2i["R@5"], "i2t_R@1": i2t["R@1"], "i2t_R@5": i2t["R@5"],
                "mean_recall": (t2i["R@1"] + t2i["R@5"] + i2t["R@1"] + i2t["R@5"]) / 4, "uniformity": float(uniformity(x))}

@@ -41,6 +41,7 @@ def test_training_lowers_val_loss_and_raises_recall_over_the_untrained_default(s
     before = next(r for r in log if r.get("step") == 0 and "val_loss" in r)
     assert summary["val_loss"] < before["val_loss"]
     assert summary["val_mean_recall"] > before["val_mean_recall"]
+    assert summary["val_i2t_R@5"] > 0  # image -> text runs over distinct captions: no tie artefacts
     step_terms = [r for r in log if "contrastive_loss" in r]
     assert len(step_terms) == 60 and all("uniformity_images" in r for r in step_terms)
 
@@ -76,7 +77,7 @@ def test_checkpoint_loads_in_the_engine_and_indexes(small_corpus, tmp_path):
 
 def test_resume_after_kill(small_corpus, tmp_path):
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "otclip", "train", "--corpus", str(small_corpus), "--out", str(run), "--steps", "3000",
+    cmd = [sys.executable, "-m", "otclip", "train", "--corpus", str(small_corpus), "--out", str(run), "--steps", "600",
            "--save-every", "10", "--eval-every", "1000", "--batch-size", "32", "--unpaired-batch-size", "64",
            "--reg", "ot-pairwise", "--no-progress"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -91,7 +92,7 @@ def test_resume_after_kill(small_corpus, tmp_path):
     log = read_log(run)
     assert [r["event"] for r in log if "event" in r][:2] == ["start", "resume"]
     end = log[-1]
-    assert end["event"] == "end" and end["steps"] == 3000 and 0 < end["trained_steps"] < 3000
+    assert end["event"] == "end" and end["steps"] == 600 and 0 < end["trained_steps"] < 600
     resumed_at = next(r["step"] for r in log if r.get("event") == "resume")
     assert resumed_at % 10 == 0 and resumed_at > 0
 
