@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import random
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -280,7 +279,6 @@ class Trainer:
         start, t0 = self.step, time.time()
         if main and not resumed:
             log.write(json.dumps({"step": 0, **self.validate()}) + "\n")
-        random.seed(cfg.seed)
         bar = tqdm(total=cfg.steps, initial=self.step, desc=f"train {cfg.reg}", disable=not (self.progress and main))
         last_val: dict = {}
         while self.step < cfg.steps:
