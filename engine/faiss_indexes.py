@@ -89,9 +89,10 @@ def build_index(vectors: np.ndarray, factory: str = "auto", seed: int = 0) -> tu
     work = _to_gpu(index)
     if not work.is_trained:
         ivf = _ivf_of(index)
+        needed = ivf.nlist if ivf else 1
+        if n < needed:
+            raise ValueError(f"factory {factory!r} needs at least {needed} vectors to train; the index has {n}")
         sample_size = min(n, max(10_000, TRAIN_SAMPLE_PER_LIST * (ivf.nlist if ivf else 256)))
-        if n < (ivf.nlist if ivf else 1):
-            raise ValueError(f"factory {factory!r} needs at least {ivf.nlist} vectors to train; the index has {n}")
         sample = vectors[np.random.default_rng(seed).choice(n, size=sample_size, replace=False)]
         work.train(sample)
     if n:

@@ -45,3 +45,8 @@ def test_bad_factory_and_too_few_vectors_are_explained():
         build_index(clustered(10), "Nonsense42")
     with pytest.raises(ValueError, match="needs at least 64 vectors"):
         build_index(clustered(10), "IVF64,Flat")
+
+
+def test_untrained_non_ivf_index_with_no_vectors_is_explained():
+    with pytest.raises(ValueError, match="needs at least 1 vectors"):
+        build_index(np.zeros((0, 32), np.float32), "PQ8")
