@@ -25,7 +25,7 @@ def _cached_file_sha256(path: str, size: int, mtime_ns: int) -> str:
     return sha256_file(path)
 
 
-def file_sha256(path: str | Path) -> str:
+def memoised_file_sha256(path: str | Path) -> str:
     """Hex sha256 of a file, memoised per (path, size, mtime) since weight files are large."""
     st = Path(path).stat()
     return _cached_file_sha256(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)

@@ -61,13 +61,6 @@ class Ranks:
                 dist.all_reduce(p.grad)
                 p.grad /= self.world_size
 
-    def broadcast(self, obj):
-        if not self.distributed:
-            return obj
-        box = [obj]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
-
     def close(self) -> None:
         if self.distributed and dist.is_initialized():
             dist.destroy_process_group()

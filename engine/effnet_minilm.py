@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .checksums import memoised_file_sha256
 from .imagenet_classes import class_prompts, imagenet_class_synonyms
 
 DEFAULT_MODEL_NAME = "effnet-minilm"
@@ -184,11 +185,9 @@ def _class_embeddings_cached(text_tower: nn.Module, tokenizer, weights_digest: s
 
 def packaged_weights_digest(config: BridgeConfig) -> str:
     """sha256 over the packaged weight files and the bridge config: the default model's identity."""
-    from .checksums import file_sha256
-
     h = hashlib.sha256()
-    h.update(file_sha256(efficientnet_weights_path()).encode())
-    h.update(file_sha256(minilm_path() / "model.safetensors").encode())
+    h.update(memoised_file_sha256(efficientnet_weights_path()).encode())
+    h.update(memoised_file_sha256(minilm_path() / "model.safetensors").encode())
     h.update(json.dumps(asdict(config), sort_keys=True).encode())
     return h.hexdigest()
 
@@ -199,9 +198,8 @@ def build_effnet_minilm(config: BridgeConfig | None = None, pretrained: bool = T
     text = _build_text_tower(pretrained=pretrained, context_length=config.text_context_length)
     if pretrained:
         tokenizer = build_tokenizer(config)
-        from .checksums import file_sha256
-
-        class_embeddings = _class_embeddings_cached(text, tokenizer, file_sha256(minilm_path() / "model.safetensors"))
+        minilm_digest = memoised_file_sha256(minilm_path() / "model.safetensors")
+        class_embeddings = _class_embeddings_cached(text, tokenizer, minilm_digest)
     else:
         class_embeddings = torch.zeros(1000, EMBED_DIM)
     visual = ImageNetBridge(class_embeddings, config)

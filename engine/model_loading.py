@@ -24,7 +24,7 @@ from urllib.parse import urlparse
 import torch
 from torch import nn
 
-from .checksums import file_sha256, state_dict_sha256
+from .checksums import memoised_file_sha256, state_dict_sha256
 from .devices import select_device
 from .effnet_minilm import (
     DEFAULT_MODEL_NAME,
@@ -225,7 +225,7 @@ def _from_checkpoint(path: Path) -> LoadedModel:
             f"{path}: not an otclip checkpoint; for open_clip weights pass ARCH:{path} (e.g. ViT-B-32:{path})"
         )
     recipe = ckpt["recipe"]
-    identity = ModelIdentity(f"{ckpt.get('name', recipe['kind'])}@{path.name}", file_sha256(path))
+    identity = ModelIdentity(f"{ckpt.get('name', recipe['kind'])}@{path.name}", memoised_file_sha256(path))
     if recipe["kind"] == DEFAULT_MODEL_NAME:
         loaded = _effnet_minilm(BridgeConfig(**recipe["bridge"]), ckpt["state_dict"], identity)
     elif recipe["kind"] == "open_clip":
