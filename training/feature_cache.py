@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -13,14 +12,14 @@ import torch
 
 from otclip.engine import Encoder
 from otclip.engine.atomic_files import write_json_atomically, write_npy_atomically
+from otclip.engine.cache_dir import cache_dir
 from otclip.engine.checksums import sha256_file
 
 from .trainable import TrainableModel
 
 
 def default_cache_dir() -> Path:
-    root = os.environ.get("OTCLIP_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "otclip")
-    return Path(root) / "features"
+    return cache_dir() / "features"
 
 
 class FeatureCache:
