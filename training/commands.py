@@ -19,7 +19,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--test-size", type=int, default=2_000)
     p.set_defaults(func=_data)
 
-    from .trainer import TrainConfig
+    from .losses import REGULARIZERS
+    from .trainer import POSITIVES, TrainConfig
+
+    CHOICES = {"reg": list(REGULARIZERS), "positives": list(POSITIVES)}
 
     p = sub.add_parser("train", help="fine-tune a model on a partially-paired corpus")
     p.add_argument("--corpus", required=True, help="corpus folder (train.jsonl, val.jsonl) or a manifest")
@@ -33,7 +36,7 @@ def register(sub: argparse._SubParsersAction) -> None:
             p.add_argument(flag, action="store_true")
         else:
             kind = float if name == "ot_rho" else type(value)
-            p.add_argument(flag, type=kind, default=value)
+            p.add_argument(flag, type=kind, default=value, choices=CHOICES.get(name))
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_train)
 

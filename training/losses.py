@@ -36,17 +36,26 @@ class StepEmbeddings:
     images: torch.Tensor  # (U, d) unpaired images
     texts: torch.Tensor  # (V, d) unpaired texts
     logit_scale: torch.Tensor  # exp() gives the inverse temperature
+    pair_positives: torch.Tensor | None = None  # (B, B) bool: pairs sharing a caption or label; None = diagonal
     match_images: torch.Tensor | None = None  # ot-match pseudo-pairs
     match_texts: torch.Tensor | None = None
     match_weights: torch.Tensor | None = None
 
 
-def clip_loss(x: torch.Tensor, y: torch.Tensor, logit_scale: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+def clip_loss(x: torch.Tensor, y: torch.Tensor, logit_scale: torch.Tensor, weights: torch.Tensor | None = None,
+              positives: torch.Tensor | None = None) -> torch.Tensor:
     """Symmetric InfoNCE: row i of x matches row i of y. L = (CE(S, I) + CE(S^T, I)) / 2, S = e^scale x y^T.
-    Optional per-pair weights (pseudo-pairs weighted by their plan mass)."""
+    Optional per-pair weights (pseudo-pairs weighted by their plan mass). Optional (B, B) boolean
+    `positives` (diagonal set): the target of each row is spread uniformly over its positives, as in
+    UniCL (Yang et al. 2022), so that two rows with the same caption or class are not pushed apart."""
     logits = logit_scale.exp().clamp(max=100) * x @ y.T
-    target = torch.arange(len(x), device=x.device)
-    per_pair = (F.cross_entropy(logits, target, reduction="none") + F.cross_entropy(logits.T, target, reduction="none")) / 2
+    if positives is None:
+        target = torch.arange(len(x), device=x.device)
+        rows = cols = target
+    else:
+        p = positives.to(logits.dtype)
+        rows, cols = p / p.sum(1, keepdim=True), p.T / p.T.sum(1, keepdim=True)
+    per_pair = (F.cross_entropy(logits, rows, reduction="none") + F.cross_entropy(logits.T, cols, reduction="none")) / 2
     if weights is None:
         return per_pair.mean()
     return (weights * per_pair).sum() / weights.sum().clamp_min(1e-12)
@@ -60,7 +69,7 @@ def uniformity(x: torch.Tensor, t: float = 2.0) -> torch.Tensor:
 
 class ContrastiveLoss(nn.Module):
     def forward(self, e: StepEmbeddings) -> dict[str, torch.Tensor]:
-        return {"contrastive_loss": clip_loss(e.pair_images, e.pair_texts, e.logit_scale)}
+        return {"contrastive_loss": clip_loss(e.pair_images, e.pair_texts, e.logit_scale, positives=e.pair_positives)}
 
 
 class PairwiseOT(nn.Module):

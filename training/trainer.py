@@ -31,6 +31,8 @@ from .losses import REGULARIZERS, ContrastiveLoss, StepEmbeddings, build_regular
 from .matching import global_matching
 from .trainable import TrainableModel
 
+POSITIVES = ("pair", "label")
+
 
 @dataclass
 class TrainConfig:
@@ -43,6 +45,7 @@ class TrainConfig:
     ot_rho: float | None = None
     debiased: bool = False
     loop_lambda: float = 1.0
+    positives: str = "pair"  # contrastive positives: pair (row i only) or label (every pair of the same class)
     steps: int = 300
     batch_size: int = 64
     unpaired_batch_size: int = 256
@@ -61,6 +64,8 @@ class TrainConfig:
     save_checkpoints: bool = True  # experiments sweeping many runs turn this off
 
     def __post_init__(self) -> None:
+        if self.positives not in POSITIVES:
+            raise ValueError(f"--positives {self.positives!r}: expected one of {', '.join(POSITIVES)}")
         if self.reg not in REGULARIZERS:
             raise ValueError(f"--reg {self.reg!r}: expected one of {', '.join(REGULARIZERS)}")
         for name in ("steps", "batch_size", "unpaired_batch_size", "accum", "eval_every", "save_every"):
@@ -150,6 +155,7 @@ class Trainer:
         to = self.device
         self.pair_img = self._image_inputs(cache, [r.image for r in c.pairs]).to(to)
         self.pair_txt = self._text_inputs(cache, [r.text for r in c.pairs]).to(to)
+        self.pair_keys = self._positive_keys(c.pairs)
         self.unp_img = self._image_inputs(cache, [r.image for r in c.images]).to(to) if c.images else None
         self.unp_txt = self._text_inputs(cache, [r.text for r in c.texts]).to(to) if c.texts else None
         self.val_img = self._image_inputs(cache, [r.image for r in val_pairs]).to(to) if val_pairs else None
@@ -158,18 +164,38 @@ class Trainer:
         self.val_texts = [r.text for r in val_pairs]
         self.feature_seconds = time.time() - t0
 
+    def _positive_keys(self, pairs) -> torch.Tensor | None:
+        """Per pair, an id shared by the pairs that count as positives of each other (None: only itself).
+        Identical captions need no key: from a frozen text tower their embeddings are equal, so pair
+        targets already give them the same loss and gradient as shared ones."""
+        if self.cfg.positives == "pair":
+            return None
+        unlabelled = sum(r.label is None for r in pairs)
+        if unlabelled:
+            raise ValueError(f"--positives label: {self.cfg.corpus}: {unlabelled} of {len(pairs)} pairs have no label")
+        ids = {k: i for i, k in enumerate(dict.fromkeys(r.label for r in pairs))}
+        return torch.tensor([ids[r.label] for r in pairs])
+
+    def _draw_global(self, n: int, size: int, gen: torch.Generator) -> torch.Tensor:
+        """The global batch's indices, the same on every rank."""
+        return torch.randperm(n, generator=gen)[:size] if n >= size else torch.randint(0, n, (size,), generator=gen)
+
     def _draw(self, n: int, size: int, gen: torch.Generator) -> torch.Tensor:
-        """The global batch's indices (the same on every rank); this rank takes its slice."""
-        idx = torch.randperm(n, generator=gen)[:size] if n >= size else torch.randint(0, n, (size,), generator=gen)
-        return idx[self.ranks.rank :: self.ranks.world_size]
+        """This rank's slice of the global batch."""
+        return self._draw_global(n, size, gen)[self.ranks.rank :: self.ranks.world_size]
 
     # --- one step ------------------------------------------------------------------------------
     def step_embeddings(self, gen: torch.Generator) -> StepEmbeddings:
         cfg, t, g = self.cfg, self.trainable, self.ranks.gather_with_grad
-        pi = self._draw(len(self.pair_img), cfg.batch_size, gen)
+        world, rank = self.ranks.world_size, self.ranks.rank
+        batch = self._draw_global(len(self.pair_img), cfg.batch_size, gen)
+        pi = batch[rank::world]
         e = StepEmbeddings(
             pair_images=g(t.image_head(self.pair_img[pi])), pair_texts=g(t.text_head(self.pair_txt[pi])),
             images=t.logit_scale.new_zeros((0, 1)), texts=t.logit_scale.new_zeros((0, 1)), logit_scale=t.logit_scale)
+        if self.pair_keys is not None:  # gathered rows are in rank order: rank 0's slice, then rank 1's, ...
+            keys = self.pair_keys[torch.cat([batch[r::world] for r in range(world)])]
+            e.pair_positives = (keys[:, None] == keys[None, :]).to(self.device)
         if self.regularizer is not None and self.unp_img is not None and self.unp_txt is not None:
             ii = self._draw(len(self.unp_img), cfg.unpaired_batch_size, gen)
             ti = self._draw(len(self.unp_txt), cfg.unpaired_batch_size, gen)
@@ -258,7 +284,8 @@ class Trainer:
         ckpt = torch.load(last, map_location="cpu", weights_only=True)
         state = ckpt["train_state"]
         if state["config"] != self.cfg.resume_fields():
-            diff = sorted(k for k in state["config"] if state["config"][k] != self.cfg.resume_fields().get(k))
+            now = self.cfg.resume_fields()
+            diff = sorted(k for k in {*state["config"], *now} if state["config"].get(k) != now.get(k))
             raise ValueError(f"{last}: a run with other settings ({', '.join(diff)}) is in this folder; use a new --out")
         self.loaded.model.load_state_dict(ckpt["state_dict"])
         self.optimizer.load_state_dict(state["optimizer"])

@@ -26,6 +26,32 @@ def test_clip_loss_prefers_matched_pairs():
     assert torch.allclose(clip_loss(x, x, scale, w), clip_loss(x, x, scale))
 
 
+def test_clip_loss_with_positives_matches_a_brute_force_soft_target_loss():
+    x, y = unit(6, seed=7), unit(6, seed=8)
+    scale = torch.tensor(1.5)
+    keys = [0, 1, 0, 2, 1, 0]
+    positives = torch.tensor([[a == b for b in keys] for a in keys])
+    s = scale.exp() * x @ y.T
+    expected = 0.0
+    for m in (s, s.T):  # each direction: -mean over i of the mean over i's positives j of log softmax(m_i)_j
+        logp = m.log_softmax(1)
+        expected += sum(-sum(logp[i, j] for j in range(6) if keys[i] == keys[j]) / keys.count(keys[i]) for i in range(6)) / 6
+    assert float(clip_loss(x, y, scale, positives=positives)) == pytest.approx(float(expected / 2), rel=1e-6)
+    assert torch.allclose(clip_loss(x, y, scale, positives=torch.eye(6, dtype=torch.bool)), clip_loss(x, y, scale))
+
+
+def test_same_label_positives_stop_pulling_an_image_towards_one_of_its_class_captions():
+    y = torch.eye(4, 16)  # captions 0, 1 of class A; 2, 3 of class B (different wordings, orthogonal)
+    centre = F.normalize(torch.stack([y[0] + y[1], y[0] + y[1], y[2] + y[3], y[2] + y[3]]), dim=1)
+    same_label = torch.tensor([[a == b for b in (0, 0, 1, 1)] for a in (0, 0, 1, 1)])
+    along = []
+    for positives in (None, same_label):
+        x = centre.clone().requires_grad_(True)
+        clip_loss(x, y, torch.tensor(2.0), positives=positives).backward()
+        along.append(float(x.grad[0] @ (y[0] - y[1])))  # < 0: descent moves image 0 to caption 0, off caption 1
+    assert along[0] < -1e-3 and abs(along[1]) < 1e-6
+
+
 def test_loop_penalty_is_zero_when_plans_compose_exactly():
     g = torch.Generator().manual_seed(0)
     P_IA = torch.rand(5, 4, generator=g)

@@ -99,7 +99,7 @@ def test_resume_after_kill(small_corpus, tmp_path):
 
 def test_two_process_gloo_matches_one_process(small_corpus, tmp_path):
     base = ["--corpus", str(small_corpus), "--steps", "3", "--batch-size", "32", "--unpaired-batch-size", "64",
-            "--reg", "ot-loop", "--no-progress", "--eval-every", "100"]
+            "--reg", "ot-loop", "--positives", "label", "--no-progress", "--eval-every", "100"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     single = subprocess.run([sys.executable, "-m", "otclip", "train", "--out", str(tmp_path / "one"), *base],
                             capture_output=True, text=True, timeout=600, env=env)
@@ -114,6 +114,40 @@ def test_two_process_gloo_matches_one_process(small_corpus, tmp_path):
     for a, b in zip(one, two):
         for term in ("contrastive_loss", "ot_loop_TI", "total"):
             assert a[term] == pytest.approx(b[term], rel=1e-4, abs=1e-5)
+
+
+def test_label_positives_group_the_pairs_of_a_class(small_corpus, tmp_path):
+    from otclip.training.trainer import TrainConfig, Trainer
+
+    def trainer(mode):
+        return Trainer(TrainConfig(corpus=str(small_corpus), out=str(tmp_path), positives=mode, save_checkpoints=False),
+                       progress=False)
+
+    assert trainer("pair").pair_keys is None
+    t = trainer("label")
+    pairs, keys = t.train_corpus.pairs, t.pair_keys
+    for i in range(len(pairs)):
+        for j in range(len(pairs)):
+            assert bool(keys[i] == keys[j]) == (pairs[i].label == pairs[j].label)
+    assert len(set(keys.tolist())) > 1
+    e = t.step_embeddings(torch.Generator().manual_seed(0))
+    assert e.pair_positives.shape == (t.cfg.batch_size, t.cfg.batch_size)
+    assert e.pair_positives.diagonal().all() and e.pair_positives.sum() > len(e.pair_positives)
+
+
+def test_label_positives_need_labels(tmp_path):
+    from otclip.training.trainer import TrainConfig, Trainer
+
+    with pytest.raises(ValueError, match="--positives 'class'"):
+        TrainConfig(corpus="c", out="o", positives="class")
+    img = tmp_path / "a.png"
+    from PIL import Image
+
+    Image.new("RGB", (32, 32), "red").save(img)
+    rows = [{"image": str(img), "text": "a red square", "label": "red"}, {"image": str(img), "text": "a red patch"}]
+    (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    with pytest.raises(ValueError, match="--positives label: .*1 of 2 pairs have no label"):
+        Trainer(TrainConfig(corpus=str(tmp_path), out=str(tmp_path / "r"), positives="label"), progress=False)
 
 
 def test_bad_corpus_is_a_one_line_error(tmp_path):
