@@ -91,21 +91,27 @@ class SearchApp:
         if self.report is None:
             return []
         report = Path(self.report)
-        return sorted(str(p) for p in report.parent.glob(f"{report.stem}*.png"))
+        listed = json.loads(report.read_text()).get("plots")  # the experiment lists its plots' file names
+        if listed:
+            return [str(report.parent / Path(name).name) for name in listed if (report.parent / Path(name).name).exists()]
+        return sorted(str(p) for p in report.parent.glob(f"{report.stem}-*.png"))
 
 
 def report_tables(data: dict) -> str:
     """A report's metrics as Markdown: each {metric: number} block is a row of one table, and each
     {name: {metric: number}} block a table of its own."""
-    def numeric(d) -> bool:
-        return isinstance(d, dict) and d and all(isinstance(v, (int, float)) for v in d.values())
+    def numeric(d) -> bool:  # None is a metric that could not be measured
+        return isinstance(d, dict) and d and all(v is None or isinstance(v, (int, float)) for v in d.values())
+
+    def cell(v) -> str:
+        return "n/a" if v is None else f"{v:.3f}"
 
     rows = {k: v for k, v in data.items() if numeric(v)}
     out = []
     if rows:
         metrics = list(dict.fromkeys(m for v in rows.values() for m in v))
         out += ["| | " + " | ".join(metrics) + " |", "|---|" + "---|" * len(metrics)]
-        out += [f"| {k.replace('_', ' ')} | " + " | ".join(f"{v[m]:.3f}" if m in v else "" for m in metrics) + " |"
+        out += [f"| {k.replace('_', ' ')} | " + " | ".join(cell(v[m]) if m in v else "" for m in metrics) + " |"
                 for k, v in rows.items()]
         out.append("")
     for section, block in data.items():

@@ -11,14 +11,18 @@ def test_eval_report_becomes_a_table():
 
 
 def test_nested_blocks_become_tables_and_markdown_wins(tmp_path):
-    data = {"headline_gap_closed": {"fashion": {"ot-loop": 0.1, "mmcl-pseudo": 0.3}}}
-    assert "### headline gap closed" in report_tables(data) and "| fashion | 0.100 | 0.300 |" in report_tables(data)
+    data = {"headline_gap_closed": {"fashion": {"ot-loop": 0.1, "mmcl-pseudo": 0.3, "ot-match": None}}}
+    assert "### headline gap closed" in report_tables(data)
+    assert "| fashion | 0.100 | 0.300 | n/a |" in report_tables(data)
     path = tmp_path / "partial_pairs.json"
     path.write_text(json.dumps(data))
     app = SearchApp(searcher=None, report=path)
     assert "headline gap closed" in app.report_markdown()
     (tmp_path / "partial_pairs.md").write_text("# From the experiment")
     (tmp_path / "partial_pairs-recall.png").write_bytes(b"png")
+    (tmp_path / "partial_pairs-pair-positives-recall.png").write_bytes(b"png")  # another report's plot
     (tmp_path / "unrelated.png").write_bytes(b"png")
     assert app.report_markdown() == "# From the experiment"
+    assert len(app.report_plots()) == 2  # no list in the JSON: the PNGs named after its stem
+    path.write_text(json.dumps({**data, "plots": ["partial_pairs-recall.png", "partial_pairs-gone.png"]}))
     assert [p.split("/")[-1] for p in app.report_plots()] == ["partial_pairs-recall.png"]

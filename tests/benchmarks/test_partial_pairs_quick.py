@@ -24,4 +24,11 @@ def test_quick_mode_writes_report(tmp_path):
     assert "| paired-only |" in report and "did not help" in report
     if "runs" in results["fashion"]:
         assert {"zero-shot", "oracle"} <= {r["method"] for r in results["fashion"]["runs"]}
-        assert (tmp_path / "partial_pairs-recall.png").stat().st_size > 1000
+        assert (tmp_path / "partial_pairs-quick-recall.png").stat().st_size > 1000
+        assert results["plots"] == ["partial_pairs-quick-recall.png", "partial_pairs-quick-sensitivity.png"]
+        assert results["fashion"]["positives"] == "label"
+    (tmp_path / "partial_pairs-quick.md").unlink()
+    again = subprocess.run([sys.executable, str(SCRIPT), "--from-json", str(tmp_path / "partial_pairs-quick.json"),
+                            "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert (tmp_path / "partial_pairs-quick.md").read_text().startswith(report.split("Total time")[0])
