@@ -40,6 +40,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_train)
 
+    p = sub.add_parser("wise-ft", help="interpolate a fine-tuned checkpoint with its zero-shot model (WiSE-FT)")
+    p.add_argument("checkpoint", type=Path, help="a training run's best.pt or last.pt")
+    p.add_argument("--alpha", type=float, default=0.5, help="weight of the fine-tuned model (default: %(default)s)")
+    p.add_argument("--zero-shot", default=None, help="the model it was fine-tuned from (default: the run's --model)")
+    p.add_argument("--out", type=Path, required=True, help="the interpolated checkpoint to write")
+    p.set_defaults(func=_wise_ft)
+
     p = sub.add_parser("eval", help="retrieval recall and zero-shot accuracy of a model on a test corpus")
     p.add_argument("--model", default="effnet-minilm", help="model spec or checkpoint (default: %(default)s)")
     p.add_argument("--corpus", type=Path, required=True, help="test manifest (pairs; labels for zero-shot)")
@@ -67,6 +74,13 @@ def _eval(args: argparse.Namespace) -> int:
         write_json_atomically(args.out, report)
     if args.md:
         write_lines_atomically(args.md, [text])
+    return 0
+
+
+def _wise_ft(args: argparse.Namespace) -> int:
+    from .wise_ft import wise_ft
+
+    print(wise_ft(args.checkpoint, args.alpha, args.out, args.zero_shot))
     return 0
 
 

@@ -27,6 +27,8 @@ def test_quick_mode_writes_report(tmp_path):
         assert (tmp_path / "partial_pairs-quick-recall.png").stat().st_size > 1000
         assert results["plots"] == ["partial_pairs-quick-recall.png", "partial_pairs-quick-sensitivity.png"]
         assert results["fashion"]["positives"] == "label"
+        trained = [r for r in results["fashion"]["runs"] if r["method"] != "zero-shot"]
+        assert all(0.0 <= r["wise_zs_unseen"] <= 1.0 for r in trained) and "After WiSE-FT" in report
     (tmp_path / "partial_pairs-quick.md").unlink()
     again = subprocess.run([sys.executable, str(SCRIPT), "--from-json", str(tmp_path / "partial_pairs-quick.json"),
                             "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)

@@ -14,15 +14,6 @@ from otclip.engine import fashion_mnist
 pytestmark = pytest.mark.skipif(not fashion_mnist.available(), reason="Debian's dataset-fashion-mnist is not installed")
 
 
-@pytest.fixture(scope="session")
-def small_corpus(tmp_path_factory):
-    from otclip.training.fashion_corpus import build_fashion_mnist_corpus
-
-    root = tmp_path_factory.mktemp("fm-corpus")
-    build_fashion_mnist_corpus(root, 0.1, "sandal,bag", seed=0, train_size=300, val_size=100, test_size=100)
-    return root
-
-
 def read_log(run):
     return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
 

@@ -1,0 +1,53 @@
+"""WiSE-FT: interpolating a fine-tuned checkpoint with its zero-shot model."""
+
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from otclip.engine import load_model
+from otclip.engine.model_loading import ModelIdentity
+from otclip.training.wise_ft import interpolate
+
+
+def tiny(weight: float, width: int = 3):
+    model = torch.nn.Linear(width, 2)
+    torch.nn.init.constant_(model.weight, weight)
+    model.register_buffer("steps", torch.tensor(7))
+    return SimpleNamespace(model=model, identity=ModelIdentity(f"m{weight}", "x"))
+
+
+def test_interpolation_is_linear_in_the_floating_weights_only():
+    for alpha, expected in ((0.0, 1.0), (0.25, 1.5), (1.0, 3.0)):
+        merged = interpolate(tiny(1.0), tiny(3.0), alpha).model
+        assert torch.allclose(merged.weight, torch.full((2, 3), expected))
+        assert int(merged.steps) == 7
+    with pytest.raises(ValueError, match="different architectures"):
+        interpolate(tiny(1.0, width=4), tiny(3.0), 0.5)
+    with pytest.raises(ValueError, match="--alpha 1.5"):
+        interpolate(tiny(1.0), tiny(3.0), 1.5)
+
+
+@pytest.mark.slow
+def test_cli_writes_a_checkpoint_between_the_run_and_its_starting_model(small_corpus, tmp_path):
+    from otclip.training.trainer import TrainConfig, Trainer
+
+    run = tmp_path / "run"
+    Trainer(TrainConfig(corpus=str(small_corpus), out=str(run), steps=30, batch_size=32, eval_every=30, lr=1e-2),
+            progress=False).train()
+    out = tmp_path / "wise.pt"
+    done = subprocess.run([sys.executable, "-m", "otclip", "wise-ft", str(run / "best.pt"), "--alpha", "0.25",
+                           "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    start, tuned, merged = (load_model(m, device="cpu").model.state_dict()
+                            for m in ("effnet-minilm", str(run / "best.pt"), str(out)))
+    moved = [k for k in start if start[k].is_floating_point() and not torch.equal(start[k], tuned[k])]
+    assert moved  # training changed the heads
+    for k in moved:
+        assert torch.allclose(merged[k], 0.75 * start[k] + 0.25 * tuned[k], atol=1e-6)
+    assert load_model(str(out)).identity.name.startswith("effnet-minilm-wise0.25@")
+    bad = subprocess.run([sys.executable, "-m", "otclip", "wise-ft", str(small_corpus / "train.jsonl"), "--out",
+                          str(tmp_path / "x.pt")], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "train.jsonl: cannot read as a checkpoint" in bad.stderr and "Traceback" not in bad.stderr

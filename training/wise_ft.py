@@ -1,0 +1,52 @@
+"""`otclip wise-ft`: weight-space ensembling of a fine-tuned model with the model it started from
+(WiSE-FT, Wortsman et al. 2022): theta = (1 - alpha) theta_zero_shot + alpha theta_fine_tuned.
+
+Fine-tuning the heads on the seen classes forgets the zero-shot behaviour on unseen ones; the
+interpolation keeps part of both, with no retraining. Valid because fine-tuning started from the
+zero-shot weights (same architecture, same initialisation)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from otclip.engine import LoadedModel, load_model, save_checkpoint
+
+
+def same_architecture(start: dict, end: dict) -> bool:
+    return start.keys() == end.keys() and all(start[k].shape == end[k].shape for k in end)
+
+
+def interpolate_states(start: dict, end: dict, alpha: float) -> dict:
+    """(1 - alpha) start + alpha end for floating-point tensors; other tensors come from `end`."""
+    if not 0 <= alpha <= 1:
+        raise ValueError(f"--alpha {alpha}: must be in [0, 1]")
+    if not same_architecture(start, end):
+        raise ValueError("the two state dicts differ in tensor names or shapes (different architectures)")
+    return {k: torch.lerp(start[k].to(v), v, alpha) if v.is_floating_point() else v for k, v in end.items()}
+
+
+def interpolate(zero_shot: LoadedModel, fine_tuned: LoadedModel, alpha: float) -> LoadedModel:
+    """`fine_tuned` with its weights interpolated towards `zero_shot` (modified in place)."""
+    start, end = zero_shot.model.state_dict(), fine_tuned.model.state_dict()
+    if not same_architecture(start, end):
+        raise ValueError(f"{fine_tuned.identity.name} and {zero_shot.identity.name} have different architectures: "
+                         "interpolate a run's checkpoint with the model it was trained from")
+    fine_tuned.model.load_state_dict(interpolate_states(start, end, alpha))
+    return fine_tuned
+
+
+def wise_ft(fine_tuned: str | Path, alpha: float, out: str | Path, zero_shot: str | None = None) -> Path:
+    """Write the interpolated checkpoint to `out`. The zero-shot model defaults to the one the
+    training run recorded (`train_config.model` in the checkpoint)."""
+    tuned = load_model(str(fine_tuned), device="cpu")  # a clear error for anything but a checkpoint
+    if zero_shot is None:
+        ckpt = torch.load(fine_tuned, map_location="cpu", weights_only=True)
+        zero_shot = (ckpt.get("train_config") or ckpt.get("train_state", {}).get("config") or {}).get("model")
+        if zero_shot is None:
+            raise ValueError(f"{fine_tuned}: records no training config; pass --zero-shot MODEL")
+    merged = interpolate(load_model(zero_shot, device="cpu"), tuned, alpha)
+    name = f"{tuned.identity.name.split('@')[0]}-wise{alpha:g}"
+    return save_checkpoint(merged, out, name=name, extra={"wise_ft": {"zero_shot": zero_shot, "fine_tuned": str(fine_tuned),
+                                                                      "alpha": alpha}})
