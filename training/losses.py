@@ -36,7 +36,7 @@ class StepEmbeddings:
     images: torch.Tensor  # (U, d) unpaired images
     texts: torch.Tensor  # (V, d) unpaired texts
     logit_scale: torch.Tensor  # exp() gives the inverse temperature
-    pair_positives: torch.Tensor | None = None  # (B, B) bool: pairs sharing a caption or label; None = diagonal
+    pair_positives: torch.Tensor | None = None  # (B, B) bool: pairs that are positives of each other; None = diagonal
     match_images: torch.Tensor | None = None  # ot-match pseudo-pairs
     match_texts: torch.Tensor | None = None
     match_weights: torch.Tensor | None = None
