@@ -132,7 +132,7 @@ def fashion(args, log) -> dict:
                 log(f"fashion {method} p={fraction} seed={seed}: test mean recall {r['test_mean_recall']:.3f} "
                     f"({time.time() - t:.0f}s)")
     return {"sizes": {"train": args.train, "val": args.val, "test": args.test}, "unseen": args.unseen,
-            "positives": args.positives,
+            "positives": args.positives, "wise_alpha": WISE_ALPHA,
             "steps": args.steps, "chosen": {m: {"alpha": a, "ot_eps": e} for m, (a, e) in chosen.items()},
             "sensitivity": sensitivity, "runs": rows}
 
@@ -276,7 +276,7 @@ def summarise(results: dict) -> tuple[str, dict]:
                                "zs_harmonic")]
             lines.append(f"| {method} | {'-' if fraction is None else f'{fraction:.0%}'} | " + " | ".join(cells) + " |")
         if any("wise_zs_seen" in r for r in fm["runs"]):
-            lines += ["", f"After WiSE-FT (alpha {WISE_ALPHA}: half-way back to the untrained weights; "
+            lines += ["", f"After WiSE-FT (alpha {fm.get('wise_alpha', WISE_ALPHA)}, towards the untrained weights; "
                       "`otclip wise-ft`), the same runs:", "",
                       "| method | pairs | test mean recall | zs seen | zs unseen | zs H | zs H before |",
                       "|---|---|---|---|---|---|---|"]

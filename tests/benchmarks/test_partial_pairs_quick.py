@@ -1,5 +1,6 @@
 """The experiment's --quick mode runs end to end and writes its JSON, Markdown and plots."""
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -8,6 +9,17 @@ from pathlib import Path
 import pytest
 
 SCRIPT = Path(__file__).parents[2] / "benchmarks" / "partial_pairs.py"
+
+
+def test_gap_is_a_ratio_only_where_the_oracle_leads_beyond_the_seeds_spread():
+    spec = importlib.util.spec_from_file_location("partial_pairs", SCRIPT)
+    pp = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pp)
+    assert pp.gap_closed([0.6, 0.6], [0.5, 0.5], [0.7, 0.7]) == pytest.approx(0.5)
+    assert pp.gap_closed([0.4, 0.4], [0.5, 0.5], [0.7, 0.7]) == pytest.approx(-0.5)
+    assert pp.gap_closed([0.6, 0.6], [0.5, 0.5], [0.5, 0.7]) is None  # gap 0.1 within the oracle's spread 0.1
+    assert pp.gap_closed([0.6, 0.6], [0.5, 0.5], [0.45, 0.45]) is None  # oracle behind
+    assert pp.gap_cell(None) == "n/a" and pp.gap_cell(0.25) == "+0.25"
 
 
 @pytest.mark.slow
