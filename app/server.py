@@ -93,7 +93,8 @@ class SearchApp:
         report = Path(self.report)
         listed = json.loads(report.read_text()).get("plots")  # the experiment lists its plots' file names
         if listed:
-            return [str(report.parent / Path(name).name) for name in listed if (report.parent / Path(name).name).exists()]
+            paths = [report.parent / Path(name).name for name in listed]
+            return [str(path) for path in paths if path.exists()]
         return sorted(str(p) for p in report.parent.glob(f"{report.stem}-*.png"))
 
 

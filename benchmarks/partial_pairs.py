@@ -46,6 +46,11 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return float(np.mean(values)), float(np.std(values))
 
 
+def mean_std_cell(values: list[float]) -> str:
+    mean, std = mean_std(values)
+    return f"{mean:.3f} +- {std:.3f}"
+
+
 # --- Fashion-MNIST ------------------------------------------------------------------------------
 def fashion(args, log) -> dict:
     from otclip.engine import fashion_mnist, load_model
@@ -271,7 +276,7 @@ def summarise(results: dict) -> tuple[str, dict]:
         for r in fm["runs"]:
             groups.setdefault((r["method"], r["fraction"]), []).append(r)
         for (method, fraction), rs in groups.items():
-            cells = [f"{mean_std([r[k] for r in rs])[0]:.3f} +- {mean_std([r[k] for r in rs])[1]:.3f}"
+            cells = [mean_std_cell([r[k] for r in rs])
                      for k in ("test_t2i_R@1", "test_t2i_R@5", "test_i2t_R@1", "test_i2t_R@5", "zs_seen", "zs_unseen",
                                "zs_harmonic")]
             lines.append(f"| {method} | {'-' if fraction is None else f'{fraction:.0%}'} | " + " | ".join(cells) + " |")
@@ -283,7 +288,7 @@ def summarise(results: dict) -> tuple[str, dict]:
             for (method, fraction), rs in groups.items():
                 if method == "zero-shot":
                     continue
-                cells = [f"{mean_std([r[k] for r in rs])[0]:.3f} +- {mean_std([r[k] for r in rs])[1]:.3f}"
+                cells = [mean_std_cell([r[k] for r in rs])
                          for k in ("wise_test_mean_recall", "wise_zs_seen", "wise_zs_unseen", "wise_zs_harmonic",
                                    "zs_harmonic")]
                 lines.append(f"| {method} | {f'{fraction:.0%}'} | " + " | ".join(cells) + " |")
@@ -314,7 +319,7 @@ def summarise(results: dict) -> tuple[str, dict]:
                 for n in sorted({r["unpaired"] for r in lin["runs"]}):
                     v = [r["test_top1"] for r in lin["runs"] if r["method"] == method and r["unpaired"] == n
                          and r["half_partners"] == half]
-                    cells.append(f"{np.mean(v):.3f} +- {np.std(v):.3f}")
+                    cells.append(mean_std_cell(v))
                 lines.append(f"| {method} | " + " | ".join(cells) + " |")
             lines.append("")
             n_max = max(r["unpaired"] for r in lin["runs"])

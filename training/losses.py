@@ -50,8 +50,7 @@ def clip_loss(x: torch.Tensor, y: torch.Tensor, logit_scale: torch.Tensor, weigh
     UniCL (Yang et al. 2022), so that two rows with the same caption or class are not pushed apart."""
     logits = logit_scale.exp().clamp(max=100) * x @ y.T
     if positives is None:
-        target = torch.arange(len(x), device=x.device)
-        rows = cols = target
+        rows = cols = torch.arange(len(x), device=x.device)
     else:
         p = positives.to(logits.dtype)
         rows, cols = p / p.sum(1, keepdim=True), p.T / p.T.sum(1, keepdim=True)

@@ -14,26 +14,21 @@ import torch
 from otclip.engine import LoadedModel, load_model, save_checkpoint
 
 
-def same_architecture(start: dict, end: dict) -> bool:
-    return start.keys() == end.keys() and all(start[k].shape == end[k].shape for k in end)
-
-
-def interpolate_states(start: dict, end: dict, alpha: float) -> dict:
+def interpolate_states(start: dict, end: dict, alpha: float, what: str = "the two state dicts") -> dict:
     """(1 - alpha) start + alpha end for floating-point tensors; other tensors come from `end`."""
     if not 0 <= alpha <= 1:
         raise ValueError(f"--alpha {alpha}: must be in [0, 1]")
-    if not same_architecture(start, end):
-        raise ValueError("the two state dicts differ in tensor names or shapes (different architectures)")
+    if start.keys() != end.keys() or any(start[k].shape != end[k].shape for k in end):
+        raise ValueError(f"{what} have different architectures: "
+                         "interpolate a run's checkpoint with the model it was trained from")
     return {k: torch.lerp(start[k].to(v), v, alpha) if v.is_floating_point() else v for k, v in end.items()}
 
 
 def interpolate(zero_shot: LoadedModel, fine_tuned: LoadedModel, alpha: float) -> LoadedModel:
     """`fine_tuned` with its weights interpolated towards `zero_shot` (modified in place)."""
-    start, end = zero_shot.model.state_dict(), fine_tuned.model.state_dict()
-    if not same_architecture(start, end):
-        raise ValueError(f"{fine_tuned.identity.name} and {zero_shot.identity.name} have different architectures: "
-                         "interpolate a run's checkpoint with the model it was trained from")
-    fine_tuned.model.load_state_dict(interpolate_states(start, end, alpha))
+    merged = interpolate_states(zero_shot.model.state_dict(), fine_tuned.model.state_dict(), alpha,
+                                what=f"{fine_tuned.identity.name} and {zero_shot.identity.name}")
+    fine_tuned.model.load_state_dict(merged)
     return fine_tuned
 
 
