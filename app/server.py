@@ -1,8 +1,9 @@
 """The Gradio app: text -> image, image -> text and image -> image search over one index directory.
 
 The model is loaded once (by the IndexSearcher); Gradio's queue serialises model calls with a
-concurrency limit. Only paths that the index lists are ever returned to the browser, and Gradio
-serves only files that functions return, so no request can read an arbitrary file.
+concurrency limit. Result tiles are thumbnails the app makes from the paths the index lists, so
+the originals are never handed to Gradio: they show wherever the photos live (Gradio refuses to
+serve files outside the working and temp directories), and no request can read any other file.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pathlib import Path
 import gradio as gr
 from PIL import Image
 
-from otclip.engine.images import ImageDecodeError, load_image
+from otclip.engine.images import ImageDecodeError, load_image, thumbnail
 from otclip.engine.search import IndexSearcher, SearchResult
 
 MAX_UPLOAD = "20mb"
@@ -45,18 +46,30 @@ class SearchApp:
             raise gr.Error(f"upload: {img.width}x{img.height} is too large (limit {MAX_UPLOAD_PIXELS:,} pixels)")
         return img
 
-    def _gallery(self, results: list[SearchResult], min_score: float) -> tuple[list, str]:
+    def _gallery(self, results: list[SearchResult], min_score: float) -> tuple[list, str, list[str]]:
+        """(tiles, status line, the indexed paths behind the tiles): each tile is a thumbnail made here
+        from an indexed path, never the original file."""
         if not results:
-            return [], f"No results above score {min_score:.2f}. Lower the minimum score."
-        return [(r.path, _caption(r)) for r in results], f"{len(results)} results"
+            return [], f"No results above score {min_score:.2f}. Lower the minimum score.", []
+        tiles, paths = [], []
+        for r in results:
+            try:
+                tiles.append((thumbnail(r.path), _caption(r)))
+            except ImageDecodeError:  # moved or damaged since it was indexed
+                continue
+            paths.append(r.path)
+        status = f"{len(tiles)} results"
+        if len(tiles) < len(results):
+            status += f" ({len(results) - len(tiles)} indexed files could not be read: re-run `otclip index`)"
+        return tiles, status, paths
 
-    def text_to_image(self, query: str, k: float = 12, min_score: float = -1.0) -> tuple[list, str]:
+    def text_to_image(self, query: str, k: float = 12, min_score: float = -1.0) -> tuple[list, str, list[str]]:
         if not query or not query.strip():
             raise gr.Error("empty query: type what you are looking for, e.g. 'a cat'")
         results = self.searcher.search_text(query.strip()[:500], int(k), float(min_score))
         return self._gallery(results, min_score)
 
-    def image_to_image(self, image, k: float = 12, min_score: float = -1.0) -> tuple[list, str]:
+    def image_to_image(self, image, k: float = 12, min_score: float = -1.0) -> tuple[list, str, list[str]]:
         results = self.searcher.search_image(self._check_image(image), int(k), float(min_score))
         return self._gallery(results, min_score)
 
@@ -136,16 +149,12 @@ def build_ui(app: SearchApp) -> gr.Blocks:
                 min_score = gr.Slider(-1, 1, value=-1, step=0.01, label="minimum score")
             gr.Examples(EXAMPLE_QUERIES, inputs=query)
             status = gr.Markdown(elem_id="t2i-status")
-            gallery = gr.Gallery(label="Results", columns=6, height="auto", elem_id="t2i-gallery")
+            gallery = gr.Gallery(label="Results", columns=6, height="auto", format="jpeg", elem_id="t2i-gallery")
             last_results = gr.State([])  # the indexed paths behind the gallery, for click-to-search
 
-            def text_search(q, k_, s_):
-                items, message = app.text_to_image(q, k_, s_)
-                return items, message, [path for path, _ in items]
-
             outputs = [gallery, status, last_results]
-            search.click(text_search, [query, k, min_score], outputs, api_name="text_to_image")
-            query.submit(text_search, [query, k, min_score], outputs, api_name=False)
+            search.click(app.text_to_image, [query, k, min_score], outputs, api_name="text_to_image")
+            query.submit(app.text_to_image, [query, k, min_score], outputs, api_name=False)
         with gr.Tab("Image -> text"):
             image_in = gr.Image(type="pil", label="Image", sources=["upload", "clipboard"], elem_id="i2t-image")
             k_text = gr.Slider(1, 20, value=5, step=1, label="k")
@@ -156,8 +165,10 @@ def build_ui(app: SearchApp) -> gr.Blocks:
             image_q = gr.Image(type="pil", label="Image", sources=["upload", "clipboard"], elem_id="i2i-image")
             find_similar = gr.Button("Find similar", variant="primary", elem_id="i2i-search")
             status_i = gr.Markdown()
-            gallery_i = gr.Gallery(label="Similar images", columns=6, height="auto", elem_id="i2i-gallery")
-            find_similar.click(app.image_to_image, [image_q, k, min_score], [gallery_i, status_i], api_name="image_to_image")
+            gallery_i = gr.Gallery(label="Similar images", columns=6, height="auto", format="jpeg", elem_id="i2i-gallery")
+            last_similar = gr.State([])
+            find_similar.click(app.image_to_image, [image_q, k, min_score], [gallery_i, status_i, last_similar],
+                               api_name="image_to_image")
         with gr.Tab("Evaluation"):
             gr.Markdown(app.report_markdown())
             plots = app.report_plots()
@@ -169,9 +180,13 @@ def build_ui(app: SearchApp) -> gr.Blocks:
             source = paths[evt.index] if paths and 0 <= evt.index < len(paths) else None
             if source is None or not app.searcher.lists_image(source):
                 raise gr.Error("that result is no longer in the index")
-            return (source, *app.image_to_image(source))
+            try:
+                shown = thumbnail(source)
+            except ImageDecodeError as exc:
+                raise gr.Error(str(exc)) from None
+            return (shown, *app.image_to_image(source))
 
-        gallery.select(search_by_result, last_results, [image_q, gallery_i, status_i], api_name=False)
+        gallery.select(search_by_result, last_results, [image_q, gallery_i, status_i, last_similar], api_name=False)
     return ui
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+THUMBNAIL_SIDE = 384  # pixels, the longer side of a result tile (the app's preview enlarges it)
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 
 
@@ -82,3 +83,15 @@ def load_image(source: str | Path | bytes | Image.Image, name: str | None = None
     except Exception:  # a broken EXIF block should not lose the image itself
         pass
     return _to_rgb(img)
+
+
+def thumbnail(source: str | Path, max_side: int = THUMBNAIL_SIDE) -> Image.Image:
+    """A display copy of an indexed image, at most `max_side` pixels on its longer side.
+
+    The app shows these instead of the originals: they are made by the process (so Gradio serves
+    them from its cache wherever the photos live) and are a few kB where originals are megabytes.
+    JPEGs decode at a reduced DCT scale (draft mode); raises ImageDecodeError like `load_image`.
+    """
+    img = load_image(source, draft=max_side)
+    img.thumbnail((max_side, max_side), Image.Resampling.BILINEAR, reducing_gap=2.0)
+    return img
