@@ -2,7 +2,8 @@
 
 Convention: `scores` is (n_queries, n_items); `relevant` is a boolean (n_queries, n_items) matrix
 (several relevant items per query are allowed). A query hits at k when any relevant item ranks
-in its top k. Ties are broken pessimistically: an item tied with a relevant one ranks before it.
+in its top k. Ties are broken pessimistically: a non-relevant item tied with a relevant one ranks
+before it (relevant items tied with each other do not push each other down).
 """
 
 from __future__ import annotations
@@ -15,14 +16,15 @@ import numpy as np
 def first_relevant_rank(scores: np.ndarray, relevant: np.ndarray) -> np.ndarray:
     """(n_queries,) 1-based rank of the best-ranked relevant item (inf when a query has none).
 
-    rank = 1 + number of items scoring at least as high as the best relevant item, other than itself.
+    rank = 1 + #{non-relevant items scoring at least as high as the best relevant item}: the rank of
+    the first relevant item when ties are ordered worst case (non-relevant first).
     """
     scores = np.asarray(scores, dtype=np.float64)
     relevant = np.asarray(relevant, dtype=bool)
     if scores.shape != relevant.shape:
         raise ValueError(f"scores {scores.shape} and relevant {relevant.shape} differ in shape")
     best_relevant = np.where(relevant, scores, -np.inf).max(axis=1, initial=-np.inf)
-    ahead = (scores >= best_relevant[:, None]).sum(axis=1) - 1
+    ahead = ((scores >= best_relevant[:, None]) & ~relevant).sum(axis=1)
     ranks = 1.0 + ahead
     ranks[~relevant.any(axis=1)] = np.inf
     return ranks

@@ -10,14 +10,29 @@ from otclip.engine.metrics import (
 )
 
 
+def worst_case_rank(s, r) -> int:
+    """Sort the items, ties broken worst case (non-relevant before relevant), and find the first relevant."""
+    order = sorted(range(len(s)), key=lambda j: (-s[j], bool(r[j])))
+    return next(pos for pos, j in enumerate(order, 1) if r[j])
+
+
 def brute_force_recall(scores, relevant, k):
-    hits = 0
-    for s, r in zip(scores, relevant):
-        best = max(s[j] for j in range(len(s)) if r[j])
-        # pessimistic ties: everything scoring >= best (except one relevant item at best) is ahead
-        rank = 1 + sum(1 for j in range(len(s)) if s[j] >= best) - 1
-        hits += rank <= k
-    return hits / len(scores)
+    return sum(worst_case_rank(s, r) <= k for s, r in zip(scores, relevant)) / len(scores)
+
+
+def test_relevant_items_tied_at_the_top_rank_first():
+    scores = np.array([[0.9, 0.9, 0.1], [0.5, 0.5, 0.5]])
+    relevant = np.array([[True, True, False], [True, False, True]])
+    np.testing.assert_array_equal(first_relevant_rank(scores, relevant), [1, 2])
+
+
+def test_ranks_match_a_worst_case_sort_on_random_ties():
+    rng = np.random.default_rng(7)
+    scores = rng.integers(0, 4, size=(3000, 12)).astype(float)  # few distinct values: ties everywhere
+    relevant = rng.random((3000, 12)) < 0.25
+    relevant[:, 0] |= ~relevant.any(1)
+    expected = [worst_case_rank(s, r) for s, r in zip(scores, relevant)]
+    np.testing.assert_array_equal(first_relevant_rank(scores, relevant), expected)
 
 
 def test_hand_computed_single_positive():
