@@ -89,7 +89,7 @@ def fashion(args, log) -> dict:
         labels = [r.label for r in test_rows]
 
         def test_metrics(prefix: str = "") -> dict:
-            out = trainer.retrieval_metrics(img, txt, labels, "test_", [r.text for r in test_rows])
+            out = trainer.retrieval_metrics(img, txt, labels, "test_", [r.text for r in test_rows], [r.image for r in test_rows])
             out.update(zero_shot(trainer, img, labels, args.unseen.split(",")))
             return {prefix + k: v for k, v in out.items()}
 

@@ -104,6 +104,14 @@ def multi_positive_loss(scores: np.ndarray, relevant: np.ndarray, scale: float) 
     return out / 2
 
 
+def _first_of_each(keys) -> dict:
+    """{key: the first row holding it}, in order of first appearance."""
+    first: dict = {}
+    for row, key in enumerate(keys):
+        first.setdefault(key, row)
+    return first
+
+
 def _cosine_lr(step: int, total: int, warmup: int) -> float:
     if step < warmup:
         return (step + 1) / warmup
@@ -162,6 +170,7 @@ class Trainer:
         self.val_txt = self._text_inputs(cache, [r.text for r in val_pairs]).to(to) if val_pairs else None
         self.val_labels = [r.label for r in val_pairs]
         self.val_texts = [r.text for r in val_pairs]
+        self.val_images = [r.image for r in val_pairs]
         self.feature_seconds = time.time() - t0
 
     def _positive_keys(self, pairs) -> torch.Tensor | None:
@@ -246,23 +255,29 @@ class Trainer:
     def validate(self) -> dict:
         if self.val_img is None:
             return {}
-        return self.retrieval_metrics(self.val_img, self.val_txt, self.val_labels, "val_", self.val_texts)
+        return self.retrieval_metrics(self.val_img, self.val_txt, self.val_labels, "val_", self.val_texts, self.val_images)
 
     @torch.no_grad()
-    def retrieval_metrics(self, image_inputs, text_inputs, labels, prefix: str = "", texts=None) -> dict:
-        """Recall both ways between rows' images and texts: relevant = same label when every row has
-        one, else the same caption; plus the multi-positive loss and the images' uniformity.
+    def retrieval_metrics(self, image_inputs, text_inputs, labels, prefix: str = "", texts=None, images=None) -> dict:
+        """Recall both ways between the distinct images and the distinct captions of some pair rows;
+        plus the multi-positive loss and the images' uniformity.
 
-        `texts` (the rows' caption strings) makes image -> text search run over the distinct captions:
-        a caption repeated on many rows would otherwise fill an image's top k with identical ties."""
+        `texts` / `images` name each row's caption and image (default: every row distinct), so that an
+        image with three captions is one item with three relevant captions, not three tied copies.
+        Relevant: the same label when every row has one, else a caption and image that form a row."""
         t = self.trainable
         x, y = self.embed(image_inputs, text_inputs)
-        scores = (y @ x.T).cpu().numpy()
-        labels = np.array(labels, dtype=object)
-        keys = np.array(texts if texts is not None else range(len(x)), dtype=object)
-        relevant = keys[:, None] == keys[None, :] if any(lbl is None for lbl in labels) else labels[:, None] == labels[None, :]
-        distinct = sorted({key: j for j, key in reversed(list(enumerate(keys.tolist())))}.values())
-        t2i, i2t = recall_at_k(scores, relevant), recall_at_k(scores[distinct].T, relevant[distinct].T)
+        text_ids, image_ids = (_first_of_each(keys if keys is not None else range(len(x))) for keys in (texts, images))
+        scores = (y[list(text_ids.values())] @ x[list(image_ids.values())].T).cpu().numpy()
+        if any(lbl is None for lbl in labels):
+            relevant = np.zeros(scores.shape, dtype=bool)
+            tpos, ipos = {k: i for i, k in enumerate(text_ids)}, {k: i for i, k in enumerate(image_ids)}
+            for tk, ik in zip(texts or range(len(x)), images or range(len(x))):
+                relevant[tpos[tk], ipos[ik]] = True
+        else:
+            labels = np.array(labels, dtype=object)
+            relevant = labels[list(text_ids.values())][:, None] == labels[list(image_ids.values())][None, :]
+        t2i, i2t = recall_at_k(scores, relevant), recall_at_k(scores.T, relevant.T)
         out = {"loss": multi_positive_loss(scores, relevant, float(t.logit_scale.exp())),
                "t2i_R@1": t2i["R@1"], "t2i_R@5": t2i["R@5"], "i2t_R@1": i2t["R@1"], "i2t_R@5": i2t["R@5"],
                "mean_recall": (t2i["R@1"] + t2i["R@5"] + i2t["R@1"] + i2t["R@5"]) / 4, "uniformity": float(uniformity(x))}
