@@ -12,14 +12,21 @@ solve the same problems and are the reference in the tests.
 
 Speed, since OT runs every training step: the iterations are matrix-vector products on the
 kernel K = exp((f + g - C) / eps) (scaling form), stabilised by absorbing large scalings into the
-log-potentials f, g (Schmitzer); they stop as soon as the marginal error is below `tol`; and the
-value's gradient comes from the envelope theorem (d OT / d C = P*), so nothing backpropagates
-through the iterations.
+log-potentials f, g (Schmitzer), over-relaxed when asked (Thibault et al. 2021); they stop as soon
+as both marginals are within `tol` (L1). Where the scaling form under- or overflows (small eps,
+outliers), the same fixed point is reached by log-domain (log-sum-exp) iterations, as POT's
+`sinkhorn_log`. Everything runs in at least float32, also under autocast: bf16 plans are
+percents of the mass off.
+
+Gradients: the value's gradient is the plan (envelope theorem: d OT / d C = P*), so nothing
+backpropagates through the iterations; the plan's own gradient, for terms that are functions of
+plans (loop consistency), comes from implicit differentiation of the fixed point (`ImplicitPlan`).
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -30,14 +37,42 @@ ABSORB_ABOVE = 1e4  # scalings larger than this are folded into the potentials
 @dataclass
 class OTResult:
     value: torch.Tensor  # OT_eps (entropic objective); gradient w.r.t. C is the plan (envelope theorem)
-    plan: torch.Tensor  # (n, m) optimal plan; differentiable w.r.t. C at the fixed optimal potentials
+    plan: torch.Tensor  # (n, m) optimal plan; its gradient w.r.t. C is the implicit derivative of the fixed point
     transport_cost: torch.Tensor  # <P, C>, the quantity POT's sinkhorn2 returns
     iterations: int
     marginal_error: float
+    converged: bool = True
 
 
 def uniform(n: int, like: torch.Tensor) -> torch.Tensor:
     return torch.full((n,), 1.0 / n, dtype=like.dtype, device=like.device)
+
+
+def _ot_dtype(t: torch.Tensor) -> torch.dtype:
+    """float64 stays float64; anything narrower (bf16, fp16) is solved in float32."""
+    return torch.promote_types(t.dtype, torch.float32)
+
+
+def _log_domain_potentials(C, a, b, eps, tau, f, g, max_iter, tol, check_every, first_iter):
+    """Sinkhorn's updates written with log-sum-exp (no kernel to under- or overflow), from (f, g).
+    Balanced: the error is the row marginal's L1 error (columns are exact after each g-update);
+    unbalanced: the largest change of f / eps."""
+    log_a, log_b = torch.log(a), torch.log(b)
+    err, it = math.inf, first_iter
+    for it in range(first_iter + 1, max_iter + 1):
+        f_prev = f
+        f = -tau * eps * torch.logsumexp(log_b[None, :] + (g[None, :] - C) / eps, dim=1)
+        g = -tau * eps * torch.logsumexp(log_a[:, None] + (f[:, None] - C) / eps, dim=0)
+        if it % check_every and it != max_iter:
+            continue
+        if tau == 1.0:
+            rows = torch.exp(log_a + (f + eps * torch.logsumexp(log_b[None, :] + (g[None, :] - C) / eps, dim=1)) / eps)
+            err = float((rows - a).abs().sum())
+        else:
+            err = float((f - f_prev).abs().max()) / eps
+        if err < tol:
+            break
+    return f, g, it, err
 
 
 @torch.no_grad()
@@ -47,8 +82,10 @@ def sinkhorn_potentials(
 ) -> tuple[torch.Tensor, torch.Tensor, int, float]:
     """Optimal log-potentials (f, g) of the entropic (un)balanced problem; also iterations and error.
 
-    The error is the L1 distance of the plan's row marginal to `a` (columns are exact after each
-    g-update in the balanced case); for unbalanced problems it is the change of the scalings.
+    Balanced: the error is the L1 distance of the plan's row marginal to `a` plus its column
+    marginal's to `b` (over-relaxed updates leave both inexact). Unbalanced: the largest relative
+    change of the scalings. Falls back to log-domain iterations if the scaling form leaves the
+    floating-point range.
     """
     tau = 1.0 if rho is None else rho / (rho + eps)
     f = C.min(dim=1).values  # a shift that keeps the first kernel from underflowing
@@ -70,13 +107,15 @@ def sinkhorn_potentials(
         if it % check_every and it != max_iter:
             continue  # host synchronisation (costly on a GPU) only every `check_every` iterations
         if rho is None:
-            error = (u * (K @ v) - a).abs().sum()
+            error = (u * (K @ v) - a).abs().sum() + (v * (K.T @ u) - b).abs().sum()
         else:
             error = (u - u_prev).abs().max() / u.abs().max().clamp_min(1.0)
         largest = torch.maximum(u.max(), v.max())
-        err, largest = (float(t) for t in torch.stack([error, largest]).tolist())
-        if not math.isfinite(err) or not math.isfinite(largest):
-            raise FloatingPointError(f"Sinkhorn diverged at iteration {it} (eps={eps} too small for this cost?)")
+        smallest = torch.minimum(u.min(), v.min())
+        err, largest, smallest = (float(t) for t in torch.stack([error, largest, smallest]).tolist())
+        if not (math.isfinite(err) and math.isfinite(largest)) or smallest <= 0.0:
+            # the kernel under- or overflowed: finish from the last absorbed (finite) potentials in the log domain
+            return _log_domain_potentials(C, a, b, eps, tau, f, g, max_iter, tol, check_every, it)
         if err < tol:
             break
         if largest > ABSORB_ABOVE:
@@ -84,6 +123,44 @@ def sinkhorn_potentials(
             u, v = torch.ones_like(u), torch.ones_like(v)
             K = torch.exp((f[:, None] + g[None, :] - C) / eps) * a[:, None] * b[None, :]
     return f + eps * torch.log(u), g + eps * torch.log(v), it, err
+
+
+class ImplicitPlan(torch.autograd.Function):
+    """The optimal plan P*(C) with the gradient of the fixed point (implicit function theorem).
+
+    P_ij = a_i b_j exp((f_i + g_j - C_ij) / eps) with f = tau F(g), g = tau G(f) (Sinkhorn's
+    fixed point; tau = rho / (rho + eps), 1 when balanced). Differentiating the fixed point gives
+        alpha_i df_i + tau (P dg)_i = tau ((P o dC) 1)_i,    beta_j dg_j + tau (P^T df)_j = tau ((P o dC)^T 1)_j,
+    alpha = P 1, beta = P^T 1, i.e. H [df; dg] = tau [r; c] with H = [[diag alpha, tau P], [tau P^T, diag beta]].
+    For an upstream gradient G = dL/dP, with u = (G o P) 1, v = (G o P)^T 1 and H [w1; w2] = [u; v]:
+        dL/dC = (P o (tau (w1_i + w2_j) - G_ij)) / eps.
+    H is singular in the balanced case (f + t, g - t is the same plan); the right-hand side is
+    orthogonal to that direction, and the Schur system is solved with 1 1^T added (Luise et al. 2018;
+    Eisenberger et al. 2022). Solved in float64.
+    """
+
+    @staticmethod
+    def forward(ctx, C: torch.Tensor, plan: torch.Tensor, eps: float, tau: float) -> torch.Tensor:
+        ctx.save_for_backward(plan)
+        ctx.eps, ctx.tau = eps, tau
+        return plan.clone()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (plan,) = ctx.saved_tensors
+        eps, tau = ctx.eps, ctx.tau
+        P, G = plan.double(), grad.double()
+        GP = G * P
+        u, v = GP.sum(1), GP.sum(0)
+        alpha, beta = P.sum(1), P.sum(0)
+        schur = torch.diag(beta) - tau * tau * (P.T / alpha[None, :]) @ P
+        rhs = v - tau * P.T @ (u / alpha)
+        if tau == 1.0:
+            schur = schur + 1.0
+        w2 = torch.linalg.solve(schur, rhs)
+        w1 = (u - tau * P @ w2) / alpha
+        dC = P * (tau * (w1[:, None] + w2[None, :]) - G) / eps
+        return dC.to(grad.dtype), None, None, None
 
 
 def _kl(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
@@ -95,22 +172,32 @@ def entropic_ot(
     C: torch.Tensor, a: torch.Tensor | None = None, b: torch.Tensor | None = None, eps: float = 0.05,
     rho: float | None = None, max_iter: int = 1000, tol: float = 1e-6, overrelax: float = 1.0,
 ) -> OTResult:
-    """Entropic OT between uniform (default) or given marginals, with envelope-theorem gradients.
+    """Entropic OT between uniform (default) or given marginals.
 
-    C: (n, m) cost, may require grad. eps: entropic regularisation. rho: None for balanced OT,
-    else the KL marginal relaxation strength (unbalanced OT, for sets whose class mix differs).
+    C: (n, m) cost, may require grad; solved in float32 at least, whatever autocast is active.
+    eps: entropic regularisation. rho: None for balanced OT, else the KL marginal relaxation
+    strength (unbalanced OT, for sets whose class mix differs). overrelax: the over-relaxation
+    factor (1.5 takes fewer iterations to the same solution). Warns when `max_iter` is reached
+    with the marginal error above `tol`. Gradients: `value` by the envelope theorem, `plan`
+    through `ImplicitPlan`.
     """
-    a = uniform(C.shape[0], C) if a is None else a
-    b = uniform(C.shape[1], C) if b is None else b
-    f, g, iterations, err = sinkhorn_potentials(C.detach(), a, b, eps, rho, max_iter, tol)
-    plan = a[:, None] * b[None, :] * torch.exp((f[:, None] + g[None, :] - C) / eps)
-    P = plan.detach()
-    ab = a[:, None] * b[None, :]
-    const = eps * _kl(P, ab)
-    if rho is not None:
-        const = const + rho * (_kl(P.sum(1), a) + _kl(P.sum(0), b))
-    value = (P * C).sum() + const.detach()
-    return OTResult(value, plan, (P * C.detach()).sum(), iterations, err)
+    with torch.autocast(C.device.type, enabled=False):
+        C = C.to(_ot_dtype(C))
+        a = uniform(C.shape[0], C) if a is None else a.to(C.dtype)
+        b = uniform(C.shape[1], C) if b is None else b.to(C.dtype)
+        f, g, iterations, err = sinkhorn_potentials(C.detach(), a, b, eps, rho, max_iter, tol, overrelax=overrelax)
+        converged = err < tol
+        if not converged:
+            warnings.warn(f"Sinkhorn stopped at max_iter={max_iter} with marginal error {err:.1e} > tol {tol:.0e} "
+                          f"(eps={eps}, {C.shape[0]}x{C.shape[1]}): raise max_iter or eps", RuntimeWarning, stacklevel=2)
+        P = a[:, None] * b[None, :] * torch.exp((f[:, None] + g[None, :] - C.detach()) / eps)
+        tau = 1.0 if rho is None else rho / (rho + eps)
+        plan = ImplicitPlan.apply(C, P, eps, tau) if C.requires_grad else P
+        const = eps * _kl(P, a[:, None] * b[None, :])
+        if rho is not None:
+            const = const + rho * (_kl(P.sum(1), a) + _kl(P.sum(0), b))
+        value = (P * C).sum() + const
+        return OTResult(value, plan, (P * C.detach()).sum(), iterations, err, converged)
 
 
 def sinkhorn_divergence(x: torch.Tensor, y: torch.Tensor, eps: float = 0.05, rho: float | None = None,
@@ -123,9 +210,15 @@ def sinkhorn_divergence(x: torch.Tensor, y: torch.Tensor, eps: float = 0.05, rho
 
 
 def cosine_cost(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """C_ij = 1 - <x_i, y_j> for L2-normalised rows."""
-    return 1.0 - x @ y.T
+    """C_ij = 1 - <x_i, y_j> for L2-normalised rows; float32 at least, also under autocast."""
+    with torch.autocast(x.device.type, enabled=False):
+        dtype = torch.promote_types(_ot_dtype(x), y.dtype)
+        return 1.0 - x.to(dtype) @ y.to(dtype).T
 
 
 def sqeuclidean_cost(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return (x * x).sum(1)[:, None] + (y * y).sum(1)[None, :] - 2.0 * x @ y.T
+    """C_ij = ||x_i - y_j||^2; float32 at least, also under autocast."""
+    with torch.autocast(x.device.type, enabled=False):
+        dtype = torch.promote_types(_ot_dtype(x), y.dtype)
+        x, y = x.to(dtype), y.to(dtype)
+        return (x * x).sum(1)[:, None] + (y * y).sum(1)[None, :] - 2.0 * x @ y.T

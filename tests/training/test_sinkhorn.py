@@ -8,6 +8,18 @@ from otclip.training.barycenter import free_support_barycenter
 from otclip.training.sinkhorn import cosine_cost, entropic_ot, sinkhorn_divergence, uniform
 
 
+def clustered(n, d=16, k=8, seed=0, spread=0.15):
+    """Unit vectors around k random centres (float32, as in training)."""
+    g = torch.Generator().manual_seed(seed)
+    centers = F.normalize(torch.randn(k, d, generator=g), dim=1)
+    return F.normalize(centers[torch.randint(0, k, (n,), generator=g)] + spread * torch.randn(n, d, generator=g), dim=1)
+
+
+def marginal_error(plan):
+    n, m = plan.shape
+    return float((plan.sum(1) - 1 / n).abs().sum() + (plan.sum(0) - 1 / m).abs().sum())
+
+
 def clouds(n=40, m=30, d=8, seed=0, dtype=torch.float64):
     g = torch.Generator().manual_seed(seed)
     return (F.normalize(torch.randn(n, d, generator=g, dtype=dtype), dim=1),
@@ -81,3 +93,67 @@ def test_barycenter_matches_pot():
         [m1.numpy(), m2.numpy()], [np.full(20, 1 / 20), np.full(25, 1 / 25)], init.numpy(), 0.5,
         weights=np.array([0.5, 0.5]), numItermax=20, numInnerItermax=100000, stopThr=0)
     np.testing.assert_allclose(ours.numpy(), pot, atol=1e-4)
+
+
+def test_overrelaxation_takes_fewer_iterations_and_both_marginals_are_within_tol():
+    C = cosine_cost(clustered(256, seed=0), clustered(256, seed=1))
+    plain = entropic_ot(C, eps=0.05, tol=1e-4)
+    fast = entropic_ot(C, eps=0.05, tol=1e-4, overrelax=1.5)
+    assert fast.iterations < 0.75 * plain.iterations
+    assert marginal_error(plain.plan) < 1e-4 and marginal_error(fast.plan) < 1e-4  # columns too, not only rows
+    assert float((fast.plan - plain.plan).abs().sum()) < 1e-3
+
+
+def test_stopping_at_max_iter_is_not_silent():
+    C = cosine_cost(clustered(128, seed=2), clustered(128, seed=3))
+    with pytest.warns(RuntimeWarning, match="max_iter=20"):
+        r = entropic_ot(C, eps=0.01, tol=1e-6, max_iter=20)
+    assert not r.converged and r.marginal_error > 1e-6
+
+
+def test_small_eps_with_far_columns_falls_back_to_log_domain_and_matches_pot():
+    g = torch.Generator().manual_seed(4)
+    x, y = (F.normalize(torch.randn(256, 64, generator=g), dim=1) for _ in range(2))
+    C = cosine_cost(x, y)
+    C[:, :4] += 3.0  # texts far from every image: their kernel columns underflow in float32
+    ours = entropic_ot(C, eps=0.005, tol=1e-5, max_iter=20000)
+    a = torch.full((256,), 1 / 256, dtype=torch.float64)
+    pot = ot.bregman.sinkhorn_log(a, a, C.double(), 0.005, stopThr=1e-7, numItermax=4000)
+    assert ours.converged and torch.isfinite(ours.plan).all()
+    assert float((ours.plan.double() - pot).abs().sum()) < 1e-4
+
+
+def test_autocast_bf16_never_reaches_the_solver():
+    from otclip.training.losses import step_ot
+
+    x, y = clustered(256, seed=5), clustered(256, seed=6)
+    reference = step_ot(cosine_cost(x, y), 0.05)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        C = cosine_cost(x, y)
+        under = step_ot(C, 0.05)
+    assert C.dtype == torch.float32 and under.plan.dtype == torch.float32
+    assert float((under.plan - reference.plan).abs().sum()) < 1e-5
+    assert float(under.value) == pytest.approx(float(reference.value), abs=1e-6)
+
+
+@pytest.mark.parametrize("rho", [None, 0.5])
+def test_plan_gradient_matches_finite_differences_of_resolved_plans(rho):
+    """d<W, P*(C)>/dC by implicit differentiation against central differences, each plan solved anew."""
+    x, y = clouds(n=9, m=7, d=4, seed=6)
+    C = cosine_cost(x, y)
+    W = torch.randn(C.shape, generator=torch.Generator().manual_seed(1), dtype=C.dtype)
+
+    def objective(c):
+        return (W * entropic_ot(c, eps=0.1, rho=rho, tol=1e-14, max_iter=200000).plan).sum()
+
+    Cg = C.clone().requires_grad_(True)
+    objective(Cg).backward()
+    h, fd = 1e-6, torch.zeros_like(C)
+    for i in range(C.shape[0]):
+        for j in range(C.shape[1]):
+            step = torch.zeros_like(C)
+            step[i, j] = h
+            fd[i, j] = (objective(C + step) - objective(C - step)) / (2 * h)
+    cosine = float((Cg.grad * fd).sum() / (Cg.grad.norm() * fd.norm()))
+    assert cosine > 0.99999
+    assert float(Cg.grad.norm() / fd.norm()) == pytest.approx(1.0, abs=1e-4)
