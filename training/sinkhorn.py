@@ -201,12 +201,14 @@ def entropic_ot(
 
 
 def sinkhorn_divergence(x: torch.Tensor, y: torch.Tensor, eps: float = 0.05, rho: float | None = None,
-                        cost=None, tol: float = 1e-6) -> torch.Tensor:
+                        cost=None, tol: float = 1e-6, overrelax: float = 1.0) -> torch.Tensor:
     """Debiased S_eps(x, y) = OT(x, y) - OT(x, x)/2 - OT(y, y)/2 (Feydy et al. 2019): zero when x = y."""
     cost = cost or cosine_cost
-    return (entropic_ot(cost(x, y), eps=eps, rho=rho, tol=tol).value
-            - 0.5 * entropic_ot(cost(x, x), eps=eps, rho=rho, tol=tol).value
-            - 0.5 * entropic_ot(cost(y, y), eps=eps, rho=rho, tol=tol).value)
+
+    def ot(p, q):
+        return entropic_ot(cost(p, q), eps=eps, rho=rho, tol=tol, overrelax=overrelax, max_iter=5000).value
+
+    return ot(x, y) - 0.5 * ot(x, x) - 0.5 * ot(y, y)
 
 
 def cosine_cost(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -157,3 +157,24 @@ def test_plan_gradient_matches_finite_differences_of_resolved_plans(rho):
     cosine = float((Cg.grad * fd).sum() / (Cg.grad.norm() * fd.norm()))
     assert cosine > 0.99999
     assert float(Cg.grad.norm() / fd.norm()) == pytest.approx(1.0, abs=1e-4)
+
+
+def test_debiased_barycenter_is_a_stationary_point_of_the_debiased_objective():
+    """Autograd of sum_m w_m S_eps(mu_m, Y) w.r.t. the support, at the returned Y against the start."""
+    from otclip.training.sinkhorn import sqeuclidean_cost
+
+    g = torch.Generator().manual_seed(1)
+    m1 = torch.randn(20, 2, generator=g, dtype=torch.float64)
+    m2 = torch.randn(25, 2, generator=g, dtype=torch.float64) + 3.0
+    init = torch.randn(12, 2, generator=g, dtype=torch.float64)
+
+    def gradient_norm(Y):
+        Y = Y.clone().requires_grad_(True)
+        value = sum(0.5 * sinkhorn_divergence(Y, m, eps=0.5, cost=sqeuclidean_cost, tol=1e-12) for m in (m1, m2))
+        value.backward()
+        return float(Y.grad.norm())
+
+    Y = free_support_barycenter([m1, m2], init, eps=0.5, n_iter=300, tol=1e-20, inner_tol=1e-12, debiased=True)
+    assert gradient_norm(Y) < 1e-4 * gradient_norm(init)
+    same = free_support_barycenter([m1, m1], m1, eps=0.5, n_iter=5, inner_tol=1e-12, debiased=True)
+    assert torch.allclose(same, m1, atol=1e-8)  # a measure is its own debiased barycenter

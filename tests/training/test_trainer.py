@@ -103,7 +103,7 @@ def test_two_process_gloo_matches_one_process(small_corpus, tmp_path):
     two = [r for r in read_log(tmp_path / "two") if "total" in r]
     assert len(one) == len(two) == 3
     for a, b in zip(one, two):
-        for term in ("contrastive_loss", "ot_loop_TI", "total"):
+        for term in ("contrastive_loss", "ot_loop_IT", "ot_loop_consistency", "total"):
             assert a[term] == pytest.approx(b[term], rel=1e-4, abs=1e-5)
 
 
