@@ -170,11 +170,12 @@ def test_debiased_barycenter_is_a_stationary_point_of_the_debiased_objective():
 
     def gradient_norm(Y):
         Y = Y.clone().requires_grad_(True)
-        value = sum(0.5 * sinkhorn_divergence(Y, m, eps=0.5, cost=sqeuclidean_cost, tol=1e-12) for m in (m1, m2))
+        value = sum(0.5 * sinkhorn_divergence(Y, m, eps=1.0, cost=sqeuclidean_cost, tol=1e-12) for m in (m1, m2))
         value.backward()
         return float(Y.grad.norm())
 
-    Y = free_support_barycenter([m1, m2], init, eps=0.5, n_iter=300, tol=1e-20, inner_tol=1e-12, debiased=True)
-    assert gradient_norm(Y) < 1e-4 * gradient_norm(init)
+    Y = free_support_barycenter([m1, m2], init, eps=1.0, n_iter=200, tol=1e-20, inner_tol=1e-10, debiased=True)
+    plain = free_support_barycenter([m1, m2], init, eps=1.0, n_iter=200, tol=1e-20, inner_tol=1e-10)
+    assert gradient_norm(Y) < 1e-4 * gradient_norm(init) < 1e-2 * gradient_norm(plain)
     same = free_support_barycenter([m1, m1], m1, eps=0.5, n_iter=5, inner_tol=1e-12, debiased=True)
     assert torch.allclose(same, m1, atol=1e-8)  # a measure is its own debiased barycenter
