@@ -16,6 +16,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--train-size", type=int, default=10_000)
     p.add_argument("--val-size", type=int, default=1_000)
+    p.add_argument("--open-world", action="store_true",
+                   help="unseen classes get no pairs but appear among the unpaired images and texts")
     p.add_argument("--test-size", type=int, default=2_000)
     p.set_defaults(func=_data)
 
@@ -88,7 +90,7 @@ def _data(args: argparse.Namespace) -> int:
     from .fashion_corpus import build_fashion_mnist_corpus
 
     info = build_fashion_mnist_corpus(args.out, args.pair_fraction, args.unseen, args.seed, args.train_size,
-                                      args.val_size, args.test_size)
+                                      args.val_size, args.test_size, open_world=args.open_world)
     print(json.dumps(info))
     return 0
 

@@ -3,8 +3,13 @@
 Train: a random `pair_fraction` of the training images keep a caption (pairs); the other images
 lose theirs and the captions of those images become unpaired texts, each list shuffled on its own,
 so the partners exist but their correspondence is unknown. Captions come from several paraphrase
-templates per class. Unseen classes appear in no training or validation row; the test split holds
-seen and unseen classes (generalized zero-shot).
+templates per class. The test split holds seen and unseen classes (generalized zero-shot).
+
+Two protocols for the unseen classes:
+- classic (default): they appear in no training or validation row.
+- open world (`open_world=True`): they have no pairs, but the unpaired images and texts cover every
+  class (a shop has captions for its old categories; new ones have photos and descriptions, unpaired).
+Validation pairs are of seen classes in both. A pair fraction of 0 gives unpaired data alone.
 """
 
 from __future__ import annotations
@@ -41,20 +46,31 @@ def parse_unseen(names: str) -> set[int]:
 
 
 def build_fashion_mnist_corpus(out: str | Path, pair_fraction: float = 0.05, unseen: str = "", seed: int = 0,
-                               train_size: int = 10_000, val_size: int = 1_000, test_size: int = 2_000) -> dict:
-    """Write PNGs and train/val/test manifests under `out`; returns counts per split."""
-    if not 0 < pair_fraction <= 1:
-        raise ValueError(f"--pair-fraction {pair_fraction}: must be in (0, 1]")
+                               train_size: int = 10_000, val_size: int = 1_000, test_size: int = 2_000,
+                               open_world: bool = False, pool_seed: int | None = None) -> dict:
+    """Write PNGs and train/val/test manifests under `out`; returns counts per split. `pair_fraction` is
+    the share of the training images (seen classes) that keep their caption. `pool_seed` (default:
+    `seed`) draws which images make up the splits, `seed` the pairs, captions and shuffles, so
+    experiments can vary the pairing over one set of images."""
+    if not 0 <= pair_fraction <= 1:
+        raise ValueError(f"--pair-fraction {pair_fraction}: must be in [0, 1]")
     out = Path(out)
-    rng = random.Random(seed)
+    pool_rng, rng = random.Random(seed if pool_seed is None else pool_seed), random.Random(seed)
     unseen_ids = parse_unseen(unseen)
     train_x, train_y = fashion_mnist.load_split("train")
     test_x, test_y = fashion_mnist.load_split("test")
     seen_idx = [i for i in range(len(train_y)) if int(train_y[i]) not in unseen_ids]
-    rng.shuffle(seen_idx)
-    train_idx, val_idx = seen_idx[:train_size], seen_idx[train_size : train_size + val_size]
+    pool_rng.shuffle(seen_idx)
+    val_idx = seen_idx[:val_size]
+    if open_world:
+        taken = set(val_idx)
+        pool = [i for i in range(len(train_y)) if i not in taken]
+        pool_rng.shuffle(pool)
+        train_idx = pool[:train_size]
+    else:
+        train_idx = seen_idx[val_size : val_size + train_size]
     test_idx = list(range(len(test_y)))
-    rng.shuffle(test_idx)
+    pool_rng.shuffle(test_idx)
     test_idx = sorted(test_idx[:test_size])
 
     def save(split: str, x, i: int) -> str:
@@ -65,8 +81,13 @@ def build_fashion_mnist_corpus(out: str | Path, pair_fraction: float = 0.05, uns
             fashion_mnist.to_photo(x[i]).save(path)
         return str(rel)
 
-    n_pairs = max(1, round(pair_fraction * len(train_idx)))
-    pairs, rest = train_idx[:n_pairs], train_idx[n_pairs:]
+    seen_train = [i for i in train_idx if int(train_y[i]) not in unseen_ids]
+    rng.shuffle(seen_train)
+    n_pairs = round(pair_fraction * len(seen_train))
+    if pair_fraction and not n_pairs:
+        n_pairs = 1
+    paired = set(seen_train[:n_pairs])
+    pairs, rest = seen_train[:n_pairs], [i for i in train_idx if i not in paired]
     rows = [{"image": save("train", train_x, i), "text": caption(int(train_y[i]), rng),
              "label": fashion_mnist.SHORT_NAMES[train_y[i]], "split": "train"} for i in pairs]
     images = [{"image": save("train", train_x, i), "label": fashion_mnist.SHORT_NAMES[train_y[i]], "split": "train"}
@@ -84,6 +105,6 @@ def build_fashion_mnist_corpus(out: str | Path, pair_fraction: float = 0.05, uns
         write_lines_atomically(out / f"{name}.jsonl", [json.dumps(r) for r in split_rows])
     info = {"pairs": len(rows), "unpaired_images": len(images), "unpaired_texts": len(texts), "val": len(val),
             "test": len(test), "unseen": sorted(fashion_mnist.SHORT_NAMES[i] for i in unseen_ids),
-            "pair_fraction": pair_fraction, "seed": seed}
+            "pair_fraction": pair_fraction, "seed": seed, "open_world": open_world}
     write_lines_atomically(out / "corpus.json", [json.dumps(info, indent=2)])
     return info

@@ -9,13 +9,15 @@ plan changes little past it while the iteration count grows several-fold.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .barycenter import free_support_barycenter
+from .matching import Matching, mutual_nearest_pairs, ot_matching
 from .sinkhorn import cosine_cost, entropic_ot, sinkhorn_divergence, sqeuclidean_cost
 
 TRAIN_TOL = 1e-3
@@ -68,6 +70,8 @@ def uniformity(x: torch.Tensor, t: float = 2.0) -> torch.Tensor:
 
 class ContrastiveLoss(nn.Module):
     def forward(self, e: StepEmbeddings) -> dict[str, torch.Tensor]:
+        if len(e.pair_images) == 0:  # a corpus of unpaired data alone
+            return {"contrastive_loss": e.logit_scale.new_zeros(())}
         return {"contrastive_loss": clip_loss(e.pair_images, e.pair_texts, e.logit_scale, positives=e.pair_positives)}
 
 
@@ -122,74 +126,87 @@ class LoopOT(nn.Module):
 
 
 class BarycenterOT(nn.Module):
-    """`ot-barycenter`: sum_m w_m S_eps(mu_m, B), B the free-support Wasserstein barycenter of the image and
-    text batches (Zhu & Luo, PRCV 2024: both modalities transported to one barycenter), equal weights.
+    """`ot-barycenter`: sum_m w_m S_eps(mu_m, B), B the Wasserstein barycenter of the image and text batches
+    (Zhu & Luo, PRCV 2024: both modalities transported to one barycenter), equal weights w_m = 1/2.
+
+    For two measures with equal weights the W2 barycenter is McCann's displacement interpolant at
+    t = 1/2 (McCann 1997; Agueh & Carlier 2011): B = { (x_i + T(x_i)) / 2 }, T the transport map from
+    the images to the texts, here the entropic plan's barycentric map T(x_i) = n sum_j P_ij y_j. It is
+    closed-form (one OT problem, no fixed-point iterations) and has as many points as the image batch.
+    `refine` > 0 continues with that many iterations of the debiased free-support fixed point
+    (`free_support_barycenter(debiased=True)`, Janati et al. 2020), which converges slowly.
 
     S_eps is the debiased Sinkhorn divergence, S(mu, nu) = OT(mu, nu) - OT(mu, mu)/2 - OT(nu, nu)/2
-    (Feydy et al. 2019) to the debiased barycenter (Janati et al. 2020), with squared Euclidean cost,
-    so the term is ~0 when the two batches coincide and grows as they separate; the entropic blur
-    of plain OT_eps made the old value (64 support points, 5 iterations) read 1.000 for independent
-    batches and 1.003 for identical ones. The support has as many points as the larger batch,
-    starts at the image batch, and is iterated until it moves less than `tol`. B is held fixed in
-    the gradient: at the barycenter's optimum its own variation does not change the value to first
-    order (envelope theorem)."""
+    (Feydy et al. 2019), with squared Euclidean cost: the term is ~0 when the batches coincide and
+    grows as they separate (for the unregularised W2 it equals W2^2(mu_1, mu_2) / 4). The entropic
+    blur of plain OT_eps made the old value (64 support points, 5 iterations) read 1.000 for
+    independent batches and 1.003 for identical ones. B is held fixed in the gradient (envelope theorem)."""
 
-    def __init__(self, eps: float = 0.05, support: int | None = None, n_iter: int = 30, tol: float = 1e-6) -> None:
+    def __init__(self, eps: float = 0.05, refine: int = 0) -> None:
         super().__init__()
-        self.eps, self.support, self.n_iter, self.tol = eps, support, n_iter, tol
+        self.eps, self.refine = eps, refine
 
     def forward(self, e: StepEmbeddings) -> dict[str, torch.Tensor]:
         images, texts = e.images.detach(), e.texts.detach()
-        k = self.support or max(len(images), len(texts))
-        union = torch.cat([images, texts])
-        init = images if k == len(images) else union[torch.linspace(0, len(union) - 1, k, device=union.device).long()]
-        # squared Euclidean between unit vectors is 2 (1 - cos): eps doubles with it
-        eps = self.eps * 2
-        B = free_support_barycenter([images, texts], init, eps=eps, n_iter=self.n_iter, tol=self.tol,
-                                    inner_tol=TRAIN_TOL, overrelax=OVERRELAX, debiased=True)
+        eps = self.eps * 2  # squared Euclidean between unit vectors is 2 (1 - cos): eps doubles with it
+        plan = entropic_ot(sqeuclidean_cost(images, texts), eps=eps, tol=TRAIN_TOL, overrelax=OVERRELAX, max_iter=5000).plan
+        B = 0.5 * images + 0.5 * (plan @ texts) / plan.sum(1, keepdim=True)
+        if self.refine:
+            B = free_support_barycenter([images, texts], B, eps=eps, n_iter=self.refine, inner_tol=TRAIN_TOL,
+                                        overrelax=OVERRELAX, debiased=True)
         value = sum(0.5 * sinkhorn_divergence(m, B, eps, cost=sqeuclidean_cost, tol=TRAIN_TOL, overrelax=OVERRELAX)
                     for m in (e.images, e.texts))
         return {"ot_barycenter": value}
 
 
-class MMCLPseudoPairs(nn.Module):
-    """`mmcl-pseudo` (Nakada et al., AISTATS 2023): the top-m entries of the unpaired batch's similarity
-    matrix are taken as positive pairs in the contrastive loss (one per image and per text at most)."""
+def top_b_pseudo_pair_loss(x: torch.Tensor, y: torch.Tensor, tau: float = 1.0) -> torch.Tensor:
+    """Nakada et al.'s loss on unpaired data (AISTATS 2023; the authors' nswa17/MMCL notebook).
 
-    def __init__(self, top_m: int | None = None) -> None:
+    s_ij = <x_i, y_j> / tau over a batch of images x (n, d) and texts y (m, d); S = the B = min(n, m)
+    largest entries of the flattened n x m matrix, taken as positives (several may share a row or a
+    column: not a one-to-one matching):
+        L = ( -2 sum_{(i,j) in S} s_ij + sum_i log sum_j e^{s_ij} + sum_j log sum_i e^{s_ij} ) / (2B).
+    """
+    s = x @ y.T / tau
+    b = min(s.shape)
+    top = s.flatten().topk(b).values
+    return (-2.0 * top.sum() + torch.logsumexp(s, 1).sum() + torch.logsumexp(s, 0).sum()) / (2 * b)
+
+
+class NakadaPseudoPairs(nn.Module):
+    """`mmcl-nakada`: Nakada et al.'s second stage, faithfully (`top_b_pseudo_pair_loss` at tau = 1 on the
+    unpaired batch, after a first stage on the pairs, with no paired loss in the second stage).
+    It assumes that each unpaired image's hidden partner is in the same batch, as in their
+    experiment; where batches are drawn independently (real corpora: partners unknown) few are,
+    and `mmcl-pool` gathers likely partners into the batch first."""
+
+    def __init__(self, tau: float = 1.0) -> None:
         super().__init__()
-        self.top_m = top_m
-
-    @staticmethod
-    @torch.no_grad()
-    def select(scores: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Greedy one-to-one selection of the m largest entries: (image indices, text indices)."""
-        n_cols = scores.shape[1]
-        # each row's and each column's best entries are the only candidates a greedy pass can take first
-        candidates = torch.cat([scores.topk(min(n_cols, 8), dim=1).indices
-                                + torch.arange(len(scores), device=scores.device)[:, None] * n_cols]).flatten()
-        candidates = candidates[scores.flatten()[candidates].argsort(descending=True)]
-        rows, cols, used_r, used_c = [], [], set(), set()
-        for flat in candidates.tolist():
-            r, c = divmod(flat, n_cols)
-            if r in used_r or c in used_c:
-                continue
-            rows.append(r)
-            cols.append(c)
-            used_r.add(r)
-            used_c.add(c)
-            if len(rows) == m:
-                break
-        return torch.tensor(rows, device=scores.device), torch.tensor(cols, device=scores.device)
+        self.tau = tau
 
     def forward(self, e: StepEmbeddings) -> dict[str, torch.Tensor]:
-        m = self.top_m or max(1, min(len(e.images), len(e.texts)) // 4)
-        rows, cols = self.select(e.images @ e.texts.T, m)
-        return {"mmcl_pseudo": clip_loss(e.images[rows], e.texts[cols], e.logit_scale)}
+        return {"mmcl_nakada": top_b_pseudo_pair_loss(e.images, e.texts, self.tau)}
+
+
+class PoolPseudoPairs(nn.Module):
+    """`mmcl-pool`: Nakada et al.'s loss on batches whose partners are gathered from the whole unpaired
+    pool: every `match_every` steps the mutual nearest neighbours between all unpaired images and all
+    unpaired texts (`matching.mutual_nearest_pairs`) become candidate pairs, and each step's batch is
+    drawn from them, so the top-B selection has partners to find without assuming they share a batch."""
+
+    def __init__(self, tau: float = 1.0) -> None:
+        super().__init__()
+        self.tau = tau
+
+    def forward(self, e: StepEmbeddings) -> dict[str, torch.Tensor]:
+        if e.match_images is None or len(e.match_images) < 2:
+            return {"mmcl_pool": e.logit_scale.new_zeros(())}
+        return {"mmcl_pool": top_b_pseudo_pair_loss(e.match_images, e.match_texts, self.tau)}
 
 
 class OTMatchLoss(nn.Module):
-    """`ot-match`: contrastive loss on the pseudo-pairs found by global OT matching, weighted by plan mass."""
+    """`ot-match`: contrastive loss on the pseudo-pairs found by global OT matching (`matching.ot_matching`),
+    weighted by plan mass."""
 
     def forward(self, e: StepEmbeddings) -> dict[str, torch.Tensor]:
         if e.match_images is None or len(e.match_images) < 2:
@@ -197,21 +214,75 @@ class OTMatchLoss(nn.Module):
         return {"ot_match": clip_loss(e.match_images, e.match_texts, e.logit_scale, e.match_weights)}
 
 
-REGULARIZERS = ("none", "ot-pairwise", "ot-loop", "ot-barycenter", "ot-match", "mmcl-pseudo")
+# --- the registry: the trainer, the CLI and the experiment read it; none of them names a regularizer --------
+@dataclass(frozen=True)
+class RegularizerOptions:
+    """The training settings a regularizer may read (the CLI flags of the same names)."""
+
+    eps: float = 0.05  # --ot-eps
+    rho: float | None = None  # --ot-rho
+    debiased: bool = False  # --debiased
+    loop_lambda: float = 1.0  # --loop-lambda
+    match_rho: float | None = 0.2  # --match-rho: unbalanced pool matching, so items without a partner stay out
+    match_min_mass: float = 0.5  # --match-min-mass
 
 
-def build_regularizer(name: str, eps: float = 0.05, rho: float | None = None, debiased: bool = False,
-                      loop_lambda: float = 1.0, barycenter_support: int | None = None) -> nn.Module | None:
+SCHEDULES = {
+    "joint": "L_clip + alpha R from the first step",
+    "after-pairs": "L_clip alone for the first stage (--pseudo-warmup), then L_clip + alpha R",
+    "two-stage": "L_clip alone for the first stage, then alpha R alone (Nakada et al.)",
+}
+
+
+@dataclass(frozen=True)
+class Regularizer:
+    name: str
+    build: Callable[[RegularizerOptions], nn.Module]
+    schedule: str = "joint"
+    pairing: Callable[..., Matching] | None = None  # pool-level pseudo-pairs: (images, texts, options, seed) -> Matching
+    uses_eps: bool = True  # whether --ot-eps changes it (the experiment's grid skips eps otherwise)
+    needs_pairs: bool = False  # whether it cannot work without paired anchors
+
+
+REGISTRY: dict[str, Regularizer] = {}
+
+
+def register(reg: Regularizer) -> None:
+    if reg.schedule not in SCHEDULES:
+        raise ValueError(f"{reg.name}: schedule {reg.schedule!r} is not one of {', '.join(SCHEDULES)}")
+    REGISTRY[reg.name] = reg
+
+
+register(Regularizer("ot-pairwise", lambda o: PairwiseOT(o.eps, o.rho, o.debiased)))
+register(Regularizer("ot-loop", lambda o: LoopOT(o.eps, o.rho, o.loop_lambda), needs_pairs=True))
+register(Regularizer("ot-barycenter", lambda o: BarycenterOT(o.eps)))
+register(Regularizer("ot-match", lambda o: OTMatchLoss(), schedule="after-pairs",
+                     pairing=lambda x, y, o, seed: ot_matching(x, y, o.eps, o.match_rho, o.match_min_mass, seed=seed)))
+register(Regularizer("mmcl-nakada", lambda o: NakadaPseudoPairs(), schedule="two-stage", uses_eps=False))
+register(Regularizer("mmcl-pool", lambda o: PoolPseudoPairs(), schedule="two-stage", uses_eps=False,
+                     pairing=lambda x, y, o, seed: mutual_nearest_pairs(x, y)))
+
+REGULARIZERS = ("none", *REGISTRY)
+
+
+def lookup(name: str) -> Regularizer | None:
+    """The registered regularizer called `name` (None for "none"); a one-line error naming the choices."""
     if name == "none":
         return None
-    if name == "ot-pairwise":
-        return PairwiseOT(eps, rho, debiased)
-    if name == "ot-loop":
-        return LoopOT(eps, rho, loop_lambda)
-    if name == "ot-barycenter":
-        return BarycenterOT(eps, barycenter_support)
-    if name == "ot-match":
-        return OTMatchLoss()
-    if name == "mmcl-pseudo":
-        return MMCLPseudoPairs()
-    raise ValueError(f"--reg {name!r}: expected one of {', '.join(REGULARIZERS)}")
+    if name not in REGISTRY:
+        raise ValueError(f"--reg {name!r}: expected one of {', '.join(REGULARIZERS)}")
+    return REGISTRY[name]
+
+
+def build_regularizer(name: str, options: RegularizerOptions | None = None, **overrides) -> nn.Module | None:
+    reg = lookup(name)
+    return None if reg is None else reg.build(replace(options or RegularizerOptions(), **overrides))
+
+
+def step_total(contrastive: torch.Tensor, reg_terms: dict[str, torch.Tensor], alpha: float, schedule: str,
+               first_stage: bool) -> torch.Tensor:
+    """The loss a step minimises under a regularizer's schedule (see SCHEDULES)."""
+    if (first_stage and schedule != "joint") or not reg_terms:
+        return contrastive
+    reg = alpha * sum(reg_terms.values())
+    return reg if schedule == "two-stage" else contrastive + reg

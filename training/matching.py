@@ -1,14 +1,11 @@
-"""Global OT matching for `ot-match`: an entropic plan between ALL unpaired image and ALL unpaired
-text embeddings, whose confident entries become soft pseudo-pairs.
+"""Pool-level pseudo-pairs between ALL unpaired images and ALL unpaired texts, refreshed every few
+training steps: `ot_matching` for `ot-match`, `mutual_nearest_pairs` for `mmcl-pool`.
 
-For each image i, its partner is j* = argmax_j P_ij with relative mass m_i = n P_ij* (1 for a
-perfect one-to-one match). A pair is kept when m_i >= `min_mass`, or when it is among the
-`keep_fraction` most confident rows: when many texts are near-duplicates (class-level captions)
-the plan spreads an image's mass over all of them and no single entry is large, yet the argmax is
-still a caption of the right kind. Weights are m_i divided by the largest kept m, so the surest
-pair weighs 1. Large sets are matched block by block
-(random blocks of `block` images against their nearest texts), and unbalanced OT (`rho`) lets
-items without a partner keep little mass instead of forcing a match.
+Texts with identical embeddings (one caption repeated on many rows, as class-level captions are)
+are merged into one support point weighted by its number of copies, so an image whose mass goes to
+"a sneaker" is not split over hundreds of copies of it. A distinct text with c copies can then be
+the partner of at most c images (one copy each), over the whole pool, whichever block found them:
+candidate pairs are assigned in order of confidence until each text's copies are used up.
 """
 
 from __future__ import annotations
@@ -23,33 +20,82 @@ from .sinkhorn import cosine_cost, entropic_ot
 @dataclass
 class Matching:
     images: torch.Tensor  # (p,) indices into the unpaired images
-    texts: torch.Tensor  # (p,) indices into the unpaired texts
+    texts: torch.Tensor  # (p,) indices into the unpaired texts; each at most once
     weights: torch.Tensor  # (p,) in (0, 1]
 
 
-@torch.no_grad()
-def global_matching(x: torch.Tensor, y: torch.Tensor, eps: float = 0.02, rho: float | None = None,
-                    min_mass: float = 0.3, keep_fraction: float = 0.5, block: int = 4096, seed: int = 0) -> Matching:
-    """Pseudo-pairs between all rows of x (images) and all rows of y (texts), both L2-normalised."""
-    n = len(x)
-    gen = torch.Generator().manual_seed(seed)
-    order = torch.randperm(n, generator=gen) if n > block else torch.arange(n)
+def _distinct_texts(y: torch.Tensor) -> tuple[torch.Tensor, list[list[int]]]:
+    """(k, d) distinct rows of y and, for each, the rows that hold it (in row order)."""
+    distinct, inverse = torch.unique(y, dim=0, return_inverse=True)
+    copies: list[list[int]] = [[] for _ in range(len(distinct))]
+    for row, k in enumerate(inverse.tolist()):
+        copies[k].append(row)
+    return distinct, copies
+
+
+def _assign(images: torch.Tensor, targets: torch.Tensor, confidence: torch.Tensor, copies: list[list[int]]) -> Matching:
+    """Candidate (image, distinct text) pairs -> pairs over text rows, most confident first, each image
+    once and each text row once (a distinct text takes as many images as it has copies)."""
+    used_images: set[int] = set()
+    next_copy = [0] * len(copies)
     imgs, txts, ws = [], [], []
+    for c in confidence.argsort(descending=True).tolist():
+        i, k = int(images[c]), int(targets[c])
+        if i in used_images or next_copy[k] >= len(copies[k]):
+            continue
+        used_images.add(i)
+        imgs.append(i)
+        txts.append(copies[k][next_copy[k]])
+        next_copy[k] += 1
+        ws.append(float(confidence[c]))
+    weights = torch.tensor(ws, dtype=torch.float32)
+    return Matching(torch.tensor(imgs, dtype=torch.long), torch.tensor(txts, dtype=torch.long),
+                    weights / weights.max().clamp_min(1e-12) if len(ws) else weights)
+
+
+@torch.no_grad()
+def ot_matching(x: torch.Tensor, y: torch.Tensor, eps: float = 0.02, rho: float | None = 0.2, min_mass: float = 0.5,
+                block: int = 8192, seed: int = 0) -> Matching:
+    """Pseudo-pairs from an entropic plan between the images x (n, d) and the distinct texts of y (m, d),
+    both L2-normalised; text weights are their copy counts.
+
+    Image i's candidate is j* = argmax_j P_ij. Its confidence is m_i = (P 1)_i / a_i, the share of its
+    mass that the plan transports at all: with `rho` (unbalanced OT, the default) an image with no
+    partner among the texts keeps little mass rather than being forced onto one, whereas the mass of
+    an image with a partner may spread over several paraphrases of it (a share of the argmax alone
+    would reject those). Kept when m_i >= `min_mass`. With balanced OT (rho None) every m_i is 1.
+    Pools larger than `block` are matched block by block (random blocks of images against their most
+    similar distinct texts) and assigned one-to-one overall.
+    """
+    distinct, copies = _distinct_texts(y)
+    counts = torch.tensor([len(c) for c in copies], dtype=x.dtype, device=x.device)
+    n = len(x)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)) if n > block else torch.arange(n)
+    images, targets, confidence = [], [], []
     for start in range(0, n, block):
         rows = order[start : start + block].to(x.device)
-        if len(y) > block:  # the texts most similar to this block, as many as the block
-            cols = (x[rows] @ y.T).max(dim=0).values.topk(min(len(y), len(rows))).indices
+        if len(distinct) > block:  # the texts most similar to this block, as many as the block
+            cols = (x[rows] @ distinct.T).max(dim=0).values.topk(min(len(distinct), len(rows))).indices
         else:
-            cols = torch.arange(len(y), device=y.device)
-        plan = entropic_ot(cosine_cost(x[rows], y[cols]), eps=eps, rho=rho, tol=1e-4).plan
-        mass, j = plan.max(dim=1)
-        relative = mass * len(rows)
-        keep = relative >= min_mass
-        n_top = int(keep_fraction * len(rows))
-        if n_top:
-            keep[relative.topk(n_top).indices] = True
-        imgs.append(rows[keep])
-        txts.append(cols[j[keep]])
-        ws.append(relative[keep])
-    weights = torch.cat(ws)
-    return Matching(torch.cat(imgs), torch.cat(txts), weights / weights.max().clamp_min(1e-12))
+            cols = torch.arange(len(distinct), device=x.device)
+        b = counts[cols] / counts[cols].sum()
+        plan = entropic_ot(cosine_cost(x[rows], distinct[cols]), b=b, eps=eps, rho=rho, tol=1e-4, max_iter=5000).plan
+        j = plan.argmax(dim=1)
+        share = plan.sum(1) * len(rows)  # a_i = 1 / len(rows)
+        keep = share >= min_mass
+        images.append(rows[keep].cpu())
+        targets.append(cols[j[keep]].cpu())
+        confidence.append(share[keep].cpu())
+    return _assign(torch.cat(images), torch.cat(targets), torch.cat(confidence), copies)
+
+
+@torch.no_grad()
+def mutual_nearest_pairs(x: torch.Tensor, y: torch.Tensor, chunk: int = 4096) -> Matching:
+    """Pairs (i, j) where text j is image i's most similar distinct text and i is among the c_j images
+    most similar to j of those whose nearest text j is (c_j its copies). Weights 1."""
+    distinct, copies = _distinct_texts(y)
+    best_text = torch.cat([(x[s : s + chunk] @ distinct.T).argmax(1) for s in range(0, len(x), chunk)])
+    similarity = (x * distinct[best_text]).sum(1)
+    pairs = _assign(torch.arange(len(x)), best_text.cpu(), similarity.cpu(), copies)
+    pairs.weights = torch.ones(len(pairs.images))
+    return pairs

@@ -1,7 +1,8 @@
 """The training loop: L = L_clip(pairs) + alpha * R(unpaired), on cached frozen features.
 
-Each step draws a paired batch and independent unpaired image and text batches (for `ot-match`, a
-batch of the current global matching's pseudo-pairs too). Cosine schedule with warmup, gradient
+Each step draws a paired batch and independent unpaired image and text batches (for regularizers
+with a pool-level pairing, a batch of the current pseudo-pairs too). What the regularizer is, how it
+is scheduled and whether it pairs the pool come from the registry in `losses`. Cosine schedule with warmup, gradient
 accumulation, autocast on CUDA, a JSONL log of every term plus the embeddings' spread, validation
 recall every N steps, best and last checkpoints, resume from last.pt after a crash, and data
 parallelism under torchrun (embeddings all-gathered with gradients before the losses, so every rank
@@ -27,8 +28,7 @@ from otclip.engine.metrics import recall_at_k
 
 from .corpus import PartiallyPairedCorpus, load_corpus
 from .feature_cache import FeatureCache
-from .losses import REGULARIZERS, ContrastiveLoss, StepEmbeddings, build_regularizer, uniformity
-from .matching import global_matching
+from .losses import ContrastiveLoss, RegularizerOptions, StepEmbeddings, lookup, step_total, uniformity
 from .trainable import TrainableModel
 
 POSITIVES = ("pair", "label")
@@ -45,6 +45,8 @@ class TrainConfig:
     ot_rho: float | None = None
     debiased: bool = False
     loop_lambda: float = 1.0
+    match_rho: float | None = 0.2  # pool matching (ot-match): unbalanced, so items without a partner stay out
+    match_min_mass: float = 0.5  # ot-match keeps an image's pair when this share of its mass goes to one text
     positives: str = "pair"  # contrastive positives: pair (row i only) or label (every pair of the same class)
     steps: int = 300
     batch_size: int = 64
@@ -56,7 +58,7 @@ class TrainConfig:
     eval_every: int = 50
     save_every: int = 50
     match_every: int = 100
-    pseudo_warmup: float = 0.3  # mmcl-pseudo, ot-match: fraction of steps trained on pairs alone first
+    pseudo_warmup: float = 0.3  # first stage of the after-pairs and two-stage schedules: pairs alone
     unlock_image: int = 0
     unlock_text: int = 0
     seed: int = 0
@@ -66,8 +68,13 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.positives not in POSITIVES:
             raise ValueError(f"--positives {self.positives!r}: expected one of {', '.join(POSITIVES)}")
-        if self.reg not in REGULARIZERS:
-            raise ValueError(f"--reg {self.reg!r}: expected one of {', '.join(REGULARIZERS)}")
+        lookup(self.reg)  # a one-line error naming the choices
+        for name in ("ot_rho", "match_rho"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ValueError(f"--{name.replace('_', '-')} {value}: must be positive (leave it out for balanced OT)")
+        if self.ot_eps <= 0:
+            raise ValueError(f"--ot-eps {self.ot_eps}: must be positive")
         for name in ("steps", "batch_size", "unpaired_batch_size", "accum", "eval_every", "save_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
@@ -126,7 +133,9 @@ class Trainer:
         self.ranks = init_from_env("nccl" if torch.cuda.is_available() else "gloo")
         self.out = Path(config.out)
         train_path, val_path = corpus_paths(config.corpus)
-        self.train_corpus: PartiallyPairedCorpus = load_corpus(train_path, split=None if val_path else "train")
+        # without a regularizer the pairs are all there is; with one, unpaired data alone is a valid corpus
+        self.train_corpus: PartiallyPairedCorpus = load_corpus(train_path, split=None if val_path else "train",
+                                                               require_pairs=config.reg == "none")
         val_source = val_path or train_path
         self.val_corpus = load_corpus(val_source, split=None if val_path else "val", require_pairs=False)
         device = f"cuda:{self.ranks.local_rank}" if torch.cuda.is_available() else "cpu"
@@ -135,7 +144,12 @@ class Trainer:
         self.loaded = loaded or load_model(config.model, device=device)
         self.trainable = TrainableModel(self.loaded, config.unlock_image, config.unlock_text)
         self.contrastive = ContrastiveLoss()
-        self.regularizer = build_regularizer(config.reg, config.ot_eps, config.ot_rho, config.debiased, config.loop_lambda)
+        self.reg_spec = lookup(config.reg)
+        self.reg_options = RegularizerOptions(config.ot_eps, config.ot_rho, config.debiased, config.loop_lambda,
+                                              config.match_rho, config.match_min_mass)
+        self.regularizer = self.reg_spec.build(self.reg_options) if self.reg_spec else None
+        if self.reg_spec and self.reg_spec.needs_pairs and not self.train_corpus.pairs:
+            raise ValueError(f"--reg {config.reg} needs pairs (its anchors); {config.corpus} has none")
         self.step = 0
         self.best = -1.0
         self.matching = None
@@ -161,8 +175,8 @@ class Trainer:
         val_pairs = v.pairs[: self.cfg.val_size]
         t0 = time.time()
         to = self.device
-        self.pair_img = self._image_inputs(cache, [r.image for r in c.pairs]).to(to)
-        self.pair_txt = self._text_inputs(cache, [r.text for r in c.pairs]).to(to)
+        self.pair_img = self._image_inputs(cache, [r.image for r in c.pairs]).to(to) if c.pairs else None
+        self.pair_txt = self._text_inputs(cache, [r.text for r in c.pairs]).to(to) if c.pairs else None
         self.pair_keys = self._positive_keys(c.pairs)
         self.unp_img = self._image_inputs(cache, [r.image for r in c.images]).to(to) if c.images else None
         self.unp_txt = self._text_inputs(cache, [r.text for r in c.texts]).to(to) if c.texts else None
@@ -197,44 +211,43 @@ class Trainer:
     def step_embeddings(self, gen: torch.Generator) -> StepEmbeddings:
         cfg, t, g = self.cfg, self.trainable, self.ranks.gather_with_grad
         world, rank = self.ranks.world_size, self.ranks.rank
-        batch = self._draw_global(len(self.pair_img), cfg.batch_size, gen)
-        pi = batch[rank::world]
-        e = StepEmbeddings(
-            pair_images=g(t.image_head(self.pair_img[pi])), pair_texts=g(t.text_head(self.pair_txt[pi])),
-            images=t.logit_scale.new_zeros((0, 1)), texts=t.logit_scale.new_zeros((0, 1)), logit_scale=t.logit_scale)
-        if self.pair_keys is not None:  # gathered rows are in rank order: rank 0's slice, then rank 1's, ...
-            keys = self.pair_keys[torch.cat([batch[r::world] for r in range(world)])]
-            e.pair_positives = (keys[:, None] == keys[None, :]).to(self.device)
+        none = t.logit_scale.new_zeros((0, self.loaded.embed_dim))
+        e = StepEmbeddings(pair_images=none, pair_texts=none, images=none, texts=none, logit_scale=t.logit_scale)
+        if self.pair_img is not None:
+            batch = self._draw_global(len(self.pair_img), cfg.batch_size, gen)
+            pi = batch[rank::world]
+            e.pair_images, e.pair_texts = g(t.image_head(self.pair_img[pi])), g(t.text_head(self.pair_txt[pi]))
+            if self.pair_keys is not None:  # gathered rows are in rank order: rank 0's slice, then rank 1's, ...
+                keys = self.pair_keys[torch.cat([batch[r::world] for r in range(world)])]
+                e.pair_positives = (keys[:, None] == keys[None, :]).to(self.device)
         if self.regularizer is not None and self.unp_img is not None and self.unp_txt is not None:
             ii = self._draw(len(self.unp_img), cfg.unpaired_batch_size, gen)
             ti = self._draw(len(self.unp_txt), cfg.unpaired_batch_size, gen)
             e.images, e.texts = g(t.image_head(self.unp_img[ii])), g(t.text_head(self.unp_txt[ti]))
-        if cfg.reg == "ot-match" and self.matching is not None and len(self.matching.images) >= 2:
+        if self.matching is not None and len(self.matching.images) >= 2:
             mi = self._draw(len(self.matching.images), cfg.batch_size, gen)
             e.match_images = g(t.image_head(self.unp_img[self.matching.images[mi]]))
             e.match_texts = g(t.text_head(self.unp_txt[self.matching.texts[mi]]))
             e.match_weights = g(self.matching.weights[mi].to(self.device))
         return e
 
+    def in_first_stage(self) -> bool:
+        """Pairs alone first, for schedules that wait (pseudo-pairs from an untrained model are mostly wrong)."""
+        return (self.reg_spec is not None and self.reg_spec.schedule != "joint" and self.pair_img is not None
+                and self.step < self.cfg.pseudo_warmup * self.cfg.steps)
+
     def losses(self, e: StepEmbeddings) -> dict[str, torch.Tensor]:
         terms = self.contrastive(e)
-        alpha = self.cfg.alpha
-        if self.cfg.reg in ("mmcl-pseudo", "ot-match") and self.step < self.cfg.pseudo_warmup * self.cfg.steps:
-            alpha = 0.0  # first stage: pairs only (pseudo-pairs from an untrained model are mostly wrong)
-        if self.regularizer is not None and len(e.images) > 1:
-            reg_terms = self.regularizer(e)
-            terms.update(reg_terms)
-            terms["total"] = terms["contrastive_loss"] + alpha * sum(reg_terms.values())
-        else:
-            terms["total"] = terms["contrastive_loss"]
+        reg_terms = self.regularizer(e) if self.regularizer is not None and len(e.images) > 1 else {}
+        terms.update(reg_terms)
+        schedule = self.reg_spec.schedule if self.reg_spec else "joint"
+        terms["total"] = step_total(terms["contrastive_loss"], reg_terms, self.cfg.alpha, schedule, self.in_first_stage())
         return terms
 
     @torch.no_grad()
     def _refresh_matching(self) -> None:
-        t = self.trainable
-        x = torch.cat([t.image_head(self.unp_img[s : s + 4096]) for s in range(0, len(self.unp_img), 4096)])
-        y = torch.cat([t.text_head(self.unp_txt[s : s + 4096]) for s in range(0, len(self.unp_txt), 4096)])
-        self.matching = global_matching(x, y, eps=self.cfg.ot_eps, rho=self.cfg.ot_rho, seed=self.cfg.seed + self.step)
+        x, y = self.embed(self.unp_img, self.unp_txt)
+        self.matching = self.reg_spec.pairing(x, y, self.reg_options, self.cfg.seed + self.step)
 
     # --- evaluation ----------------------------------------------------------------------------
     @torch.no_grad()
@@ -324,8 +337,8 @@ class Trainer:
         bar = tqdm(total=cfg.steps, initial=self.step, desc=f"train {cfg.reg}", disable=not (self.progress and main))
         last_val: dict = {}
         while self.step < cfg.steps:
-            in_first_stage = self.step < cfg.pseudo_warmup * cfg.steps
-            if (cfg.reg == "ot-match" and self.unp_img is not None and not in_first_stage
+            if (self.reg_spec is not None and self.reg_spec.pairing is not None and self.unp_img is not None
+                    and self.unp_txt is not None and not self.in_first_stage()
                     and (self.matching is None or self.step % cfg.match_every == 0)):
                 self._refresh_matching()
             self.optimizer.zero_grad(set_to_none=True)
@@ -335,7 +348,8 @@ class Trainer:
                 with autocast_for(self.device):
                     e = self.step_embeddings(gen)
                     terms = self.losses(e)
-                (terms["total"] / cfg.accum).backward()
+                if terms["total"].requires_grad:  # e.g. no pairs and no pseudo-pairs found yet: nothing to learn
+                    (terms["total"] / cfg.accum).backward()
                 for k, v in terms.items():
                     logged[k] = logged.get(k, 0.0) + float(v.detach()) / cfg.accum
             self.ranks.average_gradients(self.trainable.trainable_parameters())
@@ -347,8 +361,9 @@ class Trainer:
             self.step += 1
             bar.update(1)
             if main:
+                spread_of = e.pair_images if len(e.pair_images) > 1 else e.images
                 record = {"step": self.step, "lr": self.scheduler.get_last_lr()[0], **logged,
-                          "uniformity_images": float(uniformity(e.pair_images.detach()))}
+                          "uniformity_images": float(uniformity(spread_of.detach()))}
                 if self.matching is not None:
                     record["matched_pairs"] = int(len(self.matching.images))
                 if self.step % cfg.eval_every == 0 or self.step == cfg.steps:

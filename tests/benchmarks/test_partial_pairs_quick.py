@@ -29,15 +29,21 @@ def test_quick_mode_writes_report(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads((tmp_path / "partial_pairs-quick.json").read_text())
     methods = {r["method"] for r in results["linear"]["runs"]}
-    assert {"oracle", "paired-only", "ot-pairwise", "ot-loop", "ot-barycenter", "ot-match", "mmcl-pseudo"} <= methods
+    from otclip.training.losses import REGISTRY
+
+    assert {"oracle", "paired-only", "mmcl-nakada (their setting)", *REGISTRY} <= methods
     assert all(0.0 <= r["test_top1"] <= 1.0 for r in results["linear"]["runs"])
     assert "linear" in results["headline_gap_closed"]
     report = (tmp_path / "partial_pairs-quick.md").read_text()
-    assert "| paired-only |" in report and "did not help" in report
+    assert "| paired-only |" in report and "did not help" in report and "Goals (open world)" in report
     if "runs" in results["fashion"]:
-        assert {"zero-shot", "oracle"} <= {r["method"] for r in results["fashion"]["runs"]}
-        assert (tmp_path / "partial_pairs-quick-recall.png").stat().st_size > 1000
-        assert results["plots"] == ["partial_pairs-quick-recall.png", "partial_pairs-quick-sensitivity.png"]
+        runs = results["fashion"]["runs"]
+        assert {"zero-shot", "oracle"} <= {r["method"] for r in runs}
+        assert {"open-world", "classic"} == {r["protocol"] for r in runs}
+        no_pairs = {r["method"] for r in runs if r["fraction"] == 0.0}
+        assert "paired-only" not in no_pairs and "ot-loop" not in no_pairs and "ot-match" in no_pairs
+        assert (tmp_path / "partial_pairs-quick-open-world.png").stat().st_size > 1000
+        assert results["plots"] == ["partial_pairs-quick-open-world.png", "partial_pairs-quick-sensitivity.png"]
         assert results["fashion"]["positives"] == "label"
         trained = [r for r in results["fashion"]["runs"] if r["method"] != "zero-shot"]
         assert all(0.0 <= r["wise_zs_unseen"] <= 1.0 for r in trained) and "After WiSE-FT" in report

@@ -4,14 +4,15 @@ import torch.nn.functional as F
 
 from otclip.training.losses import (
     REGULARIZERS,
-    MMCLPseudoPairs,
     StepEmbeddings,
     build_regularizer,
     clip_loss,
     loop_consistency,
+    step_total,
+    top_b_pseudo_pair_loss,
     uniformity,
 )
-from otclip.training.matching import global_matching
+from otclip.training.matching import mutual_nearest_pairs, ot_matching
 
 
 def unit(n, d=16, seed=0):
@@ -110,13 +111,61 @@ def test_barycenter_term_measures_alignment():
     assert value["identical"] < value["shifted"] < value["independent"] and value["independent"] > 0.1
 
 
-def test_pseudo_pairing_recovers_true_pairs_without_noise():
+def test_barycenter_of_two_points_by_hand():
+    """One image at (0, 0), one text at (2, 0): B is the midpoint (1, 0); each divergence is |.|^2 = 1 (a single
+    point's plan has no entropy), so the term is 1/2 + 1/2 = 1 = W2^2 / 4; the debiased refinement keeps B."""
+    from otclip.training.losses import BarycenterOT
+
+    e = StepEmbeddings(torch.zeros(1, 2), torch.zeros(1, 2), torch.tensor([[0.0, 0.0]], dtype=torch.float64),
+                       torch.tensor([[2.0, 0.0]], dtype=torch.float64), torch.tensor(1.0))
+    for refine in (0, 2):
+        assert float(BarycenterOT(refine=refine)(e)["ot_barycenter"]) == pytest.approx(1.0, abs=1e-9)
+
+
+def test_top_b_loss_matches_the_authors_formula_by_brute_force():
+    """Nakada et al.'s notebook: the B largest entries of the flattened B x B logits are positives, however
+    they fall in rows and columns; log-sum-exp over every row and every column; tau = 1."""
+    x, y = unit(5, d=3, seed=1).double(), unit(5, d=3, seed=2).double()
+    s = (x @ y.T).tolist()
+    entries = sorted((s[i][j] for i in range(5) for j in range(5)), reverse=True)[:5]
+    rows = sum(torch.tensor(r, dtype=torch.float64).exp().sum().log() for r in s)
+    cols = sum(torch.tensor([s[i][j] for i in range(5)], dtype=torch.float64).exp().sum().log() for j in range(5))
+    expected = (-2 * sum(entries) + rows + cols) / (2 * 5)
+    assert float(top_b_pseudo_pair_loss(x, y)) == pytest.approx(float(expected), rel=1e-12)
+
+
+def test_pool_pairings_recover_true_pairs_without_noise():
     x = unit(40, seed=1)
     perm = torch.randperm(40, generator=torch.Generator().manual_seed(2))
-    rows, cols = MMCLPseudoPairs.select(x @ x[perm].T, 40)
-    assert torch.equal(perm[cols], rows)
-    match = global_matching(x, x[perm], eps=0.01, min_mass=0.5)
-    assert len(match.images) == 40 and torch.equal(perm[match.texts], match.images)
+    for match in (mutual_nearest_pairs(x, x[perm]), ot_matching(x, x[perm], eps=0.01)):
+        assert len(match.images) == 40 and torch.equal(perm[match.texts], match.images)
+
+
+def test_ot_matching_leaves_images_without_a_partner_out():
+    """Half of the images have their partner among the texts; the other texts are unrelated."""
+    x = unit(200, d=32, seed=3)
+    partners = F.normalize(x[:100] + 0.1 * unit(100, d=32, seed=4), dim=1)
+    y = torch.cat([partners, unit(100, d=32, seed=5)])
+    match = ot_matching(x, y, eps=0.02)
+    correct = match.texts == match.images
+    assert float(correct.float().mean()) > 0.95  # precision: unbalanced OT does not force partners on the rest
+    assert int(correct.sum()) > 80
+
+
+def test_ot_matching_is_one_to_one_across_blocks():
+    x = unit(64, seed=6)
+    y = F.normalize(x + 0.3 * unit(64, seed=7), dim=1)
+    match = ot_matching(x, y, eps=0.05, block=16, min_mass=0.0)
+    assert len(set(match.texts.tolist())) == len(match.texts) and len(set(match.images.tolist())) == len(match.images)
+
+
+def test_schedules():
+    c, r = torch.tensor(1.0), {"term": torch.tensor(2.0)}
+    assert float(step_total(c, r, 0.5, "joint", first_stage=False)) == 2.0
+    assert float(step_total(c, r, 0.5, "after-pairs", first_stage=True)) == 1.0
+    assert float(step_total(c, r, 0.5, "after-pairs", first_stage=False)) == 2.0
+    assert float(step_total(c, r, 0.5, "two-stage", first_stage=True)) == 1.0
+    assert float(step_total(c, r, 0.5, "two-stage", first_stage=False)) == 1.0  # the unpaired term alone
 
 
 @pytest.mark.parametrize("name", [r for r in REGULARIZERS if r != "none"])
@@ -147,7 +196,8 @@ def test_matching_keeps_class_level_pairs_among_duplicate_texts():
     labels = torch.arange(40) % 4
     x = F.normalize(centers[labels] + 0.05 * unit(40, seed=8), dim=1)
     y = centers[labels[torch.randperm(40, generator=torch.Generator().manual_seed(9))]]  # 10 identical texts per class
-    match = global_matching(x, y, eps=0.05)
-    assert len(match.images) >= 20 and float(match.weights.max()) == 1.0
-    text_labels = (y[match.texts] @ centers.T).argmax(1)
-    assert torch.equal(text_labels, labels[match.images])
+    for match in (ot_matching(x, y, eps=0.05), mutual_nearest_pairs(x, y)):
+        assert len(match.images) >= 36 and float(match.weights.max()) == 1.0
+        assert len(set(match.texts.tolist())) == len(match.texts)  # each text row once
+        text_labels = (y[match.texts] @ centers.T).argmax(1)
+        assert torch.equal(text_labels, labels[match.images])
