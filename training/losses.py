@@ -223,8 +223,8 @@ class RegularizerOptions:
     rho: float | None = None  # --ot-rho
     debiased: bool = False  # --debiased
     loop_lambda: float = 1.0  # --loop-lambda
-    match_rho: float | None = 0.2  # --match-rho: unbalanced pool matching, so items without a partner stay out
-    match_min_mass: float = 0.5  # --match-min-mass
+    match_rho: float | None = 0.5  # --match-rho: unbalanced pool matching, so items without a partner stay out
+    match_min_mass: float = 0.5  # --match-min-mass: the share of an image's mass the plan must transport
 
 
 SCHEDULES = {

@@ -54,7 +54,7 @@ def _assign(images: torch.Tensor, targets: torch.Tensor, confidence: torch.Tenso
 
 
 @torch.no_grad()
-def ot_matching(x: torch.Tensor, y: torch.Tensor, eps: float = 0.02, rho: float | None = 0.2, min_mass: float = 0.5,
+def ot_matching(x: torch.Tensor, y: torch.Tensor, eps: float = 0.05, rho: float | None = 0.5, min_mass: float = 0.5,
                 block: int = 8192, seed: int = 0) -> Matching:
     """Pseudo-pairs from an entropic plan between the images x (n, d) and the distinct texts of y (m, d),
     both L2-normalised; text weights are their copy counts.

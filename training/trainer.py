@@ -1,10 +1,10 @@
-"""The training loop: L = L_clip(pairs) + alpha * R(unpaired), on cached frozen features.
+"""The training loop: L = L_clip(pairs) + alpha * R(unpaired), scheduled per regularizer, on cached frozen features.
 
 Each step draws a paired batch and independent unpaired image and text batches (for regularizers
-with a pool-level pairing, a batch of the current pseudo-pairs too). What the regularizer is, how it
-is scheduled and whether it pairs the pool come from the registry in `losses`. Cosine schedule with warmup, gradient
-accumulation, autocast on CUDA, a JSONL log of every term plus the embeddings' spread, validation
-recall every N steps, best and last checkpoints, resume from last.pt after a crash, and data
+with a pool-level pairing, a batch of the current pseudo-pairs too). What the regularizer is, how
+it is scheduled and whether it pairs the pool come from the registry in `losses`. Cosine schedule
+with warmup, gradient accumulation, autocast on CUDA, a JSONL log of every term plus the embeddings'
+spread, validation recall every N steps, best and last checkpoints, resume from last.pt after a crash, and data
 parallelism under torchrun (embeddings all-gathered with gradients before the losses, so every rank
 computes the loss of the global batch; gradients are then averaged over ranks).
 """
@@ -45,8 +45,8 @@ class TrainConfig:
     ot_rho: float | None = None
     debiased: bool = False
     loop_lambda: float = 1.0
-    match_rho: float | None = 0.2  # pool matching (ot-match): unbalanced, so items without a partner stay out
-    match_min_mass: float = 0.5  # ot-match keeps an image's pair when this share of its mass goes to one text
+    match_rho: float | None = 0.5  # pool matching (ot-match): unbalanced, so items without a partner stay out
+    match_min_mass: float = 0.5  # ot-match pairs an image when the plan transports at least this share of its mass
     positives: str = "pair"  # contrastive positives: pair (row i only) or label (every pair of the same class)
     steps: int = 300
     batch_size: int = 64

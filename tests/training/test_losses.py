@@ -146,10 +146,10 @@ def test_ot_matching_leaves_images_without_a_partner_out():
     x = unit(200, d=32, seed=3)
     partners = F.normalize(x[:100] + 0.1 * unit(100, d=32, seed=4), dim=1)
     y = torch.cat([partners, unit(100, d=32, seed=5)])
-    match = ot_matching(x, y, eps=0.02)
+    match = ot_matching(x, y, eps=0.05)
     correct = match.texts == match.images
-    assert float(correct.float().mean()) > 0.95  # precision: unbalanced OT does not force partners on the rest
-    assert int(correct.sum()) > 80
+    assert float(correct.float().mean()) > 0.85  # precision (0.5 if balanced OT forced a partner on every image)
+    assert int(correct.sum()) > 90
 
 
 def test_ot_matching_is_one_to_one_across_blocks():
