@@ -1,5 +1,6 @@
 """Training losses. Each is a small module whose forward returns a dict of named terms; the trainer
-adds `contrastive_loss` and alpha times every regularizer term, and logs each one.
+combines `contrastive_loss` with alpha times the regularizer's terms as its schedule says
+(`step_total`), and logs each one. Regularizers are registered at the end of this module.
 
 Notation: x = image embeddings, y = text embeddings, all L2-normalised; s_ij = <x_i, y_j>;
 OT costs C_ij = 1 - s_ij (cosine), entropic OT as in `sinkhorn.py`. Inside training, Sinkhorn stops
@@ -39,7 +40,7 @@ class StepEmbeddings:
     texts: torch.Tensor  # (V, d) unpaired texts
     logit_scale: torch.Tensor  # exp() gives the inverse temperature
     pair_positives: torch.Tensor | None = None  # (B, B) bool: pairs that are positives of each other; None = diagonal
-    match_images: torch.Tensor | None = None  # ot-match pseudo-pairs
+    match_images: torch.Tensor | None = None  # pool-level pseudo-pairs (ot-match, mmcl-pool), row i with row i
     match_texts: torch.Tensor | None = None
     match_weights: torch.Tensor | None = None
 

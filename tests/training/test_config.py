@@ -1,0 +1,12 @@
+"""Bad training settings are refused up front, in one line naming the flag."""
+
+import pytest
+
+from otclip.training.trainer import TrainConfig
+
+
+@pytest.mark.parametrize("field,value,flag", [("ot_rho", -1.0, "--ot-rho"), ("match_rho", 0.0, "--match-rho"),
+                                              ("ot_eps", 0.0, "--ot-eps"), ("reg", "mmcl-pseudo", "--reg")])
+def test_bad_settings_name_their_flag(field, value, flag):
+    with pytest.raises(ValueError, match=flag):
+        TrainConfig(corpus="c", out="o", **{field: value})
