@@ -88,10 +88,20 @@ class IndexDirectory:
     # --- metadata and embeddings ---------------------------------------------------------------
     @property
     def store(self) -> MetadataStore:
+        """The metadata store, created with a new index. An index that already holds data never gets a
+        fresh, empty store: its chunks would then look unreferenced and be deleted (`ingest_pending`)."""
         if self._store is None:
+            path = self.root / "metadata.sqlite"
+            if not path.exists() and self._holds_data():
+                raise IndexDirectoryError(
+                    f"{path}: missing, though the index holds embeddings; nothing was changed. Restore the file, "
+                    f"or build a new index with `otclip index IMAGES --out NEW_DIR`")
             self.embeddings_dir.mkdir(parents=True, exist_ok=True)
-            self._store = MetadataStore(self.root / "metadata.sqlite")
+            self._store = MetadataStore(path)
         return self._store
+
+    def _holds_data(self) -> bool:
+        return any(self.embeddings_dir.glob("*.npy")) or (self.exists() and bool(self.manifest()["sides"]))
 
     def close(self) -> None:
         if self._store is not None:

@@ -197,3 +197,18 @@ def test_parquet_and_csv_manifests(tmp_path, sample_dir, default_model):
     (tmp_path / "bad.csv").write_text("file,caption\nx.jpg,y\n")
     with pytest.raises(ValueError, match="no 'path' column"):
         build(tmp_path / "bad.csv", tmp_path / "ix2", default_model)
+
+
+def test_a_missing_metadata_store_is_refused_and_no_embedding_is_deleted(gallery, tmp_path, default_model):
+    """Before: `reindex` made a fresh empty store, then deleted every chunk it did not reference, and exited 0."""
+    out = tmp_path / "idx"
+    build(gallery, out, default_model)
+    chunks = sorted(p.name for p in (out / "embeddings").glob("*.npy"))
+    assert chunks
+    (out / "metadata.sqlite").unlink()
+    with pytest.raises(IndexDirectoryError, match="metadata.sqlite: missing"):
+        reindex(out, "Flat")
+    with pytest.raises(IndexDirectoryError, match="metadata.sqlite: missing"):
+        build(gallery, out, default_model)
+    assert sorted(p.name for p in (out / "embeddings").glob("*.npy")) == chunks
+    assert not (out / "metadata.sqlite").exists()
