@@ -39,12 +39,10 @@ class SearchApp:
         if image is None:
             raise gr.Error("no image: upload or paste an image, or pick one from the results")
         try:
-            img = load_image(image if not isinstance(image, str) else Path(image), name="upload")
+            return load_image(image if not isinstance(image, str) else Path(image), name="upload",
+                              max_pixels=MAX_UPLOAD_PIXELS)
         except ImageDecodeError as exc:
             raise gr.Error(f"{exc}") from None
-        if img.width * img.height > MAX_UPLOAD_PIXELS:
-            raise gr.Error(f"upload: {img.width}x{img.height} is too large (limit {MAX_UPLOAD_PIXELS:,} pixels)")
-        return img
 
     def _gallery(self, results: list[SearchResult], min_score: float) -> tuple[list, str, list[str]]:
         """(tiles, status line, the indexed paths behind the tiles): each tile is a thumbnail made here

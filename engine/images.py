@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+MAX_ASPECT = 50  # longer side / shorter side: beyond it an image is a strip whose resize to the model's
+# input (shorter side -> 224) would be gigapixels (a 1 x 30000 PNG of 204 bytes took 7.6 GB)
 THUMBNAIL_SIDE = 384  # pixels, the longer side of a result tile (the app's preview enlarges it)
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 
@@ -42,18 +44,33 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB") if img.mode != "RGB" else img
 
 
-def load_image(source: str | Path | bytes | Image.Image, name: str | None = None, draft: int | None = None) -> Image.Image:
+def _check_size(size: tuple[int, int], label: str, max_pixels: int | None) -> None:
+    """Refuse, from the header alone, what no resize should be asked to do."""
+    w, h = size
+    if w == 0 or h == 0:
+        raise ImageDecodeError(label, "empty image (zero width or height)")
+    if max(w, h) > MAX_ASPECT * min(w, h):
+        raise ImageDecodeError(label, f"{w}x{h} is a strip, not a photo (aspect ratio beyond {MAX_ASPECT}:1)")
+    if max_pixels is not None and w * h > max_pixels:
+        raise ImageDecodeError(label, f"{w}x{h} is too large (limit {max_pixels:,} pixels)")
+
+
+def load_image(source: str | Path | bytes | Image.Image, name: str | None = None, draft: int | None = None,
+               max_pixels: int | None = None) -> Image.Image:
     """Decode `source` into an RGB image with EXIF orientation applied (first frame if animated).
 
     `draft`: the smallest side the caller needs; JPEGs are then decoded at a reduced DCT scale
     that still covers it (PIL's draft mode), several times faster for large photos.
+    `max_pixels`: a tighter pixel limit than PIL's decompression-bomb one (the app's uploads).
 
     Raises ImageDecodeError for anything that is not a complete, reasonably sized image:
-    missing/unreadable files, truncated data, non-images, decompression bombs.
+    missing/unreadable files, truncated data, non-images, decompression bombs, and, checked on
+    the header before any pixel is decoded, strips beyond MAX_ASPECT:1 and images over `max_pixels`.
     """
     label = name or (str(source) if isinstance(source, (str, Path)) else "image")
     if isinstance(source, Image.Image):
         img = source
+        _check_size(img.size, label, max_pixels)
         if draft and img.format == "JPEG" and getattr(img, "tile", None):  # opened, not yet decoded
             img.draft("RGB", (draft, draft))
     else:
@@ -66,18 +83,19 @@ def load_image(source: str | Path | bytes | Image.Image, name: str | None = None
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
                 with fp:
                     img = Image.open(fp)
+                    _check_size(img.size, label, max_pixels)  # the header only: nothing decoded yet
                     if draft and img.format == "JPEG":
                         img.draft("RGB", (draft, draft))
                     img.seek(0)
                     img.load()  # decode now: truncated files fail here, not later in a worker
+        except ImageDecodeError:
+            raise
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
             raise ImageDecodeError(label, f"too large to decode safely ({exc})") from None
         except UnidentifiedImageError:
             raise ImageDecodeError(label, "not an image (cannot identify format)") from None
         except (OSError, SyntaxError, ValueError, EOFError) as exc:
             raise ImageDecodeError(label, f"corrupt or truncated image ({exc})") from None
-    if img.width == 0 or img.height == 0:
-        raise ImageDecodeError(label, "empty image (zero width or height)")
     try:
         img = ImageOps.exif_transpose(img) or img
     except Exception:  # a broken EXIF block should not lose the image itself

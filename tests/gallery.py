@@ -48,7 +48,8 @@ def write_odd_images(folder) -> dict:
     paths["notes.jpg"] = folder / "notes.jpg"
     (folder / "dangling.jpg").symlink_to(folder / "does-not-exist.jpg")
     paths["dangling.jpg"] = folder / "dangling.jpg"
+    save("strip.png", Image.new("RGB", (1, 30000)))  # 204 bytes; resized to the model's input it was 7.6 GB
     return paths
 
 
-BROKEN = {"truncated.jpg", "empty.png", "notes.jpg", "dangling.jpg"}
+BROKEN = {"truncated.jpg", "empty.png", "notes.jpg", "dangling.jpg", "strip.png"}

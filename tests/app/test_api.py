@@ -55,3 +55,12 @@ def test_huge_image_is_refused(client, tmp_path):
     Image.new("L", (8000, 6000)).save(huge)
     with pytest.raises(Exception, match="too large"):
         client.predict(handle_file(str(huge)), 3, -1, api_name="/image_to_image")
+
+
+def test_a_strip_upload_is_refused(client, tmp_path):
+    from PIL import Image
+
+    thin = tmp_path / "thin.png"
+    Image.new("RGB", (1, 30000)).save(thin)
+    with pytest.raises(Exception, match="strip"):
+        client.predict(handle_file(str(thin)), 3, -1, api_name="/image_to_image")

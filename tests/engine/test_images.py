@@ -49,3 +49,21 @@ def test_decompression_bomb_is_refused(tmp_path, monkeypatch):
 
 def test_image_extensions_any_case():
     assert is_image_path("a/B.JPEG") and is_image_path("x.TiFf") and not is_image_path("x.txt")
+
+
+def test_a_strip_is_refused_from_its_header_whatever_the_input(tmp_path):
+    strip = Image.new("RGB", (1, 30000))
+    strip.save(tmp_path / "thin.png")
+    for source in (tmp_path / "thin.png", (tmp_path / "thin.png").read_bytes(), strip):
+        with pytest.raises(ImageDecodeError, match="1x30000 is a strip"):
+            load_image(source)
+    assert load_image(Image.new("RGB", (40, 800))).size == (40, 800)  # 20:1 panoramas still load
+
+
+def test_the_pixel_limit_is_checked_before_decoding(tmp_path):
+    """A PNG that declares 8000 x 6000 pixels but holds almost none: the header decides."""
+    big = tmp_path / "big.png"
+    Image.new("L", (8000, 6000)).save(big)
+    (tmp_path / "cut.png").write_bytes(big.read_bytes()[:200])
+    with pytest.raises(ImageDecodeError, match="8000x6000 is too large"):
+        load_image(tmp_path / "cut.png", max_pixels=40_000_000)
