@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .barycenter import free_support_barycenter
-from .matching import Matching, mutual_nearest_pairs, ot_matching
+from .matching import Matching, nearest_text_pairs, ot_matching
 from .sinkhorn import cosine_cost, entropic_ot, sinkhorn_divergence, sqeuclidean_cost
 
 TRAIN_TOL = 1e-3
@@ -191,8 +191,8 @@ class NakadaPseudoPairs(nn.Module):
 
 class PoolPseudoPairs(nn.Module):
     """`mmcl-pool`: Nakada et al.'s loss on batches whose partners are gathered from the whole unpaired
-    pool: every `match_every` steps the mutual nearest neighbours between all unpaired images and all
-    unpaired texts (`matching.mutual_nearest_pairs`) become candidate pairs, and each step's batch is
+    pool: every `match_every` steps each unpaired image's nearest distinct unpaired text, one-to-one over
+    the pool (`matching.nearest_text_pairs`), becomes a candidate pair, and each step's batch is
     drawn from them, so the top-B selection has partners to find without assuming they share a batch."""
 
     def __init__(self, tau: float = 1.0) -> None:
@@ -261,7 +261,7 @@ register(Regularizer("ot-match", lambda o: OTMatchLoss(), schedule="after-pairs"
                      pairing=lambda x, y, o, seed: ot_matching(x, y, o.eps, o.match_rho, o.match_min_mass, seed=seed)))
 register(Regularizer("mmcl-nakada", lambda o: NakadaPseudoPairs(), schedule="two-stage", uses_eps=False))
 register(Regularizer("mmcl-pool", lambda o: PoolPseudoPairs(), schedule="two-stage", uses_eps=False,
-                     pairing=lambda x, y, o, seed: mutual_nearest_pairs(x, y)))
+                     pairing=lambda x, y, o, seed: nearest_text_pairs(x, y)))
 
 REGULARIZERS = ("none", *REGISTRY)
 

@@ -1,5 +1,5 @@
 """Pool-level pseudo-pairs between ALL unpaired images and ALL unpaired texts, refreshed every few
-training steps: `ot_matching` for `ot-match`, `mutual_nearest_pairs` for `mmcl-pool`.
+training steps: `ot_matching` for `ot-match`, `nearest_text_pairs` for `mmcl-pool`.
 
 Texts with identical embeddings (one caption repeated on many rows, as class-level captions are)
 are merged into one support point weighted by its number of copies, so an image whose mass goes to
@@ -90,7 +90,7 @@ def ot_matching(x: torch.Tensor, y: torch.Tensor, eps: float = 0.05, rho: float 
 
 
 @torch.no_grad()
-def mutual_nearest_pairs(x: torch.Tensor, y: torch.Tensor, chunk: int = 4096) -> Matching:
+def nearest_text_pairs(x: torch.Tensor, y: torch.Tensor, chunk: int = 4096) -> Matching:
     """Pairs (i, j) where text j is image i's most similar distinct text and i is among the c_j images
     most similar to j of those whose nearest text j is (c_j its copies). Weights 1."""
     distinct, copies = _distinct_texts(y)

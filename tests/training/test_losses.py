@@ -13,7 +13,7 @@ from otclip.training.losses import (
     top_b_pseudo_pair_loss,
     uniformity,
 )
-from otclip.training.matching import mutual_nearest_pairs, ot_matching
+from otclip.training.matching import nearest_text_pairs, ot_matching
 
 
 def unit(n, d=16, seed=0):
@@ -132,7 +132,7 @@ def test_top_b_loss_matches_the_authors_formula_by_brute_force():
 def test_pool_pairings_recover_true_pairs_without_noise():
     x = unit(40, seed=1)
     perm = torch.randperm(40, generator=torch.Generator().manual_seed(2))
-    for match in (mutual_nearest_pairs(x, x[perm]), ot_matching(x, x[perm], eps=0.01)):
+    for match in (nearest_text_pairs(x, x[perm]), ot_matching(x, x[perm], eps=0.01)):
         assert len(match.images) == 40 and torch.equal(perm[match.texts], match.images)
 
 
@@ -191,7 +191,7 @@ def test_matching_keeps_class_level_pairs_among_duplicate_texts():
     labels = torch.arange(40) % 4
     x = F.normalize(centers[labels] + 0.05 * unit(40, seed=8), dim=1)
     y = centers[labels[torch.randperm(40, generator=torch.Generator().manual_seed(9))]]  # 10 identical texts per class
-    for match in (ot_matching(x, y, eps=0.05), mutual_nearest_pairs(x, y)):
+    for match in (ot_matching(x, y, eps=0.05), nearest_text_pairs(x, y)):
         assert len(match.images) >= 36 and float(match.weights.max()) == 1.0
         assert len(set(match.texts.tolist())) == len(match.texts)  # each text row once
         text_labels = (y[match.texts] @ centers.T).argmax(1)
