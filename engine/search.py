@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,17 +46,44 @@ class IndexSearcher:
         self.encoder = Encoder(model)
         self.manifest = manifest
         self._sides = {side: self.directory.load_side(side) for side in manifest["sides"]}
+        self._stamp = self._manifest_stamp()
+        self._reload = threading.Lock()
         from .metadata_store import MetadataStore
 
         self._store = MetadataStore(self.directory.root / "metadata.sqlite", readonly=True)
 
+    def _manifest_stamp(self) -> tuple[int, int] | None:
+        try:
+            st = self.directory.manifest_path.stat()
+        except FileNotFoundError:
+            return None
+        return st.st_mtime_ns, st.st_ino
+
+    def current_sides(self) -> dict:
+        """The FAISS sides of the newest published generation. manifest.json is the commit point of every
+        (re-)index and is replaced atomically, so a changed stamp means a new generation: it is loaded at
+        the next query, with no restart; a request already running keeps the snapshot it started with.
+        If a newer publish removed the files meanwhile, the old snapshot serves until the next query."""
+        stamp = self._manifest_stamp()
+        if stamp is not None and stamp != self._stamp:
+            with self._reload:
+                if stamp != self._stamp:
+                    try:
+                        manifest = self.directory.manifest()
+                        sides = {side: self.directory.load_side(side) for side in manifest["sides"]}
+                    except (FileNotFoundError, RuntimeError, ValueError):
+                        return self._sides
+                    self.manifest, self._sides, self._stamp = manifest, sides, stamp
+        return self._sides
+
     def has_side(self, side: str) -> bool:
-        return self._sides.get(side) is not None
+        return self.current_sides().get(side) is not None
 
     def info(self) -> dict:
+        current = self.current_sides()
         sides = {
             side: {**self.manifest["sides"][side], "index_type": index_description(loaded[0])}
-            for side, loaded in self._sides.items()
+            for side, loaded in current.items()
             if loaded is not None
         }
         return {
@@ -72,7 +100,7 @@ class IndexSearcher:
         self, queries: np.ndarray, side: str = "images", k: int = 10, min_score: float | None = None
     ) -> list[list[SearchResult]]:
         """Nearest items of `side` for each (d,) query vector (rows of `queries`)."""
-        loaded = self._sides.get(side)
+        loaded = self.current_sides().get(side)
         if loaded is None:
             hint = "otclip index-texts TEXTS --out DIR" if side == "texts" else "otclip index IMAGES --out DIR"
             raise IndexDirectoryError(f"{self.directory.root}: has no {side} side; build it with `{hint}`")
@@ -84,6 +112,7 @@ class IndexSearcher:
         found = [[(float(s), int(ids[p])) for s, p in zip(row_s, row_p) if p >= 0 and (min_score is None or s >= min_score)]
                  for row_s, row_p in zip(scores, positions)]
         meta = self._store.items(sorted({i for row in found for _, i in row}))
+        found = [[(score, i) for score, i in row if i in meta] for row in found]  # rows removed since this snapshot
         return [[self._result(rank, score, meta[i], side) for rank, (score, i) in enumerate(row, 1)] for row in found]
 
     @staticmethod

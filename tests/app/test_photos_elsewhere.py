@@ -59,3 +59,17 @@ def test_no_file_is_served_by_path(app_elsewhere, target):
     assert path.exists()
     for route in (f"gradio_api/file={path}", f"file={path}"):
         assert httpx.get(url + route, timeout=30).status_code in (403, 404)
+
+
+def test_a_running_server_shows_what_is_indexed_after_it_started(app_elsewhere, default_model):
+    from otclip.engine.sample_photos import sample_photo
+    from otclip.indexer.pipeline import index_images
+
+    url, disk = app_elsewhere
+    client = Client(url, verbose=False, download_files=False)
+    gallery, status = client.predict("a cat", 10, -1, api_name="/text_to_image")
+    assert status == "3 results"
+    sample_photo("astronaut").save(disk / "astronaut.jpg")
+    index_images(disk, disk.parent.parent / "index", model=default_model, progress=False)
+    gallery, status = client.predict("a cat", 10, -1, api_name="/text_to_image")
+    assert status == "4 results" and any("astronaut.jpg" in tile["caption"] for tile in gallery)

@@ -212,3 +212,27 @@ def test_a_missing_metadata_store_is_refused_and_no_embedding_is_deleted(gallery
         build(gallery, out, default_model)
     assert sorted(p.name for p in (out / "embeddings").glob("*.npy")) == chunks
     assert not (out / "metadata.sqlite").exists()
+
+
+def test_a_running_searcher_follows_each_new_generation(gallery, tmp_path, default_model):
+    """Before: a running searcher never saw images indexed after it started, and after files were removed and
+    the folder re-indexed, a query that would have returned them raised KeyError."""
+    out = tmp_path / "idx"
+    aside = tmp_path / "rocket.jpg"
+    shutil.move(gallery / "rocket.jpg", aside)
+    build(gallery, out, default_model)
+    searcher = IndexSearcher(out, model=default_model)
+    assert not any(r.path.endswith("rocket.jpg") for r in searcher.search_text("a rocket", k=50))
+
+    shutil.move(aside, gallery / "rocket.jpg")
+    build(gallery, out, default_model)
+    assert searcher.search_text("a rocket on the launch pad", k=1)[0].path.endswith("rocket.jpg")
+    assert searcher.info()["sides"]["images"]["items"] == 20
+
+    (gallery / "chelsea.jpg").unlink()
+    stale = searcher._sides  # a request that started before the re-index still holds this snapshot
+    build(gallery, out, default_model)
+    assert not any(r.path.endswith("chelsea.jpg") for r in searcher.search_text("a cat", k=50))
+    searcher.current_sides = lambda: stale  # answer from the old snapshot, whose ids include a removed row
+    assert not any(r.path.endswith("chelsea.jpg") for r in searcher.search_text("a cat", k=50))
+    searcher.close()
