@@ -40,7 +40,8 @@ import torch
 import torch.nn.functional as F
 
 from otclip.engine.atomic_files import write_json_atomically, write_lines_atomically
-from otclip.training.losses import REGISTRY, RegularizerOptions, StepEmbeddings, clip_loss, step_total
+from otclip.training.losses import REGISTRY, RegularizerOptions, StepEmbeddings, clip_loss, in_first_stage, step_total
+from otclip.training.trainer import TrainConfig
 
 METHODS = ["paired-only", *REGISTRY]
 THEIR_SETTING = "mmcl-nakada (their setting)"
@@ -71,7 +72,7 @@ def fashion(args, log) -> dict:
     from otclip.engine.prompts import class_prompt
     from otclip.training.corpus import load_corpus
     from otclip.training.fashion_corpus import build_fashion_mnist_corpus
-    from otclip.training.trainer import TrainConfig, Trainer
+    from otclip.training.trainer import Trainer
     from otclip.training.wise_ft import interpolate_states
 
     if not fashion_mnist.available():
@@ -228,7 +229,7 @@ def linear_run(method: str, n_unpaired: int, seed: int, half: bool, alpha: float
     gen = torch.Generator().manual_seed(seed)
     matching = None
     for step in range(steps):
-        first_stage = spec is not None and spec.schedule != "joint" and step < 0.3 * steps
+        first_stage = spec is not None and in_first_stage(spec.schedule, step, steps, TrainConfig.pseudo_warmup)
         pi = torch.randint(0, len(px), (min(256, len(px)),), generator=gen)
         x, y = F.normalize(f(px[pi]), dim=1), F.normalize(h(py[pi]), dim=1)
         contrastive = clip_loss(x, y, scale)

@@ -25,9 +25,9 @@ TRAIN_TOL = 1e-3
 OVERRELAX = 1.5  # over-relaxed Sinkhorn: same solution, fewer iterations
 
 
-def step_ot(C: torch.Tensor, eps: float, rho: float | None = None):
+def step_ot(C: torch.Tensor, eps: float, rho: float | None = None, tol: float = TRAIN_TOL, max_iter: int = 1000):
     """Entropic OT as solved inside a training step (TRAIN_TOL, over-relaxed)."""
-    return entropic_ot(C, eps=eps, rho=rho, tol=TRAIN_TOL, overrelax=OVERRELAX)
+    return entropic_ot(C, eps=eps, rho=rho, tol=tol, overrelax=OVERRELAX, max_iter=max_iter)
 
 
 @dataclass
@@ -116,7 +116,7 @@ class LoopOT(nn.Module):
         self.eps, self.rho, self.lam, self.tol = eps, rho, lam, tol
 
     def _ot(self, C: torch.Tensor):
-        return entropic_ot(C, eps=self.eps, rho=self.rho, tol=self.tol, overrelax=OVERRELAX, max_iter=5000)
+        return step_ot(C, self.eps, self.rho, self.tol, max_iter=5000)
 
     def forward(self, e: StepEmbeddings) -> dict[str, torch.Tensor]:
         ia = self._ot(cosine_cost(e.images, e.pair_images))
@@ -150,7 +150,7 @@ class BarycenterOT(nn.Module):
     def forward(self, e: StepEmbeddings) -> dict[str, torch.Tensor]:
         images, texts = e.images.detach(), e.texts.detach()
         eps = self.eps * 2  # squared Euclidean between unit vectors is 2 (1 - cos): eps doubles with it
-        plan = entropic_ot(sqeuclidean_cost(images, texts), eps=eps, tol=TRAIN_TOL, overrelax=OVERRELAX, max_iter=5000).plan
+        plan = step_ot(sqeuclidean_cost(images, texts), eps, max_iter=5000).plan
         B = 0.5 * images + 0.5 * (plan @ texts) / plan.sum(1, keepdim=True)
         if self.refine:
             B = free_support_barycenter([images, texts], B, eps=eps, n_iter=self.refine, inner_tol=TRAIN_TOL,
@@ -278,6 +278,12 @@ def lookup(name: str) -> Regularizer | None:
 def build_regularizer(name: str, options: RegularizerOptions | None = None, **overrides) -> nn.Module | None:
     reg = lookup(name)
     return None if reg is None else reg.build(replace(options or RegularizerOptions(), **overrides))
+
+
+def in_first_stage(schedule: str, step: int, steps: int, warmup: float) -> bool:
+    """Whether a step belongs to the first stage (pairs alone) of the after-pairs and two-stage schedules:
+    pseudo-pairs from an untrained model are mostly wrong."""
+    return schedule != "joint" and step < warmup * steps
 
 
 def step_total(contrastive: torch.Tensor, reg_terms: dict[str, torch.Tensor], alpha: float, schedule: str,

@@ -28,7 +28,7 @@ from otclip.engine.metrics import recall_at_k
 
 from .corpus import PartiallyPairedCorpus, load_corpus
 from .feature_cache import FeatureCache
-from .losses import ContrastiveLoss, RegularizerOptions, StepEmbeddings, lookup, step_total, uniformity
+from .losses import ContrastiveLoss, RegularizerOptions, StepEmbeddings, in_first_stage, lookup, step_total, uniformity
 from .trainable import TrainableModel
 
 POSITIVES = ("pair", "label")
@@ -232,9 +232,9 @@ class Trainer:
         return e
 
     def in_first_stage(self) -> bool:
-        """Pairs alone first, for schedules that wait (pseudo-pairs from an untrained model are mostly wrong)."""
-        return (self.reg_spec is not None and self.reg_spec.schedule != "joint" and self.pair_img is not None
-                and self.step < self.cfg.pseudo_warmup * self.cfg.steps)
+        """Pairs alone first, for schedules that wait; with no pairs there is no first stage."""
+        return (self.reg_spec is not None and self.pair_img is not None
+                and in_first_stage(self.reg_spec.schedule, self.step, self.cfg.steps, self.cfg.pseudo_warmup))
 
     def losses(self, e: StepEmbeddings) -> dict[str, torch.Tensor]:
         terms = self.contrastive(e)
@@ -280,16 +280,19 @@ class Trainer:
         Relevant: the same label when every row has one, else a caption and image that form a row."""
         t = self.trainable
         x, y = self.embed(image_inputs, text_inputs)
-        text_ids, image_ids = (_first_of_each(keys if keys is not None else range(len(x))) for keys in (texts, images))
-        scores = (y[list(text_ids.values())] @ x[list(image_ids.values())].T).cpu().numpy()
+        texts = texts if texts is not None else range(len(x))
+        images = images if images is not None else range(len(x))
+        text_ids, image_ids = _first_of_each(texts), _first_of_each(images)
+        text_rows, image_rows = list(text_ids.values()), list(image_ids.values())
+        scores = (y[text_rows] @ x[image_rows].T).cpu().numpy()
         if any(lbl is None for lbl in labels):
             relevant = np.zeros(scores.shape, dtype=bool)
             tpos, ipos = {k: i for i, k in enumerate(text_ids)}, {k: i for i, k in enumerate(image_ids)}
-            for tk, ik in zip(texts or range(len(x)), images or range(len(x))):
+            for tk, ik in zip(texts, images):
                 relevant[tpos[tk], ipos[ik]] = True
         else:
             labels = np.array(labels, dtype=object)
-            relevant = labels[list(text_ids.values())][:, None] == labels[list(image_ids.values())][None, :]
+            relevant = labels[text_rows][:, None] == labels[image_rows][None, :]
         t2i, i2t = recall_at_k(scores, relevant), recall_at_k(scores.T, relevant.T)
         out = {"loss": multi_positive_loss(scores, relevant, float(t.logit_scale.exp())),
                "t2i_R@1": t2i["R@1"], "t2i_R@5": t2i["R@5"], "i2t_R@1": i2t["R@1"], "i2t_R@5": i2t["R@5"],
