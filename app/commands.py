@@ -12,6 +12,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--report", type=Path, default=None, help="an `otclip eval` JSON or partial-pairs report to show")
+    p.add_argument("--threads", type=int, default=None, help="model threads (default: the available cores)")
     p.set_defaults(func=_serve)
 
     p = sub.add_parser("demo", help="index the bundled sample gallery and serve the app")
@@ -21,6 +22,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--no-serve", action="store_true", help="build the index and stop")
+    p.add_argument("--threads", type=int, default=None, help="model threads (default: the available cores)")
     p.set_defaults(func=_demo)
 
 
@@ -28,7 +30,7 @@ def _serve(args: argparse.Namespace) -> int:
     from .server import EXAMPLE_QUERIES, serve
 
     print(f"otclip: serving {args.index_dir} on http://{args.host}:{args.port}  (try: {', '.join(EXAMPLE_QUERIES[:4])})")
-    serve(args.index_dir, args.host, args.port, args.report)
+    serve(args.index_dir, args.host, args.port, args.report, threads=args.threads)
     return 0
 
 

@@ -1,7 +1,9 @@
 """The Gradio app: text -> image, image -> text and image -> image search over one index directory.
 
-The model is loaded once (by the IndexSearcher); Gradio's queue serialises model calls with a
-concurrency limit. Result tiles are thumbnails the app makes from the paths the index lists, so
+The model is loaded once (by the IndexSearcher), at start. Requests run concurrently, but model calls go
+through one `MicroBatcher` per kind: queries that arrive together share one forward pass, one call
+at a time, on the whole thread budget (cores, or --threads): never two calls splitting the cores.
+Result tiles are thumbnails the app makes from the paths the index lists, so
 the originals are never handed to Gradio: they show wherever the photos live (Gradio refuses to
 serve files outside the working and temp directories), and no request can read any other file.
 """
@@ -10,16 +12,20 @@ from __future__ import annotations
 
 import datetime
 import json
+import threading
 from pathlib import Path
 
 import gradio as gr
 from PIL import Image
 
+from otclip.engine.batching import MicroBatcher
 from otclip.engine.images import ImageDecodeError, load_image, thumbnail
 from otclip.engine.search import IndexSearcher, SearchResult
+from otclip.engine.threads import apply_thread_budget, thread_budget
 
 MAX_UPLOAD = "20mb"
 MAX_UPLOAD_PIXELS = 40_000_000
+CONCURRENT_REQUESTS = 8  # requests in flight (decoding, thumbnails, FAISS); model calls are batched, one at a time
 EXAMPLE_QUERIES = ["a cat", "a cup of coffee", "a rocket", "galaxies in deep space", "a sneaker", "a dress"]
 
 
@@ -31,9 +37,18 @@ def _caption(r: SearchResult) -> str:
 class SearchApp:
     """The three searches as plain functions: the UI and the named API endpoints both call these."""
 
-    def __init__(self, searcher: IndexSearcher, report: Path | None = None) -> None:
+    def __init__(self, searcher: IndexSearcher, report: Path | None = None, max_batch: int = 16) -> None:
         self.searcher = searcher
         self.report = report
+        model_calls = threading.Lock()  # texts and images alike: one forward at a time
+        self.texts = MicroBatcher(searcher.encode_texts, max_batch, model_calls, "text")
+        self.images = MicroBatcher(searcher.encode_images, max_batch, model_calls, "image")
+
+    def _search_text(self, query: str, k: int, min_score: float | None = None) -> list[SearchResult]:
+        return self.searcher.search_vectors(self.texts.submit(query), "images", k, min_score)[0]
+
+    def _search_image(self, image: Image.Image, k: int, min_score: float | None = None, target: str = "images"):
+        return self.searcher.search_vectors(self.images.submit(image), target, k, min_score)[0]
 
     def _check_image(self, image) -> Image.Image:
         if image is None:
@@ -64,17 +79,17 @@ class SearchApp:
     def text_to_image(self, query: str, k: float = 12, min_score: float = -1.0) -> tuple[list, str, list[str]]:
         if not query or not query.strip():
             raise gr.Error("empty query: type what you are looking for, e.g. 'a cat'")
-        results = self.searcher.search_text(query.strip()[:500], int(k), float(min_score))
+        results = self._search_text(query.strip()[:500], int(k), float(min_score))
         return self._gallery(results, min_score)
 
     def image_to_image(self, image, k: float = 12, min_score: float = -1.0) -> tuple[list, str, list[str]]:
-        results = self.searcher.search_image(self._check_image(image), int(k), float(min_score))
+        results = self._search_image(self._check_image(image), int(k), float(min_score))
         return self._gallery(results, min_score)
 
     def image_to_text(self, image, k: float = 5) -> list[list]:
         if not self.searcher.has_side("texts"):
             raise gr.Error("this index has no text side: build one with `otclip index-texts CAPTIONS.txt --out INDEX_DIR`")
-        results = self.searcher.search_texts_for_image(self._check_image(image), int(k))
+        results = self._search_image(self._check_image(image), int(k), target="texts")
         return [[r.rank, round(r.score, 4), r.text] for r in results]
 
     def index_panel(self) -> str:
@@ -189,11 +204,14 @@ def build_ui(app: SearchApp) -> gr.Blocks:
 
 
 def serve(index_dir: str | Path, host: str = "127.0.0.1", port: int = 7860, report: Path | None = None,
-          block: bool = True, searcher: IndexSearcher | None = None):
-    """Start the app; returns the Blocks (already launched) when block=False."""
-    searcher = searcher or IndexSearcher(index_dir)
+          block: bool = True, searcher: IndexSearcher | None = None, threads: int | None = None):
+    """Start the app; returns the Blocks (already launched) when block=False. `threads`: the model's
+    threads (default: the available cores; model calls never overlap, see MicroBatcher)."""
+    apply_thread_budget(thread_budget(threads))
+    searcher = searcher or IndexSearcher(index_dir, threads=threads)
+    searcher.load_model()
     ui = build_ui(SearchApp(searcher, report))
-    ui.queue(default_concurrency_limit=2, max_size=64)
+    ui.queue(default_concurrency_limit=CONCURRENT_REQUESTS, max_size=64)
     ui.launch(server_name=host, server_port=port, max_file_size=MAX_UPLOAD, prevent_thread_lock=not block,
               show_error=True, quiet=not block)
     return ui

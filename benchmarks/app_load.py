@@ -1,7 +1,7 @@
 """Load on the app: N concurrent gradio_client users on loopback for a bounded time, p50/p99 latency
 per endpoint and the error count (must be 0), against the bare search API's latency in the same run.
 
-  python benchmarks/app_load.py [--index demo-index] [--users 4] [--seconds 30]
+  python benchmarks/app_load.py [--index demo-index] [--users 1 4 16] [--seconds 30]
 Builds the demo index first when --index does not exist. Writes benchmarks/results/app_load.json.
 """
 
@@ -18,6 +18,9 @@ from pathlib import Path
 import numpy as np
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+from otclip.engine.threads import passive_waiting  # noqa: E402 (before torch is imported, as `otclip serve` does)
+
+passive_waiting()
 
 QUERIES = ["a cat", "a cup of coffee", "a rocket", "galaxies in deep space", "a sneaker", "a dress", "a brick wall"]
 
@@ -32,20 +35,21 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--index", type=Path, default=Path("demo-index"))
     ap.add_argument("--data", type=Path, default=Path("data/sample-gallery"))
-    ap.add_argument("--users", type=int, default=4)
+    ap.add_argument("--users", type=int, nargs="+", default=[1, 4, 16])
     ap.add_argument("--seconds", type=float, default=30.0)
     args = ap.parse_args()
 
-    from gradio_client import Client, handle_file
-
     from otclip.app.server import serve
     from otclip.engine.search import IndexSearcher
+    from otclip.engine.threads import apply_thread_budget, thread_budget
 
     if not (args.index / "manifest.json").exists():
         from otclip.app.demo import build_demo_index
 
         build_demo_index(args.index, args.data, progress=False)
+    apply_thread_budget(thread_budget())  # what serve() sets: the bare API runs under the same budget
     searcher = IndexSearcher(args.index)
+    searcher.load_model()
     photo = str(next((args.data / "photos").glob("*.jpg")))
     # the bare API, same queries, same process
     bare = {"text_to_image": [], "image_to_text": [], "image_to_image": []}
@@ -60,16 +64,44 @@ def main() -> None:
     port = free_port()
     ui = serve(args.index, "127.0.0.1", port, block=False, searcher=searcher)
     url = f"http://127.0.0.1:{port}/"
-    latencies: dict[str, list[float]] = {k: [] for k in bare}
+
+    def pct(values, q):
+        return float(np.percentile(np.array(values) * 1000, q)) if values else float("nan")
+
+    levels = {}
+    for users in args.users:
+        latencies, errors = run_users(url, users, args.seconds, photo, list(bare))
+        rows = {name: {"requests": len(latencies[name]), "app_p50_ms": pct(latencies[name], 50),
+                       "app_p99_ms": pct(latencies[name], 99), "bare_p50_ms": pct(bare[name], 50),
+                       "bare_p99_ms": pct(bare[name], 99),
+                       "p50_ratio": pct(latencies[name], 50) / pct(bare[name], 50)} for name in bare}
+        levels[users] = {"errors": len(errors), "error_samples": errors[:5], "endpoints": rows}
+        print(f"\n{users} users for {args.seconds:.0f}s on loopback; errors: {len(errors)}")
+        print(f"{'endpoint':<16}{'requests':>9}{'app p50':>9}{'app p99':>9}{'bare p50':>10}{'bare p99':>10}{'p50 x':>7}  (ms)")
+        for name, r in rows.items():
+            print(f"{name:<16}{r['requests']:>9}{r['app_p50_ms']:>9.0f}{r['app_p99_ms']:>9.0f}{r['bare_p50_ms']:>10.0f}"
+                  f"{r['bare_p99_ms']:>10.0f}{r['p50_ratio']:>7.1f}")
+        for e in errors[:5]:
+            print("error:", e)
+    ui.close()
+    out = Path(__file__).parent / "results" / "app_load.json"
+    out.write_text(json.dumps({"seconds": args.seconds, "cores": os.cpu_count(), "levels": levels}, indent=2))
+    print(f"wrote {out}")
+
+
+def run_users(url: str, users: int, seconds: float, photo: str, names: list[str]):
+    from gradio_client import Client, handle_file
+
+    latencies: dict[str, list[float]] = {k: [] for k in names}
     errors: list[str] = []
     lock = threading.Lock()
-    deadline = time.time() + args.seconds
+    deadline = time.time() + seconds
 
     def user(u: int) -> None:
         client = Client(url, verbose=False)
         i = u
         while time.time() < deadline:
-            name = list(bare)[i % 3]
+            name = names[i % 3]
             t = time.perf_counter()
             try:
                 if name == "text_to_image":
@@ -85,30 +117,12 @@ def main() -> None:
                     errors.append(f"{name}: {type(exc).__name__}: {exc}")
             i += 1
 
-    threads = [threading.Thread(target=user, args=(u,)) for u in range(args.users)]
+    threads = [threading.Thread(target=user, args=(u,)) for u in range(users)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    ui.close()
-
-    def pct(values, q):
-        return float(np.percentile(np.array(values) * 1000, q)) if values else float("nan")
-
-    rows = {name: {"requests": len(latencies[name]), "app_p50_ms": pct(latencies[name], 50),
-                   "app_p99_ms": pct(latencies[name], 99), "bare_p50_ms": pct(bare[name], 50),
-                   "bare_p99_ms": pct(bare[name], 99)} for name in bare}
-    print(f"{args.users} users for {args.seconds:.0f}s on loopback; errors: {len(errors)}")
-    print(f"{'endpoint':<16}{'requests':>9}{'app p50':>9}{'app p99':>9}{'bare p50':>10}{'bare p99':>10}  (ms)")
-    for name, r in rows.items():
-        print(f"{name:<16}{r['requests']:>9}{r['app_p50_ms']:>9.0f}{r['app_p99_ms']:>9.0f}{r['bare_p50_ms']:>10.0f}"
-              f"{r['bare_p99_ms']:>10.0f}")
-    for e in errors[:5]:
-        print("error:", e)
-    out = Path(__file__).parent / "results" / "app_load.json"
-    out.write_text(json.dumps({"users": args.users, "seconds": args.seconds, "errors": len(errors),
-                               "error_samples": errors[:5], "endpoints": rows}, indent=2))
-    print(f"wrote {out}")
+    return latencies, errors
 
 
 if __name__ == "__main__":

@@ -29,6 +29,9 @@ def _command_modules(*always):
 
 
 def main(argv: list[str] | None = None) -> int:
+    from otclip.engine.threads import passive_waiting
+
+    passive_waiting()  # before anything imports torch or faiss
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)

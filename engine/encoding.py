@@ -15,15 +15,12 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from .devices import autocast_for
-from .images import ImageDecodeError, load_image
+from .images import ImageDecodeError, ImageInput, load_image
 from .model_loading import LoadedModel
-
-ImageInput = str | Path | bytes | Image.Image
 
 
 @dataclass

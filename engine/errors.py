@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 from .images import ImageDecodeError
-from .model_loading import ModelLoadError
+
+
+class ModelLoadError(RuntimeError):
+    """A model spec that cannot be loaded; the message is one line meant for the user."""
 
 
 class IndexDirectoryError(RuntimeError):

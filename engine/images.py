@@ -12,6 +12,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 MAX_ASPECT = 50  # longer side / shorter side: beyond it an image is a strip whose resize to the model's
 # input (shorter side -> 224) would be gigapixels (a 1 x 30000 PNG of 204 bytes took 7.6 GB)
 THUMBNAIL_SIDE = 384  # pixels, the longer side of a result tile (the app's preview enlarges it)
+ImageInput = str | Path | bytes | Image.Image  # what every image-taking call accepts
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 
 

@@ -8,21 +8,25 @@
   INDEX_DIR/{side}-{gen}.faiss   the FAISS index of a side, CPU form
   INDEX_DIR/{side}-{gen}.ids.npy FAISS position -> SQLite id
   INDEX_DIR/errors.jsonl         files skipped by the last run, with reasons
+  INDEX_DIR/query/text.onnx      the model's text tower for torch-free text queries (text_query_model),
+  INDEX_DIR/query/tokenizer.json ... its tokenizer, and
+  INDEX_DIR/query/text.json      ... what it was checked against (written last: the export's commit point)
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 
 import numpy as np
 
-from .atomic_files import write_json_atomically, write_npy_atomically
+from .atomic_files import write_atomically, write_json_atomically, write_npy_atomically
 from .errors import IndexDirectoryError
 from .faiss_indexes import build_index, index_description, load_index, save_index
 from .metadata_store import SIDES, ItemRecord, MetadataStore
-from .model_loading import ModelIdentity
+from .model_identity import ModelIdentity
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -180,6 +184,30 @@ class IndexDirectory:
         gen = info["generation"]
         index = load_index(self.root / f"{side}-{gen}.faiss", use_gpu=use_gpu)
         return index, np.load(self.root / f"{side}-{gen}.ids.npy")
+
+    # --- the exported text tower ---------------------------------------------------------------
+    @property
+    def query_dir(self) -> Path:
+        return self.root / "query"
+
+    def publish_text_query_model(self, onnx_path: Path, tokenizer_path: Path, info: dict) -> None:
+        """Keep a checked text-tower export: the files first, text.json (naming the model) last."""
+        target = self.query_dir
+        (target / "text.json").unlink(missing_ok=True)  # no reader pairs the old description with new files
+        write_atomically(target / "text.onnx", lambda tmp: shutil.copyfile(onnx_path, tmp))
+        write_atomically(target / "tokenizer.json", lambda tmp: shutil.copyfile(tokenizer_path, tmp))
+        write_json_atomically(target / "text.json", {**info, "onnx_bytes": (target / "text.onnx").stat().st_size})
+
+    def text_query_model_files(self) -> tuple[Path, Path, dict] | None:
+        """(text.onnx, tokenizer.json, info) when a complete export of this index's model is kept, else None."""
+        try:
+            info = json.loads((self.query_dir / "text.json").read_text())
+            complete = (self.query_dir / "text.onnx").stat().st_size == info["onnx_bytes"]
+        except (OSError, ValueError, KeyError):
+            return None
+        if not complete or info.get("model_checksum") != self.manifest()["model"]["checksum"]:
+            return None
+        return self.query_dir / "text.onnx", self.query_dir / "tokenizer.json", info
 
     def size_on_disk(self) -> int:
         return sum(p.stat().st_size for p in self.root.rglob("*") if p.is_file())

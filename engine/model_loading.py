@@ -26,13 +26,10 @@ from torch import nn
 
 from .checksums import memoised_file_sha256, state_dict_sha256
 from .devices import select_device
-from .effnet_minilm import (
-    DEFAULT_MODEL_NAME,
-    BridgeConfig,
-    build_effnet_minilm,
-    build_tokenizer,
-    packaged_weights_digest,
-)
+from .effnet_minilm import build_effnet_minilm, build_tokenizer
+from .effnet_minilm_config import BridgeConfig, packaged_weights_digest
+from .errors import ModelLoadError
+from .model_identity import DEFAULT_MODEL_NAME, ModelIdentity
 
 CHECKPOINT_FORMAT = "otclip-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -69,24 +66,6 @@ def _quiet_logging():
         yield
     finally:
         logging.disable(logging.NOTSET)
-
-
-class ModelLoadError(RuntimeError):
-    """A model spec that cannot be loaded; the message is one line meant for the user."""
-
-
-@dataclass(frozen=True)
-class ModelIdentity:
-    """What an index records about the model that built it: a readable name and a weights checksum."""
-
-    name: str
-    checksum: str
-
-    def same_weights(self, other: ModelIdentity) -> bool:
-        return self.checksum == other.checksum
-
-    def __str__(self) -> str:
-        return f"{self.name} (weights {self.checksum[:12]})"
 
 
 @dataclass

@@ -6,14 +6,19 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .encoding import Encoder, ImageInput
 from .errors import IndexDirectoryError
 from .faiss_indexes import index_description
+from .images import ImageInput
 from .index_directory import IndexDirectory
-from .model_loading import LoadedModel, load_model
+from .metadata_store import MetadataStore
+
+if TYPE_CHECKING:
+    from .encoding import Encoder
+    from .model_loading import LoadedModel
 
 
 @dataclass
@@ -34,23 +39,60 @@ class SearchResult:
 
 
 class IndexSearcher:
-    """Loads an index directory (and its model, once) and answers text/image queries against it."""
+    """Answers text/image queries against an index directory. The model is loaded once, on the first query
+    that needs it (or by `load_model()`): `info` and, with `exported_text=True`, text queries answered by
+    the index's exported text tower (`text_query_model`) never load it, nor import torch."""
 
-    def __init__(self, index_dir: str | Path, model: LoadedModel | None = None, device: str | None = None) -> None:
+    def __init__(self, index_dir: str | Path, model: LoadedModel | None = None, device: str | None = None,
+                 exported_text: bool = False, threads: int | None = None) -> None:
         self.directory = IndexDirectory(index_dir)
         manifest = self.directory.manifest()
-        if model is None:
-            model = load_model(manifest["model"]["spec"], device=device)
-        self.directory.check_model(model.identity)
-        self.model = model
-        self.encoder = Encoder(model)
+        if model is not None:
+            self.directory.check_model(model.identity)
+        self._model, self._device, self._threads = model, device, threads
+        self._encoder: Encoder | None = None
+        self._loading = threading.Lock()
+        self._text_model = None
+        if exported_text and model is None:
+            files = self.directory.text_query_model_files()
+            if files is not None:
+                from .text_query_model import TextQueryModel
+
+                self._text_model = TextQueryModel(*files, threads=threads)
         self.manifest = manifest
         self._sides = {side: self.directory.load_side(side) for side in manifest["sides"]}
         self._stamp = self._manifest_stamp()
         self._reload = threading.Lock()
-        from .metadata_store import MetadataStore
-
         self._store = MetadataStore(self.directory.root / "metadata.sqlite", readonly=True)
+
+    @property
+    def encoder(self) -> Encoder:
+        """The torch encoder, loading the index's model on first use (checked against the index)."""
+        if self._encoder is None:
+            with self._loading:
+                if self._encoder is None:
+                    from .encoding import Encoder
+                    from .model_loading import load_model
+                    from .threads import apply_thread_budget, thread_budget
+
+                    apply_thread_budget(thread_budget(self._threads))
+                    model = self._model or load_model(self.manifest["model"]["spec"], device=self._device)
+                    self.directory.check_model(model.identity)
+                    self._model, self._encoder = model, Encoder(model)
+        return self._encoder
+
+    @property
+    def model(self) -> LoadedModel:
+        return self.encoder.loaded
+
+    def load_model(self) -> None:
+        """Load the model now (a server does, so that its first query is not the slow one)."""
+        self.encoder  # noqa: B018
+
+    @property
+    def text_backend(self) -> str:
+        """What embeds text queries: "onnx" (the exported text tower) or "torch"."""
+        return "onnx" if self._text_model is not None else "torch"
 
     def _manifest_stamp(self) -> tuple[int, int] | None:
         try:
@@ -125,17 +167,24 @@ class IndexSearcher:
         )
 
     # --- queries -----------------------------------------------------------------------------
-    def search_text_batch(self, queries: Sequence[str], k: int = 10, min_score: float | None = None,
-                          target: str = "images") -> list[list[SearchResult]]:
+    def encode_texts(self, queries: Sequence[str]) -> np.ndarray:
+        """(n, d) query vectors, through the exported text tower when this searcher uses it."""
         queries = list(queries)
         for q in queries:
             if not q or not q.strip():
                 raise ValueError("empty query: type some words to search for")
-        return self.search_vectors(self.encoder.encode_texts(queries), target, k, min_score)
+        return (self._text_model or self.encoder).encode_texts(queries)
+
+    def encode_images(self, images: Sequence[ImageInput]) -> np.ndarray:
+        return self.encoder.encode_images(list(images))
+
+    def search_text_batch(self, queries: Sequence[str], k: int = 10, min_score: float | None = None,
+                          target: str = "images") -> list[list[SearchResult]]:
+        return self.search_vectors(self.encode_texts(queries), target, k, min_score)
 
     def search_image_batch(self, images: Sequence[ImageInput], k: int = 10, min_score: float | None = None,
                            target: str = "images") -> list[list[SearchResult]]:
-        return self.search_vectors(self.encoder.encode_images(list(images)), target, k, min_score)
+        return self.search_vectors(self.encode_images(images), target, k, min_score)
 
     def search_text(self, query: str, k: int = 10, min_score: float | None = None) -> list[SearchResult]:
         """Text -> image."""

@@ -19,7 +19,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=None, help="decoding workers (default: cores - 1)")
     p.add_argument("--chunk-size", type=int, default=1024, help="embeddings committed per chunk")
-    p.add_argument("--no-progress", action="store_true")
+    _speed_flags(p)
     p.set_defaults(func=_index)
 
     p = sub.add_parser("index-texts", help="index a text corpus as the text side (for image -> text search)")
@@ -28,7 +28,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default=None, help="model spec (default: the index's model, else effnet-minilm)")
     p.add_argument("--factory", default="auto")
     p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--no-progress", action="store_true")
+    _speed_flags(p)
     p.set_defaults(func=_index_texts)
 
     p = sub.add_parser("reindex", help="rebuild the FAISS indexes with another factory string, without re-encoding")
@@ -45,6 +45,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--min-score", type=float, default=None)
     p.add_argument("--model", default=None, help="model spec (default: the one the index was built with)")
     p.add_argument("--json", action="store_true", help="print results as JSON")
+    p.add_argument("--threads", type=int, default=None, help="compute threads (default: the available cores)")
     p.set_defaults(func=_search)
 
     p = sub.add_parser("info", help="describe an index directory")
@@ -53,20 +54,33 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_info)
 
 
+def _speed_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threads", type=int, default=None, help="model threads (default: the available cores)")
+    p.add_argument("--no-text-export", action="store_true",
+                   help="do not keep an ONNX export of the text tower (text queries in `otclip search` then load torch)")
+    p.add_argument("--no-progress", action="store_true")
+
+
 def _index(args: argparse.Namespace) -> int:
+    from otclip.engine.threads import apply_thread_budget, thread_budget
+
     from .pipeline import index_images
 
+    apply_thread_budget(thread_budget(args.threads))
     summary = index_images(args.images, args.out, args.model, args.factory, args.batch_size, args.workers,
-                           args.chunk_size, progress=not args.no_progress)
+                           args.chunk_size, progress=not args.no_progress, text_query_model=not args.no_text_export)
     print(summary.line())
     return 0
 
 
 def _index_texts(args: argparse.Namespace) -> int:
+    from otclip.engine.threads import apply_thread_budget, thread_budget
+
     from .pipeline import index_texts
 
+    apply_thread_budget(thread_budget(args.threads))
     summary = index_texts(args.texts, args.out, args.model, args.factory, args.batch_size,
-                          progress=not args.no_progress)
+                          progress=not args.no_progress, text_query_model=not args.no_text_export)
     print(summary.line())
     return 0
 
@@ -80,12 +94,17 @@ def _reindex(args: argparse.Namespace) -> int:
 
 
 def _search(args: argparse.Namespace) -> int:
-    from otclip.engine import load_model
     from otclip.engine.search import IndexSearcher
 
     if (args.query is None) == (args.image is None):
         raise ValueError("give either a text query or --image PATH")
-    searcher = IndexSearcher(args.index_dir, model=load_model(args.model) if args.model else None)
+    model = None
+    if args.model:
+        from otclip.engine import load_model
+
+        model = load_model(args.model)
+    # a text query is answered by the index's exported text tower when it keeps one: no torch, no model load
+    searcher = IndexSearcher(args.index_dir, model=model, exported_text=args.image is None, threads=args.threads)
     if args.image is not None:
         results = searcher.search_image_batch([args.image], args.k, args.min_score, target=args.target)[0]
     else:

@@ -15,15 +15,19 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from otclip.engine import Encoder, LoadedModel, load_model
 from otclip.engine.atomic_files import write_lines_atomically
 from otclip.engine.checksums import sha256_file
 from otclip.engine.distributed import Ranks, init_from_env
 from otclip.engine.index_directory import IndexDirectory
 from otclip.engine.metadata_store import ItemRecord
+from otclip.engine.model_identity import DEFAULT_MODEL_NAME, identity_without_loading
+
+if TYPE_CHECKING:
+    from otclip.engine import LoadedModel
 
 from .collection import CollectionItem, read_collection, read_texts
 
@@ -40,13 +44,57 @@ class IndexingSummary:
     seconds: float = 0.0
     factory: str = ""
     errors_file: str | None = None
+    model_loaded: bool = False
+    text_queries: str = ""  # why text queries need torch, when the text tower could not be exported
 
     def line(self) -> str:
         s = (f"{self.side}: {self.total} indexed ({self.embedded} embedded, {self.unchanged} unchanged, "
              f"{self.duplicates} duplicates), {self.removed} removed, {self.skipped} skipped")
         if self.skipped and self.errors_file:
             s += f" (reasons in {self.errors_file})"
+        if self.text_queries:
+            s += f", text queries load torch ({self.text_queries})"
         return s + f", index {self.factory}, {self.seconds:.1f}s"
+
+
+class _ModelOnDemand:
+    """The run's model, loaded only when something must be embedded or exported: a re-index of unchanged
+    files checks the model's identity against the index without building it (`identity_without_loading`)."""
+
+    def __init__(self, model: str | LoadedModel, directory: IndexDirectory, ranks: Ranks) -> None:
+        self.spec = model if isinstance(model, str) else model.identity.name
+        self._model = None if isinstance(model, str) else model
+        self.directory, self.ranks = directory, ranks
+
+    @property
+    def loaded(self) -> bool:
+        return self._model is not None
+
+    def get(self) -> LoadedModel:
+        if self._model is None:
+            from otclip.engine import load_model
+
+            self._model = load_model(self.spec, device=self.ranks.device())
+            if self.directory.exists():
+                self.directory.check_model(self._model.identity)
+        return self._model
+
+    def open_index(self) -> None:
+        """Create the index for this model, or check that the existing one was built with it."""
+        if self.directory.exists() and self._model is None:
+            identity = identity_without_loading(self.spec, self.directory.manifest()["model"])
+            if identity is not None:
+                self.directory.check_model(identity)
+                return
+        loaded = self.get()
+        self.directory.open_for_model(self.spec, loaded.identity, loaded.embed_dim)
+
+    def keep_text_query_model(self, summary: IndexingSummary) -> None:
+        """Export the text tower for torch-free text queries, unless the index already keeps a current one."""
+        if self.directory.text_query_model_files() is None:
+            from otclip.engine.text_query_export import export_text_query_model
+
+            summary.text_queries = export_text_query_model(self.get(), self.directory) or ""
 
 
 @dataclass
@@ -178,25 +226,31 @@ class _ChunkWriter:
 def index_images(
     source: str | Path,
     index_dir: str | Path,
-    model: str | LoadedModel = "effnet-minilm",
+    model: str | LoadedModel = DEFAULT_MODEL_NAME,
     factory: str = "auto",
     batch_size: int = 64,
     workers: int | None = None,
     chunk_size: int = 1024,
     progress: bool = True,
+    text_query_model: bool = True,
 ) -> IndexingSummary:
-    """Index (or update the index of) an image folder or manifest. Returns the run's summary."""
+    """Index (or update the index of) an image folder or manifest. Returns the run's summary.
+
+    The model is loaded only if there is something new to embed (or the text tower to export:
+    `text_query_model`, kept for torch-free text queries); the FAISS index is rebuilt only if the
+    indexed set changed or another factory is asked for."""
     start = time.time()
     ranks = init_from_env()
     try:
-        loaded = model if isinstance(model, LoadedModel) else load_model(model, device=ranks.device())
-        spec = model if isinstance(model, str) else loaded.identity.name
         directory = IndexDirectory(index_dir)
+        models = _ModelOnDemand(model, directory, ranks)
+        ingested = 0
         if ranks.is_main:
-            directory.open_for_model(spec, loaded.identity, loaded.embed_dim)
-            directory.ingest_pending()  # chunks a killed run wrote but did not commit
+            models.open_index()
+            ingested = directory.ingest_pending()  # chunks a killed run wrote but did not commit
         ranks.barrier()
-        directory.check_model(loaded.identity)
+        if not ranks.is_main:
+            models.open_index()  # checks the identity: every rank embeds with the index's model
         items = read_collection(source)
         plan = _plan(items, directory, ranks)
         summary = IndexingSummary("images", unchanged=plan.unchanged)
@@ -207,9 +261,14 @@ def index_images(
         groups = list(plan.groups.items())[ranks.rank :: ranks.world_size]
         summary.duplicates += sum(len(g) - 1 for _, g in groups)
         failed: list[dict] = []
-        encoder = Encoder(loaded, batch_size=batch_size, num_workers=workers)
         paths = [g[0][0].path for _, g in groups]
-        for batch in encoder.iter_image_batches(paths, progress=progress and ranks.is_main):
+        batches = []
+        if paths:
+            from otclip.engine.encoding import Encoder
+
+            encoder = Encoder(models.get(), batch_size=batch_size, num_workers=workers)
+            batches = encoder.iter_image_batches(paths, progress=progress and ranks.is_main)
+        for batch in batches:
             for j, i in enumerate(batch.indices):
                 digest, group = groups[i]
                 wh = batch.sizes[j]
@@ -223,7 +282,7 @@ def index_images(
         failed = [f for part in ranks.gather(failed) for f in part]
         ranks.barrier()
         if ranks.is_main:
-            directory.ingest_pending()
+            ingested += directory.ingest_pending()
             errors = plan.errors + failed
             present = {it.path for it in items} - {e["path"] for e in errors}
             gone = [k for k in directory.store.stats("images") if k not in present]
@@ -234,8 +293,14 @@ def index_images(
             errors_file = directory.root / "errors.jsonl"
             write_lines_atomically(errors_file, [json.dumps(e, ensure_ascii=False) for e in errors])
             summary.errors_file = str(errors_file)
-            side = directory.publish("images", factory)
-            summary.factory, summary.total = side["factory"], side["items"]
+            current = directory.manifest()["sides"].get("images")
+            changed = ingested or writer.count or gone  # chunks committed by this run or left by a killed one
+            if changed or current is None or factory not in ("auto", current["factory"]):
+                current = directory.publish("images", factory)
+            summary.factory, summary.total = current["factory"], current["items"]
+            if text_query_model:
+                models.keep_text_query_model(summary)
+        summary.model_loaded = models.loaded
         ranks.barrier()
         summary.seconds = time.time() - start
         return summary
@@ -251,16 +316,17 @@ def index_texts(
     batch_size: int = 256,
     chunk_size: int = 4096,
     progress: bool = True,
+    text_query_model: bool = True,
 ) -> IndexingSummary:
-    """Index a text corpus as the text side of an index directory (the set of texts in the file)."""
+    """Index a text corpus as the text side of an index directory (the set of texts in the file).
+    Like `index_images`, the model is loaded only for new texts or the text-tower export."""
     start = time.time()
     directory = IndexDirectory(index_dir)
     if model is None:
-        model = directory.model_spec() if directory.exists() else "effnet-minilm"
-    loaded = model if isinstance(model, LoadedModel) else load_model(model)
-    spec = model if isinstance(model, str) else loaded.identity.name
-    directory.open_for_model(spec, loaded.identity, loaded.embed_dim)
-    directory.ingest_pending()
+        model = directory.model_spec() if directory.exists() else DEFAULT_MODEL_NAME
+    models = _ModelOnDemand(model, directory, Ranks())
+    models.open_index()
+    ingested = directory.ingest_pending()
     texts = read_texts(source)
     stored = directory.store.stats("texts")
     wanted: dict[str, object] = {}
@@ -269,19 +335,27 @@ def index_texts(
     new = [(k, t) for k, t in wanted.items() if k not in stored]
     summary = IndexingSummary("texts", unchanged=len(wanted) - len(new), duplicates=len(texts) - len(wanted))
     writer = _ChunkWriter(directory, "texts", Ranks(), chunk_size)
-    encoder = Encoder(loaded, batch_size=batch_size)
-    for startpos in range(0, len(new), chunk_size):
-        part = new[startpos : startpos + chunk_size]
-        vectors = encoder.encode_texts([t.text for _, t in part], progress=progress)
-        for (key, t), v in zip(part, vectors):
-            writer.add(v, [ItemRecord(key=key, sha256=key, row=0, text=t.text, label=t.label, extra=t.extra or None)])
-    writer.flush()
+    if new:
+        from otclip.engine.encoding import Encoder
+
+        encoder = Encoder(models.get(), batch_size=batch_size)
+        for startpos in range(0, len(new), chunk_size):
+            part = new[startpos : startpos + chunk_size]
+            vectors = encoder.encode_texts([t.text for _, t in part], progress=progress)
+            for (key, t), v in zip(part, vectors):
+                writer.add(v, [ItemRecord(key=key, sha256=key, row=0, text=t.text, label=t.label, extra=t.extra or None)])
+        writer.flush()
     summary.embedded = len(new)
     gone = [k for k in stored if k not in wanted]
     directory.store.delete_keys("texts", gone)
     summary.removed = len(gone)
-    side = directory.publish("texts", factory)
-    summary.factory, summary.total = side["factory"], side["items"]
+    current = directory.manifest()["sides"].get("texts")
+    if new or ingested or gone or current is None or factory not in ("auto", current["factory"]):
+        current = directory.publish("texts", factory)
+    summary.factory, summary.total = current["factory"], current["items"]
+    if text_query_model:
+        models.keep_text_query_model(summary)
+    summary.model_loaded = models.loaded
     summary.seconds = time.time() - start
     return summary
 

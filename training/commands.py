@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 
@@ -21,16 +22,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--test-size", type=int, default=2_000)
     p.set_defaults(func=_data)
 
-    from .losses import REGULARIZERS
-    from .trainer import POSITIVES, TrainConfig
+    from .config import POSITIVES, TrainConfig
 
-    CHOICES = {"reg": list(REGULARIZERS), "positives": list(POSITIVES)}
+    CHOICES = {"positives": list(POSITIVES)}  # --reg is checked by TrainConfig against the registry
 
     p = sub.add_parser("train", help="fine-tune a model on a partially-paired corpus")
     p.add_argument("--corpus", required=True, help="corpus folder (train.jsonl, val.jsonl) or a manifest")
     p.add_argument("--out", required=True, help="run directory (log.jsonl, best.pt, last.pt); resumes if present")
-    defaults = TrainConfig(corpus="", out="")
-    for name, value in vars(defaults).items():
+    for f in dataclasses.fields(TrainConfig):  # the defaults, without validating (that imports the registry)
+        name, value = f.name, f.default
         if name in ("corpus", "out", "save_checkpoints"):  # save_checkpoints is for sweeps through the API
             continue
         flag = "--" + name.replace("_", "-")

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .barycenter import free_support_barycenter
+from .config import RegularizerOptions
 from .matching import Matching, nearest_text_pairs, ot_matching
 from .sinkhorn import cosine_cost, entropic_ot, sinkhorn_divergence, sqeuclidean_cost
 
@@ -216,18 +217,6 @@ class OTMatchLoss(nn.Module):
 
 
 # --- the registry: the trainer, the CLI and the experiment read it; none of them names a regularizer --------
-@dataclass(frozen=True)
-class RegularizerOptions:
-    """The training settings a regularizer may read (the CLI flags of the same names)."""
-
-    eps: float = 0.05  # --ot-eps
-    rho: float | None = None  # --ot-rho
-    debiased: bool = False  # --debiased
-    loop_lambda: float = 1.0  # --loop-lambda
-    match_rho: float | None = 0.5  # --match-rho: unbalanced pool matching, so items without a partner stay out
-    match_min_mass: float = 0.5  # --match-min-mass: the share of an image's mass the plan must transport
-
-
 SCHEDULES = {
     "joint": "L_clip + alpha R from the first step",
     "after-pairs": "L_clip alone for the first stage (--pseudo-warmup), then L_clip + alpha R",

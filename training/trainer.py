@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -26,65 +26,11 @@ from otclip.engine.devices import autocast_for
 from otclip.engine.distributed import init_from_env
 from otclip.engine.metrics import recall_at_k
 
+from .config import POSITIVES, RegularizerOptions, TrainConfig  # noqa: F401 (POSITIVES: re-exported)
 from .corpus import PartiallyPairedCorpus, load_corpus
 from .feature_cache import FeatureCache
-from .losses import ContrastiveLoss, RegularizerOptions, StepEmbeddings, in_first_stage, lookup, step_total, uniformity
+from .losses import ContrastiveLoss, StepEmbeddings, in_first_stage, lookup, step_total, uniformity
 from .trainable import TrainableModel
-
-POSITIVES = ("pair", "label")
-
-
-@dataclass
-class TrainConfig:
-    corpus: str
-    out: str
-    model: str = "effnet-minilm"
-    reg: str = "none"
-    alpha: float = 0.1
-    ot_eps: float = RegularizerOptions.eps
-    ot_rho: float | None = RegularizerOptions.rho
-    debiased: bool = RegularizerOptions.debiased
-    loop_lambda: float = RegularizerOptions.loop_lambda
-    match_rho: float | None = RegularizerOptions.match_rho  # ot-match's unbalanced pool matching
-    match_min_mass: float = RegularizerOptions.match_min_mass  # ot-match: share of an image's mass transported
-    positives: str = "pair"  # contrastive positives: pair (row i only) or label (every pair of the same class)
-    steps: int = 300
-    batch_size: int = 64
-    unpaired_batch_size: int = 256
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    warmup: int = 20
-    accum: int = 1
-    eval_every: int = 50
-    save_every: int = 50
-    match_every: int = 100
-    pseudo_warmup: float = 0.3  # first stage of the after-pairs and two-stage schedules: pairs alone
-    unlock_image: int = 0
-    unlock_text: int = 0
-    seed: int = 0
-    val_size: int = 1000
-    save_checkpoints: bool = True  # experiments sweeping many runs turn this off
-
-    def __post_init__(self) -> None:
-        if self.positives not in POSITIVES:
-            raise ValueError(f"--positives {self.positives!r}: expected one of {', '.join(POSITIVES)}")
-        lookup(self.reg)  # a one-line error naming the choices
-        for name in ("ot_rho", "match_rho"):
-            value = getattr(self, name)
-            if value is not None and value <= 0:
-                raise ValueError(f"--{name.replace('_', '-')} {value}: must be positive (leave it out for balanced OT)")
-        if self.ot_eps <= 0:
-            raise ValueError(f"--ot-eps {self.ot_eps}: must be positive")
-        for name in ("steps", "batch_size", "unpaired_batch_size", "accum", "eval_every", "save_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
-
-    def resume_fields(self) -> dict:
-        """What must match for a run directory to be resumed (steps and eval cadence may change)."""
-        d = asdict(self)
-        for k in ("steps", "eval_every", "save_every"):
-            d.pop(k)
-        return d
 
 
 def corpus_paths(corpus: str) -> tuple[Path, Path | None]:

@@ -1,4 +1,5 @@
 import json
+from types import SimpleNamespace
 
 from otclip.app.server import SearchApp, report_tables
 
@@ -16,7 +17,8 @@ def test_nested_blocks_become_tables_and_markdown_wins(tmp_path):
     assert "| fashion | 0.100 | 0.300 | n/a |" in report_tables(data)
     path = tmp_path / "partial_pairs.json"
     path.write_text(json.dumps(data))
-    app = SearchApp(searcher=None, report=path)
+    no_index = SimpleNamespace(encode_texts=None, encode_images=None)  # the report needs no searcher
+    app = SearchApp(searcher=no_index, report=path)
     assert "headline gap closed" in app.report_markdown()
     (tmp_path / "partial_pairs.md").write_text("# From the experiment")
     (tmp_path / "partial_pairs-recall.png").write_bytes(b"png")

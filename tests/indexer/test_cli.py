@@ -44,3 +44,34 @@ def test_cli_errors_are_one_line(tmp_path):
 def test_cli_rank_over_a_folder(gallery):
     code, stdout, _ = otclip("rank", "a cat", "--images", gallery, "-k", "2")
     assert code == 0 and stdout.splitlines()[1].strip().endswith("chelsea.jpg")
+
+
+def test_an_unchanged_folder_is_reindexed_without_the_model(gallery, tmp_path, default_model):
+    """No-op re-index: decided from the metadata store and the model's identity, before any weights load."""
+    import pytest
+
+    from otclip.engine import save_checkpoint
+    from otclip.engine.errors import IndexDirectoryError
+    from otclip.indexer.pipeline import index_images
+
+    out = tmp_path / "ix"
+    index_images(gallery, out, default_model, progress=False, workers=0)
+    generation = json.loads((out / "manifest.json").read_text())["sides"]["images"]["generation"]
+    script = (f"import sys\nfrom otclip.main import main\nmain(['index', {str(gallery)!r}, '--out', {str(out)!r}, "
+              "'--no-progress'])\nprint('TORCH', 'torch' in sys.modules)")
+    stdout = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, check=True).stdout
+    assert "20 indexed (0 embedded, 20 unchanged" in stdout and "TORCH False" in stdout
+    assert json.loads((out / "manifest.json").read_text())["sides"]["images"]["generation"] == generation
+
+    (gallery / "chelsea.jpg").write_bytes((gallery / "rocket.jpg").read_bytes())  # known content: no embedding
+    summary = index_images(gallery, out, "effnet-minilm", progress=False, workers=0)
+    assert (summary.embedded, summary.duplicates, summary.model_loaded) == (0, 1, False)
+    from otclip.engine.sample_photos import sample_photo
+
+    sample_photo("astronaut").save(gallery / "new.jpg")  # new content: the model is loaded to embed it
+    summary = index_images(gallery, out, "effnet-minilm", progress=False, workers=0)
+    assert (summary.embedded, summary.model_loaded, summary.total) == (1, True, 21)
+
+    other = save_checkpoint(default_model, tmp_path / "other.pt", name="other")  # same weights, another file
+    with pytest.raises(IndexDirectoryError, match="refusing"):
+        index_images(gallery, out, str(other), progress=False, workers=0)

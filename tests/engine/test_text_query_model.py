@@ -1,0 +1,109 @@
+"""Text queries without torch: the exported text tower and its tokenizer agree with the torch model's,
+`otclip search` answers through them without importing torch, and a stale or unfaithful export is not used."""
+
+import json
+import random
+import shutil
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from otclip.engine.index_directory import IndexDirectory
+from otclip.engine.model_identity import ModelIdentity
+from otclip.engine.text_query_export import export_text_query_model, query_tokenizer
+
+
+def _texts(seed: int = 0, n: int = 300) -> list[str]:
+    """Texts unlike the export's probes: captions, and random strings over Latin, Greek, Cyrillic, CJK,
+    emoji, digits, punctuation, HTML entities and whitespace runs, some beyond the context length."""
+    rng = random.Random(seed)
+    alphabet = ("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZéèüßçñΩαβγЖжЯ日本語の写真🙂🚀0123456789"
+                ".,;:!?'\"-()[]/&%$#@ ")
+    out = ["a photo of a cat", "A Rocket on the launch pad!", "two dogs playing in the snow", "&lt;b&gt;bold&lt;/b&gt;",
+           "don't   stop\tme\nnow", "Ⅻ ﬁ ½ full-width ＡＢＣ", "ü" * 90]
+    for _ in range(n):
+        words = ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 12))) for _ in range(rng.randint(1, 30))]
+        out.append(rng.choice([" ", "  ", "\t"]).join(words))
+    return out
+
+
+def test_the_clip_bpe_tokenizer_matches_open_clips():
+    """open_clip's SimpleTokenizer (ViT-B-32 and most architectures) rebuilt for `tokenizers`: same ids."""
+    import open_clip
+
+    stub = SimpleNamespace(tokenizer=open_clip.get_tokenizer("ViT-B-32"), identity=ModelIdentity("stub", "0" * 64))
+    tokenize, _, info = query_tokenizer(stub)
+    assert info["clean"] == "lower" and info["context_length"] == 77
+    texts = _texts()
+    np.testing.assert_array_equal(tokenize(texts), stub.tokenizer(texts).numpy())
+
+
+def test_the_default_models_tokenizer_matches(default_model):
+    tokenize, _, info = query_tokenizer(default_model)
+    assert info["clean"] == "whitespace"
+    texts = _texts(seed=1)
+    np.testing.assert_array_equal(tokenize(texts), default_model.tokenizer(texts).numpy())
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, default_model):
+    directory = IndexDirectory(tmp_path_factory.mktemp("export") / "index")
+    directory.open_for_model("effnet-minilm", default_model.identity, default_model.embed_dim)
+    assert export_text_query_model(default_model, directory) is None
+    return directory
+
+
+def test_the_export_embeds_like_the_torch_model(exported, encoder):
+    from otclip.engine.text_query_model import TextQueryModel
+
+    files = exported.text_query_model_files()
+    assert files is not None and files[2]["max_abs_error"] <= 1e-4
+    texts = _texts(seed=2, n=60)
+    got = TextQueryModel(*files, threads=1).encode_texts(texts)
+    want = encoder.encode_texts(texts)
+    assert got.shape == want.shape
+    assert np.abs(got - want).max() < 1e-4
+
+
+def test_an_export_of_another_model_is_not_used(exported, tmp_path):
+    copy = IndexDirectory(tmp_path / "index")
+    shutil.copytree(exported.root, copy.root)
+    info = json.loads((copy.query_dir / "text.json").read_text())
+    (copy.query_dir / "text.json").write_text(json.dumps({**info, "model_checksum": "f" * 64}))
+    assert copy.text_query_model_files() is None
+    (copy.query_dir / "text.json").write_text(json.dumps(info))
+    assert copy.text_query_model_files() is not None
+    with open(copy.query_dir / "text.onnx", "r+b") as f:  # cut short, as by a crash while copying
+        f.truncate(1000)
+    assert copy.text_query_model_files() is None
+
+
+def test_an_unfaithful_tokenizer_is_not_kept(default_model, tmp_path, monkeypatch):
+    from otclip.engine import text_query_model
+
+    directory = IndexDirectory(tmp_path / "index")
+    directory.open_for_model("effnet-minilm", default_model.identity, default_model.embed_dim)
+    monkeypatch.setitem(text_query_model.CLEANERS, "whitespace", lambda text: text)  # HTML entities left escaped
+    reason = export_text_query_model(default_model, directory)
+    assert reason is not None and "tokenizer disagrees" in reason
+    assert directory.text_query_model_files() is None
+
+
+def test_cli_search_answers_without_torch(demo_index, default_model):
+    from otclip.engine.search import IndexSearcher
+
+    index = demo_index / "index"
+    assert IndexDirectory(index).text_query_model_files() is not None  # `otclip index` kept the export
+    script = ("import json, sys\nfrom otclip.main import main\n"
+              f"main(['search', {str(index)!r}, 'a cup of coffee', '-k', '5', '--json'])\n"
+              "print('TORCH', 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True).stdout
+    results, torch_line = json.loads(out[: out.rindex("TORCH")]), out[out.rindex("TORCH"):]
+    assert torch_line.strip() == "TORCH False"
+    expected = IndexSearcher(index, model=default_model).search_text("a cup of coffee", k=5)
+    assert [r["path"] for r in results] == [r.path for r in expected]
+    np.testing.assert_allclose([r["score"] for r in results], [r.score for r in expected], atol=1e-4)
+

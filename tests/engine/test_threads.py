@@ -1,0 +1,33 @@
+"""The thread budget: threads x concurrent model calls within the cores, --threads checked, idle threads sleep."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from otclip.engine.threads import available_cores, thread_budget
+
+
+def test_budget_divides_the_cores_among_concurrent_calls():
+    cores = available_cores()
+    assert cores == len(os.sched_getaffinity(0))
+    assert thread_budget() == cores
+    assert thread_budget(concurrent_calls=2) == max(1, cores // 2)
+    assert thread_budget(concurrent_calls=10 * cores) == 1
+    assert thread_budget(3) == 3
+    with pytest.raises(ValueError, match="--threads 0"):
+        thread_budget(0)
+
+
+def test_the_cli_sets_the_budget_and_passive_waiting(demo_index):
+    script = ("import os, sys\nfrom otclip.main import main\n"
+              f"main(['search', {str(demo_index / 'index')!r}, '--image', {str(next((demo_index / 'data').rglob('*.jpg')))!r},"
+              " '--threads', '1', '-k', '1'])\nimport torch\n"
+              "print('THREADS', torch.get_num_threads(), os.environ['OMP_WAIT_POLICY'])")
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS")}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, check=True, env=env)
+    assert "THREADS 1 PASSIVE" in out.stdout
+    bad = subprocess.run([sys.executable, "-m", "otclip", "search", str(demo_index / "index"), "a cat", "--threads", "0"],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "--threads 0" in bad.stderr and "Traceback" not in bad.stderr

@@ -1,0 +1,78 @@
+"""Training settings, torch-free: the CLI builds `otclip train`'s flags from these defaults without
+importing the training stack (so every other command starts fast)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+
+@dataclass(frozen=True)
+class RegularizerOptions:
+    """The training settings a regularizer may read (the CLI flags of the same names)."""
+
+    eps: float = 0.05  # --ot-eps
+    rho: float | None = None  # --ot-rho
+    debiased: bool = False  # --debiased
+    loop_lambda: float = 1.0  # --loop-lambda
+    match_rho: float | None = 0.5  # --match-rho: unbalanced pool matching, so items without a partner stay out
+    match_min_mass: float = 0.5  # --match-min-mass: the share of an image's mass the plan must transport
+
+
+POSITIVES = ("pair", "label")
+
+
+@dataclass
+class TrainConfig:
+    corpus: str
+    out: str
+    model: str = "effnet-minilm"
+    reg: str = "none"
+    alpha: float = 0.1
+    ot_eps: float = RegularizerOptions.eps
+    ot_rho: float | None = RegularizerOptions.rho
+    debiased: bool = RegularizerOptions.debiased
+    loop_lambda: float = RegularizerOptions.loop_lambda
+    match_rho: float | None = RegularizerOptions.match_rho  # ot-match's unbalanced pool matching
+    match_min_mass: float = RegularizerOptions.match_min_mass  # ot-match: share of an image's mass transported
+    positives: str = "pair"  # contrastive positives: pair (row i only) or label (every pair of the same class)
+    steps: int = 300
+    batch_size: int = 64
+    unpaired_batch_size: int = 256
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup: int = 20
+    accum: int = 1
+    eval_every: int = 50
+    save_every: int = 50
+    match_every: int = 100
+    pseudo_warmup: float = 0.3  # first stage of the after-pairs and two-stage schedules: pairs alone
+    unlock_image: int = 0
+    unlock_text: int = 0
+    seed: int = 0
+    val_size: int = 1000
+    save_checkpoints: bool = True  # experiments sweeping many runs turn this off
+
+    def __post_init__(self) -> None:
+        if self.positives not in POSITIVES:
+            raise ValueError(f"--positives {self.positives!r}: expected one of {', '.join(POSITIVES)}")
+        from .losses import lookup
+
+        lookup(self.reg)  # a one-line error naming the choices
+        for name in ("ot_rho", "match_rho"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ValueError(f"--{name.replace('_', '-')} {value}: must be positive (leave it out for balanced OT)")
+        if self.ot_eps <= 0:
+            raise ValueError(f"--ot-eps {self.ot_eps}: must be positive")
+        for name in ("steps", "batch_size", "unpaired_batch_size", "accum", "eval_every", "save_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+
+    def resume_fields(self) -> dict:
+        """What must match for a run directory to be resumed (steps and eval cadence may change)."""
+        d = asdict(self)
+        for k in ("steps", "eval_every", "save_every"):
+            d.pop(k)
+        return d
+
+
