@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from .devices import autocast_for
-from .images import ImageDecodeError, ImageInput, load_image
+from .images import ImageDecodeError, ImageInput, load_image, thumbnail_jpeg
 from .model_loading import LoadedModel
 
 
@@ -32,13 +32,15 @@ class ImageBatch:
     embeddings: np.ndarray
     failures: list[tuple[int, str]] = field(default_factory=list)
     sizes: list[tuple[int, int]] = field(default_factory=list)
+    thumbnails: list[bytes] = field(default_factory=list)  # JPEG display copies, when asked for
 
 
 class _DecodeDataset(Dataset):
-    def __init__(self, items: Sequence[ImageInput], preprocess, draft: int | None) -> None:
+    def __init__(self, items: Sequence[ImageInput], preprocess, draft: int | None, thumbnails: bool = False) -> None:
         self.items = items
         self.preprocess = preprocess
         self.draft = draft
+        self.thumbnails = thumbnails
 
     def __len__(self) -> int:
         return len(self.items)
@@ -46,7 +48,9 @@ class _DecodeDataset(Dataset):
     def __getitem__(self, i: int) -> tuple[int, Any, str | None]:
         try:
             image = load_image(self.items[i], draft=self.draft)
-            return i, (self.preprocess(image), image.size), None
+            # the display copy comes from the same decode (a draft-decoded JPEG is still >= the model's side)
+            shown = thumbnail_jpeg(image) if self.thumbnails else b""
+            return i, (self.preprocess(image), image.size, shown), None
         except ImageDecodeError as exc:
             return i, None, exc.reason
         except Exception as exc:  # a preprocessing failure must not kill the worker and the whole run
@@ -57,7 +61,7 @@ def _collate(samples: list[tuple[int, Any, str | None]]):
     ok = [(i, decoded) for i, decoded, err in samples if err is None]
     failures = [(i, err) for i, _, err in samples if err is not None]
     tensors = torch.stack([d[0] for _, d in ok]) if ok else None
-    return [i for i, _ in ok], tensors, failures, [d[1] for _, d in ok]
+    return [i for i, _ in ok], tensors, failures, [d[1] for _, d in ok], [d[2] for _, d in ok]
 
 
 class _DevicePreprocess:
@@ -139,17 +143,19 @@ class Encoder:
         progress: bool | None = None,
         encode: Callable[[torch.Tensor], torch.Tensor] | None = None,
         normalize: bool = True,
+        thumbnails: bool = False,
     ) -> Iterator[ImageBatch]:
         """Decode (in workers) and encode `images` batch by batch, in input order.
 
         `encode` replaces the model's encode_image (training caches a frozen trunk's features this
-        way); `normalize=False` keeps its raw output."""
+        way); `normalize=False` keeps its raw output; `thumbnails` adds each image's JPEG display copy,
+        made by the decoding workers from the decode the model uses."""
         bs = batch_size or self.batch_size
         workers = self.num_workers if num_workers is None else num_workers
         if len(images) <= bs:
             workers = 0  # starting workers costs more than decoding one batch
         loader = DataLoader(
-            _DecodeDataset(images, self._preprocess.cpu, self.loaded.image_size),
+            _DecodeDataset(images, self._preprocess.cpu, self.loaded.image_size, thumbnails),
             batch_size=bs,
             num_workers=workers,
             collate_fn=_collate,
@@ -159,14 +165,14 @@ class Encoder:
         )
         show = progress if progress is not None else len(images) > 4 * bs
         with tqdm(total=len(images), desc="encode images", unit="img", disable=not show) as bar:
-            for indices, tensors, failures, sizes in loader:
+            for indices, tensors, failures, sizes, shown in loader:
                 if tensors is not None:
                     embeddings = self._embed(encode or self.loaded.model.encode_image, tensors, normalize,
                                              prepare=self._preprocess.on_device)
                 else:
                     embeddings = np.zeros((0, self.loaded.embed_dim), np.float32)
                 bar.update(len(indices) + len(failures))
-                yield ImageBatch(indices, embeddings, failures, sizes)
+                yield ImageBatch(indices, embeddings, failures, sizes, shown if thumbnails else [])
 
     def encode_images(self, images: Sequence[ImageInput], **kwargs) -> np.ndarray:
         """(n, d) float32 L2-normalised image embeddings; raises ImageDecodeError on the first bad input."""

@@ -104,6 +104,15 @@ def load_image(source: str | Path | bytes | Image.Image, name: str | None = None
     return _to_rgb(img)
 
 
+def thumbnail_jpeg(image: Image.Image, max_side: int = THUMBNAIL_SIDE) -> bytes:
+    """JPEG bytes of a display copy of a decoded image (what the index keeps beside each embedding)."""
+    copy = image.copy()
+    copy.thumbnail((max_side, max_side), Image.Resampling.BILINEAR, reducing_gap=2.0)
+    out = io.BytesIO()
+    copy.save(out, format="JPEG", quality=85)
+    return out.getvalue()
+
+
 def thumbnail(source: str | Path, max_side: int = THUMBNAIL_SIDE) -> Image.Image:
     """A display copy of an indexed image, at most `max_side` pixels on its longer side.
 

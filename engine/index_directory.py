@@ -8,6 +8,7 @@
   INDEX_DIR/{side}-{gen}.faiss   the FAISS index of a side, CPU form
   INDEX_DIR/{side}-{gen}.ids.npy FAISS position -> SQLite id
   INDEX_DIR/errors.jsonl         files skipped by the last run, with reasons
+  INDEX_DIR/thumbnails/ab/{sha256}.jpg  a display copy of each distinct image content (app result tiles)
   INDEX_DIR/query/text.onnx      the model's text tower for torch-free text queries (text_query_model),
   INDEX_DIR/query/tokenizer.json ... its tokenizer, and
   INDEX_DIR/query/text.json      ... what it was checked against (written last: the export's commit point)
@@ -184,6 +185,34 @@ class IndexDirectory:
         gen = info["generation"]
         index = load_index(self.root / f"{side}-{gen}.faiss", use_gpu=use_gpu)
         return index, np.load(self.root / f"{side}-{gen}.ids.npy")
+
+    # --- thumbnails ----------------------------------------------------------------------------
+    @property
+    def thumbnails_dir(self) -> Path:
+        return self.root / "thumbnails"
+
+    def thumbnail_path(self, sha256: str) -> Path:
+        """Where the display copy of this image content lives (whether or not it was made)."""
+        if len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256):
+            raise ValueError(f"{sha256!r}: not a sha256 hex digest")
+        return self.thumbnails_dir / sha256[:2] / f"{sha256}.jpg"
+
+    def write_thumbnail(self, sha256: str, jpeg: bytes) -> None:
+        path = self.thumbnail_path(sha256)
+        if not path.exists():
+            write_atomically(path, lambda tmp: Path(tmp).write_bytes(jpeg))
+
+    def prune_thumbnails(self) -> int:
+        """Delete the thumbnails of content no indexed image holds any more; returns how many."""
+        if not self.thumbnails_dir.exists():
+            return 0
+        keep = set(self.store.hash_locations("images"))
+        removed = 0
+        for path in self.thumbnails_dir.glob("*/*.jpg"):
+            if path.stem not in keep:
+                path.unlink(missing_ok=True)
+                removed += 1
+        return removed
 
     # --- the exported text tower ---------------------------------------------------------------
     @property

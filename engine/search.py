@@ -27,6 +27,7 @@ class SearchResult:
     score: float
     id: int
     path: str | None = None  # images
+    sha256: str | None = None  # the content's digest (names its thumbnail)
     text: str | None = None  # texts, or an image's caption
     label: str | None = None
     width: int | None = None
@@ -161,7 +162,7 @@ class IndexSearcher:
     def _result(rank: int, score: float, item: dict, side: str) -> SearchResult:
         return SearchResult(
             rank=rank, score=score, id=item["id"],
-            path=item["key"] if side == "images" else None,
+            path=item["key"] if side == "images" else None, sha256=item["sha256"] if side == "images" else None,
             text=item["text"], label=item["label"], width=item["width"], height=item["height"],
             duplicates=item["duplicates"], extra=item["extra"],
         )
@@ -201,6 +202,18 @@ class IndexSearcher:
     def search_texts_for_text(self, query: str, k: int = 10, min_score: float | None = None) -> list[SearchResult]:
         """Text -> text."""
         return self.search_text_batch([query], k, min_score, target="texts")[0]
+
+    def thumbnail_file(self, result: SearchResult) -> Path | None:
+        """The display copy `otclip index` kept for this image result, if there is one."""
+        if result.sha256 is None:
+            return None
+        path = self.directory.thumbnail_path(result.sha256)
+        return path if path.exists() else None
+
+    def indexed_image(self, item_id: int) -> str | None:
+        """The path of the indexed image with this id, or None when no indexed image has it."""
+        item = self._store.items([item_id]).get(item_id)
+        return item["key"] if item is not None and item["side"] == "images" else None
 
     def lists_image(self, path: str) -> bool:
         """Whether the index lists this image path (the only images an app may open or serve)."""

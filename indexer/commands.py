@@ -19,6 +19,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=None, help="decoding workers (default: cores - 1)")
     p.add_argument("--chunk-size", type=int, default=1024, help="embeddings committed per chunk")
+    p.add_argument("--no-thumbnails", action="store_true",
+                   help="keep no JPEG display copies (the app then makes its result tiles from the originals)")
     _speed_flags(p)
     p.set_defaults(func=_index)
 
@@ -68,7 +70,8 @@ def _index(args: argparse.Namespace) -> int:
 
     apply_thread_budget(thread_budget(args.threads))
     summary = index_images(args.images, args.out, args.model, args.factory, args.batch_size, args.workers,
-                           args.chunk_size, progress=not args.no_progress, text_query_model=not args.no_text_export)
+                           args.chunk_size, progress=not args.no_progress, text_query_model=not args.no_text_export,
+                           thumbnails=not args.no_thumbnails)
     print(summary.line())
     return 0
 

@@ -233,8 +233,10 @@ def index_images(
     chunk_size: int = 1024,
     progress: bool = True,
     text_query_model: bool = True,
+    thumbnails: bool = True,
 ) -> IndexingSummary:
     """Index (or update the index of) an image folder or manifest. Returns the run's summary.
+    `thumbnails`: keep a JPEG display copy of each new image content (the app's result tiles).
 
     The model is loaded only if there is something new to embed (or the text tower to export:
     `text_query_model`, kept for torch-free text queries); the FAISS index is rebuilt only if the
@@ -267,11 +269,13 @@ def index_images(
             from otclip.engine.encoding import Encoder
 
             encoder = Encoder(models.get(), batch_size=batch_size, num_workers=workers)
-            batches = encoder.iter_image_batches(paths, progress=progress and ranks.is_main)
+            batches = encoder.iter_image_batches(paths, progress=progress and ranks.is_main, thumbnails=thumbnails)
         for batch in batches:
             for j, i in enumerate(batch.indices):
                 digest, group = groups[i]
                 wh = batch.sizes[j]
+                if thumbnails:
+                    directory.write_thumbnail(digest, batch.thumbnails[j])
                 writer.add(batch.embeddings[j], [_record(it, digest, 0, sz, mt, None, wh) for it, sz, mt in group])
             for i, reason in batch.failures:
                 failed.extend({"path": it.path, "reason": reason} for it, _, _ in groups[i][1])
@@ -287,6 +291,8 @@ def index_images(
             present = {it.path for it in items} - {e["path"] for e in errors}
             gone = [k for k in directory.store.stats("images") if k not in present]
             directory.store.delete_keys("images", gone)
+            if gone:
+                directory.prune_thumbnails()
             directory.store.update_stats("images", plan.touched)
             summary.removed = len([g for g in gone if g not in {e["path"] for e in errors}])
             summary.skipped = len(errors)

@@ -73,3 +73,35 @@ def test_a_running_server_shows_what_is_indexed_after_it_started(app_elsewhere, 
     index_images(disk, disk.parent.parent / "index", model=default_model, progress=False)
     gallery, status = client.predict("a cat", 10, -1, api_name="/text_to_image")
     assert status == "4 results" and any("astronaut.jpg" in tile["caption"] for tile in gallery)
+
+
+def test_tiles_are_the_thumbnails_kept_at_index_time_and_nothing_else_is_served(app_elsewhere):
+    url, disk = app_elsewhere
+    index = disk.parent.parent / "index"
+    kept = sorted((index / "thumbnails").glob("*/*.jpg"))
+    assert len(kept) == 3  # one per indexed content, made while indexing
+    client = Client(url, verbose=False, download_files=False)
+    gallery, _ = client.predict("a cat", 3, -1, api_name="/text_to_image")
+    served = httpx.get(gallery[0]["image"]["url"], timeout=30).content
+    assert served in {p.read_bytes() for p in kept}  # the kept file itself, not a new encoding
+    thumbs = index / "thumbnails"
+    for target in (thumbs / ".." / "metadata.sqlite", thumbs / ".." / ".." / "disk" / "photos" / "private.jpg",
+                   disk / "chelsea.jpg", index / "manifest.json"):
+        for route in (f"gradio_api/file={target}", f"file={target}"):
+            assert httpx.get(url + route, timeout=30).status_code in (403, 404), (route, target)
+
+
+def test_the_original_route_serves_indexed_images_only(app_elsewhere):
+    from otclip.engine.metadata_store import MetadataStore
+
+    url, disk = app_elsewhere
+    store = MetadataStore(disk.parent.parent / "index" / "metadata.sqlite", readonly=True)
+    found = store.items(list(range(1, 50)))
+    store.close()
+    by_path = {item["key"]: item_id for item_id, item in found.items() if item["side"] == "images"}
+    chelsea = by_path[str(disk / "chelsea.jpg")]
+    response = httpx.get(f"{url}otclip/original/{chelsea}", timeout=30)
+    assert response.status_code == 200 and response.content == (disk / "chelsea.jpg").read_bytes()
+    missing = max(found) + 100
+    for bad in (str(missing), "0", "-1", "..%2Fmetadata.sqlite", "1%2F..%2F..%2Fmanifest.json"):
+        assert httpx.get(f"{url}otclip/original/{bad}", timeout=30).status_code in (404, 422), bad

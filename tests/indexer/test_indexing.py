@@ -236,3 +236,41 @@ def test_a_running_searcher_follows_each_new_generation(gallery, tmp_path, defau
     searcher.current_sides = lambda: stale  # answer from the old snapshot, whose ids include a removed row
     assert not any(r.path.endswith("chelsea.jpg") for r in searcher.search_text("a cat", k=50))
     searcher.close()
+
+
+def test_thumbnails_follow_the_indexed_contents(gallery, tmp_path, default_model):
+    """One JPEG display copy per distinct content, made while indexing, deleted with the last image holding it."""
+    import numpy as np
+    from PIL import Image
+
+    from otclip.engine.images import load_image
+    from otclip.engine.index_directory import IndexDirectory
+    from otclip.indexer.pipeline import index_images
+
+    (gallery / "chelsea-copy.jpg").write_bytes((gallery / "chelsea.jpg").read_bytes())
+    out = tmp_path / "ix"
+    index_images(gallery, out, default_model, progress=False, workers=0, text_query_model=False)
+    directory = IndexDirectory(out)
+    hashes = set(directory.store.hash_locations("images"))
+    kept = {p.stem: p for p in (out / "thumbnails").glob("*/*.jpg")}
+    assert set(kept) == hashes and len(hashes) == 20  # 21 files, 20 contents
+    path_of = {row["sha256"]: key for key, row in directory.store.stats("images").items()}
+    for digest in hashes:
+        path = path_of[digest]
+        shown = Image.open(kept[digest])
+        assert shown.format == "JPEG" and max(shown.size) <= 384
+        # it looks like the original: compared with an independent downscale of the full decode
+        reference = load_image(path).resize(shown.size, Image.Resampling.LANCZOS)
+        assert np.abs(np.asarray(shown.convert("RGB"), float) - np.asarray(reference, float)).mean() < 12
+
+    digest_of = {key: row["sha256"] for key, row in directory.store.stats("images").items()}
+    chelsea, rocket = digest_of[str(gallery / "chelsea.jpg")], digest_of[str(gallery / "rocket.jpg")]
+    directory.close()
+    (gallery / "chelsea.jpg").unlink()  # its copy still holds the content
+    (gallery / "rocket.jpg").unlink()  # the last image holding this content
+    index_images(gallery, out, "effnet-minilm", progress=False, workers=0)
+    assert directory.thumbnail_path(chelsea).exists() and not directory.thumbnail_path(rocket).exists()
+
+    bare = tmp_path / "bare"
+    index_images(gallery, bare, default_model, progress=False, workers=0, text_query_model=False, thumbnails=False)
+    assert not (bare / "thumbnails").exists()
