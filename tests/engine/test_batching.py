@@ -9,20 +9,49 @@ import pytest
 from otclip.engine.batching import MicroBatcher
 
 
-def _run_concurrently(batcher, items):
+def _wait_for(condition, seconds=10):
+    deadline = time.time() + seconds
+    while not condition():
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.005)
+
+
+class _ModelLock:
+    """A lock that tells when the worker has asked for it (it then holds its batch, waiting for the model)."""
+
+    def __init__(self) -> None:
+        self.inner, self.asked = threading.Lock(), threading.Event()
+
+    def __enter__(self):
+        self.asked.set()
+        self.inner.acquire()
+
+    def __exit__(self, *exc):
+        self.inner.release()
+
+
+def _while_busy(batcher, lock: _ModelLock, items):
+    """Submit items[0], wait until the worker holds it (blocked on the busy model), then submit the rest
+    and wait until they are all queued; the model is free again on return."""
     results = [None] * len(items)
 
     def one(i):
         results[i] = batcher.submit(items[i])
 
     threads = [threading.Thread(target=one, args=(i,)) for i in range(len(items))]
+    with lock.inner:  # the model is busy
+        threads[0].start()
+        assert lock.asked.wait(10)  # the worker took the first request and waits for the model
+        for t in threads[1:]:
+            t.start()
+        _wait_for(lambda: batcher.queue.qsize() == len(items) - 1)
     for t in threads:
-        t.start()
-    return threads, results
+        t.join(10)
+    return results
 
 
 def test_requests_that_wait_share_one_call_and_get_their_own_rows():
-    lock = threading.Lock()
+    lock = _ModelLock()
     calls = []
 
     def double(batch):
@@ -30,13 +59,7 @@ def test_requests_that_wait_share_one_call_and_get_their_own_rows():
         return np.array([[x, 2 * x] for x in batch], np.float32)
 
     batcher = MicroBatcher(double, max_batch=16, lock=lock)
-    with lock:  # the model is busy: the first request is taken, the other seven queue behind it
-        threads, results = _run_concurrently(batcher, list(range(8)))
-        deadline = time.time() + 10
-        while batcher.queue.qsize() < 7 and time.time() < deadline:
-            time.sleep(0.01)
-    for t in threads:
-        t.join(10)
+    results = _while_busy(batcher, lock, list(range(8)))  # the other seven queue behind the first
     assert batcher.batches == [1, 7]
     assert sorted(len(c) for c in calls) == [1, 7]
     for i, row in enumerate(results):
@@ -44,14 +67,9 @@ def test_requests_that_wait_share_one_call_and_get_their_own_rows():
 
 
 def test_max_batch_is_respected():
-    lock = threading.Lock()
+    lock = _ModelLock()
     batcher = MicroBatcher(lambda b: np.array(b, np.float32)[:, None], max_batch=3, lock=lock)
-    with lock:
-        threads, results = _run_concurrently(batcher, list(range(7)))
-        while batcher.queue.qsize() < 6:
-            time.sleep(0.01)
-    for t in threads:
-        t.join(10)
+    results = _while_busy(batcher, lock, list(range(7)))
     assert batcher.batches == [1, 3, 3]
     assert [float(r[0]) for r in results] == list(range(7))
 
