@@ -109,6 +109,8 @@ def main() -> None:
     ap.add_argument("--data", type=Path, default=Path("data/sample-gallery"))
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--files", type=int, default=10_000, help="unchanged files for the large no-op re-index (0: skip)")
+    ap.add_argument("--clip-model", default="ViT-B-32-256",
+                    help="also time cold searches on an index built with this model (rclip's architecture; '' skips)")
     args = ap.parse_args()
     otclip = [sys.executable, "-m", "otclip"]
     if not (args.index / "manifest.json").exists():
@@ -118,6 +120,18 @@ def main() -> None:
     report["cold search, text, exported text tower"] = median_of([*otclip, "search", str(args.index), "a cat"], args.runs)
     report["cold search, text, torch (--model)"] = median_of(
         [*otclip, "search", str(args.index), "a cat", "--model", "effnet-minilm"], args.runs)
+    if args.clip_model:
+        with tempfile.TemporaryDirectory(prefix="otclip-clip-") as tmp:
+            from otclip.engine.sample_photos import write_sample_photos
+
+            photos = write_sample_photos(Path(tmp) / "photos")[0].parent
+            subprocess.run([*otclip, "index", str(photos), "--out", f"{tmp}/index", "--model", args.clip_model,
+                            "--no-progress"], check=True, capture_output=True)
+            report[f"cold search, text, exported text tower, {args.clip_model}"] = median_of(
+                [*otclip, "search", f"{tmp}/index", "a cat"], args.runs)
+            report[f"no-op index, {args.clip_model}"] = median_of(
+                [*otclip, "index", str(photos), "--out", f"{tmp}/index", "--model", args.clip_model, "--no-progress"],
+                args.runs)
     report["no-op index, demo gallery"] = median_of(
         [*otclip, "index", str(gallery), "--out", str(args.index), "--no-progress"], args.runs)
     if args.files:

@@ -10,6 +10,7 @@
   INDEX_DIR/errors.jsonl         files skipped by the last run, with reasons
   INDEX_DIR/thumbnails/ab/{sha256}.jpg  a display copy of each distinct image content (app result tiles)
   INDEX_DIR/query/text.onnx      the model's text tower for torch-free text queries (text_query_model),
+  INDEX_DIR/query/text.onnx.data ... its weights,
   INDEX_DIR/query/tokenizer.json ... its tokenizer, and
   INDEX_DIR/query/text.json      ... what it was checked against (written last: the export's commit point)
 """
@@ -220,19 +221,23 @@ class IndexDirectory:
         return self.root / "query"
 
     def publish_text_query_model(self, onnx_path: Path, tokenizer_path: Path, info: dict) -> None:
-        """Keep a checked text-tower export: the files first, text.json (naming the model) last."""
+        """Keep a checked text-tower export (graph, its weights file `text.onnx.data`, tokenizer): the files
+        first, text.json (naming the model and the files' sizes) last."""
         target = self.query_dir
         (target / "text.json").unlink(missing_ok=True)  # no reader pairs the old description with new files
-        write_atomically(target / "text.onnx", lambda tmp: shutil.copyfile(onnx_path, tmp))
-        write_atomically(target / "tokenizer.json", lambda tmp: shutil.copyfile(tokenizer_path, tmp))
-        write_json_atomically(target / "text.json", {**info, "onnx_bytes": (target / "text.onnx").stat().st_size})
+        sizes = {}
+        for source, name in ((onnx_path.with_name(onnx_path.name + ".data"), "text.onnx.data"),
+                             (onnx_path, "text.onnx"), (tokenizer_path, "tokenizer.json")):
+            write_atomically(target / name, lambda tmp, source=source: shutil.copyfile(source, tmp))
+            sizes[name] = (target / name).stat().st_size
+        write_json_atomically(target / "text.json", {**info, "file_bytes": sizes})
 
     def text_query_model_files(self) -> tuple[Path, Path, dict] | None:
         """(text.onnx, tokenizer.json, info) when a complete export of this index's model is kept, else None."""
         try:
             info = json.loads((self.query_dir / "text.json").read_text())
-            complete = (self.query_dir / "text.onnx").stat().st_size == info["onnx_bytes"]
-        except (OSError, ValueError, KeyError):
+            complete = all((self.query_dir / name).stat().st_size == size for name, size in info["file_bytes"].items())
+        except (OSError, ValueError, KeyError, AttributeError):
             return None
         if not complete or info.get("model_checksum") != self.manifest()["model"]["checksum"]:
             return None

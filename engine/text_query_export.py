@@ -64,6 +64,15 @@ def _tokenizer_json(tokenizer) -> tuple[str, str] | str:
     return f"{type(tokenizer).__name__} has no torch-free equivalent"
 
 
+def _weights_apart(source: Path, target: Path) -> None:
+    """Re-save with the weights in a raw file beside the graph (`target`.data): ONNX Runtime then maps them
+    instead of parsing them out of one protobuf (a session for ViT-B-32's text tower: 0.9 -> 0.33 s here)."""
+    import onnx
+
+    onnx.save_model(onnx.load(str(source)), str(target), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=f"{target.name}.data", size_threshold=1024)
+
+
 def _special_ids(loaded: LoadedModel) -> dict:
     """bos, eos and pad read off the model's own tokenisation of an empty text: [bos, eos, pad, ...]."""
     ids = loaded.tokenizer([""])[0].tolist()
@@ -97,16 +106,17 @@ def export_text_query_model(loaded: LoadedModel, directory) -> str | None:
 
 def _export_and_check(loaded: LoadedModel, tower: nn.Module, tokenizer_json: str, info: dict, directory) -> str | None:
     with tempfile.TemporaryDirectory(prefix="otclip-text-export-") as tmp:
-        onnx_path, tokenizer_path = Path(tmp) / "text.onnx", Path(tmp) / "tokenizer.json"
+        traced, onnx_path, tokenizer_path = Path(tmp) / "traced.onnx", Path(tmp) / "text.onnx", Path(tmp) / "tokenizer.json"
         tokenizer_path.write_text(tokenizer_json, encoding="utf-8")
         example = loaded.tokenizer(PROBES[:2])
         try:
             with warnings.catch_warnings(), torch.no_grad():
                 warnings.simplefilter("ignore")  # the exporter's deprecation and tracer notes are not the user's
-                torch.onnx.export(tower, (example,), str(onnx_path), input_names=["input_ids"], output_names=["embedding"],
+                torch.onnx.export(tower, (example,), str(traced), input_names=["input_ids"], output_names=["embedding"],
                                   dynamic_axes={"input_ids": {0: "n"}, "embedding": {0: "n"}}, dynamo=False)
         except Exception as exc:  # an architecture the exporter cannot trace: text queries keep using torch
             return f"ONNX export failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})"
+        _weights_apart(traced, onnx_path)
         exported = TextQueryModel(onnx_path, tokenizer_path, info, threads=1)
         expected_ids = loaded.tokenizer(PROBES).numpy()
         if not np.array_equal(exported.tokenize(PROBES), expected_ids):

@@ -14,6 +14,7 @@ the export only ships a tokenizer whose ids it has compared with the model's own
 from __future__ import annotations
 
 import html
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -46,6 +47,8 @@ class QueryTokenizer:
         self.tokenizer.no_padding()  # a saved Hugging Face tokenizer may carry the padding of its last call;
         self.tokenizer.no_truncation()  # the layout is built here
         self.clean = CLEANERS[info["clean"]]
+        import ftfy  # noqa: F401 (every cleaning uses it: imported here, not at the first query)
+
         self.bos, self.eos, self.pad = info["bos"], info["eos"], info["pad"]
         self.context_length = info["context_length"]
 
@@ -68,8 +71,10 @@ class TextQueryModel:
         options.intra_op_num_threads = thread_budget(threads)
         options.inter_op_num_threads = 1
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # idle threads sleep
-        self.session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
-        self.tokenize = QueryTokenizer(Path(tokenizer_path).read_text(encoding="utf-8"), info)
+        with ThreadPoolExecutor(1) as pool:  # the tokenizer (and ftfy) load while ONNX Runtime maps the weights
+            tokenizer = pool.submit(QueryTokenizer, Path(tokenizer_path).read_text(encoding="utf-8"), info)
+            self.session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+            self.tokenize = tokenizer.result()
         self.input_name = self.session.get_inputs()[0].name
 
     def encode_texts(self, texts) -> np.ndarray:

@@ -76,7 +76,7 @@ def test_an_export_of_another_model_is_not_used(exported, tmp_path):
     assert copy.text_query_model_files() is None
     (copy.query_dir / "text.json").write_text(json.dumps(info))
     assert copy.text_query_model_files() is not None
-    with open(copy.query_dir / "text.onnx", "r+b") as f:  # cut short, as by a crash while copying
+    with open(copy.query_dir / "text.onnx.data", "r+b") as f:  # weights cut short, as by a crash while copying
         f.truncate(1000)
     assert copy.text_query_model_files() is None
 
