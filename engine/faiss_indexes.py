@@ -76,16 +76,22 @@ def _to_cpu(index: faiss.Index) -> faiss.Index:
     return faiss.index_gpu_to_cpu(index) if gpu_count() and "Gpu" in type(index).__name__ else index
 
 
+def new_index(factory: str, dim: int) -> faiss.Index:
+    """An empty inner-product index from a factory string; a one-line error naming a bad one. Indexing
+    calls this before embedding anything, so a typo costs nothing."""
+    try:
+        return faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as exc:
+        raise ValueError(f"factory string {factory!r}: not a valid FAISS index description ({exc})") from None
+
+
 def build_index(vectors: np.ndarray, factory: str = "auto", seed: int = 0) -> tuple[faiss.Index, str]:
     """Train (on a sample) and fill an inner-product index; returns the CPU index and the factory used.
     Training and adding run on the GPU when FAISS sees one."""
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
     n, dim = vectors.shape
     factory = auto_factory(n, dim) if factory == "auto" else factory
-    try:
-        index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
-    except RuntimeError as exc:
-        raise ValueError(f"factory string {factory!r}: not a valid FAISS index description ({exc})") from None
+    index = new_index(factory, dim)
     work = _to_gpu(index)
     if not work.is_trained:
         ivf = _ivf_of(index)

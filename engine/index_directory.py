@@ -17,9 +17,14 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import shutil
+import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +45,38 @@ class IndexDirectory:
         self.root = Path(root)
         self.embeddings_dir = self.root / "embeddings"
         self._store: MetadataStore | None = None
+
+    # --- one writer at a time ----------------------------------------------------------------------
+    @contextmanager
+    def writing(self) -> Iterator[None]:
+        """Hold the directory's writer lock (flock on INDEX_DIR/.writer.lock, released by the kernel if the
+        holder dies): a second `index`/`index-texts`/`reindex` waits, saying which process holds it. Once
+        held, the temporary files of killed runs are removed (no other writer can own them)."""
+        if self.root.exists() and not self.root.is_dir():
+            raise IndexDirectoryError(f"{self.root}: is a file, not an index directory")
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.root / ".writer.lock", "a+") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                lock.seek(0)
+                holder = lock.read().strip() or "another process"
+                print(f"otclip: {self.root} is being written by {holder}; waiting for it to finish", file=sys.stderr)
+                fcntl.flock(lock, fcntl.LOCK_EX)
+            lock.truncate(0)
+            lock.write(f"pid {os.getpid()} (since {time.strftime('%H:%M:%S')})")
+            lock.flush()
+            try:
+                self._remove_leftovers()
+                yield
+            finally:
+                lock.truncate(0)
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def _remove_leftovers(self) -> None:
+        for folder in (self.root, self.embeddings_dir, self.query_dir):
+            for leftover in folder.glob(".*.tmp*"):
+                leftover.unlink(missing_ok=True)
 
     # --- manifest ----------------------------------------------------------------------------
     @property

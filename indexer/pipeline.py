@@ -13,6 +13,7 @@ import json
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -22,6 +23,7 @@ import numpy as np
 from otclip.engine.atomic_files import write_lines_atomically
 from otclip.engine.checksums import sha256_file
 from otclip.engine.distributed import Ranks, init_from_env
+from otclip.engine.faiss_indexes import new_index
 from otclip.engine.index_directory import IndexDirectory
 from otclip.engine.metadata_store import ItemRecord
 from otclip.engine.model_identity import DEFAULT_MODEL_NAME, identity_without_loading
@@ -242,74 +244,79 @@ def index_images(
     `text_query_model`, kept for torch-free text queries); the FAISS index is rebuilt only if the
     indexed set changed or another factory is asked for."""
     start = time.time()
+    if chunk_size < 1:
+        raise ValueError(f"--chunk-size {chunk_size}: must be at least 1")
     ranks = init_from_env()
     try:
         directory = IndexDirectory(index_dir)
-        models = _ModelOnDemand(model, directory, ranks)
-        ingested = 0
-        if ranks.is_main:
-            models.open_index()
-            ingested = directory.ingest_pending()  # chunks a killed run wrote but did not commit
-        ranks.barrier()
-        if not ranks.is_main:
-            models.open_index()  # checks the identity: every rank embeds with the index's model
-        items = read_collection(source)
-        plan = _plan(items, directory, ranks)
-        summary = IndexingSummary("images", unchanged=plan.unchanged)
-        writer = _ChunkWriter(directory, "images", ranks, chunk_size)
-        if ranks.is_main:  # known content under a new path, or new metadata: no embedding needed
-            writer.write_reused(plan.reuse)
-            summary.duplicates = plan.duplicates
-        groups = list(plan.groups.items())[ranks.rank :: ranks.world_size]
-        summary.duplicates += sum(len(g) - 1 for _, g in groups)
-        failed: list[dict] = []
-        paths = [g[0][0].path for _, g in groups]
-        batches = []
-        if paths:
-            from otclip.engine.encoding import Encoder
+        with directory.writing() if ranks.is_main else nullcontext():  # one writer at a time (the main rank)
+            models = _ModelOnDemand(model, directory, ranks)
+            ingested = 0
+            if ranks.is_main:
+                models.open_index()
+                if factory != "auto":
+                    new_index(factory, directory.manifest()["dim"])  # a bad factory string fails before any embedding
+                ingested = directory.ingest_pending()  # chunks a killed run wrote but did not commit
+            ranks.barrier()
+            if not ranks.is_main:
+                models.open_index()  # checks the identity: every rank embeds with the index's model
+            items = read_collection(source)
+            plan = _plan(items, directory, ranks)
+            summary = IndexingSummary("images", unchanged=plan.unchanged)
+            writer = _ChunkWriter(directory, "images", ranks, chunk_size)
+            if ranks.is_main:  # known content under a new path, or new metadata: no embedding needed
+                writer.write_reused(plan.reuse)
+                summary.duplicates = plan.duplicates
+            groups = list(plan.groups.items())[ranks.rank :: ranks.world_size]
+            summary.duplicates += sum(len(g) - 1 for _, g in groups)
+            failed: list[dict] = []
+            paths = [g[0][0].path for _, g in groups]
+            batches = []
+            if paths:
+                from otclip.engine.encoding import Encoder
 
-            encoder = Encoder(models.get(), batch_size=batch_size, num_workers=workers)
-            batches = encoder.iter_image_batches(paths, progress=progress and ranks.is_main, thumbnails=thumbnails)
-        for batch in batches:
-            for j, i in enumerate(batch.indices):
-                digest, group = groups[i]
-                wh = batch.sizes[j]
-                if thumbnails:
-                    directory.write_thumbnail(digest, batch.thumbnails[j])
-                writer.add(batch.embeddings[j], [_record(it, digest, 0, sz, mt, None, wh) for it, sz, mt in group])
-            for i, reason in batch.failures:
-                failed.extend({"path": it.path, "reason": reason} for it, _, _ in groups[i][1])
-            summary.embedded += len(batch.indices)
-        writer.flush()
-        summary.duplicates = sum(ranks.gather(summary.duplicates))
-        summary.embedded = sum(ranks.gather(summary.embedded))
-        failed = [f for part in ranks.gather(failed) for f in part]
-        ranks.barrier()
-        if ranks.is_main:
-            ingested += directory.ingest_pending()
-            errors = plan.errors + failed
-            present = {it.path for it in items} - {e["path"] for e in errors}
-            gone = [k for k in directory.store.stats("images") if k not in present]
-            directory.store.delete_keys("images", gone)
-            if gone:
-                directory.prune_thumbnails()
-            directory.store.update_stats("images", plan.touched)
-            summary.removed = len([g for g in gone if g not in {e["path"] for e in errors}])
-            summary.skipped = len(errors)
-            errors_file = directory.root / "errors.jsonl"
-            write_lines_atomically(errors_file, [json.dumps(e, ensure_ascii=False) for e in errors])
-            summary.errors_file = str(errors_file)
-            current = directory.manifest()["sides"].get("images")
-            changed = ingested or writer.count or gone  # chunks committed by this run or left by a killed one
-            if changed or current is None or factory not in ("auto", current["factory"]):
-                current = directory.publish("images", factory)
-            summary.factory, summary.total = current["factory"], current["items"]
-            if text_query_model:
-                models.keep_text_query_model(summary)
-        summary.model_loaded = models.loaded
-        ranks.barrier()
-        summary.seconds = time.time() - start
-        return summary
+                encoder = Encoder(models.get(), batch_size=batch_size, num_workers=workers)
+                batches = encoder.iter_image_batches(paths, progress=progress and ranks.is_main, thumbnails=thumbnails)
+            for batch in batches:
+                for j, i in enumerate(batch.indices):
+                    digest, group = groups[i]
+                    wh = batch.sizes[j]
+                    if thumbnails:
+                        directory.write_thumbnail(digest, batch.thumbnails[j])
+                    writer.add(batch.embeddings[j], [_record(it, digest, 0, sz, mt, None, wh) for it, sz, mt in group])
+                for i, reason in batch.failures:
+                    failed.extend({"path": it.path, "reason": reason} for it, _, _ in groups[i][1])
+                summary.embedded += len(batch.indices)
+            writer.flush()
+            summary.duplicates = sum(ranks.gather(summary.duplicates))
+            summary.embedded = sum(ranks.gather(summary.embedded))
+            failed = [f for part in ranks.gather(failed) for f in part]
+            ranks.barrier()
+            if ranks.is_main:
+                ingested += directory.ingest_pending()
+                errors = plan.errors + failed
+                present = {it.path for it in items} - {e["path"] for e in errors}
+                gone = [k for k in directory.store.stats("images") if k not in present]
+                directory.store.delete_keys("images", gone)
+                if gone:
+                    directory.prune_thumbnails()
+                directory.store.update_stats("images", plan.touched)
+                summary.removed = len([g for g in gone if g not in {e["path"] for e in errors}])
+                summary.skipped = len(errors)
+                errors_file = directory.root / "errors.jsonl"
+                write_lines_atomically(errors_file, [json.dumps(e, ensure_ascii=False) for e in errors])
+                summary.errors_file = str(errors_file)
+                current = directory.manifest()["sides"].get("images")
+                changed = ingested or writer.count or gone  # chunks committed by this run or left by a killed one
+                if changed or current is None or factory not in ("auto", current["factory"]):
+                    current = directory.publish("images", factory)
+                summary.factory, summary.total = current["factory"], current["items"]
+                if text_query_model:
+                    models.keep_text_query_model(summary)
+            summary.model_loaded = models.loaded
+            ranks.barrier()
+            summary.seconds = time.time() - start
+            return summary
     finally:
         ranks.close()
 
@@ -328,10 +335,19 @@ def index_texts(
     Like `index_images`, the model is loaded only for new texts or the text-tower export."""
     start = time.time()
     directory = IndexDirectory(index_dir)
+    with directory.writing():
+        return _index_texts(source, directory, model, factory, batch_size, chunk_size, progress, text_query_model,
+                            start)
+
+
+def _index_texts(source, directory: IndexDirectory, model, factory: str, batch_size: int, chunk_size: int,
+                 progress: bool, text_query_model: bool, start: float) -> IndexingSummary:
     if model is None:
         model = directory.model_spec() if directory.exists() else DEFAULT_MODEL_NAME
     models = _ModelOnDemand(model, directory, Ranks())
     models.open_index()
+    if factory != "auto":
+        new_index(factory, directory.manifest()["dim"])
     ingested = directory.ingest_pending()
     texts = read_texts(source)
     stored = directory.store.stats("texts")
@@ -369,6 +385,7 @@ def index_texts(
 def reindex(index_dir: str | Path, factory: str) -> list[dict]:
     """Rebuild every side's FAISS index with another factory string from the stored embeddings."""
     directory = IndexDirectory(index_dir)
-    directory.ingest_pending()
-    return [directory.publish(side, factory) for side in directory.manifest()["sides"]]
+    with directory.writing():
+        directory.ingest_pending()
+        return [directory.publish(side, factory) for side in directory.manifest()["sides"]]
 

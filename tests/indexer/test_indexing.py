@@ -274,3 +274,49 @@ def test_thumbnails_follow_the_indexed_contents(gallery, tmp_path, default_model
     bare = tmp_path / "bare"
     index_images(gallery, bare, default_model, progress=False, workers=0, text_query_model=False, thumbnails=False)
     assert not (bare / "thumbnails").exists()
+
+
+def test_a_second_writer_waits_for_the_first_and_leftovers_are_cleaned(gallery, tmp_path, default_model, capfd):
+    """#13 item 6: one writer at a time (the second waits, naming the holder); item 7: temp files of killed
+    runs are removed by the next run."""
+    import subprocess
+    import sys
+    import time
+
+    from otclip.indexer.pipeline import index_images
+
+    out = tmp_path / "ix"
+    index_images(gallery, out, default_model, progress=False, workers=0, text_query_model=False)
+    for leftover in (out / ".manifest.json.tmp4242", out / ".images-7.faiss.tmp4242", out / "embeddings" / ".x.npy.tmp1"):
+        leftover.write_bytes(b"half-written")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom otclip.engine.index_directory import IndexDirectory\n"
+         f"with IndexDirectory({str(out)!r}).writing():\n    print('HELD', flush=True)\n    time.sleep(3)\n"],
+        stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "HELD"
+    started = time.time()
+    (gallery / "rocket.jpg").unlink()
+    summary = index_images(gallery, out, default_model, progress=False, workers=0, text_query_model=False)
+    waited = time.time() - started
+    holder.wait(30)
+    assert summary.removed == 1 and summary.total == 19
+    assert waited > 1.0  # it waited for the holder's 3 s instead of writing beside it
+    assert f"is being written by pid {holder.pid}" in capfd.readouterr().err
+    assert not list(out.glob(".*.tmp*")) and not list((out / "embeddings").glob(".*.tmp*"))
+
+
+def test_bad_settings_fail_before_anything_is_embedded(gallery, tmp_path, default_model):
+    import pytest
+
+    from otclip.engine.errors import IndexDirectoryError
+    from otclip.indexer.pipeline import index_images
+
+    with pytest.raises(ValueError, match="--chunk-size 0"):
+        index_images(gallery, tmp_path / "a", default_model, chunk_size=0, progress=False)
+    out = tmp_path / "b"
+    with pytest.raises(ValueError, match="not a valid FAISS index description"):
+        index_images(gallery, out, default_model, factory="Bogus99", progress=False, workers=0)
+    assert not list((out / "embeddings").glob("*.npy"))  # nothing was embedded first
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(IndexDirectoryError, match="is a file"):
+        index_images(gallery, tmp_path / "file", default_model, progress=False)
