@@ -45,7 +45,8 @@ class IndexSearcher:
     the index's exported text tower (`text_query_model`) never load it, nor import torch."""
 
     def __init__(self, index_dir: str | Path, model: LoadedModel | None = None, device: str | None = None,
-                 exported_text: bool = False, threads: int | None = None) -> None:
+                 exported_text: bool = False, threads: int | None = None, few_queries: bool = False) -> None:
+        """`few_queries`: this process answers a query or two and exits (the CLI): start fast over run fast."""
         self.directory = IndexDirectory(index_dir)
         manifest = self.directory.manifest()
         if model is not None:
@@ -59,7 +60,7 @@ class IndexSearcher:
             if files is not None:
                 from .text_query_model import TextQueryModel
 
-                self._text_model = TextQueryModel(*files, threads=threads)
+                self._text_model = TextQueryModel(*files, threads=threads, few_queries=few_queries)
         self.manifest = manifest
         self._sides = {side: self.directory.load_side(side) for side in manifest["sides"]}
         self._stamp = self._manifest_stamp()

@@ -107,7 +107,8 @@ def _search(args: argparse.Namespace) -> int:
 
         model = load_model(args.model)
     # a text query is answered by the index's exported text tower when it keeps one: no torch, no model load
-    searcher = IndexSearcher(args.index_dir, model=model, exported_text=args.image is None, threads=args.threads)
+    searcher = IndexSearcher(args.index_dir, model=model, exported_text=args.image is None, threads=args.threads,
+                             few_queries=True)
     if args.image is not None:
         results = searcher.search_image_batch([args.image], args.k, args.min_score, target=args.target)[0]
     else:
