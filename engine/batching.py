@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import queue
 import threading
+from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 
@@ -22,7 +23,7 @@ class MicroBatcher:
         self.fn, self.max_batch = fn, max_batch
         self.lock = lock or threading.Lock()
         self.queue: queue.Queue[tuple[object, Future]] = queue.Queue()
-        self.batches: list[int] = []  # sizes of the batches run (the tests and the benchmark read them)
+        self.batches: deque[int] = deque(maxlen=10_000)  # sizes of the latest batches run (tests read them)
         threading.Thread(target=self._work, name=f"otclip-{name}-batcher", daemon=True).start()
 
     def submit(self, item) -> np.ndarray:

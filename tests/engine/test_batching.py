@@ -60,7 +60,7 @@ def test_requests_that_wait_share_one_call_and_get_their_own_rows():
 
     batcher = MicroBatcher(double, max_batch=16, lock=lock)
     results = _while_busy(batcher, lock, list(range(8)))  # the other seven queue behind the first
-    assert batcher.batches == [1, 7]
+    assert list(batcher.batches) == [1, 7]
     assert sorted(len(c) for c in calls) == [1, 7]
     for i, row in enumerate(results):
         np.testing.assert_array_equal(row, [i, 2 * i])
@@ -70,7 +70,7 @@ def test_max_batch_is_respected():
     lock = _ModelLock()
     batcher = MicroBatcher(lambda b: np.array(b, np.float32)[:, None], max_batch=3, lock=lock)
     results = _while_busy(batcher, lock, list(range(7)))
-    assert batcher.batches == [1, 3, 3]
+    assert list(batcher.batches) == [1, 3, 3]
     assert [float(r[0]) for r in results] == list(range(7))
 
 
