@@ -89,7 +89,14 @@ class IndexDirectory:
     def manifest(self) -> dict:
         if not self.exists():
             raise IndexDirectoryError(f"{self.root}: not an otclip index (no {MANIFEST}); build one with `otclip index`")
-        data = json.loads(self.manifest_path.read_text())
+        try:
+            data = json.loads(self.manifest_path.read_text(encoding="utf-8"))
+        except (ValueError, OSError) as exc:
+            raise IndexDirectoryError(f"{self.manifest_path}: unreadable ({type(exc).__name__}: {exc}); restore it "
+                                      "from a backup, or build a new index") from None
+        if not isinstance(data, dict) or not {"model", "dim", "sides"} <= set(data):
+            raise IndexDirectoryError(f"{self.manifest_path}: not an otclip manifest (no model, dim and sides); "
+                                      "restore it from a backup, or build a new index")
         if data.get("format_version", 0) > FORMAT_VERSION:
             raise IndexDirectoryError(f"{self.root}: index format {data['format_version']} is newer than this otclip")
         return data
@@ -221,8 +228,13 @@ class IndexDirectory:
         if info is None:
             return None
         gen = info["generation"]
-        index = load_index(self.root / f"{side}-{gen}.faiss", use_gpu=use_gpu)
-        return index, np.load(self.root / f"{side}-{gen}.ids.npy")
+        path = self.root / f"{side}-{gen}.faiss"
+        try:
+            return load_index(path, use_gpu=use_gpu), np.load(self.root / f"{side}-{gen}.ids.npy")
+        except (RuntimeError, ValueError, OSError) as exc:  # truncated or damaged: it can be rebuilt
+            first = str(exc).strip().splitlines()[-1][:160] if str(exc).strip() else type(exc).__name__
+            raise IndexDirectoryError(f"{path}: damaged ({first}); rebuild it from the stored embeddings with "
+                                      f"`otclip reindex {self.root} --factory {info['factory']}`") from None
 
     # --- thumbnails ----------------------------------------------------------------------------
     @property

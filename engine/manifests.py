@@ -11,24 +11,38 @@ MANIFEST_SUFFIXES = (".csv", ".jsonl", ".parquet")
 
 
 def read_rows(path: str | Path) -> list[dict]:
-    """The rows of a manifest as dicts; a malformed JSONL line is a ValueError naming path:line."""
+    """The rows of a manifest as dicts. A malformed JSONL line, a JSONL line that is not an object, or a
+    CSV/JSONL that is not UTF-8 is a ValueError naming the file (and line)."""
     path = Path(path)
     suffix = path.suffix.lower()
-    if suffix == ".csv":
-        with open(path, newline="", encoding="utf-8") as f:
-            return list(csv.DictReader(f))
-    if suffix == ".jsonl":
-        rows = []
-        with open(path, encoding="utf-8") as f:
-            for number, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        rows.append(json.loads(line))
-                    except json.JSONDecodeError as exc:
-                        raise ValueError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
-        return rows
+    try:
+        if suffix == ".csv":
+            with open(path, newline="", encoding="utf-8") as f:
+                return list(csv.DictReader(f))
+        if suffix == ".jsonl":
+            return _jsonl_rows(path)
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path}: not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start}); "
+                         "save it as UTF-8") from None
     if suffix == ".parquet":
         import pyarrow.parquet as pq
 
         return pq.read_table(path).to_pylist()
     raise ValueError(f"{path}: unsupported manifest type; use {', '.join(MANIFEST_SUFFIXES)}")
+
+
+def _jsonl_rows(path: Path) -> list[dict]:
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}:{number}: a row must be a JSON object like {{\"path\": ...}}, "
+                                 f"not {type(row).__name__}")
+            rows.append(row)
+    return rows

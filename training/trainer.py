@@ -258,8 +258,12 @@ class Trainer:
         last = self.out / "last.pt"
         if not self.cfg.save_checkpoints or not last.exists():
             return False
-        ckpt = torch.load(last, map_location="cpu", weights_only=True)
-        state = ckpt["train_state"]
+        try:
+            ckpt = torch.load(last, map_location="cpu", weights_only=True)
+            state = ckpt["train_state"]
+        except Exception as exc:  # cut short by a full disk or a copy, or not ours: say so, keep the file
+            raise ValueError(f"{last}: cannot resume from it ({type(exc).__name__}: {str(exc)[:120]}); move it away "
+                             "to start the run again, or resume from a copy") from None
         if state["config"] != self.cfg.resume_fields():
             now = self.cfg.resume_fields()
             diff = sorted(k for k in {*state["config"], *now} if state["config"].get(k) != now.get(k))

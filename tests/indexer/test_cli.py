@@ -75,3 +75,34 @@ def test_an_unchanged_folder_is_reindexed_without_the_model(gallery, tmp_path, d
     other = save_checkpoint(default_model, tmp_path / "other.pt", name="other")  # same weights, another file
     with pytest.raises(IndexDirectoryError, match="refusing"):
         index_images(gallery, out, str(other), progress=False, workers=0)
+
+
+def test_damaged_index_files_and_manifests_are_one_line_errors(gallery, tmp_path, default_model):
+    """#13 item 7: a garbage manifest.json, a truncated .faiss, a JSONL row that is not an object and a latin-1 CSV
+    are named in one line (exit 2); a damaged .faiss is rebuilt by the `reindex` the message suggests."""
+    from otclip.indexer.pipeline import index_images
+
+    out = tmp_path / "ix"
+    index_images(gallery, out, default_model, progress=False, workers=0, text_query_model=False)
+    faiss_file = next(out.glob("images-*.faiss"))
+    faiss_file.write_bytes(faiss_file.read_bytes()[:100])
+    code, _, stderr = otclip("search", out, "a cat")
+    assert code == 2 and f"{faiss_file}: damaged" in stderr and "otclip reindex" in stderr and "Traceback" not in stderr
+    assert otclip("reindex", out, "--factory", "Flat")[0] == 0
+    code, stdout, _ = otclip("search", out, "a cat", "-k", "1")
+    assert code == 0 and "chelsea.jpg" in stdout
+
+    manifest = out / "manifest.json"
+    for garbage, expected in (("{not json", "unreadable"), ("[1, 2]", "not an otclip manifest"), ("", "unreadable")):
+        manifest.write_text(garbage)
+        code, _, stderr = otclip("info", out)
+        assert code == 2 and f"{manifest}:" in stderr and expected in stderr and "Traceback" not in stderr
+
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(json.dumps({"path": str(gallery / "chelsea.jpg")}) + "\n[1, 2]\n")
+    code, _, stderr = otclip("index", rows, "--out", tmp_path / "ix2")
+    assert code == 2 and f"{rows}:2: a row must be a JSON object" in stderr
+    latin = tmp_path / "latin.csv"
+    latin.write_bytes(b"path,caption\n" + f"{gallery / 'chelsea.jpg'},un chat tigré\n".encode("latin-1"))
+    code, _, stderr = otclip("index", latin, "--out", tmp_path / "ix3")
+    assert code == 2 and f"{latin}: not UTF-8 text" in stderr and "Traceback" not in stderr

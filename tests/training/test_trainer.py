@@ -164,3 +164,18 @@ def test_unlocked_towers_train_their_last_blocks(small_corpus, tmp_path):
     before = last_block.detach().clone()
     summary = trainer.train()
     assert summary["steps"] == 2 and not torch.equal(before, last_block.detach())
+
+
+def test_a_truncated_last_checkpoint_is_a_one_line_error(small_corpus, tmp_path):
+    """#13 item 7: a last.pt cut short (full disk, interrupted copy) is named, and kept."""
+    from otclip.training.trainer import TrainConfig, Trainer
+
+    run = tmp_path / "run"
+    run.mkdir()
+    damaged = b"PK\x03\x04 cut short"
+    (run / "last.pt").write_bytes(damaged)
+    trainer = Trainer(TrainConfig(corpus=str(small_corpus), out=str(run), steps=5, batch_size=32,
+                                  unpaired_batch_size=64), progress=False)
+    with pytest.raises(ValueError, match="last.pt: cannot resume from it"):
+        trainer.try_resume()
+    assert (run / "last.pt").read_bytes() == damaged
