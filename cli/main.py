@@ -39,9 +39,16 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     except Exception as exc:
-        from otclip.engine.errors import USER_ERRORS
+        from otclip.engine.errors import USER_ERRORS, disk_full
 
-        if isinstance(exc, USER_ERRORS) and not os.environ.get("OTCLIP_DEBUG"):  # OTCLIP_DEBUG=1: full traceback
+        if os.environ.get("OTCLIP_DEBUG"):  # OTCLIP_DEBUG=1: full traceback
+            raise
+        if disk_full(exc):
+            where = f" writing {exc.filename}" if getattr(exc, "filename", None) else ""
+            print(f"otclip {args.command}: no space left on the disk{where}; free some and run the command again "
+                  "(what it committed is kept)", file=sys.stderr)
+            return 2
+        if isinstance(exc, USER_ERRORS):
             print(f"otclip {args.command}: {exc}", file=sys.stderr)
             return 2
         raise

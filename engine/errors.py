@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+
 from .images import ImageDecodeError
 
 
@@ -11,6 +13,14 @@ class ModelLoadError(RuntimeError):
 
 class IndexDirectoryError(RuntimeError):
     """An index directory that is missing, unreadable, or built with another model."""
+
+
+def disk_full(exc: BaseException) -> bool:
+    """Whether `exc` is a write that found no space (OSError ENOSPC/EDQUOT, SQLite's "database or disk is
+    full", FAISS's failed fwrite): the user's to fix, and every write is atomic, so nothing is half-written."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return any(text in str(exc) for text in ("No space left on device", "database or disk is full"))
 
 
 USER_ERRORS: tuple[type[BaseException], ...] = (

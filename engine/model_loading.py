@@ -78,6 +78,7 @@ class LoadedModel:
     identity: ModelIdentity
     embed_dim: int
     recipe: dict = field(default_factory=dict)  # how to rebuild the architecture from a checkpoint
+    spec: str | None = None  # what `load_model` was given: reloads these weights (None: built in memory)
 
     @property
     def image_size(self) -> int | None:
@@ -228,6 +229,7 @@ def load_model(spec: str = DEFAULT_MODEL_NAME, device: str | torch.device | None
     else:
         arch, _, pretrained = spec.partition(":")
         loaded = _open_clip(arch, pretrained or None, None, spec)
+    loaded.spec = str(Path(spec).resolve()) if Path(spec).is_file() else spec  # a checkpoint from any cwd
     loaded.model.to(select_device(device)).eval()
     return loaded
 

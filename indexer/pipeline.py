@@ -64,7 +64,8 @@ class _ModelOnDemand:
     files checks the model's identity against the index without building it (`identity_without_loading`)."""
 
     def __init__(self, model: str | LoadedModel, directory: IndexDirectory, ranks: Ranks) -> None:
-        self.spec = model if isinstance(model, str) else model.identity.name
+        # the manifest records a spec that reloads these weights (a model built in memory has only its name)
+        self.spec = model if isinstance(model, str) else (model.spec or model.identity.name)
         self._model = None if isinstance(model, str) else model
         self.directory, self.ranks = directory, ranks
 

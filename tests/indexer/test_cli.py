@@ -106,3 +106,28 @@ def test_damaged_index_files_and_manifests_are_one_line_errors(gallery, tmp_path
     latin.write_bytes(b"path,caption\n" + f"{gallery / 'chelsea.jpg'},un chat tigré\n".encode("latin-1"))
     code, _, stderr = otclip("index", latin, "--out", tmp_path / "ix3")
     assert code == 2 and f"{latin}: not UTF-8 text" in stderr and "Traceback" not in stderr
+
+
+def test_a_full_disk_is_one_line_and_the_next_run_completes(gallery, tmp_path):
+    """#13 item 7: indexing onto a full disk (a 256 kB tmpfs) stops with one line; with space again, the
+    same command finishes the index with every file once."""
+    import os
+
+    import pytest
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(disk)]).returncode:
+        pytest.skip("needs root to mount a small tmpfs")
+    try:
+        args = ("index", gallery, "--out", disk / "ix", "--no-progress", "--workers", "0", "--no-text-export")
+        code, _, stderr = otclip(*args)
+        assert code == 2 and "no space left on the disk" in stderr and "Traceback" not in stderr, stderr
+        assert len(stderr.strip().splitlines()) == 1
+        subprocess.run(["mount", "-o", "remount,size=64m", str(disk)], check=True)
+        code, stdout, stderr = otclip(*args)
+        assert code == 0 and "images: 20 indexed" in stdout, stderr
+        code, stdout, _ = otclip("search", disk / "ix", "a cat", "-k", "1")
+        assert code == 0 and "chelsea.jpg" in stdout
+    finally:
+        subprocess.run(["umount", str(disk)])
