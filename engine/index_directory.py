@@ -182,6 +182,39 @@ class IndexDirectory:
                 npy.unlink()  # a chunk cut off before its records were written, or no longer used
         return ingested
 
+    def damaged_chunks(self) -> dict[str, str]:
+        """Embedding chunks the metadata store relies on that are missing, unreadable, of another dimension or
+        cut short: chunk name -> what is wrong. Searching still works (FAISS keeps its own copy); rebuilding
+        would fail, so `index` drops and re-embeds their items and `reindex` refuses."""
+        dim = self.manifest()["dim"]
+        damaged = {}
+        for shard, rows in self.store.rows_needed().items():
+            path = self.embeddings_dir / f"{shard}.npy"
+            try:
+                array = np.load(path, mmap_mode="r")
+            except FileNotFoundError:
+                damaged[shard] = "missing"
+                continue
+            except (ValueError, OSError) as exc:
+                damaged[shard] = f"unreadable ({exc})"
+                continue
+            if array.ndim != 2 or array.shape[1] != dim:
+                damaged[shard] = f"shape {array.shape}, expected (rows, {dim})"
+            elif len(array) < rows:
+                damaged[shard] = f"{len(array)} rows, the index needs {rows}"
+        return damaged
+
+    def drop_damaged_chunks(self) -> dict[str, list[str]]:
+        """Forget the items of damaged chunks (side -> their keys) and delete the chunks: the next `index` /
+        `index-texts` of the same source embeds exactly these items again."""
+        damaged = self.damaged_chunks()
+        dropped = self.store.keys_in_shards(damaged)
+        for side, keys in dropped.items():
+            self.store.delete_keys(side, keys)
+        for shard in damaged:
+            (self.embeddings_dir / f"{shard}.npy").unlink(missing_ok=True)
+        return dropped
+
     def unique_embeddings(self, side: str) -> tuple[np.ndarray, np.ndarray]:
         """(ids, (n, d) vectors): one vector per distinct content, read from the embedding chunks."""
         entries = self.store.unique_vectors(side)

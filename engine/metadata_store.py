@@ -182,6 +182,20 @@ class MetadataStore:
         )
         return [(r["id"], r["shard"], r["row"]) for r in rows]
 
+    def rows_needed(self) -> dict[str, int]:
+        """shard -> how many rows its embedding chunk must hold (the largest row referenced, plus one)."""
+        return {r["shard"]: r["n"] for r in self._query("SELECT shard, MAX(row) + 1 AS n FROM items GROUP BY shard")}
+
+    def keys_in_shards(self, shards: Iterable[str]) -> dict[str, list[str]]:
+        """side -> keys of the items whose embedding lives in one of `shards`."""
+        shards = list(shards)
+        out: dict[str, list[str]] = {}
+        if shards:
+            marks = ",".join("?" * len(shards))
+            for r in self._query(f"SELECT side, key FROM items WHERE shard IN ({marks})", shards):
+                out.setdefault(r["side"], []).append(r["key"])
+        return out
+
     def referenced_shards(self) -> set[str]:
         return {r["shard"] for r in self._query("SELECT DISTINCT shard FROM items")}
 

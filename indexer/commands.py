@@ -50,6 +50,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=None, help="compute threads (default: the available cores)")
     p.set_defaults(func=_search)
 
+    p = sub.add_parser("check", help="check that every embedding chunk the index relies on is whole (exit 1 if not)")
+    p.add_argument("index_dir", type=Path)
+    p.set_defaults(func=_check)
+
     p = sub.add_parser("info", help="describe an index directory")
     p.add_argument("index_dir", type=Path)
     p.add_argument("--json", action="store_true")
@@ -123,6 +127,23 @@ def _search(args: argparse.Namespace) -> int:
         caption = f"  ({r.text})" if args.target == "images" and r.text else ""
         print(f"{r.rank:>4}  {r.score:6.3f}  {what}{caption}")
     return 0
+
+
+def _check(args: argparse.Namespace) -> int:
+    from otclip.engine.index_directory import IndexDirectory
+
+    directory = IndexDirectory(args.index_dir)
+    damaged = directory.damaged_chunks()
+    affected = directory.store.keys_in_shards(damaged)
+    for shard, reason in damaged.items():
+        print(f"{directory.embeddings_dir / shard}.npy: {reason}")
+    if not damaged:
+        print(f"{directory.root}: every embedding chunk is whole")
+        return 0
+    held = ", ".join(f"{len(keys)} {side}" for side, keys in affected.items())
+    print(f"{len(damaged)} damaged chunk(s) holding {held}: search still works; `otclip index SOURCE --out "
+          f"{directory.root}` (and `index-texts` for texts) embeds them again")
+    return 1
 
 
 def _info(args: argparse.Namespace) -> int:

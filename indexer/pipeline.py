@@ -23,6 +23,7 @@ import numpy as np
 from otclip.engine.atomic_files import write_lines_atomically
 from otclip.engine.checksums import sha256_file
 from otclip.engine.distributed import Ranks, init_from_env
+from otclip.engine.errors import IndexDirectoryError
 from otclip.engine.faiss_indexes import new_index
 from otclip.engine.index_directory import IndexDirectory
 from otclip.engine.metadata_store import ItemRecord
@@ -48,12 +49,15 @@ class IndexingSummary:
     errors_file: str | None = None
     model_loaded: bool = False
     text_queries: str = ""  # why text queries need torch, when the text tower could not be exported
+    repaired: int = 0  # items of damaged embedding chunks, embedded again
 
     def line(self) -> str:
         s = (f"{self.side}: {self.total} indexed ({self.embedded} embedded, {self.unchanged} unchanged, "
              f"{self.duplicates} duplicates), {self.removed} removed, {self.skipped} skipped")
         if self.skipped and self.errors_file:
             s += f" (reasons in {self.errors_file})"
+        if self.repaired:
+            s += f", {self.repaired} from damaged embedding chunks embedded again"
         if self.text_queries:
             s += f", text queries load torch ({self.text_queries})"
         return s + f", index {self.factory}, {self.seconds:.1f}s"
@@ -258,12 +262,15 @@ def index_images(
                 if factory != "auto":
                     new_index(factory, directory.manifest()["dim"])  # a bad factory string fails before any embedding
                 ingested = directory.ingest_pending()  # chunks a killed run wrote but did not commit
+                repaired = directory.drop_damaged_chunks()  # their items are embedded again below
             ranks.barrier()
             if not ranks.is_main:
                 models.open_index()  # checks the identity: every rank embeds with the index's model
             items = read_collection(source)
             plan = _plan(items, directory, ranks)
             summary = IndexingSummary("images", unchanged=plan.unchanged)
+            if ranks.is_main:
+                summary.repaired = sum(len(keys) for keys in repaired.values())
             writer = _ChunkWriter(directory, "images", ranks, chunk_size)
             if ranks.is_main:  # known content under a new path, or new metadata: no embedding needed
                 writer.write_reused(plan.reuse)
@@ -308,7 +315,7 @@ def index_images(
                 write_lines_atomically(errors_file, [json.dumps(e, ensure_ascii=False) for e in errors])
                 summary.errors_file = str(errors_file)
                 current = directory.manifest()["sides"].get("images")
-                changed = ingested or writer.count or gone  # chunks committed by this run or left by a killed one
+                changed = ingested or writer.count or gone or summary.repaired  # this run's chunks, a killed run's
                 if changed or current is None or factory not in ("auto", current["factory"]):
                     current = directory.publish("images", factory)
                 summary.factory, summary.total = current["factory"], current["items"]
@@ -350,13 +357,15 @@ def _index_texts(source, directory: IndexDirectory, model, factory: str, batch_s
     if factory != "auto":
         new_index(factory, directory.manifest()["dim"])
     ingested = directory.ingest_pending()
+    repaired = directory.drop_damaged_chunks()
     texts = read_texts(source)
     stored = directory.store.stats("texts")
     wanted: dict[str, object] = {}
     for t in texts:
         wanted.setdefault(hashlib.sha256(t.text.encode()).hexdigest(), t)
     new = [(k, t) for k, t in wanted.items() if k not in stored]
-    summary = IndexingSummary("texts", unchanged=len(wanted) - len(new), duplicates=len(texts) - len(wanted))
+    summary = IndexingSummary("texts", unchanged=len(wanted) - len(new), duplicates=len(texts) - len(wanted),
+                              repaired=sum(len(keys) for keys in repaired.values()))
     writer = _ChunkWriter(directory, "texts", Ranks(), chunk_size)
     if new:
         from otclip.engine.encoding import Encoder
@@ -373,7 +382,7 @@ def _index_texts(source, directory: IndexDirectory, model, factory: str, batch_s
     directory.store.delete_keys("texts", gone)
     summary.removed = len(gone)
     current = directory.manifest()["sides"].get("texts")
-    if new or ingested or gone or current is None or factory not in ("auto", current["factory"]):
+    if new or ingested or gone or repaired or current is None or factory not in ("auto", current["factory"]):
         current = directory.publish("texts", factory)
     summary.factory, summary.total = current["factory"], current["items"]
     if text_query_model:
@@ -388,5 +397,12 @@ def reindex(index_dir: str | Path, factory: str) -> list[dict]:
     directory = IndexDirectory(index_dir)
     with directory.writing():
         directory.ingest_pending()
+        damaged = directory.damaged_chunks()
+        if damaged:
+            shard, reason = next(iter(damaged.items()))
+            raise IndexDirectoryError(
+                f"{directory.embeddings_dir / shard}.npy: {reason} ({len(damaged)} damaged chunk(s)); nothing was "
+                f"changed. Run `otclip index SOURCE --out {directory.root}` (and `index-texts` for texts): it embeds "
+                "their items again")
         return [directory.publish(side, factory) for side in directory.manifest()["sides"]]
 

@@ -131,3 +131,32 @@ def test_a_full_disk_is_one_line_and_the_next_run_completes(gallery, tmp_path):
         assert code == 0 and "chelsea.jpg" in stdout
     finally:
         subprocess.run(["umount", str(disk)])
+
+
+def test_damaged_embedding_chunks_are_found_and_their_items_embedded_again(gallery, tmp_path, default_model):
+    """#13 item 5: a lost or truncated chunk is reported by `otclip check`, `reindex` refuses in one line, search
+    keeps working, and `otclip index` of the same folder embeds exactly the affected items again."""
+    import numpy as np
+
+    from otclip.indexer.pipeline import index_images
+
+    out = tmp_path / "ix"
+    index_images(gallery, out, default_model, chunk_size=5, progress=False, workers=0, text_query_model=False)
+    assert otclip("check", out)[0] == 0
+    chunks = sorted((out / "embeddings").glob("*.npy"))
+    assert len(chunks) == 4
+    chunks[0].unlink()  # lost
+    chunks[1].write_bytes(chunks[1].read_bytes()[:300])  # cut short
+    code, stdout, _ = otclip("check", out)
+    assert code == 1 and f"{chunks[0]}: missing" in stdout and f"{chunks[1]}: " in stdout and "10 images" in stdout
+    code, _, stderr = otclip("reindex", out, "--factory", "Flat")
+    assert code == 2 and "damaged chunk" in stderr and "Traceback" not in stderr
+    code, stdout, _ = otclip("search", out, "a cat", "-k", "1")
+    assert code == 0 and "chelsea.jpg" in stdout
+    summary = index_images(gallery, out, "effnet-minilm", chunk_size=5, progress=False, workers=0)
+    assert (summary.embedded, summary.repaired, summary.total) == (10, 10, 20)
+    assert otclip("check", out)[0] == 0
+    from otclip.engine.index_directory import IndexDirectory
+
+    ids, vectors = IndexDirectory(out).unique_embeddings("images")
+    assert len(ids) == 20 and np.allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-4)
