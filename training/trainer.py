@@ -22,6 +22,7 @@ import torch
 from tqdm import tqdm
 
 from otclip.engine import LoadedModel, load_model, save_checkpoint
+from otclip.engine.atomic_files import write_lines_atomically
 from otclip.engine.devices import autocast_for
 from otclip.engine.distributed import init_from_env
 from otclip.engine.metrics import recall_at_k
@@ -247,8 +248,14 @@ class Trainer:
 
     # --- checkpoints ---------------------------------------------------------------------------
     def _train_state(self) -> dict:
-        return {"step": self.step, "best": self.best, "config": self.cfg.resume_fields(),
-                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+        """What resuming needs to continue exactly as the uninterrupted run: with the pool's pseudo-pairs as they
+        were (recomputing them at the resume step, from later weights, changed the run: #13 item 8)."""
+        state = {"step": self.step, "best": self.best, "config": self.cfg.resume_fields(),
+                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+        if self.matching is not None:
+            state["matching"] = {"images": self.matching.images, "texts": self.matching.texts,
+                                 "weights": self.matching.weights}
+        return state
 
     def save(self, name: str, with_state: bool) -> Path:
         extra = {"train_state": self._train_state()} if with_state else {"train_config": asdict(self.cfg)}
@@ -272,7 +279,22 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step, self.best = state["step"], state["best"]
+        if "matching" in state:
+            from .matching import Matching
+
+            self.matching = Matching(**state["matching"])
+        self._forget_log_after(self.step)
         return True
+
+    def _forget_log_after(self, step: int) -> None:
+        """Drop the log records of steps after the checkpoint (a killed run logged them; they are trained again)."""
+        path = self.out / "log.jsonl"
+        if self.ranks.rank != 0 or not path.exists():
+            return
+        lines = path.read_text(encoding="utf-8").splitlines()
+        keep = [line for line in lines if not line.strip() or json.loads(line).get("step", 0) <= step]
+        if len(keep) != len(lines):
+            write_lines_atomically(path, keep)
 
     # --- loop ----------------------------------------------------------------------------------
     def train(self) -> dict:

@@ -184,3 +184,43 @@ def test_a_truncated_last_checkpoint_is_a_one_line_error(small_corpus, tmp_path)
     with pytest.raises(ValueError, match="last.pt: cannot resume from it"):
         trainer.try_resume()
     assert (run / "last.pt").read_bytes() == damaged
+
+
+def test_a_resumed_ot_match_run_is_the_uninterrupted_run(small_corpus, tmp_path, monkeypatch):
+    """#13 item 8: killed after its checkpoint at step 20 and resumed, an ot-match run ends with the weights of the
+    run that was never interrupted (its pseudo-pairs, computed at step 15, are restored, not recomputed at 20),
+    and the log has one record per step."""
+    from otclip.training.trainer import TrainConfig, Trainer
+
+    def config(out):
+        return TrainConfig(corpus=str(small_corpus), out=str(out), reg="ot-match", steps=40, save_every=10,
+                           eval_every=1000, match_every=15, pseudo_warmup=0.2, batch_size=32, unpaired_batch_size=64)
+
+    Trainer(config(tmp_path / "whole"), progress=False).train()
+
+    class Killed(Exception):
+        pass
+
+    save = Trainer.save
+
+    def save_then_die(self, name, with_state):
+        path = save(self, name, with_state)
+        if name == "last.pt" and self.step == 20:
+            raise Killed
+        return path
+
+    monkeypatch.setattr(Trainer, "save", save_then_die)
+    with pytest.raises(Killed):
+        Trainer(config(tmp_path / "resumed"), progress=False).train()
+    monkeypatch.setattr(Trainer, "save", save)
+    with open(tmp_path / "resumed" / "log.jsonl", "a") as log:  # what a kill after step 20 leaves behind
+        log.write(json.dumps({"step": 21, "total": 1.0}) + "\n")
+    Trainer(config(tmp_path / "resumed"), progress=False).train()
+
+    whole = torch.load(tmp_path / "whole" / "last.pt", weights_only=True)["state_dict"]
+    resumed = torch.load(tmp_path / "resumed" / "last.pt", weights_only=True)["state_dict"]
+    assert whole.keys() == resumed.keys()
+    for name in whole:
+        torch.testing.assert_close(resumed[name], whole[name], rtol=0, atol=1e-6, msg=name)
+    steps = [r["step"] for r in read_log(tmp_path / "resumed") if "total" in r]
+    assert steps == sorted(set(steps)) and steps[-1] == 40
