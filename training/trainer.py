@@ -292,7 +292,14 @@ class Trainer:
         if self.ranks.rank != 0 or not path.exists():
             return
         lines = path.read_text(encoding="utf-8").splitlines()
-        keep = [line for line in lines if not line.strip() or json.loads(line).get("step", 0) <= step]
+
+        def before(line: str) -> bool:
+            try:
+                return json.loads(line).get("step", 0) <= step
+            except ValueError:  # a line the kill cut short
+                return False
+
+        keep = [line for line in lines if line.strip() and before(line)]
         if len(keep) != len(lines):
             write_lines_atomically(path, keep)
 

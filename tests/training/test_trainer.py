@@ -214,7 +214,7 @@ def test_a_resumed_ot_match_run_is_the_uninterrupted_run(small_corpus, tmp_path,
         Trainer(config(tmp_path / "resumed"), progress=False).train()
     monkeypatch.setattr(Trainer, "save", save)
     with open(tmp_path / "resumed" / "log.jsonl", "a") as log:  # what a kill after step 20 leaves behind
-        log.write(json.dumps({"step": 21, "total": 1.0}) + "\n")
+        log.write(json.dumps({"step": 21, "total": 1.0}) + "\n" + '{"step": 22, "tot')  # the last line cut short
     Trainer(config(tmp_path / "resumed"), progress=False).train()
 
     whole = torch.load(tmp_path / "whole" / "last.pt", weights_only=True)["state_dict"]
