@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from otclip.engine import fashion_mnist
+from otclip.engine.model_identity import DEFAULT_MODEL_NAME
 from otclip.engine.prompts import class_prompt, with_article
 from otclip.engine.sample_photos import SAMPLE_PHOTOS, write_sample_photos
 
@@ -38,7 +39,7 @@ def write_demo_corpus(data_dir: Path, fashion_mnist_count: int = 300) -> tuple[P
     return manifest, captions
 
 
-def build_demo_index(index_dir: Path, data_dir: Path, fashion_mnist_count: int = 300, model: str = "effnet-minilm",
+def build_demo_index(index_dir: Path, data_dir: Path, fashion_mnist_count: int = 300, model: str = DEFAULT_MODEL_NAME,
                      progress: bool = True) -> list[str]:
     """Index the demo corpus (incrementally: a second run embeds nothing new). Returns summary lines."""
     from otclip.indexer.pipeline import index_images, index_texts

@@ -166,7 +166,7 @@ class IndexDirectory:
         )
 
     def ingest_pending(self) -> int:
-        """Move every complete chunk's records into SQLite (idempotent) and drop incomplete leftovers."""
+        """Move every complete chunk's records into SQLite (idempotent) and drop chunks no record uses."""
         ingested = 0
         for sidecar in sorted(self.embeddings_dir.glob("*.json")):
             name = sidecar.stem
@@ -174,9 +174,7 @@ class IndexDirectory:
                 data = json.loads(sidecar.read_text())
                 ingested += self.store.ingest_chunk(name, data["side"], [ItemRecord(**r) for r in data["records"]])
             sidecar.unlink()
-        referenced = self.store.referenced_shards()
-        for leftover in self.embeddings_dir.glob(".*.tmp*"):
-            leftover.unlink()
+        referenced = self.store.referenced_shards()  # (killed runs' temp files: `writing` removes them)
         for npy in self.embeddings_dir.glob("*.npy"):
             if npy.stem not in referenced and not (self.embeddings_dir / f"{npy.stem}.json").exists():
                 npy.unlink()  # a chunk cut off before its records were written, or no longer used

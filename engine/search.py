@@ -91,11 +91,6 @@ class IndexSearcher:
         """Load the model now (a server does, so that its first query is not the slow one)."""
         self.encoder  # noqa: B018
 
-    @property
-    def text_backend(self) -> str:
-        """What embeds text queries: "onnx" (the exported text tower) or "torch"."""
-        return "onnx" if self._text_model is not None else "torch"
-
     def _manifest_stamp(self) -> tuple[int, int] | None:
         try:
             st = self.directory.manifest_path.stat()
@@ -115,7 +110,7 @@ class IndexSearcher:
                     try:
                         manifest = self.directory.manifest()
                         sides = {side: self.directory.load_side(side) for side in manifest["sides"]}
-                    except (FileNotFoundError, RuntimeError, ValueError):
+                    except IndexDirectoryError:  # every failure to read the index directory is one of these
                         return self._sides
                     self.manifest, self._sides, self._stamp = manifest, sides, stamp
         return self._sides

@@ -79,23 +79,28 @@ def _special_ids(loaded: LoadedModel) -> dict:
     return {"bos": ids[0], "eos": ids[1], "pad": ids[2], "context_length": len(ids)}
 
 
-def query_tokenizer(loaded: LoadedModel) -> tuple[QueryTokenizer, str, dict] | str:
-    """(the torch-free tokenizer, its tokenizer.json, its settings) for this model, or why there is none.
-    Not yet checked against the model's own: `export_text_query_model` does that."""
+def _tokenizer_files(loaded: LoadedModel) -> tuple[str, dict] | str:
+    """(tokenizer.json text, its settings) for this model, or why there is none."""
     spec = _tokenizer_json(loaded.tokenizer)
     if isinstance(spec, str):
         return spec
     tokenizer_json, clean = spec
-    info = {**_special_ids(loaded), "clean": clean, "model_checksum": loaded.identity.checksum}
-    return QueryTokenizer(tokenizer_json, info), tokenizer_json, info
+    return tokenizer_json, {**_special_ids(loaded), "clean": clean, "model_checksum": loaded.identity.checksum}
+
+
+def query_tokenizer(loaded: LoadedModel) -> tuple[QueryTokenizer, dict] | str:
+    """(the torch-free tokenizer, its settings) for this model, or why there is none. Not yet checked
+    against the model's own: `export_text_query_model` does that."""
+    found = _tokenizer_files(loaded)
+    return found if isinstance(found, str) else (QueryTokenizer(*found), found[1])
 
 
 def export_text_query_model(loaded: LoadedModel, directory) -> str | None:
     """Write the checked export into `directory` (an IndexDirectory); returns None, or why it was not kept."""
-    found = query_tokenizer(loaded)
+    found = _tokenizer_files(loaded)
     if isinstance(found, str):
         return found
-    _, tokenizer_json, info = found
+    tokenizer_json, info = found
     device = loaded.device
     tower = _NormalisedText(loaded.model).to("cpu").eval()
     try:

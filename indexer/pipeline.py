@@ -255,78 +255,98 @@ def index_images(
     try:
         directory = IndexDirectory(index_dir)
         with directory.writing() if ranks.is_main else nullcontext():  # one writer at a time (the main rank)
-            models = _ModelOnDemand(model, directory, ranks)
-            ingested = 0
-            if ranks.is_main:
-                models.open_index()
-                if factory != "auto":
-                    new_index(factory, directory.manifest()["dim"])  # a bad factory string fails before any embedding
-                ingested = directory.ingest_pending()  # chunks a killed run wrote but did not commit
-                repaired = directory.drop_damaged_chunks()  # their items are embedded again below
-            ranks.barrier()
-            if not ranks.is_main:
-                models.open_index()  # checks the identity: every rank embeds with the index's model
-            items = read_collection(source)
-            plan = _plan(items, directory, ranks)
-            summary = IndexingSummary("images", unchanged=plan.unchanged)
-            if ranks.is_main:
-                summary.repaired = sum(len(keys) for keys in repaired.values())
-            writer = _ChunkWriter(directory, "images", ranks, chunk_size)
-            if ranks.is_main:  # known content under a new path, or new metadata: no embedding needed
-                writer.write_reused(plan.reuse)
-                summary.duplicates = plan.duplicates
-            groups = list(plan.groups.items())[ranks.rank :: ranks.world_size]
-            summary.duplicates += sum(len(g) - 1 for _, g in groups)
-            failed: list[dict] = []
-            paths = [g[0][0].path for _, g in groups]
-            batches = []
-            if paths:
-                from otclip.engine.encoding import Encoder
-
-                encoder = Encoder(models.get(), batch_size=batch_size, num_workers=workers)
-                batches = encoder.iter_image_batches(paths, progress=progress and ranks.is_main, thumbnails=thumbnails)
-            for batch in batches:
-                for j, i in enumerate(batch.indices):
-                    digest, group = groups[i]
-                    wh = batch.sizes[j]
-                    if thumbnails:
-                        directory.write_thumbnail(digest, batch.thumbnails[j])
-                    writer.add(batch.embeddings[j], [_record(it, digest, 0, sz, mt, None, wh) for it, sz, mt in group])
-                for i, reason in batch.failures:
-                    failed.extend({"path": it.path, "reason": reason} for it, _, _ in groups[i][1])
-                summary.embedded += len(batch.indices)
-            writer.flush()
-            summary.duplicates = sum(ranks.gather(summary.duplicates))
-            summary.embedded = sum(ranks.gather(summary.embedded))
-            failed = [f for part in ranks.gather(failed) for f in part]
-            ranks.barrier()
-            if ranks.is_main:
-                ingested += directory.ingest_pending()
-                errors = plan.errors + failed
-                present = {it.path for it in items} - {e["path"] for e in errors}
-                gone = [k for k in directory.store.stats("images") if k not in present]
-                directory.store.delete_keys("images", gone)
-                if gone:
-                    directory.prune_thumbnails()
-                directory.store.update_stats("images", plan.touched)
-                summary.removed = len([g for g in gone if g not in {e["path"] for e in errors}])
-                summary.skipped = len(errors)
-                errors_file = directory.root / "errors.jsonl"
-                write_lines_atomically(errors_file, [json.dumps(e, ensure_ascii=False) for e in errors])
-                summary.errors_file = str(errors_file)
-                current = directory.manifest()["sides"].get("images")
-                changed = ingested or writer.count or gone or summary.repaired  # this run's chunks, a killed run's
-                if changed or current is None or factory not in ("auto", current["factory"]):
-                    current = directory.publish("images", factory)
-                summary.factory, summary.total = current["factory"], current["items"]
-                if text_query_model:
-                    models.keep_text_query_model(summary)
-            summary.model_loaded = models.loaded
-            ranks.barrier()
-            summary.seconds = time.time() - start
-            return summary
+            summary = _index_images(source, directory, _ModelOnDemand(model, directory, ranks), ranks, factory,
+                                    batch_size, workers, chunk_size, progress, text_query_model, thumbnails)
     finally:
         ranks.close()
+    summary.seconds = time.time() - start
+    return summary
+
+
+def _index_images(source, directory: IndexDirectory, models: _ModelOnDemand, ranks: Ranks, factory: str,
+                  batch_size: int, workers: int | None, chunk_size: int, progress: bool, text_query_model: bool,
+                  thumbnails: bool) -> IndexingSummary:
+    ingested = repaired = 0
+    if ranks.is_main:
+        ingested, repaired = _prepare(directory, models, factory)
+    ranks.barrier()
+    if not ranks.is_main:
+        models.open_index()  # checks the identity: every rank embeds with the index's model
+    items = read_collection(source)
+    plan = _plan(items, directory, ranks)
+    summary = IndexingSummary("images", unchanged=plan.unchanged, repaired=repaired)
+    writer = _ChunkWriter(directory, "images", ranks, chunk_size)
+    if ranks.is_main:  # known content under a new path, or new metadata: no embedding needed
+        writer.write_reused(plan.reuse)
+        summary.duplicates = plan.duplicates
+    groups = list(plan.groups.items())[ranks.rank :: ranks.world_size]
+    summary.duplicates += sum(len(g) - 1 for _, g in groups)
+    failed: list[dict] = []
+    paths = [g[0][0].path for _, g in groups]
+    batches = []
+    if paths:
+        from otclip.engine.encoding import Encoder
+
+        encoder = Encoder(models.get(), batch_size=batch_size, num_workers=workers)
+        batches = encoder.iter_image_batches(paths, progress=progress and ranks.is_main, thumbnails=thumbnails)
+    for batch in batches:
+        for j, i in enumerate(batch.indices):
+            digest, group = groups[i]
+            wh = batch.sizes[j]
+            if thumbnails:
+                directory.write_thumbnail(digest, batch.thumbnails[j])
+            writer.add(batch.embeddings[j], [_record(it, digest, 0, sz, mt, None, wh) for it, sz, mt in group])
+        for i, reason in batch.failures:
+            failed.extend({"path": it.path, "reason": reason} for it, _, _ in groups[i][1])
+        summary.embedded += len(batch.indices)
+    writer.flush()
+    summary.duplicates = sum(ranks.gather(summary.duplicates))
+    summary.embedded = sum(ranks.gather(summary.embedded))
+    failed = [f for part in ranks.gather(failed) for f in part]
+    ranks.barrier()
+    if ranks.is_main:
+        ingested += directory.ingest_pending()
+        errors = plan.errors + failed
+        present = {it.path for it in items} - {e["path"] for e in errors}
+        gone = [k for k in directory.store.stats("images") if k not in present]
+        directory.store.delete_keys("images", gone)
+        if gone:
+            directory.prune_thumbnails()
+        directory.store.update_stats("images", plan.touched)
+        summary.removed = len([g for g in gone if g not in {e["path"] for e in errors}])
+        summary.skipped = len(errors)
+        errors_file = directory.root / "errors.jsonl"
+        write_lines_atomically(errors_file, [json.dumps(e, ensure_ascii=False) for e in errors])
+        summary.errors_file = str(errors_file)
+        _publish(directory, "images", factory, bool(ingested or writer.count or gone or repaired), summary, models,
+                 text_query_model)
+    summary.model_loaded = models.loaded
+    ranks.barrier()
+    return summary
+
+
+def _prepare(directory: IndexDirectory, models: _ModelOnDemand, factory: str) -> tuple[int, int]:
+    """Before anything is embedded: open (or check) the index for the model, check the factory string, commit
+    what a killed run left and drop damaged chunks (their items are embedded again). Returns (records
+    ingested, items dropped)."""
+    models.open_index()
+    if factory != "auto":
+        new_index(factory, directory.manifest()["dim"])  # a bad factory string fails now, not after embedding
+    ingested = directory.ingest_pending()
+    repaired = directory.drop_damaged_chunks()
+    return ingested, sum(len(keys) for keys in repaired.values())
+
+
+def _publish(directory: IndexDirectory, side: str, factory: str, changed: bool, summary: IndexingSummary,
+             models: _ModelOnDemand, text_query_model: bool) -> None:
+    """Rebuild the side's FAISS index if its set changed (or another factory is asked for): an unchanged one
+    keeps its generation, so a running server does not reload it. Then keep the text-tower export."""
+    current = directory.manifest()["sides"].get(side)
+    if changed or current is None or factory not in ("auto", current["factory"]):
+        current = directory.publish(side, factory)
+    summary.factory, summary.total = current["factory"], current["items"]
+    if text_query_model:
+        models.keep_text_query_model(summary)
 
 
 def index_texts(
@@ -344,20 +364,17 @@ def index_texts(
     start = time.time()
     directory = IndexDirectory(index_dir)
     with directory.writing():
-        return _index_texts(source, directory, model, factory, batch_size, chunk_size, progress, text_query_model,
-                            start)
+        if model is None:
+            model = directory.model_spec() if directory.exists() else DEFAULT_MODEL_NAME
+        summary = _index_texts(source, directory, _ModelOnDemand(model, directory, Ranks()), factory, batch_size,
+                               chunk_size, progress, text_query_model)
+    summary.seconds = time.time() - start
+    return summary
 
 
-def _index_texts(source, directory: IndexDirectory, model, factory: str, batch_size: int, chunk_size: int,
-                 progress: bool, text_query_model: bool, start: float) -> IndexingSummary:
-    if model is None:
-        model = directory.model_spec() if directory.exists() else DEFAULT_MODEL_NAME
-    models = _ModelOnDemand(model, directory, Ranks())
-    models.open_index()
-    if factory != "auto":
-        new_index(factory, directory.manifest()["dim"])
-    ingested = directory.ingest_pending()
-    repaired = directory.drop_damaged_chunks()
+def _index_texts(source, directory: IndexDirectory, models: _ModelOnDemand, factory: str, batch_size: int,
+                 chunk_size: int, progress: bool, text_query_model: bool) -> IndexingSummary:
+    ingested, repaired = _prepare(directory, models, factory)
     texts = read_texts(source)
     stored = directory.store.stats("texts")
     wanted: dict[str, object] = {}
@@ -365,7 +382,7 @@ def _index_texts(source, directory: IndexDirectory, model, factory: str, batch_s
         wanted.setdefault(hashlib.sha256(t.text.encode()).hexdigest(), t)
     new = [(k, t) for k, t in wanted.items() if k not in stored]
     summary = IndexingSummary("texts", unchanged=len(wanted) - len(new), duplicates=len(texts) - len(wanted),
-                              repaired=sum(len(keys) for keys in repaired.values()))
+                              repaired=repaired)
     writer = _ChunkWriter(directory, "texts", Ranks(), chunk_size)
     if new:
         from otclip.engine.encoding import Encoder
@@ -381,14 +398,9 @@ def _index_texts(source, directory: IndexDirectory, model, factory: str, batch_s
     gone = [k for k in stored if k not in wanted]
     directory.store.delete_keys("texts", gone)
     summary.removed = len(gone)
-    current = directory.manifest()["sides"].get("texts")
-    if new or ingested or gone or repaired or current is None or factory not in ("auto", current["factory"]):
-        current = directory.publish("texts", factory)
-    summary.factory, summary.total = current["factory"], current["items"]
-    if text_query_model:
-        models.keep_text_query_model(summary)
+    _publish(directory, "texts", factory, bool(ingested or writer.count or gone or repaired), summary, models,
+             text_query_model)
     summary.model_loaded = models.loaded
-    summary.seconds = time.time() - start
     return summary
 
 

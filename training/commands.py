@@ -7,6 +7,8 @@ import dataclasses
 import json
 from pathlib import Path
 
+from otclip.engine.model_identity import DEFAULT_MODEL_NAME
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("data", help="build a partially-paired corpus from real data")
@@ -50,7 +52,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_wise_ft)
 
     p = sub.add_parser("eval", help="retrieval recall and zero-shot accuracy of a model on a test corpus")
-    p.add_argument("--model", default="effnet-minilm", help="model spec or checkpoint (default: %(default)s)")
+    p.add_argument("--model", default=DEFAULT_MODEL_NAME, help="model spec or checkpoint (default: %(default)s)")
     p.add_argument("--corpus", type=Path, required=True, help="test manifest (pairs; labels for zero-shot)")
     p.add_argument("--relevance", choices=["pair", "label"], default="pair")
     p.add_argument("--unseen", default=None, help="unseen classes (default: from corpus.json beside the manifest)")

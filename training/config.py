@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from otclip.engine.model_identity import DEFAULT_MODEL_NAME
+
 
 @dataclass(frozen=True)
 class RegularizerOptions:
@@ -25,7 +27,7 @@ POSITIVES = ("pair", "label")
 class TrainConfig:
     corpus: str
     out: str
-    model: str = "effnet-minilm"
+    model: str = DEFAULT_MODEL_NAME
     reg: str = "none"
     alpha: float = 0.1
     ot_eps: float = RegularizerOptions.eps

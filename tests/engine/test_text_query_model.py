@@ -35,14 +35,14 @@ def test_the_clip_bpe_tokenizer_matches_open_clips():
     import open_clip
 
     stub = SimpleNamespace(tokenizer=open_clip.get_tokenizer("ViT-B-32"), identity=ModelIdentity("stub", "0" * 64))
-    tokenize, _, info = query_tokenizer(stub)
+    tokenize, info = query_tokenizer(stub)
     assert info["clean"] == "lower" and info["context_length"] == 77
     texts = _texts()
     np.testing.assert_array_equal(tokenize(texts), stub.tokenizer(texts).numpy())
 
 
 def test_the_default_models_tokenizer_matches(default_model):
-    tokenize, _, info = query_tokenizer(default_model)
+    tokenize, info = query_tokenizer(default_model)
     assert info["clean"] == "whitespace"
     texts = _texts(seed=1)
     np.testing.assert_array_equal(tokenize(texts), default_model.tokenizer(texts).numpy())
