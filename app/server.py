@@ -17,13 +17,17 @@ from pathlib import Path
 
 import gradio as gr
 from PIL import Image
+from starlette.middleware import Middleware
 
 from otclip.engine.batching import MicroBatcher
 from otclip.engine.images import ImageDecodeError, load_image, thumbnail
 from otclip.engine.search import IndexSearcher, SearchResult
 from otclip.engine.threads import apply_thread_budget, thread_budget
 
-MAX_UPLOAD = "20mb"
+from .body_limit import BodyLimit
+
+MAX_UPLOAD = 20 * 1024 * 1024  # bytes of one image, uploaded or inline (base64 in the JSON body)
+MAX_BODY = MAX_UPLOAD * 4 // 3 + 1024 * 1024  # base64 grows 4/3; + the JSON around it
 MAX_UPLOAD_PIXELS = 40_000_000
 ORIGINAL_ROUTE = "/otclip/original/{item_id}"  # an indexed image's original file, by its id; nothing else
 CONCURRENT_REQUESTS = 8  # requests in flight (decoding, thumbnails, FAISS); model calls are batched, one at a time
@@ -154,6 +158,12 @@ def report_tables(data: dict) -> str:
     return "\n".join(out) or "The report has no metric tables."
 
 
+def _image_input(elem_id: str) -> gr.Image:
+    """An image query, handed to the app as the uploaded file's path (`image_mode=None`: Gradio decodes nothing),
+    so that `load_image` checks the header's size and aspect ratio before any pixel is decoded."""
+    return gr.Image(type="filepath", image_mode=None, label="Image", sources=["upload", "clipboard"], elem_id=elem_id)
+
+
 def build_ui(app: SearchApp) -> gr.Blocks:
     with gr.Blocks(title="otclip") as ui:
         gr.Markdown("# otclip - text and image search")
@@ -175,13 +185,13 @@ def build_ui(app: SearchApp) -> gr.Blocks:
             search.click(app.text_to_image, [query, k, min_score], outputs, api_name="text_to_image")
             query.submit(app.text_to_image, [query, k, min_score], outputs, api_name=False)
         with gr.Tab("Image -> text"):
-            image_in = gr.Image(type="pil", label="Image", sources=["upload", "clipboard"], elem_id="i2t-image")
+            image_in = _image_input("i2t-image")
             k_text = gr.Slider(1, 20, value=5, step=1, label="k")
             find_texts = gr.Button("Find texts", variant="primary", elem_id="i2t-search")
             texts = gr.Dataframe(headers=["rank", "score", "text"], label="Texts", elem_id="i2t-texts")
             find_texts.click(app.image_to_text, [image_in, k_text], texts, api_name="image_to_text")
         with gr.Tab("Image -> image"):
-            image_q = gr.Image(type="pil", label="Image", sources=["upload", "clipboard"], elem_id="i2i-image")
+            image_q = _image_input("i2i-image")
             find_similar = gr.Button("Find similar", variant="primary", elem_id="i2i-search")
             status_i = gr.Markdown()
             original = gr.Markdown(elem_id="i2i-original")
@@ -229,7 +239,8 @@ def serve(index_dir: str | Path, host: str = "127.0.0.1", port: int = 7860, repo
     thumbnails = str(searcher.directory.thumbnails_dir)
     gr.set_static_paths([thumbnails])
     ui.launch(server_name=host, server_port=port, max_file_size=MAX_UPLOAD, prevent_thread_lock=True,
-              show_error=True, quiet=not block, allowed_paths=[thumbnails])
+              show_error=True, quiet=not block, allowed_paths=[thumbnails],
+              app_kwargs={"middleware": [Middleware(BodyLimit, max_bytes=MAX_BODY)]})
     add_original_route(ui.app, searcher)
     if block:
         ui.block_thread()

@@ -4,7 +4,8 @@
                                  factory, counts, generation, updated; replaced atomically (the commit point)
   INDEX_DIR/metadata.sqlite      MetadataStore (one row per image / text)
   INDEX_DIR/embeddings/*.npy     embedding chunks (plain float32 arrays; `reindex` rebuilds from them)
-  INDEX_DIR/embeddings/*.json    a chunk's records until it is ingested into SQLite
+  INDEX_DIR/embeddings/*.json    a chunk's records (and model) until it is ingested into SQLite, then
+  INDEX_DIR/embeddings/records/  ... kept here (records_log) while a rebuild of metadata.sqlite needs it
   INDEX_DIR/{side}-{gen}.faiss   the FAISS index of a side, CPU form
   INDEX_DIR/{side}-{gen}.ids.npy FAISS position -> SQLite id
   INDEX_DIR/errors.jsonl         files skipped by the last run, with reasons
@@ -34,6 +35,7 @@ from .errors import IndexDirectoryError
 from .faiss_indexes import build_index, index_description, load_index, save_index
 from .metadata_store import SIDES, ItemRecord, MetadataStore
 from .model_identity import ModelIdentity
+from .records_log import RecordsLog, chunk_payload, in_order, read_entry
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -74,9 +76,11 @@ class IndexDirectory:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
     def _remove_leftovers(self) -> None:
-        for folder in (self.root, self.embeddings_dir, self.query_dir):
+        for folder in (self.root, self.embeddings_dir, self.records_dir, self.query_dir):
             for leftover in folder.glob(".*.tmp*"):
                 leftover.unlink(missing_ok=True)
+        for leftover in self.thumbnails_dir.glob("*/.*.tmp*"):
+            leftover.unlink(missing_ok=True)
 
     # --- manifest ----------------------------------------------------------------------------
     @property
@@ -88,15 +92,18 @@ class IndexDirectory:
 
     def manifest(self) -> dict:
         if not self.exists():
+            if any(self.embeddings_dir.glob("*.npy")):
+                raise IndexDirectoryError(f"{self.manifest_path}: missing, though the index holds embeddings; run "
+                                          f"`otclip repair {self.root}`")
             raise IndexDirectoryError(f"{self.root}: not an otclip index (no {MANIFEST}); build one with `otclip index`")
         try:
             data = json.loads(self.manifest_path.read_text(encoding="utf-8"))
         except (ValueError, OSError) as exc:
-            raise IndexDirectoryError(f"{self.manifest_path}: unreadable ({type(exc).__name__}: {exc}); restore it "
-                                      "from a backup, or build a new index") from None
+            raise IndexDirectoryError(f"{self.manifest_path}: unreadable ({type(exc).__name__}: {exc}); run "
+                                      f"`otclip repair {self.root}`") from None
         if not isinstance(data, dict) or not {"model", "dim", "sides"} <= set(data):
             raise IndexDirectoryError(f"{self.manifest_path}: not an otclip manifest (no model, dim and sides); "
-                                      "restore it from a backup, or build a new index")
+                                      f"run `otclip repair {self.root}`")
         if data.get("format_version", 0) > FORMAT_VERSION:
             raise IndexDirectoryError(f"{self.root}: index format {data['format_version']} is newer than this otclip")
         return data
@@ -137,18 +144,36 @@ class IndexDirectory:
 
     # --- metadata and embeddings ---------------------------------------------------------------
     @property
+    def store_path(self) -> Path:
+        return self.root / "metadata.sqlite"
+
+    @property
     def store(self) -> MetadataStore:
         """The metadata store, created with a new index. An index that already holds data never gets a
         fresh, empty store: its chunks would then look unreferenced and be deleted (`ingest_pending`)."""
         if self._store is None:
-            path = self.root / "metadata.sqlite"
-            if not path.exists() and self._holds_data():
+            if not self.store_path.exists() and self._holds_data():
                 raise IndexDirectoryError(
-                    f"{path}: missing, though the index holds embeddings; nothing was changed. Restore the file, "
-                    f"or build a new index with `otclip index IMAGES --out NEW_DIR`")
+                    f"{self.store_path}: missing, though the index holds embeddings; nothing was changed. Run "
+                    f"`otclip repair {self.root}`: it rebuilds the store from the embedding chunks' records")
             self.embeddings_dir.mkdir(parents=True, exist_ok=True)
-            self._store = MetadataStore(path)
+            self._store = MetadataStore(self.store_path)
         return self._store
+
+    def reader(self) -> MetadataStore:
+        """A read-only connection to the metadata store (a searcher's; it never changes the file)."""
+        if not self.store_path.exists():
+            raise IndexDirectoryError(f"{self.store_path}: missing; run `otclip repair {self.root}`")
+        return MetadataStore(self.store_path, readonly=True)
+
+    def store_problem(self) -> str | None:
+        """What is wrong with metadata.sqlite (missing though the index holds data, or damaged), or None."""
+        if not self.store_path.exists():
+            return f"{self.store_path}: missing" if self._holds_data() else None
+        try:
+            return self.store.problem()
+        except IndexDirectoryError as exc:
+            return str(exc)
 
     def _holds_data(self) -> bool:
         return any(self.embeddings_dir.glob("*.npy")) or (self.exists() and bool(self.manifest()["sides"]))
@@ -158,27 +183,128 @@ class IndexDirectory:
             self._store.close()
             self._store = None
 
+    @property
+    def records_dir(self) -> Path:
+        return self.embeddings_dir / "records"
+
+    @property
+    def records(self) -> RecordsLog:
+        return RecordsLog(self.records_dir)
+
     def write_chunk(self, name: str, side: str, embeddings: np.ndarray, records: list[ItemRecord]) -> None:
         """Persist a chunk: embeddings first, then its records; a chunk with records is complete."""
         write_npy_atomically(self.embeddings_dir / f"{name}.npy", np.asarray(embeddings, np.float32))
-        write_json_atomically(
-            self.embeddings_dir / f"{name}.json", {"side": side, "records": [r.__dict__ for r in records]}
-        )
+        write_json_atomically(self.embeddings_dir / f"{name}.json",
+                              chunk_payload(side, self.manifest()["model"], records))
+
+    def ingest_chunk(self, name: str) -> int:
+        """Commit one written chunk: its records into SQLite (idempotent), then its records file is kept (see
+        records_log) while one of its rows is current. Returns the rows stored."""
+        chunk_file = self.embeddings_dir / f"{name}.json"
+        count = 0
+        if not self.store.chunk_ingested(name):
+            entry = read_entry(chunk_file)
+            count = self.store.ingest_chunk(name, entry.side, entry.records)
+        self.records.adopt(chunk_file)
+        return count
 
     def ingest_pending(self) -> int:
-        """Move every complete chunk's records into SQLite (idempotent) and drop chunks no record uses."""
-        ingested = 0
-        for sidecar in sorted(self.embeddings_dir.glob("*.json")):
-            name = sidecar.stem
-            if not self.store.chunk_ingested(name):
-                data = json.loads(sidecar.read_text())
-                ingested += self.store.ingest_chunk(name, data["side"], [ItemRecord(**r) for r in data["records"]])
-            sidecar.unlink()
+        """Commit every written chunk (a killed run's too), keep records files for the rows no kept file holds,
+        and drop the chunks and records files nothing needs any more. Returns the rows stored."""
+        ingested = sum(self.ingest_chunk(path.stem) for path in in_order(self.embeddings_dir.glob("*.json")))
+        lost = self.missing_records()
+        if lost & self.store.kept_removals():
+            self.rewrite_records()  # which items a lost removal removed is not known: keep the rows as they are
+        else:
+            self.store.forget_chunks(lost)
+            self._write_records_of_unheld_rows()
+        self._drop_unused()
+        return ingested
+
+    def remove_items(self, side: str, keys: list[str]) -> None:
+        """Forget these items: a removal records file first (a rebuild must not bring them back), then SQLite."""
+        if keys:
+            self.store.delete_keys(side, keys, removal=self.records.write_removal(side, keys))
+
+    def _write_records_of_unheld_rows(self) -> int:
+        """Records files for the rows no kept records file holds (an index built before records were kept,
+        or whose file was lost). Returns how many files."""
+        model, written = self.manifest()["model"], 0
+        for side, records in self.store.records_without_chunk().items():
+            for name, keys in self.records.write_rows(side, model, records):
+                self.store.assign_chunk(side, keys, name)
+                written += 1
+        return written
+
+    def _drop_unused(self) -> None:
+        """Delete embedding chunks no row uses, and the records files a rebuild no longer needs."""
         referenced = self.store.referenced_shards()  # (killed runs' temp files: `writing` removes them)
         for npy in self.embeddings_dir.glob("*.npy"):
             if npy.stem not in referenced and not (self.embeddings_dir / f"{npy.stem}.json").exists():
                 npy.unlink()  # a chunk cut off before its records were written, or no longer used
-        return ingested
+        self.store.forget_removals(self.records.prune(self.store.live_chunks()))
+
+    def missing_records(self) -> set[str]:
+        """Records files that are lost although a rebuild needs them: of chunks that wrote current rows, and
+        removals still kept (`repair` writes the records of every current row again)."""
+        return (self.store.live_chunks() | self.store.kept_removals()) - self.records.names()
+
+    def rewrite_records(self) -> int:
+        """Replace every kept records file by a snapshot of the store's current rows (a removal's keys or a
+        row's fields may be what a damaged file lost: a snapshot needs neither). Returns the files written."""
+        old = self.records.paths()
+        self.store.forget_chunks(self.store.live_chunks())
+        written = self._write_records_of_unheld_rows()
+        for path in old:
+            path.unlink(missing_ok=True)
+        self.store.forget_removals(self.store.kept_removals())
+        return written
+
+    def rebuild_store(self) -> dict:
+        """Replace a missing or damaged metadata.sqlite by replaying the kept records files in the order they
+        were written (upserts and removals). The damaged file is kept beside it (`metadata.sqlite.damaged-TIME`);
+        the new one is built under a temporary name and renamed into place. Item ids change, so every side
+        must be published again. Returns counts: items per side, records files replayed, unreadable ones."""
+        self.close()
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        for suffix in ("", "-wal", "-shm"):
+            damaged = Path(f"{self.store_path}{suffix}")
+            if damaged.exists():
+                os.replace(damaged, f"{self.store_path}.damaged-{stamp}{suffix}")
+        tmp = self.root / f".{self.store_path.name}.tmp{os.getpid()}"
+        rebuilt = MetadataStore(tmp)
+        replayed, unreadable = 0, []
+        try:
+            for path in self.records.paths():
+                try:
+                    entry = read_entry(path)
+                except (ValueError, OSError) as exc:
+                    unreadable.append(f"{path.name} ({exc})")
+                    continue
+                if entry.removed is not None:
+                    rebuilt.delete_keys(entry.side, entry.removed, removal=entry.name)
+                else:
+                    rebuilt.ingest_chunk(entry.name, entry.side, entry.records)
+                replayed += 1
+            items = {side: rebuilt.count(side) for side in SIDES}
+        finally:
+            rebuilt.close()  # the last connection: SQLite checkpoints and removes its WAL
+        os.replace(tmp, self.store_path)
+        return {"items": items, "replayed": replayed, "unreadable": unreadable}
+
+    def rebuild_manifest(self) -> dict:
+        """Write a missing or unreadable manifest.json again: the model named by the newest records file, the
+        dimension of the embedding chunks, no sides (publish each one next). The old file is kept beside it."""
+        model = self.records.newest_model(list(self.embeddings_dir.glob("*.json")))
+        dims = {np.load(npy, mmap_mode="r").shape[-1] for npy in self.embeddings_dir.glob("*.npy")
+                if _readable_npy(npy)}
+        if model is None or len(dims) != 1:
+            raise IndexDirectoryError(f"{self.manifest_path}: cannot be rebuilt (no records file names the model, or "
+                                      "no embedding chunk gives the dimension); build a new index")
+        if self.manifest_path.exists():
+            os.replace(self.manifest_path, f"{self.manifest_path}.damaged-{time.strftime('%Y%m%d-%H%M%S')}")
+        self.open_for_model(model["spec"], ModelIdentity(model["name"], model["checksum"]), dims.pop())
+        return model
 
     def damaged_chunks(self) -> dict[str, str]:
         """Embedding chunks the metadata store relies on that are missing, unreadable, of another dimension or
@@ -208,7 +334,7 @@ class IndexDirectory:
         damaged = self.damaged_chunks()
         dropped = self.store.keys_in_shards(damaged)
         for side, keys in dropped.items():
-            self.store.delete_keys(side, keys)
+            self.remove_items(side, keys)
         for shard in damaged:
             (self.embeddings_dir / f"{shard}.npy").unlink(missing_ok=True)
         return dropped
@@ -234,7 +360,8 @@ class IndexDirectory:
         index, used = build_index(vectors, factory)
         manifest = self.manifest()
         old = manifest["sides"].get(side)
-        generation = (old["generation"] + 1) if old else 1
+        # after the next of every generation on disk: a rebuilt manifest must not reuse a file a server may hold
+        generation = 1 + max([old["generation"] if old else 0, *self._generations_on_disk(side)])
         save_index(index, self.root / f"{side}-{generation}.faiss")
         write_npy_atomically(self.root / f"{side}-{generation}.ids.npy", ids)
         manifest["sides"][side] = {
@@ -246,10 +373,18 @@ class IndexDirectory:
             "updated": time.time(),
         }
         write_json_atomically(self.manifest_path, manifest)
-        if old:
+        for stale in self._generations_on_disk(side) - {generation}:
             for suffix in (".faiss", ".ids.npy"):
-                (self.root / f"{side}-{old['generation']}{suffix}").unlink(missing_ok=True)
+                (self.root / f"{side}-{stale}{suffix}").unlink(missing_ok=True)
         return manifest["sides"][side]
+
+    def _generations_on_disk(self, side: str) -> set[int]:
+        found = set()
+        for path in self.root.glob(f"{side}-*.faiss"):
+            number = path.name[len(side) + 1 : -len(".faiss")]
+            if number.isdigit():
+                found.add(int(number))
+        return found
 
     def load_side(self, side: str, use_gpu: bool = True):
         """(faiss index, ids) of a side, or None when the side was never built."""
@@ -261,11 +396,16 @@ class IndexDirectory:
         gen = info["generation"]
         path = self.root / f"{side}-{gen}.faiss"
         try:
-            return load_index(path, use_gpu=use_gpu), np.load(self.root / f"{side}-{gen}.ids.npy")
-        except (RuntimeError, ValueError, OSError) as exc:  # truncated or damaged: it can be rebuilt
+            index = load_index(path, use_gpu=use_gpu)
+            path = self.root / f"{side}-{gen}.ids.npy"
+            ids = np.load(path)
+            if ids.shape != (index.ntotal,):
+                raise ValueError(f"{ids.shape[0] if ids.ndim else 0} ids for {index.ntotal} vectors")
+        except (RuntimeError, ValueError, OSError, EOFError) as exc:  # truncated or damaged: it can be rebuilt
             first = str(exc).strip().splitlines()[-1][:160] if str(exc).strip() else type(exc).__name__
             raise IndexDirectoryError(f"{path}: damaged ({first}); rebuild it from the stored embeddings with "
                                       f"`otclip reindex {self.root} --factory {info['factory']}`") from None
+        return index, ids
 
     # --- thumbnails ----------------------------------------------------------------------------
     @property
@@ -278,10 +418,22 @@ class IndexDirectory:
             raise ValueError(f"{sha256!r}: not a sha256 hex digest")
         return self.thumbnails_dir / sha256[:2] / f"{sha256}.jpg"
 
-    def write_thumbnail(self, sha256: str, jpeg: bytes) -> None:
+    def write_thumbnail(self, sha256: str, jpeg: bytes, replace: bool = False) -> None:
         path = self.thumbnail_path(sha256)
-        if not path.exists():
+        if replace or not path.exists():
             write_atomically(path, lambda tmp: Path(tmp).write_bytes(jpeg))
+
+    def damaged_thumbnails(self) -> dict[str, str]:
+        """sha256 -> an indexed path holding it, for each image content whose kept thumbnail is missing or cut
+        short (a JPEG ends with its EOI marker, FF D9). Only for an index that keeps thumbnails."""
+        if not self.thumbnails_dir.exists():
+            return {}
+        damaged = {}
+        for key, row in self.store.stats("images").items():
+            path = self.thumbnail_path(row["sha256"])
+            if row["sha256"] not in damaged and not _whole_jpeg(path):
+                damaged[row["sha256"]] = key
+        return damaged
 
     def prune_thumbnails(self) -> int:
         """Delete the thumbnails of content no indexed image holds any more; returns how many."""
@@ -325,3 +477,21 @@ class IndexDirectory:
 
     def size_on_disk(self) -> int:
         return sum(p.stat().st_size for p in self.root.rglob("*") if p.is_file())
+
+
+def _readable_npy(path: Path) -> bool:
+    try:
+        return np.load(path, mmap_mode="r").ndim == 2
+    except (ValueError, OSError):
+        return False
+
+
+def _whole_jpeg(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            if f.read(2) != b"\xff\xd8":
+                return False
+            f.seek(-2, os.SEEK_END)
+            return f.read(2) == b"\xff\xd9"
+    except OSError:
+        return False

@@ -8,8 +8,13 @@ Schema (version 1), table `items`:
   text     the caption of an image, or the text itself
   label, extra (JSON object of any other manifest columns)
   shard, row                      where the embedding lives: embeddings/SHARD.npy, row ROW
+  chunk    (version 2) the chunk whose records wrote this row: its records file must be kept
+           (`IndexDirectory` rebuilds a lost store by replaying those files)
 Table `chunks` records every ingested embedding chunk by name, which makes ingesting idempotent.
+Table `removals` (version 2) names the kept removal records files (their loss is found by `otclip check`).
 Table `meta` carries schema_version; `migrate` upgrades older files in place.
+
+A damaged file (truncated, overwritten) raises IndexDirectoryError naming it, never sqlite3's traceback.
 """
 
 from __future__ import annotations
@@ -22,7 +27,9 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-SCHEMA_VERSION = 1
+from .errors import IndexDirectoryError
+
+SCHEMA_VERSION = 2
 SIDES = ("images", "texts")
 
 _MIGRATIONS: dict[int, str] = {
@@ -40,6 +47,11 @@ _MIGRATIONS: dict[int, str] = {
     );
     CREATE INDEX items_by_hash ON items (side, sha256);
     CREATE TABLE chunks (name TEXT PRIMARY KEY, side TEXT NOT NULL, ingested_at REAL NOT NULL);
+    """,
+    2: """
+    ALTER TABLE items ADD COLUMN chunk TEXT;
+    CREATE INDEX items_by_chunk ON items (chunk);
+    CREATE TABLE removals (name TEXT PRIMARY KEY);
     """,
 }
 
@@ -61,17 +73,65 @@ class ItemRecord:
     shard: str | None = None  # set when reusing an embedding stored by an earlier chunk
 
 
+def damage(path: Path, exc: sqlite3.DatabaseError | str) -> IndexDirectoryError | None:
+    """The user's error for a damaged store file, or None when `exc` is not damage (a full disk, a lock)."""
+    if isinstance(exc, (sqlite3.OperationalError, sqlite3.IntegrityError, sqlite3.ProgrammingError)):
+        return None
+    return IndexDirectoryError(f"{path}: damaged ({exc}); nothing was changed. Run `otclip repair {path.parent}`: "
+                               "it rebuilds the store from the embedding chunks' records")
+
+
+def cut_short(path: Path) -> str | None:
+    """Whether the file is shorter than its own header says (the database size in pages, bytes 28-31, valid
+    when its change counter, bytes 24-27, equals bytes 92-95): a truncated store is found on opening, not by
+    the first query that happens to read a missing page. Reads 100 bytes. Not while a write-ahead log holds
+    frames: a checkpoint that a full disk interrupted may have written the header before the pages, which
+    the log still holds (SQLite finishes it)."""
+    wal = Path(f"{path}-wal")
+    if wal.exists() and wal.stat().st_size > 0:
+        return None
+    try:
+        with open(path, "rb") as f:
+            header = f.read(100)
+        size = path.stat().st_size
+    except FileNotFoundError:
+        return None
+    if len(header) < 100 or not header.startswith(b"SQLite format 3\x00"):
+        return "not an SQLite database" if size else None
+    page_size = int.from_bytes(header[16:18], "big")
+    page_size = 65536 if page_size == 1 else page_size
+    pages = int.from_bytes(header[28:32], "big")
+    if header[24:28] == header[92:96] and size < pages * page_size:
+        return f"cut short: {size:,} of {pages * page_size:,} bytes"
+    return None
+
+
 class MetadataStore:
     def __init__(self, path: str | Path, readonly: bool = False) -> None:
         self.path = Path(path)
+        if problem := cut_short(self.path):
+            raise damage(self.path, problem)
         uri = f"file:{self.path}?mode=ro" if readonly else f"file:{self.path}"
         self._db = sqlite3.connect(uri, uri=True, check_same_thread=False, timeout=60, isolation_level=None)
         self._db.row_factory = sqlite3.Row
         self._lock = threading.Lock()  # one connection shared by server threads
         if not readonly:
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")
-            self.migrate()
+            try:
+                self._db.execute("PRAGMA journal_mode=WAL")
+                self._db.execute("PRAGMA synchronous=NORMAL")
+                self.migrate()
+            except sqlite3.DatabaseError as exc:
+                self._db.close()
+                raise damage(self.path, exc) or exc from None
+
+    def problem(self) -> str | None:
+        """What SQLite's own consistency check finds wrong with the file (reads every page), or None."""
+        try:
+            rows = self._query("PRAGMA quick_check")
+        except IndexDirectoryError as exc:
+            return str(exc)
+        found = [r[0] for r in rows if r[0] != "ok"]
+        return f"{self.path}: damaged ({'; '.join(found[:3])})" if found else None
 
     def close(self) -> None:
         self._db.close()
@@ -104,17 +164,22 @@ class MetadataStore:
                 store._lock.acquire()
                 store._db.execute("BEGIN IMMEDIATE")
 
-            def __exit__(self, exc_type, *_):
+            def __exit__(self, exc_type, exc, _):
                 try:
                     store._db.execute("ROLLBACK" if exc_type else "COMMIT")
                 finally:
                     store._lock.release()
+                if isinstance(exc, sqlite3.DatabaseError) and (user_error := damage(store.path, exc)):
+                    raise user_error from None
 
         return _Tx()
 
     def _query(self, sql: str, params: Sequence = ()) -> list[sqlite3.Row]:
         with self._lock:
-            return self._db.execute(sql, params).fetchall()
+            try:
+                return self._db.execute(sql, params).fetchall()
+            except sqlite3.DatabaseError as exc:
+                raise damage(self.path, exc) or exc from None
 
     # --- writing -----------------------------------------------------------------------------
     def chunk_ingested(self, name: str) -> bool:
@@ -131,22 +196,26 @@ class MetadataStore:
             for r in records:
                 self._db.execute(
                     """INSERT INTO items (side, key, sha256, size, mtime_ns, width, height, text, label, extra,
-                                          shard, row, indexed_at)
-                       VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)
+                                          shard, row, indexed_at, chunk)
+                       VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)
                        ON CONFLICT (side, key) DO UPDATE SET
                          sha256=excluded.sha256, size=excluded.size, mtime_ns=excluded.mtime_ns,
                          width=excluded.width, height=excluded.height, text=excluded.text, label=excluded.label,
-                         extra=excluded.extra, shard=excluded.shard, row=excluded.row, indexed_at=excluded.indexed_at""",
+                         extra=excluded.extra, shard=excluded.shard, row=excluded.row, indexed_at=excluded.indexed_at,
+                         chunk=excluded.chunk""",
                     (side, r.key, r.sha256, r.size, r.mtime_ns, r.width, r.height, r.text, r.label,
-                     json.dumps(r.extra) if r.extra else None, r.shard or name, r.row, now),
+                     json.dumps(r.extra) if r.extra else None, r.shard or name, r.row, now, name),
                 )
                 count += 1
             self._db.execute("INSERT INTO chunks VALUES (?,?,?)", (name, side, now))
         return count
 
-    def delete_keys(self, side: str, keys: Iterable[str]) -> int:
+    def delete_keys(self, side: str, keys: Iterable[str], removal: str | None = None) -> int:
+        """Delete these items; `removal`: the name of the records file that keeps this removal."""
         keys = list(keys)
         with self._transaction():
+            if removal is not None:
+                self._db.execute("INSERT OR IGNORE INTO removals VALUES (?)", (removal,))
             for start in range(0, len(keys), 500):
                 part = keys[start : start + 500]
                 self._db.execute(
@@ -162,7 +231,38 @@ class MetadataStore:
                 [(size, mtime, side, key) for key, size, mtime in stats],
             )
 
+    def records_without_chunk(self) -> dict[str, list[ItemRecord]]:
+        """side -> the records of items no kept chunk records file holds (indexed before version 2)."""
+        out: dict[str, list[ItemRecord]] = {}
+        for r in self._query("SELECT * FROM items WHERE chunk IS NULL ORDER BY id"):
+            out.setdefault(r["side"], []).append(ItemRecord(
+                key=r["key"], sha256=r["sha256"], row=r["row"], text=r["text"], label=r["label"],
+                extra=json.loads(r["extra"]) if r["extra"] else None, size=r["size"], mtime_ns=r["mtime_ns"],
+                width=r["width"], height=r["height"], shard=r["shard"]))
+        return out
+
+    def assign_chunk(self, side: str, keys: Sequence[str], chunk: str) -> None:
+        """Record that `chunk`'s records file now holds these items."""
+        with self._transaction():
+            self._db.executemany("UPDATE items SET chunk=? WHERE side=? AND key=?", [(chunk, side, k) for k in keys])
+
+    def forget_chunks(self, chunks: Iterable[str]) -> None:
+        """Mark the items of these chunks as held by no records file (theirs were lost)."""
+        with self._transaction():
+            self._db.executemany("UPDATE items SET chunk=NULL WHERE chunk=?", [(c,) for c in chunks])
+
+    def forget_removals(self, names: Iterable[str]) -> None:
+        with self._transaction():
+            self._db.executemany("DELETE FROM removals WHERE name=?", [(n,) for n in names])
+
     # --- reading -----------------------------------------------------------------------------
+    def kept_removals(self) -> set[str]:
+        return {r["name"] for r in self._query("SELECT name FROM removals")}
+
+    def live_chunks(self) -> set[str]:
+        """The chunks whose records file still writes at least one current row."""
+        return {r["chunk"] for r in self._query("SELECT DISTINCT chunk FROM items WHERE chunk IS NOT NULL")}
+
     def stats(self, side: str) -> dict[str, sqlite3.Row]:
         """key -> row (size, mtime_ns, sha256, text, label, extra, shard, row, ...) of every item of a side."""
         return {r["key"]: r for r in self._query("SELECT * FROM items WHERE side=?", (side,))}

@@ -14,7 +14,6 @@ from .errors import IndexDirectoryError
 from .faiss_indexes import index_description
 from .images import ImageInput
 from .index_directory import IndexDirectory
-from .metadata_store import MetadataStore
 
 if TYPE_CHECKING:
     from .encoding import Encoder
@@ -65,7 +64,8 @@ class IndexSearcher:
         self._sides = {side: self.directory.load_side(side) for side in manifest["sides"]}
         self._stamp = self._manifest_stamp()
         self._reload = threading.Lock()
-        self._store = MetadataStore(self.directory.root / "metadata.sqlite", readonly=True)
+        self._store = self.directory.reader()
+        self._store_inode = _inode(self._store.path)
 
     @property
     def encoder(self) -> Encoder:
@@ -102,7 +102,9 @@ class IndexSearcher:
         """The FAISS sides of the newest published generation. manifest.json is the commit point of every
         (re-)index and is replaced atomically, so a changed stamp means a new generation: it is loaded at
         the next query, with no restart; a request already running keeps the snapshot it started with.
-        If a newer publish removed the files meanwhile, the old snapshot serves until the next query."""
+        If a newer publish removed the files meanwhile, the old snapshot serves until the next query.
+        A metadata store rebuilt by `otclip repair` (a new file: new ids) is opened with the sides published
+        after it, never before them."""
         stamp = self._manifest_stamp()
         if stamp is not None and stamp != self._stamp:
             with self._reload:
@@ -112,6 +114,9 @@ class IndexSearcher:
                         sides = {side: self.directory.load_side(side) for side in manifest["sides"]}
                     except IndexDirectoryError:  # every failure to read the index directory is one of these
                         return self._sides
+                    if _inode(self.directory.store_path) != self._store_inode:
+                        self._store = self.directory.reader()  # requests in flight keep the old connection
+                        self._store_inode = _inode(self._store.path)
                     self.manifest, self._sides, self._stamp = manifest, sides, stamp
         return self._sides
 
@@ -121,7 +126,8 @@ class IndexSearcher:
     def info(self) -> dict:
         current = self.current_sides()
         sides = {
-            side: {**self.manifest["sides"][side], "index_type": index_description(loaded[0])}
+            side: {**self.manifest["sides"][side], "index_type": index_description(loaded[0]),
+                   "items": self._store.count(side)}  # reads the store: a damaged one says so here
             for side, loaded in current.items()
             if loaded is not None
         }
@@ -217,3 +223,10 @@ class IndexSearcher:
 
     def close(self) -> None:
         self._store.close()
+
+
+def _inode(path: Path) -> int | None:
+    try:
+        return path.stat().st_ino
+    except FileNotFoundError:
+        return None

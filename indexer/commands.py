@@ -50,9 +50,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=None, help="compute threads (default: the available cores)")
     p.set_defaults(func=_search)
 
-    p = sub.add_parser("check", help="check that every embedding chunk the index relies on is whole (exit 1 if not)")
+    p = sub.add_parser("check", help="check every file of an index directory; name each damaged one (exit 1 if any)")
     p.add_argument("index_dir", type=Path)
     p.set_defaults(func=_check)
+
+    p = sub.add_parser("repair", help="rebuild a damaged manifest, metadata store or FAISS index from what survives")
+    p.add_argument("index_dir", type=Path)
+    p.add_argument("--factory", default=None, help="FAISS factory for rebuilt sides (default: the recorded one, else auto)")
+    p.set_defaults(func=_repair)
 
     p = sub.add_parser("info", help="describe an index directory")
     p.add_argument("index_dir", type=Path)
@@ -131,19 +136,30 @@ def _search(args: argparse.Namespace) -> int:
 
 def _check(args: argparse.Namespace) -> int:
     from otclip.engine.index_directory import IndexDirectory
+    from otclip.engine.index_repair import find_problems
 
     directory = IndexDirectory(args.index_dir)
-    damaged = directory.damaged_chunks()
-    affected = directory.store.keys_in_shards(damaged)
-    for shard, reason in damaged.items():
-        print(f"{directory.embeddings_dir / shard}.npy: {reason}")
-    if not damaged:
-        print(f"{directory.root}: every embedding chunk is whole")
+    problems = find_problems(directory)
+    for problem in problems:
+        print(problem.line())
+    if not problems:
+        print(f"{directory.root}: every file checked is whole (manifest, metadata store, records, embedding chunks, "
+              "FAISS indexes, text-tower export)")
         return 0
-    held = ", ".join(f"{len(keys)} {side}" for side, keys in affected.items())
-    print(f"{len(damaged)} damaged chunk(s) holding {held}: search still works; `otclip index SOURCE --out "
-          f"{directory.root}` (and `index-texts` for texts) embeds them again")
+    print(f"{len(problems)} problem(s); searching may still work, nothing was changed")
     return 1
+
+
+def _repair(args: argparse.Namespace) -> int:
+    from otclip.engine.index_directory import IndexDirectory
+    from otclip.engine.index_repair import find_problems, repair
+
+    directory = IndexDirectory(args.index_dir)
+    for line in repair(directory, args.factory):
+        print(line)
+    left = find_problems(directory)
+    print(f"{directory.root}: " + ("whole" if not left else f"{len(left)} problem(s) left (`otclip check` lists them)"))
+    return 0 if not left else 1
 
 
 def _info(args: argparse.Namespace) -> int:

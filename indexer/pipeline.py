@@ -225,7 +225,7 @@ class _ChunkWriter:
         vectors = np.stack(self.vectors) if self.vectors else np.zeros((0, dim), np.float32)
         self.directory.write_chunk(name, self.side, vectors, self.records)
         if not self.ranks.distributed:
-            self.directory.ingest_pending()  # committed: a crash after this loses nothing
+            self.directory.ingest_chunk(name)  # committed: a crash after this loses nothing
         self.count += 1
         self.vectors, self.records = [], []
 
@@ -309,7 +309,7 @@ def _index_images(source, directory: IndexDirectory, models: _ModelOnDemand, ran
         errors = plan.errors + failed
         present = {it.path for it in items} - {e["path"] for e in errors}
         gone = [k for k in directory.store.stats("images") if k not in present]
-        directory.store.delete_keys("images", gone)
+        directory.remove_items("images", gone)
         if gone:
             directory.prune_thumbnails()
         directory.store.update_stats("images", plan.touched)
@@ -396,7 +396,7 @@ def _index_texts(source, directory: IndexDirectory, models: _ModelOnDemand, fact
         writer.flush()
     summary.embedded = len(new)
     gone = [k for k in stored if k not in wanted]
-    directory.store.delete_keys("texts", gone)
+    directory.remove_items("texts", gone)
     summary.removed = len(gone)
     _publish(directory, "texts", factory, bool(ingested or writer.count or gone or repaired), summary, models,
              text_query_model)

@@ -64,3 +64,37 @@ def test_a_strip_upload_is_refused(client, tmp_path):
     Image.new("RGB", (1, 30000)).save(thin)
     with pytest.raises(Exception, match="strip"):
         client.predict(handle_file(str(thin)), 3, -1, api_name="/image_to_image")
+
+
+def test_an_inline_image_over_the_limit_is_refused_before_it_is_read(live_app):
+    """#13 item 2: a base64 `data:` URL in the JSON body got past the 20 MB upload limit (a 30.7 MB PNG)."""
+    import base64
+    import io
+
+    import httpx
+    from PIL import Image
+
+    from otclip.app.server import MAX_BODY
+
+    def call(data_url: str) -> httpx.Response:
+        payload = {"data": [{"url": data_url, "meta": {"_type": "gradio.FileData"}}, 3, -1]}
+        return httpx.post(f"{live_app}gradio_api/call/image_to_image", json=payload, timeout=60)
+
+    small = io.BytesIO()
+    Image.new("RGB", (64, 64), "red").save(small, format="PNG")
+    accepted = call("data:image/png;base64," + base64.b64encode(small.getvalue()).decode())
+    assert accepted.status_code == 200 and "event_id" in accepted.json()  # inline images are accepted at all
+    refused = call("data:image/png;base64," + "A" * (MAX_BODY + 1))  # 28.7 MB: a 21.5 MB file, encoded
+    assert refused.status_code == 413 and "request body over" in refused.json()["detail"]
+
+
+def test_the_pixel_limit_is_checked_on_the_header_before_decoding(client, tmp_path):
+    """Before, Gradio decoded an uploaded image in full before the app's 40 Mpixel check saw it: a PNG whose
+    header says 8000x6000 but whose data is cut short failed in the decoder. Now the header alone refuses it."""
+    from PIL import Image
+
+    huge = tmp_path / "huge-cut.png"
+    Image.new("L", (8000, 6000)).save(huge)
+    huge.write_bytes(huge.read_bytes()[:2000])
+    with pytest.raises(Exception, match="8000x6000 is too large"):
+        client.predict(handle_file(str(huge)), 3, -1, api_name="/image_to_image")

@@ -287,7 +287,11 @@ def test_a_second_writer_waits_for_the_first_and_leftovers_are_cleaned(gallery, 
 
     out = tmp_path / "ix"
     index_images(gallery, out, default_model, progress=False, workers=0, text_query_model=False)
-    for leftover in (out / ".manifest.json.tmp4242", out / ".images-7.faiss.tmp4242", out / "embeddings" / ".x.npy.tmp1"):
+    thumbnail_folder = next((out / "thumbnails").iterdir())
+    leftovers = (out / ".manifest.json.tmp4242", out / ".images-7.faiss.tmp4242", out / "embeddings" / ".x.npy.tmp1",
+                 out / "embeddings" / "records" / ".x.json.tmp1", thumbnail_folder / ".ab.jpg.tmp99",
+                 out / ".metadata.sqlite.tmp5")
+    for leftover in leftovers:
         leftover.write_bytes(b"half-written")
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sys, time\nfrom otclip.engine.index_directory import IndexDirectory\n"
@@ -302,7 +306,7 @@ def test_a_second_writer_waits_for_the_first_and_leftovers_are_cleaned(gallery, 
     assert summary.removed == 1 and summary.total == 19
     assert waited > 1.0  # it waited for the holder's 3 s instead of writing beside it
     assert f"is being written by pid {holder.pid}" in capfd.readouterr().err
-    assert not list(out.glob(".*.tmp*")) and not list((out / "embeddings").glob(".*.tmp*"))
+    assert not [leftover for leftover in leftovers if leftover.exists()]
 
 
 def test_bad_settings_fail_before_anything_is_embedded(gallery, tmp_path, default_model):
