@@ -7,8 +7,9 @@ from pathlib import Path
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("serve", help="serve the search app for an index directory")
-    p.add_argument("index_dir", type=Path)
+    p = sub.add_parser("serve", help="serve the search app (UI and HTTP JSON API) for one or more index directories")
+    p.add_argument("index_dirs", type=Path, nargs="+", metavar="INDEX_DIR",
+                   help="each a collection, picked in the app and by ?collection= in the API")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--report", type=Path, default=None, help="an `otclip eval` JSON or partial-pairs report to show")
@@ -29,8 +30,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _serve(args: argparse.Namespace) -> int:
     from .server import EXAMPLE_QUERIES, serve
 
-    print(f"otclip: serving {args.index_dir} on http://{args.host}:{args.port}  (try: {', '.join(EXAMPLE_QUERIES[:4])})")
-    serve(args.index_dir, args.host, args.port, args.report, threads=args.threads)
+    where = ", ".join(map(str, args.index_dirs))
+    print(f"otclip: serving {where} on http://{args.host}:{args.port} (API: /api/docs; try: "
+          f"{', '.join(EXAMPLE_QUERIES[:4])})")
+    serve(list(args.index_dirs), args.host, args.port, args.report, threads=args.threads)
     return 0
 
 
@@ -41,5 +44,5 @@ def _demo(args: argparse.Namespace) -> int:
         print(line)
     if args.no_serve:
         return 0
-    args.index_dir, args.report = args.out, None
+    args.index_dirs, args.report = [args.out], None
     return _serve(args)

@@ -1,7 +1,8 @@
 """Search benchmark on clustered synthetic unit vectors: build time, single-query p50/p99 latency,
 batch QPS, recall@10 against exact search, index size, for `auto` and a few factory strings; and
-our search call (IndexSearcher.search_vectors: FAISS + id mapping + SQLite metadata) against the
-raw `index.search` in the same run. Writes benchmarks/results/search_bench-N.json.
+our search call (IndexSearcher.search: FAISS + id mapping + SQLite metadata), unfiltered and filtered
+(0.1% to 50% of the items pass), against the raw `index.search` in the same run.
+Writes benchmarks/results/search_bench-N-Dd.json.
 
   python benchmarks/search_bench.py [--n 1000000] [--dim 512] [--factories auto "IVF1024,Flat" "HNSW32"]
 """
@@ -44,36 +45,64 @@ def index_bytes(index: faiss.Index) -> int:
     return int(faiss.serialize_index(index).nbytes)
 
 
-def our_search_overhead(vectors: np.ndarray, index: faiss.Index, queries: np.ndarray, k: int) -> dict:
-    """Raw index.search vs IndexSearcher.search_vectors on an index directory holding these vectors."""
+FILTERS = {  # name -> filter fields (the fraction passing is measured: the names say it for n = 1M)
+    "folder 1%": dict(under="/photos/f07"),
+    "label 1%": dict(label="l7"),
+    "date (a week) 1%": dict(after="2020-01-02T00:00", before="2020-01-09T00:00"),
+    "manifest column 1%": dict(where=["group=7"]),
+    "path glob 0.2%": dict(glob="/photos/f07/*[05]07.jpg"),
+    "folders 10%": dict(glob="/photos/f1?/*"),
+    "orientation 50%": dict(orientation="landscape"),
+}
+
+
+def filtered_search(vectors: np.ndarray, queries: np.ndarray, k: int) -> dict:
+    """Our search (IndexSearcher.search: FAISS + ids + SQLite metadata) on a real index directory holding these
+    vectors (`auto` factory), unfiltered and with filters passing 0.1% to 50% of the items, against the raw
+    `index.search` of the same FAISS index. Items: 100 folders, 100 labels, a manifest column, one date per
+    minute from 2020-01-01 (a week is 1% at 1M), landscape or portrait alternately."""
+    import datetime
+
+    from otclip.engine.filters import filters_from_strings
     from otclip.engine.index_directory import IndexDirectory
     from otclip.engine.metadata_store import ItemRecord
-    from otclip.engine.model_loading import ModelIdentity
+    from otclip.engine.model_identity import ModelIdentity
     from otclip.engine.search import IndexSearcher
 
-    root = Path(tempfile.mkdtemp(prefix="otclip-bench-"))
+    root = Path(tempfile.mkdtemp(prefix="otclip-bench-")) / "ix"
     directory = IndexDirectory(root)
-    directory.open_for_model("bench", ModelIdentity("bench", "0" * 64), vectors.shape[1])
-    step = 200_000
-    for c, start in enumerate(range(0, len(vectors), step)):
-        part = vectors[start : start + step]
-        records = [ItemRecord(key=f"/images/{start + i}.jpg", sha256=f"{start + i:064x}", row=i) for i in range(len(part))]
-        directory.write_chunk(f"bench-{c:04d}", "images", part, records)
+    start_time = datetime.datetime(2020, 1, 1).timestamp()
+    t = time.perf_counter()
+    with directory.writing():
+        directory.open_for_model("bench", ModelIdentity("bench", "0" * 64), vectors.shape[1])
         directory.ingest_pending()
-    directory.publish("images", factory="Flat")
-    searcher = IndexSearcher.__new__(IndexSearcher)  # no model needed to search by vector
-    searcher.directory, searcher.manifest = directory, directory.manifest()
-    ids = directory.load_side("images")[1]
-    searcher._sides = {"images": (index, ids)}
-    from otclip.engine.metadata_store import MetadataStore
-
-    searcher._store = MetadataStore(root / "metadata.sqlite", readonly=True)
-    raw = latencies(lambda q: index.search(q, k), queries)
-    ours = latencies(lambda q: searcher.search_vectors(q, "images", k), queries)
-    ours_no_meta = latencies(lambda q: ids[index.search(q, k)[1]], queries)
-    return {"raw_p50_ms": float(np.median(raw)), "ours_p50_ms": float(np.median(ours)),
-            "ids_only_p50_ms": float(np.median(ours_no_meta)),
-            "overhead_ratio_p50": float(np.median(ours) / np.median(raw))}
+        step = 100_000
+        for c, start in enumerate(range(0, len(vectors), step)):
+            part = vectors[start : start + step]
+            records = [ItemRecord(key=f"/photos/f{(start + i) % 100:02d}/{start + i}.jpg", sha256=f"{start + i:064x}",
+                                  row=i, label=f"l{(start + i) % 100}", extra={"group": str((start + i) % 100)},
+                                  width=640 if i % 2 else 480, height=480 if i % 2 else 640,
+                                  exif_time=start_time + 60.0 * (start + i * 7 % step)) for i in range(len(part))]
+            directory.write_chunk(f"bench-{c:04d}", "images", part, records)
+            directory.ingest_chunk(f"bench-{c:04d}")
+        directory.ingest_pending()
+        directory.store.index_columns(["group"])  # as `otclip index` does for a manifest's columns
+        side = directory.publish("images", factory="auto")
+    build_s = time.perf_counter() - t
+    searcher = IndexSearcher(root)  # searching by vector needs no model
+    index, ids = directory.load_side("images", use_gpu=False)
+    rows = {"raw index.search": latencies(lambda q: index.search(q, k), queries),
+            "ours, unfiltered": latencies(lambda q: searcher.search(q[0], k=k), queries)}
+    passing = {}
+    for name, fields in FILTERS.items():
+        filters = filters_from_strings(**fields)
+        passing[name] = searcher.count(filters) / len(vectors)
+        rows[name] = latencies(lambda q, filters=filters: searcher.search(q[0], k=k, filters=filters), queries)
+    base = float(np.median(rows["ours, unfiltered"]))
+    return {"factory": side["factory"], "build_s": build_s,
+            "rows": {name: {"p50_ms": float(np.median(v)), "p99_ms": float(np.percentile(v, 99)),
+                            "over_unfiltered_p50": float(np.median(v)) / base, "passing": passing.get(name, 1.0)}
+                     for name, v in rows.items()}}
 
 
 def end_to_end(n_images: int) -> dict:
@@ -148,23 +177,25 @@ def main() -> None:
         rows.append({"factory": factory, "resolved": used, "build_s": build_s, "p50_ms": float(np.median(lat)),
                      "p99_ms": float(np.percentile(lat, 99)), "batch_qps": qps, "recall@10": recall,
                      "index_mb": index_bytes(index) / 1e6})
-    overhead = our_search_overhead(vectors, exact, queries[:100], args.k)
+    filtered = filtered_search(vectors, queries[:100], args.k)
     print(f"n={args.n} dim={args.dim} (auto -> {auto_factory(args.n, args.dim)}), GPUs seen by FAISS: {gpu_count()}")
     print(f"{'factory':<16}{'build s':>9}{'p50 ms':>9}{'p99 ms':>9}{'QPS':>9}{'R@10':>7}{'MB':>9}")
     for r in rows:
         print(f"{r['factory']:<16}{r['build_s']:>9.1f}{r['p50_ms']:>9.2f}{r['p99_ms']:>9.2f}{r['batch_qps']:>9.0f}"
               f"{r['recall@10']:>7.3f}{r['index_mb']:>9.1f}")
-    print(f"exact search, raw index.search p50 {overhead['raw_p50_ms']:.2f} ms, ours (ids + SQLite metadata) "
-          f"{overhead['ours_p50_ms']:.2f} ms: ratio {overhead['overhead_ratio_p50']:.3f}")
+    print(f"\nour search on an index directory ({filtered['factory']}, built in {filtered['build_s']:.0f} s), k={args.k}:")
+    print(f"{'':<22}{'passing':>9}{'p50 ms':>9}{'p99 ms':>9}{'x unfiltered':>14}")
+    for name, r in filtered["rows"].items():
+        print(f"{name:<22}{r['passing']:>9.2%}{r['p50_ms']:>9.2f}{r['p99_ms']:>9.2f}{r['over_unfiltered_p50']:>14.2f}")
     e2e = end_to_end(args.e2e_images) if args.e2e_images else None
     if e2e:
         print(f"indexing {e2e['images']} JPEGs: {e2e['index_images_per_s']:.1f} img/s (encoding alone "
               f"{e2e['encode_only_images_per_s']:.1f} img/s, ratio {e2e['index_over_encode']:.2f}); text query "
               f"p50 {e2e['text_query_p50_ms']:.1f} ms (encoding the text alone {e2e['text_encode_p50_ms']:.1f} ms), "
               f"p99 {e2e['text_query_p99_ms']:.1f} ms")
-    out = Path(__file__).parent / "results" / f"search_bench-{args.n}.json"
+    out = Path(__file__).parent / "results" / f"search_bench-{args.n}-{args.dim}d.json"
     out.write_text(json.dumps({"n": args.n, "dim": args.dim, "gpus": gpu_count(), "factories": rows,
-                               "our_search_vs_raw": overhead, "end_to_end": e2e}, indent=2))
+                               "filtered_search": filtered, "end_to_end": e2e}, indent=2))
     print(f"wrote {out}")
 
 

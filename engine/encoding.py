@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from .devices import autocast_for
-from .images import ImageDecodeError, ImageInput, load_image, thumbnail_jpeg
+from .images import ImageDecodeError, ImageInput, load_image, taken_time, thumbnail_jpeg
 from .model_loading import LoadedModel
 
 
@@ -33,6 +33,7 @@ class ImageBatch:
     failures: list[tuple[int, str]] = field(default_factory=list)
     sizes: list[tuple[int, int]] = field(default_factory=list)
     thumbnails: list[bytes] = field(default_factory=list)  # JPEG display copies, when asked for
+    taken: list[float | None] = field(default_factory=list)  # EXIF DateTimeOriginal (images.taken_time)
 
 
 class _DecodeDataset(Dataset):
@@ -50,7 +51,7 @@ class _DecodeDataset(Dataset):
             image = load_image(self.items[i], draft=self.draft)
             # the display copy comes from the same decode (a draft-decoded JPEG is still >= the model's side)
             shown = thumbnail_jpeg(image) if self.thumbnails else b""
-            return i, (self.preprocess(image), image.size, shown), None
+            return i, (self.preprocess(image), image.size, shown, taken_time(image)), None
         except ImageDecodeError as exc:
             return i, None, exc.reason
         except Exception as exc:  # a preprocessing failure must not kill the worker and the whole run
@@ -61,7 +62,7 @@ def _collate(samples: list[tuple[int, Any, str | None]]):
     ok = [(i, decoded) for i, decoded, err in samples if err is None]
     failures = [(i, err) for i, _, err in samples if err is not None]
     tensors = torch.stack([d[0] for _, d in ok]) if ok else None
-    return [i for i, _ in ok], tensors, failures, [d[1] for _, d in ok], [d[2] for _, d in ok]
+    return [i for i, _ in ok], tensors, failures, [d[1] for _, d in ok], [d[2] for _, d in ok], [d[3] for _, d in ok]
 
 
 class _DevicePreprocess:
@@ -165,14 +166,14 @@ class Encoder:
         )
         show = progress if progress is not None else len(images) > 4 * bs
         with tqdm(total=len(images), desc="encode images", unit="img", disable=not show) as bar:
-            for indices, tensors, failures, sizes, shown in loader:
+            for indices, tensors, failures, sizes, shown, taken in loader:
                 if tensors is not None:
                     embeddings = self._embed(encode or self.loaded.model.encode_image, tensors, normalize,
                                              prepare=self._preprocess.on_device)
                 else:
                     embeddings = np.zeros((0, self.loaded.embed_dim), np.float32)
                 bar.update(len(indices) + len(failures))
-                yield ImageBatch(indices, embeddings, failures, sizes, shown if thumbnails else [])
+                yield ImageBatch(indices, embeddings, failures, sizes, shown if thumbnails else [], taken)
 
     def encode_images(self, images: Sequence[ImageInput], **kwargs) -> np.ndarray:
         """(n, d) float32 L2-normalised image embeddings; raises ImageDecodeError on the first bad input."""

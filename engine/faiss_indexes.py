@@ -117,3 +117,31 @@ def load_index(path: str | Path, use_gpu: bool = True) -> faiss.Index:
 
 def index_description(index: faiss.Index) -> str:
     return type(_to_cpu(index)).__name__
+
+
+
+def best_among(index: faiss.Index, query: np.ndarray, positions: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """(scores, positions) of the best k of `positions`, scored exactly, from the index's own exact copies:
+    an IVF-Flat index scans every list with a bitmap of the positions (a distance only for those), a Flat
+    or HNSW-Flat one hands back their vectors. None when the index keeps only codes (PQ, scalar quantisers)
+    or lives on a GPU: filtered search then reads the embedding chunks."""
+    index = faiss.downcast_index(index)
+    query = np.ascontiguousarray(query, dtype=np.float32).reshape(1, -1)
+    positions = np.ascontiguousarray(positions, dtype=np.int64)
+    k = min(k, len(positions))
+    if k == 0:
+        return np.zeros(0, np.float32), np.zeros(0, np.int64)
+    if isinstance(index, faiss.IndexIVFFlat):
+        mask = np.zeros(index.ntotal, bool)
+        mask[positions] = True
+        bits = np.packbits(mask, bitorder="little")  # IDSelectorBitmap: bit (i & 7) of byte i >> 3
+        selector = faiss.IDSelectorBitmap(index.ntotal, faiss.swig_ptr(bits))
+        params = faiss.SearchParametersIVF(sel=selector, nprobe=index.nlist)
+        scores, found = index.search(query, k, params=params)
+        keep = found[0] >= 0
+        return scores[0][keep], found[0][keep]
+    if isinstance(index, (faiss.IndexFlat, faiss.IndexHNSWFlat)):
+        scores = index.reconstruct_batch(positions) @ query[0]
+        best = np.lexsort((positions, -scores))[:k]
+        return scores[best], positions[best]
+    return None

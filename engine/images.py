@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import datetime
+import functools
 import io
 import warnings
 from pathlib import Path
@@ -13,7 +15,8 @@ MAX_ASPECT = 50  # longer side / shorter side: beyond it an image is a strip who
 # input (shorter side -> 224) would be gigapixels (a 1 x 30000 PNG of 204 bytes took 7.6 GB)
 THUMBNAIL_SIDE = 384  # pixels, the longer side of a result tile (the app's preview enlarges it)
 ImageInput = str | Path | bytes | Image.Image  # what every image-taking call accepts
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff",
+                              ".heic", ".heif", ".avif"})  # HEIC/HEIF: pillow-heif; AVIF: Pillow's own (libavif)
 
 
 class ImageDecodeError(ValueError):
@@ -56,6 +59,15 @@ def _check_size(size: tuple[int, int], label: str, max_pixels: int | None) -> No
         raise ImageDecodeError(label, f"{w}x{h} is too large (limit {max_pixels:,} pixels)")
 
 
+@functools.cache
+def _open_heif() -> None:
+    """Teach PIL to open HEIC/HEIF (phones' photos), once, on the first decode: not at import, which the
+    torch-free text query path would pay for."""
+    from pillow_heif import register_heif_opener
+
+    register_heif_opener()
+
+
 def load_image(source: str | Path | bytes | Image.Image, name: str | None = None, draft: int | None = None,
                max_pixels: int | None = None) -> Image.Image:
     """Decode `source` into an RGB image with EXIF orientation applied (first frame if animated).
@@ -69,6 +81,7 @@ def load_image(source: str | Path | bytes | Image.Image, name: str | None = None
     the header before any pixel is decoded, strips beyond MAX_ASPECT:1 and images over `max_pixels`.
     """
     label = name or (str(source) if isinstance(source, (str, Path)) else "image")
+    _open_heif()
     if isinstance(source, Image.Image):
         img = source
         _check_size(img.size, label, max_pixels)
@@ -102,6 +115,19 @@ def load_image(source: str | Path | bytes | Image.Image, name: str | None = None
     except Exception:  # a broken EXIF block should not lose the image itself
         pass
     return _to_rgb(img)
+
+
+def taken_time(image: Image.Image) -> float | None:
+    """When the photo was taken: EXIF DateTimeOriginal (else DateTime) as local time, in Unix seconds; None
+    when the image has no such tag or a malformed one."""
+    try:
+        exif = image.getexif()
+        stamp = exif.get_ifd(0x8769).get(0x9003) or exif.get(0x0132)  # ExifIFD DateTimeOriginal, IFD0 DateTime
+        if not stamp:
+            return None
+        return datetime.datetime.strptime(str(stamp).strip("\x00 ")[:19], "%Y:%m:%d %H:%M:%S").timestamp()
+    except (ValueError, TypeError, OSError, AttributeError, KeyError, SyntaxError):
+        return None
 
 
 def thumbnail_jpeg(image: Image.Image, max_side: int = THUMBNAIL_SIDE) -> bytes:

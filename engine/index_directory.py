@@ -345,13 +345,18 @@ class IndexDirectory:
         dim = self.manifest()["dim"]
         if not entries:
             return np.zeros(0, np.int64), np.zeros((0, dim), np.float32)
-        cache: dict[str, np.ndarray] = {}
-        vectors = np.empty((len(entries), dim), np.float32)
-        for i, (_, shard, row) in enumerate(entries):
-            if shard not in cache:
-                cache[shard] = np.load(self.embeddings_dir / f"{shard}.npy", mmap_mode="r")
-            vectors[i] = cache[shard][row]
-        return np.array([e[0] for e in entries], np.int64), vectors
+        return np.array([e[0] for e in entries], np.int64), self.vectors_at([(shard, row) for _, shard, row in entries])
+
+    def vectors_at(self, locations: list[tuple[str, int]]) -> np.ndarray:
+        """(n, d) stored embeddings at these (chunk, row) locations, read from the memory-mapped chunks."""
+        vectors = np.empty((len(locations), self.manifest()["dim"]), np.float32)
+        by_chunk: dict[str, list[int]] = {}
+        for i, (shard, _) in enumerate(locations):
+            by_chunk.setdefault(shard, []).append(i)
+        for shard, positions in by_chunk.items():
+            chunk = np.load(self.embeddings_dir / f"{shard}.npy", mmap_mode="r")
+            vectors[positions] = chunk[[locations[i][1] for i in positions]]
+        return vectors
 
     # --- FAISS sides -------------------------------------------------------------------------
     def publish(self, side: str, factory: str = "auto") -> dict:

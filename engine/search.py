@@ -11,9 +11,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .errors import IndexDirectoryError
-from .faiss_indexes import index_description
+from .faiss_indexes import best_among, index_description
+from .filters import Filters
 from .images import ImageInput
 from .index_directory import IndexDirectory
+from .query_language import Term, combine, parse_query
 
 if TYPE_CHECKING:
     from .encoding import Encoder
@@ -34,8 +36,38 @@ class SearchResult:
     duplicates: list[str] = field(default_factory=list)
     extra: dict = field(default_factory=dict)
 
+    taken: float | None = None  # images: EXIF DateTimeOriginal, else the file's mtime (Unix seconds)
+
     def to_dict(self) -> dict:
         return {k: v for k, v in self.__dict__.items() if v is not None and v != [] and v != {}}
+
+
+@dataclass
+class SearchPage:
+    """One page of results; `more`: whether the next page (offset + k) holds any."""
+
+    results: list[SearchResult]
+    offset: int
+    more: bool
+
+    def to_dict(self) -> dict:
+        return {"results": [r.to_dict() for r in self.results], "offset": self.offset,
+                "next_offset": self.offset + len(self.results) if self.more else None}
+
+
+ORDERS = ("score", "date")
+
+
+def brute_force_limit(n: int) -> int:
+    """Scoring p passing items costs ~p (an id from an SQLite index and a vector each); FAISS's best then
+    filtered costs ~ the k n / p candidates it takes to find k that pass, each checked in SQLite: below 5%
+    of the index (at least 2000 items, at most BRUTE_FORCE_MAX) scoring each is the cheaper (measured on
+    2 cores, benchmarks/search_bench.py), and it is exact."""
+    return min(BRUTE_FORCE_MAX, max(2_000, n // 20))
+BRUTE_FORCE_MAX = 100_000  # a filter passing at most brute_force_limit(n) items scores all of them exactly
+DATE_CANDIDATES = 1_000  # order="date": how many of the best-scoring items are sorted by date
+COLLAPSE_FETCH = 4  # near-duplicate collapse: candidates fetched per result wanted
+FIRST_ROUND = 4  # a filtered search first checks this many of FAISS's best per result wanted
 
 
 class IndexSearcher:
@@ -44,16 +76,22 @@ class IndexSearcher:
     the index's exported text tower (`text_query_model`) never load it, nor import torch."""
 
     def __init__(self, index_dir: str | Path, model: LoadedModel | None = None, device: str | None = None,
-                 exported_text: bool = False, threads: int | None = None, few_queries: bool = False) -> None:
-        """`few_queries`: this process answers a query or two and exits (the CLI): start fast over run fast."""
+                 exported_text: bool = False, threads: int | None = None, few_queries: bool = False,
+                 shared_from: IndexSearcher | None = None) -> None:
+        """`few_queries`: this process answers a query or two and exits (the CLI): start fast over run fast.
+        `shared_from`: a searcher of another index built with the same model, whose loaded model (and exported
+        text tower) this one uses: a server of several collections loads each distinct model once."""
         self.directory = IndexDirectory(index_dir)
         manifest = self.directory.manifest()
+        if shared_from is not None:
+            shared_from.load_model()
+            model = shared_from.model
         if model is not None:
             self.directory.check_model(model.identity)
         self._model, self._device, self._threads = model, device, threads
-        self._encoder: Encoder | None = None
+        self._encoder: Encoder | None = shared_from._encoder if shared_from is not None else None
         self._loading = threading.Lock()
-        self._text_model = None
+        self._text_model = shared_from._text_model if shared_from is not None else None
         if exported_text and model is None:
             files = self.directory.text_query_model_files()
             if files is not None:
@@ -140,18 +178,128 @@ class IndexSearcher:
             "size_bytes": self.directory.size_on_disk(),
         }
 
+    # --- pages: filters, order, near-duplicates ---------------------------------------------------
+    def search(self, query: str | Sequence[Term] | np.ndarray, target: str = "images", k: int = 10, offset: int = 0,
+               min_score: float | None = None, filters: Filters | None = None, order: str = "score",
+               collapse: float | None = None) -> SearchPage:
+        """One page of the best `target` items for `query`: a query string (`query_language`: texts and images,
+        weights, exclusions), its parsed terms, or a (d,) vector.
+
+        `filters`: only items that pass are ranked, and the page holds the true top among them: FAISS's best
+        are checked (as exact as the index); when too few of them pass and at most `brute_force_limit(n)`
+        items pass in all, each of those is scored exactly; a wider filter fetches more of FAISS's best.
+        `order="date"`: the DATE_CANDIDATES best (above `min_score`) sorted newest first.
+        `collapse`: a result whose cosine to a better one is at least this is left out (near-duplicates; exact
+        duplicates are always one result)."""
+        if k < 1 or offset < 0:
+            raise ValueError(f"k={k}, offset={offset}: k must be at least 1 and offset at least 0")
+        if order not in ORDERS:
+            raise ValueError(f"order {order!r}: expected one of {', '.join(ORDERS)}")
+        if collapse is not None and not 0 < collapse <= 1:
+            raise ValueError(f"collapse {collapse}: a cosine threshold in (0, 1]")
+        vector = query if isinstance(query, np.ndarray) else self.query_vector(query)
+        want = offset + k + 1  # one more than the page: whether a next page exists
+        fetch = max(want, DATE_CANDIDATES) if order == "date" else want
+        ranked = self._ranked(vector, target, fetch * (COLLAPSE_FETCH if collapse else 1), filters, min_score)
+        if collapse:
+            ranked = self._collapse(ranked, collapse)[:fetch]
+        meta = self._store.items([i for _, i in ranked])
+        ranked = [(score, i) for score, i in ranked if i in meta]  # rows removed since this snapshot
+        if order == "date":
+            ranked.sort(key=lambda found: -(meta[found[1]]["taken"] or float("-inf")))
+        page = ranked[offset : offset + k]
+        results = [self._result(offset + j + 1, score, meta[i], target) for j, (score, i) in enumerate(page)]
+        return SearchPage(results, offset, len(ranked) > offset + k)
+
+    def query_vector(self, query: str | Sequence[Term]) -> np.ndarray:
+        """The (d,) vector of a query string or its terms (the normalised weighted sum, `query_language`)."""
+        terms = parse_query(query) if isinstance(query, str) else list(query)
+        return combine(terms, self.encode_texts, self.encode_images)
+
+    def _ranked(self, vector: np.ndarray, side: str, want: int, filters: Filters | None,
+                min_score: float | None) -> list[tuple[float, int]]:
+        """(score, item id) of the best `want` contents, best first; with filters, the item shown is the first
+        one holding the content that passes. Filtered: FAISS's best are checked against the filter, 4x more
+        each round; when a round finds too few that pass and at most brute_force_limit(n) items pass in all,
+        every one of them is scored instead (exactly)."""
+        index, ids = self._side(side)
+        query = np.ascontiguousarray(np.asarray(vector, np.float32).reshape(1, -1))
+        if filters is None or filters.is_empty():
+            found = self._faiss(index, ids, query, want)
+        else:
+            fetch, narrow = want * FIRST_ROUND, None
+            while True:
+                candidates = self._faiss(index, ids, query, fetch)
+                shown = self._store.passing_among(side, [i for _, i in candidates], filters)
+                found = [(score, shown[i]) for score, i in candidates if i in shown]
+                if len(found) >= want or fetch >= index.ntotal:
+                    break
+                if narrow is None:
+                    narrow = self._store.passing_ids(side, filters, brute_force_limit(index.ntotal))
+                    if narrow is not None:
+                        found = self._scored(index, ids, narrow, query[0], want)
+                        break
+                fetch *= 4
+        return [(score, i) for score, i in found if min_score is None or score >= min_score][:want]
+
+    def _scored(self, index, ids: np.ndarray, passing: np.ndarray, query: np.ndarray,
+                want: int) -> list[tuple[float, int]]:
+        """Score every content an item of `passing` holds, exactly: (score, the first passing item holding it) of
+        the best `want`. Scores come from the index itself when it keeps its vectors exactly, else from the
+        embedding chunks."""
+        passing = np.sort(passing)
+        at = np.minimum(np.searchsorted(ids, passing), max(len(ids) - 1, 0))
+        direct = ids[at] == passing if len(ids) else np.zeros(len(passing), bool)
+        shown = dict(zip(at[direct].tolist(), passing[direct].tolist()))  # FAISS position -> item shown
+        others = passing[~direct].tolist()  # items whose content another (lower) id stands for in FAISS
+        for item, representative in self._store.representatives(others).items():
+            position = int(np.searchsorted(ids, representative))
+            if position < len(ids) and ids[position] == representative:
+                shown[position] = min(shown.get(position, item), item)
+        positions = np.fromiter(shown, np.int64, len(shown))
+        best = best_among(index, query, positions, want)
+        if best is None:  # the index keeps codes only: the stored embeddings
+            where = self._store.locations([shown[p] for p in positions.tolist()])
+            scores = self.directory.vectors_at([where[shown[p]] for p in positions.tolist()]) @ query
+            order = np.lexsort((positions, -scores))[:want]
+            best = scores[order], positions[order]
+        return [(float(score), shown[int(position)]) for score, position in zip(*best)]
+
+    @staticmethod
+    def _faiss(index, ids: np.ndarray, query: np.ndarray, want: int) -> list[tuple[float, int]]:
+        scores, positions = index.search(query, min(want, max(1, index.ntotal)))
+        return [(float(s), int(ids[p])) for s, p in zip(scores[0], positions[0]) if p >= 0]
+
+    def _collapse(self, ranked: list[tuple[float, int]], threshold: float) -> list[tuple[float, int]]:
+        """Greedy: keep a result unless its cosine to a result kept before it reaches `threshold`."""
+        where = self._store.locations([i for _, i in ranked])
+        ranked = [(score, i) for score, i in ranked if i in where]
+        vectors = self.directory.vectors_at([where[i] for _, i in ranked])
+        kept: list[int] = []
+        for j in range(len(ranked)):
+            if not kept or float(np.max(vectors[kept] @ vectors[j])) < threshold:
+                kept.append(j)
+        return [ranked[j] for j in kept]
+
+    def count(self, filters: Filters | None = None, side: str = "images") -> int:
+        """How many items of `side` pass the filters."""
+        return self._store.count_passing(side, filters or Filters(), 2**62)
+
+    def _side(self, side: str):
+        loaded = self.current_sides().get(side)
+        if loaded is None:
+            hint = "otclip index-texts TEXTS --out DIR" if side == "texts" else "otclip index IMAGES --out DIR"
+            raise IndexDirectoryError(f"{self.directory.root}: has no {side} side; build it with `{hint}`")
+        return loaded
+
     # --- vectors -----------------------------------------------------------------------------
     def search_vectors(
         self, queries: np.ndarray, side: str = "images", k: int = 10, min_score: float | None = None
     ) -> list[list[SearchResult]]:
         """Nearest items of `side` for each (d,) query vector (rows of `queries`)."""
-        loaded = self.current_sides().get(side)
-        if loaded is None:
-            hint = "otclip index-texts TEXTS --out DIR" if side == "texts" else "otclip index IMAGES --out DIR"
-            raise IndexDirectoryError(f"{self.directory.root}: has no {side} side; build it with `{hint}`")
+        index, ids = self._side(side)
         if k < 1:
             raise ValueError(f"k={k}: must be at least 1")
-        index, ids = loaded
         queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
         scores, positions = index.search(queries, min(k, max(1, index.ntotal)))
         found = [[(float(s), int(ids[p])) for s, p in zip(row_s, row_p) if p >= 0 and (min_score is None or s >= min_score)]
@@ -166,7 +314,7 @@ class IndexSearcher:
             rank=rank, score=score, id=item["id"],
             path=item["key"] if side == "images" else None, sha256=item["sha256"] if side == "images" else None,
             text=item["text"], label=item["label"], width=item["width"], height=item["height"],
-            duplicates=item["duplicates"], extra=item["extra"],
+            duplicates=item["duplicates"], extra=item["extra"], taken=item["taken"] if side == "images" else None,
         )
 
     # --- queries -----------------------------------------------------------------------------
@@ -211,6 +359,10 @@ class IndexSearcher:
             return None
         path = self.directory.thumbnail_path(result.sha256)
         return path if path.exists() else None
+
+    def item(self, item_id: int) -> dict | None:
+        """An item's metadata (path or text, sha256, size, width, height, label, extra, taken, duplicates)."""
+        return self._store.items([item_id]).get(item_id)
 
     def indexed_image(self, item_id: int) -> str | None:
         """The path of the indexed image with this id, or None when no indexed image has it."""

@@ -28,8 +28,13 @@ class TextItem:
     extra: dict = field(default_factory=dict)
 
 
+def _is_index_directory(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, "manifest.json")) and os.path.isdir(os.path.join(path, "embeddings"))
+
+
 def walk_images(folder: Path) -> list[CollectionItem]:
-    """Image files below `folder`, recursively, following symlinked folders once (loops are cut)."""
+    """Image files below `folder`, recursively, following symlinked folders once (loops are cut). An otclip
+    index directory inside it (`--out PHOTOS/.otclip`) is skipped: its thumbnails are not photos."""
     seen_dirs: set[tuple[int, int]] = set()
     found: list[str] = []
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
@@ -38,7 +43,7 @@ def walk_images(folder: Path) -> list[CollectionItem]:
             dirnames[:] = []
             continue
         seen_dirs.add((st.st_dev, st.st_ino))
-        dirnames.sort()
+        dirnames[:] = sorted(d for d in dirnames if not _is_index_directory(os.path.join(dirpath, d)))
         found.extend(os.path.join(dirpath, name) for name in filenames if is_image_path(name))
     return [CollectionItem(os.path.abspath(p)) for p in sorted(found)]
 

@@ -24,6 +24,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     _speed_flags(p)
     p.set_defaults(func=_index)
 
+    p = sub.add_parser("watch", help="index a folder, then again whenever its photos change (until Ctrl-C)")
+    p.add_argument("images", type=Path, help="folder of images")
+    p.add_argument("--out", type=Path, required=True, help="index directory")
+    p.add_argument("--model", default=DEFAULT_MODEL_NAME, help="model spec (default: %(default)s)")
+    p.add_argument("--factory", default="auto")
+    p.add_argument("--settle", type=float, default=2.0, help="seconds without changes before re-indexing")
+    p.add_argument("--no-thumbnails", action="store_true")
+    _speed_flags(p)
+    p.set_defaults(func=_watch)
+
     p = sub.add_parser("index-texts", help="index a text corpus as the text side (for image -> text search)")
     p.add_argument("texts", type=Path, help=".txt (one per line) or .csv/.jsonl/.parquet with a text column")
     p.add_argument("--out", type=Path, required=True, help="index directory")
@@ -38,15 +48,35 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--factory", required=True)
     p.set_defaults(func=_reindex)
 
-    p = sub.add_parser("search", help="search an index by text or by image")
+    p = sub.add_parser("search", help="search an index by texts and images, with filters and pages")
     p.add_argument("index_dir", type=Path)
-    p.add_argument("query", nargs="?", help="text query")
-    p.add_argument("--image", type=Path, help="query by this image instead of text")
+    p.add_argument("query", nargs="?", help='texts and images with weights and exclusions: "a beach" + ./ref.jpg - '
+                   "people, 2:cat + dog (see README)")
+    p.add_argument("--image", type=Path, help="add this image to the query (or query by it alone)")
     p.add_argument("--target", choices=["images", "texts"], default="images", help="what to return")
     p.add_argument("-k", type=int, default=10)
+    p.add_argument("--offset", type=int, default=0, help="skip the first N results (the next page)")
     p.add_argument("--min-score", type=float, default=None)
+    p.add_argument("--order", choices=["score", "date"], default="score",
+                   help="date: the best 1000 (above --min-score) sorted newest first")
+    p.add_argument("--collapse", type=float, default=None, metavar="COSINE",
+                   help="leave out results at least this similar to a better one (near-duplicates), e.g. 0.95")
+    filters = p.add_argument_group("filters (all must hold)")
+    filters.add_argument("--under", metavar="FOLDER", help="images below this folder")
+    filters.add_argument("--glob", help="a shell pattern over the whole path, e.g. '*/2024/*.jpg'")
+    filters.add_argument("--label")
+    filters.add_argument("--where", action="append", default=[], metavar="COLUMN=VALUE|COLUMN=LO..HI",
+                         help="a manifest column (or width, height, size, caption) equal to VALUE or in a range; repeatable")
+    filters.add_argument("--after", metavar="DATE", help="taken on or after (EXIF DateTimeOriginal, else mtime), e.g. 2024-06-01")
+    filters.add_argument("--before", metavar="DATE", help="taken before")
+    filters.add_argument("--orientation", choices=["landscape", "portrait", "square"])
+    filters.add_argument("--min-width", type=int)
+    filters.add_argument("--min-height", type=int)
     p.add_argument("--model", default=None, help="model spec (default: the one the index was built with)")
     p.add_argument("--json", action="store_true", help="print results as JSON")
+    p.add_argument("--csv", action="store_true", help="print results as CSV")
+    p.add_argument("--export", type=Path, metavar="FOLDER", help="link the result images into FOLDER (with results.csv)")
+    p.add_argument("--copy", action="store_true", help="with --export: copy the images instead of linking them")
     p.add_argument("--threads", type=int, default=None, help="compute threads (default: the available cores)")
     p.set_defaults(func=_search)
 
@@ -85,6 +115,17 @@ def _index(args: argparse.Namespace) -> int:
     return 0
 
 
+def _watch(args: argparse.Namespace) -> int:
+    from otclip.engine.threads import apply_thread_budget, thread_budget
+
+    from .watch import watch
+
+    apply_thread_budget(thread_budget(args.threads))
+    watch(args.images, args.out, args.model, settle=args.settle, factory=args.factory,
+          progress=not args.no_progress, text_query_model=not args.no_text_export, thumbnails=not args.no_thumbnails)
+    return 0
+
+
 def _index_texts(args: argparse.Namespace) -> int:
     from otclip.engine.threads import apply_thread_budget, thread_budget
 
@@ -106,31 +147,45 @@ def _reindex(args: argparse.Namespace) -> int:
 
 
 def _search(args: argparse.Namespace) -> int:
+    from otclip.engine.filters import filters_from_strings
+    from otclip.engine.query_language import Term, parse_query
+    from otclip.engine.result_export import export_images, results_csv, results_json
     from otclip.engine.search import IndexSearcher
 
-    if (args.query is None) == (args.image is None):
-        raise ValueError("give either a text query or --image PATH")
+    terms = parse_query(args.query) if args.query is not None else []
+    if args.image is not None:
+        terms.append(Term("image", str(args.image)))
+    if not terms:
+        raise ValueError('give a query (e.g. "a beach" + ./ref.jpg - people) or --image PATH')
+    filters = filters_from_strings(args.under, args.glob, args.label, args.where, args.after, args.before,
+                                   args.orientation, args.min_width, args.min_height)
     model = None
     if args.model:
         from otclip.engine import load_model
 
         model = load_model(args.model)
-    # a text query is answered by the index's exported text tower when it keeps one: no torch, no model load
-    searcher = IndexSearcher(args.index_dir, model=model, exported_text=args.image is None, threads=args.threads,
-                             few_queries=True)
-    if args.image is not None:
-        results = searcher.search_image_batch([args.image], args.k, args.min_score, target=args.target)[0]
-    else:
-        results = searcher.search_text_batch([args.query], args.k, args.min_score, target=args.target)[0]
+    # text terms are answered by the index's exported text tower when it keeps one: no torch, no model load
+    searcher = IndexSearcher(args.index_dir, model=model, exported_text=True, threads=args.threads, few_queries=True)
+    page = searcher.search(terms, args.target, args.k, args.offset, args.min_score, filters, args.order, args.collapse)
+    results = page.results
+    if args.export is not None:
+        exported = export_images(results, args.export, copy=args.copy)
+        print(f"exported {exported} of {len(results)} results to {args.export}", file=sys.stderr)
     if args.json:
-        print(json.dumps([r.to_dict() for r in results], ensure_ascii=False, indent=2))
+        print(results_json(results))
+        return 0
+    if args.csv:
+        print(results_csv(results), end="")
         return 0
     if not results:
-        print("no results" + (f" above score {args.min_score}" if args.min_score is not None else ""))
+        print("no results" + (f" above score {args.min_score}" if args.min_score is not None else "")
+              + (" passing the filters" if not filters.is_empty() else ""))
     for r in results:
         what = r.path if args.target == "images" else r.text
         caption = f"  ({r.text})" if args.target == "images" and r.text else ""
         print(f"{r.rank:>4}  {r.score:6.3f}  {what}{caption}")
+    if page.more:
+        print(f"more: --offset {args.offset + len(results)}", file=sys.stderr)
     return 0
 
 

@@ -148,7 +148,7 @@ def _plan(items: list[CollectionItem], directory: IndexDirectory, ranks: Ranks) 
     plan = _Plan()
     stored = directory.store.stats("images")
     known = directory.store.hash_locations("images")
-    known_sizes = {row["sha256"]: (row["width"], row["height"]) for row in stored.values()}
+    known_facts = {row["sha256"]: (row["width"], row["height"], row["exif_time"]) for row in stored.values()}
     candidates: list[tuple[CollectionItem, int, int]] = []
     for item in items:
         stat = _stat(item)
@@ -161,7 +161,7 @@ def _plan(items: list[CollectionItem], directory: IndexDirectory, ranks: Ranks) 
             plan.unchanged += 1
             if not _same_metadata(row, item):
                 plan.reuse.append(_record(item, row["sha256"], row["row"], size, mtime, row["shard"],
-                                          (row["width"], row["height"])))
+                                          (row["width"], row["height"], row["exif_time"])))
             continue
         candidates.append((item, size, mtime))
     # every rank hashes its share of the candidates; all ranks then see all hashes
@@ -181,15 +181,18 @@ def _plan(items: list[CollectionItem], directory: IndexDirectory, ranks: Ranks) 
         elif digest in known:
             shard, r = known[digest]
             plan.duplicates += 1
-            plan.reuse.append(_record(item, digest, r, size, mtime, shard, known_sizes.get(digest, (None, None))))
+            plan.reuse.append(_record(item, digest, r, size, mtime, shard, known_facts.get(digest, (None, None, None))))
         else:
             plan.groups.setdefault(digest, []).append((item, size, mtime))
     return plan
 
 
-def _record(item: CollectionItem, digest: str, row: int, size, mtime, shard=None, wh=(None, None)) -> ItemRecord:
+def _record(item: CollectionItem, digest: str, row: int, size, mtime, shard=None,
+            facts=(None, None, None)) -> ItemRecord:
+    """`facts`: what decoding the content found (width, height, EXIF time)."""
     return ItemRecord(key=item.path, sha256=digest, row=row, text=item.caption, label=item.label,
-                      extra=item.extra or None, size=size, mtime_ns=mtime, width=wh[0], height=wh[1], shard=shard)
+                      extra=item.extra or None, size=size, mtime_ns=mtime, width=facts[0], height=facts[1],
+                      shard=shard, exif_time=facts[2])
 
 
 class _ChunkWriter:
@@ -292,10 +295,10 @@ def _index_images(source, directory: IndexDirectory, models: _ModelOnDemand, ran
     for batch in batches:
         for j, i in enumerate(batch.indices):
             digest, group = groups[i]
-            wh = batch.sizes[j]
+            facts = (*batch.sizes[j], batch.taken[j])
             if thumbnails:
                 directory.write_thumbnail(digest, batch.thumbnails[j])
-            writer.add(batch.embeddings[j], [_record(it, digest, 0, sz, mt, None, wh) for it, sz, mt in group])
+            writer.add(batch.embeddings[j], [_record(it, digest, 0, sz, mt, None, facts) for it, sz, mt in group])
         for i, reason in batch.failures:
             failed.extend({"path": it.path, "reason": reason} for it, _, _ in groups[i][1])
         summary.embedded += len(batch.indices)
@@ -313,6 +316,7 @@ def _index_images(source, directory: IndexDirectory, models: _ModelOnDemand, ran
         if gone:
             directory.prune_thumbnails()
         directory.store.update_stats("images", plan.touched)
+        directory.store.index_columns(sorted({column for item in items for column in item.extra or {}}))
         summary.removed = len([g for g in gone if g not in {e["path"] for e in errors}])
         summary.skipped = len(errors)
         errors_file = directory.root / "errors.jsonl"

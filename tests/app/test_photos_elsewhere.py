@@ -100,8 +100,8 @@ def test_the_original_route_serves_indexed_images_only(app_elsewhere):
     store.close()
     by_path = {item["key"]: item_id for item_id, item in found.items() if item["side"] == "images"}
     chelsea = by_path[str(disk / "chelsea.jpg")]
-    response = httpx.get(f"{url}otclip/original/{chelsea}", timeout=30)
+    response = httpx.get(f"{url}api/items/{chelsea}/original", timeout=30)
     assert response.status_code == 200 and response.content == (disk / "chelsea.jpg").read_bytes()
     missing = max(found) + 100
     for bad in (str(missing), "0", "-1", "..%2Fmetadata.sqlite", "1%2F..%2F..%2Fmanifest.json"):
-        assert httpx.get(f"{url}otclip/original/{bad}", timeout=30).status_code in (404, 422), bad
+        assert httpx.get(f"{url}api/items/{bad}/original", timeout=30).status_code in (404, 422), bad

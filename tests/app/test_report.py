@@ -1,7 +1,6 @@
 import json
-from types import SimpleNamespace
 
-from otclip.app.server import SearchApp, report_tables
+from otclip.app.reports import report_markdown, report_plots, report_tables
 
 
 def test_eval_report_becomes_a_table():
@@ -17,14 +16,12 @@ def test_nested_blocks_become_tables_and_markdown_wins(tmp_path):
     assert "| fashion | 0.100 | 0.300 | n/a |" in report_tables(data)
     path = tmp_path / "partial_pairs.json"
     path.write_text(json.dumps(data))
-    no_index = SimpleNamespace(encode_texts=None, encode_images=None)  # the report needs no searcher
-    app = SearchApp(searcher=no_index, report=path)
-    assert "headline gap closed" in app.report_markdown()
+    assert "headline gap closed" in report_markdown(path)
     (tmp_path / "partial_pairs.md").write_text("# From the experiment")
     (tmp_path / "partial_pairs-recall.png").write_bytes(b"png")
     (tmp_path / "partial_pairs-pair-positives-recall.png").write_bytes(b"png")  # another report's plot
     (tmp_path / "unrelated.png").write_bytes(b"png")
-    assert app.report_markdown() == "# From the experiment"
-    assert len(app.report_plots()) == 2  # no list in the JSON: the PNGs named after its stem
+    assert report_markdown(path) == "# From the experiment"
+    assert len(report_plots(path)) == 2  # no list in the JSON: the PNGs named after its stem
     path.write_text(json.dumps({**data, "plots": ["partial_pairs-recall.png", "partial_pairs-gone.png"]}))
-    assert [p.split("/")[-1] for p in app.report_plots()] == ["partial_pairs-recall.png"]
+    assert [p.split("/")[-1] for p in report_plots(path)] == ["partial_pairs-recall.png"]

@@ -67,3 +67,23 @@ def test_the_pixel_limit_is_checked_before_decoding(tmp_path):
     (tmp_path / "cut.png").write_bytes(big.read_bytes()[:200])
     with pytest.raises(ImageDecodeError, match="8000x6000 is too large"):
         load_image(tmp_path / "cut.png", max_pixels=40_000_000)
+
+
+@pytest.mark.parametrize("suffix", [".heic", ".avif"])
+def test_phone_formats_are_indexed_images(tmp_path, suffix):
+    """#11: HEIC (pillow-heif) and AVIF (Pillow) photos decode to the picture that was encoded."""
+    from otclip.engine.sample_photos import sample_photo
+
+    original = sample_photo("chelsea").convert("RGB")
+    path = tmp_path / f"cat{suffix.upper()}"
+    if suffix == ".heic":
+        import pillow_heif
+
+        pillow_heif.from_pillow(original).save(path, quality=90)
+    else:
+        original.save(path, format="AVIF", quality=90)
+    assert is_image_path(path)
+    decoded = load_image(path)
+    assert decoded.size == original.size
+    error = np.abs(np.asarray(decoded, np.float64) - np.asarray(original, np.float64)).mean()
+    assert error < 8, error  # lossy, but the same picture

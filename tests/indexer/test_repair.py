@@ -136,8 +136,9 @@ def test_an_index_from_before_records_were_kept_gets_them(history, default_model
     """A schema-1 store (no chunk column) is migrated, and the next run writes records files for its rows."""
     shutil.rmtree(history / "embeddings" / "records")
     with sqlite3.connect(history / "metadata.sqlite") as db:
-        db.executescript("DROP INDEX items_by_chunk; ALTER TABLE items DROP COLUMN chunk; DROP TABLE removals;"
-                         "UPDATE meta SET value='1' WHERE key='schema_version'")
+        db.executescript("DROP INDEX items_by_label; DROP INDEX items_by_taken; ALTER TABLE items DROP COLUMN exif_time;"
+                         "DROP INDEX items_by_chunk; ALTER TABLE items DROP COLUMN chunk; DROP TABLE removals;"
+                         "UPDATE meta SET value='1' WHERE key='schema_version'")  # what schema 1 was
     before = [r[:-1] for r in rows_v1(history)]
     summary = index_texts(history.parent / "texts.txt", history, default_model, progress=False, text_query_model=False)
     assert summary.embedded == 0

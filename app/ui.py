@@ -1,0 +1,178 @@
+"""The Gradio UI: text -> image, image -> text and image -> image over one or more collections (index
+directories), with the filters, order, near-duplicate collapse, "more results" pages and CSV export of
+`otclip search`, by the same engine calls (`SearchApp.search`)."""
+
+from __future__ import annotations
+
+import datetime
+from pathlib import Path
+
+import gradio as gr
+
+from otclip.engine.filters import Filters, filters_from_strings
+from otclip.engine.images import ImageDecodeError, thumbnail
+
+from .http_api import MOUNT as API_MOUNT
+from .reports import report_markdown, report_plots
+from .search_app import SearchApp
+
+ORIGINAL_ROUTE = f"{API_MOUNT}/items/{{item_id}}/original"  # an indexed image's original file, by id; nothing else
+EXAMPLE_QUERIES = ["a cat", "a cup of coffee", "a rocket", "galaxies in deep space", "a sneaker", "a dress",
+                   "2:a cat - an animal"]
+
+
+def _image_input(elem_id: str) -> gr.Image:
+    """An image query, handed to the app as the uploaded file's path (`image_mode=None`: Gradio decodes nothing),
+    so that `load_image` checks the header's size and aspect ratio before any pixel is decoded."""
+    return gr.Image(type="filepath", image_mode=None, label="Image", sources=["upload", "clipboard"], elem_id=elem_id)
+
+
+def index_panel(app: SearchApp) -> str:
+    info = app.searcher.info()
+    lines = [f"**{app.name}**: model {info['model']['name']} (weights `{info['model']['checksum'][:12]}`), "
+             f"dimension {info['dim']}, {info['metric']}"]
+    for side, s in info["sides"].items():
+        when = datetime.datetime.fromtimestamp(s["updated"]).strftime("%Y-%m-%d %H:%M")
+        lines.append(f"**{side.capitalize()}** {s['items']} ({s['index_type']}, factory `{s['factory']}`, built {when})")
+    if "texts" not in info["sides"]:
+        lines.append("No text side: image -> text needs `otclip index-texts`.")
+    return "  \n".join(lines)
+
+
+def _filters(under: str, glob: str, label: str, where: str, after: str, before: str, orientation: str) -> Filters:
+    """The filter fields as `otclip search` reads its flags (`--where` items separated by `;`)."""
+    try:
+        return filters_from_strings(under, glob, label, [w.strip() for w in (where or "").split(";")], after, before,
+                                    None if orientation in (None, "", "any") else orientation)
+    except ValueError as exc:
+        raise gr.Error(str(exc)) from None
+
+
+def build_ui(apps: dict[str, SearchApp], report: Path | None = None) -> gr.Blocks:
+    names = list(apps)
+    with gr.Blocks(title="otclip") as ui:
+        gr.Markdown("# otclip - text and image search")
+        collection = gr.Dropdown(names, value=names[0], label="Collection", visible=len(names) > 1,
+                                 elem_id="collection")
+        with gr.Accordion("Index", open=False):
+            gr.Markdown("\n\n".join(index_panel(app) for app in apps.values()))
+        with gr.Row():
+            k = gr.Slider(1, 50, value=12, step=1, label="k")
+            min_score = gr.Slider(-1, 1, value=-1, step=0.01, label="minimum score")
+        with gr.Accordion("Filters and order", open=False, elem_id="filters"):
+            with gr.Row():
+                under = gr.Textbox(label="Folder", placeholder="/photos/2024", elem_id="f-under")
+                glob = gr.Textbox(label="Path pattern", placeholder="*/beach/*.jpg", elem_id="f-glob")
+                label = gr.Textbox(label="Label", elem_id="f-label")
+            with gr.Row():
+                where = gr.Textbox(label="Columns", placeholder="year=2019..2021; camera=X100", elem_id="f-where")
+                after = gr.Textbox(label="Taken on or after", placeholder="2024-06-01", elem_id="f-after")
+                before = gr.Textbox(label="Taken before", placeholder="2024-09-01", elem_id="f-before")
+            with gr.Row():
+                orientation = gr.Dropdown(["any", "landscape", "portrait", "square"], value="any", label="Orientation")
+                order = gr.Radio(["score", "date"], value="score", label="Order (date: the best 1000, newest first)",
+                                 elem_id="f-order")
+                collapse = gr.Slider(0, 1, value=0, step=0.01, label="Hide near-duplicates above (0: off)")
+        settings = [k, min_score, under, glob, label, where, after, before, orientation, order, collapse]
+
+        def find(name, query, image, k, min_score, under, glob, label, where, after, before, orientation, order,
+                 collapse, offset=0):
+            app = apps[name]
+            filters = _filters(under, glob, label, where, after, before, orientation)
+            page = app.search(app.terms(query, image), "images", int(k), int(offset), float(min_score), filters,
+                              order, float(collapse) or None)
+            tiles, status, ids = app.gallery(page.results, min_score)
+            return tiles, status, ids, page
+
+        with gr.Tab("Text -> image"):
+            with gr.Row():
+                query = gr.Textbox(label="Query (texts, indexed images' paths, 2:weights, - exclusions)",
+                                   placeholder="a cat", scale=4, elem_id="query")
+                search = gr.Button("Search", variant="primary", scale=1, elem_id="search")
+            gr.Examples(EXAMPLE_QUERIES, inputs=query)
+            status = gr.Markdown(elem_id="t2i-status")
+            gallery = gr.Gallery(label="Results", columns=6, height="auto", format="jpeg", elem_id="t2i-gallery")
+            with gr.Row():
+                more = gr.Button("More results", visible=False, elem_id="t2i-more")
+                download = gr.DownloadButton("Results as CSV", visible=False, elem_id="t2i-csv")
+            shown = gr.State([])  # (tiles, ids, results) shown so far, for "more results" and click-to-search
+            last_results = gr.State([])  # the ids of the indexed images behind the gallery
+
+            def first_page(name, query, *values):
+                tiles, status_line, ids, page = find(name, query, None, *values)
+                return (tiles, status_line, ids, (tiles, ids, page.results), gr.update(visible=page.more),
+                        gr.update(value=apps[name].csv_file(page.results), visible=bool(page.results)))
+
+            def next_page(name, query, so_far, *values):
+                tiles, ids, results = so_far
+                more_tiles, _, more_ids, page = find(name, query, None, *values, offset=len(results))
+                tiles, ids, results = tiles + more_tiles, ids + more_ids, results + page.results
+                return (tiles, f"{len(tiles)} results", ids, (tiles, ids, results), gr.update(visible=page.more),
+                        gr.update(value=apps[name].csv_file(results), visible=True))
+
+            outputs = [gallery, status, last_results, shown, more, download]
+            search.click(first_page, [collection, query, *settings], outputs, api_name=False)
+            query.submit(first_page, [collection, query, *settings], outputs, api_name=False)
+            more.click(next_page, [collection, query, shown, *settings], outputs, api_name=False)
+            # the named endpoints keep their signatures (+ the collection, last) for gradio_client
+            gr.Button(visible=False).click(lambda query, k, min_score, name: apps[name].text_to_image(query, k, min_score),
+                                           [query, k, min_score, collection], [gallery, status, last_results],
+                                           api_name="text_to_image")
+        with gr.Tab("Image -> text"):
+            image_in = _image_input("i2t-image")
+            k_text = gr.Slider(1, 20, value=5, step=1, label="k")
+            find_texts = gr.Button("Find texts", variant="primary", elem_id="i2t-search")
+            texts = gr.Dataframe(headers=["rank", "score", "text"], label="Texts", elem_id="i2t-texts")
+            find_texts.click(lambda image, k, name: apps[name].image_to_text(image, k), [image_in, k_text, collection],
+                             texts, api_name="image_to_text")
+        with gr.Tab("Image -> image"):
+            image_q = _image_input("i2i-image")
+            refine = gr.Textbox(label="Refine with text (optional, same language: + 2:at night - people)",
+                                elem_id="i2i-refine")
+            find_similar = gr.Button("Find similar", variant="primary", elem_id="i2i-search")
+            status_i = gr.Markdown(elem_id="i2i-status")
+            original = gr.Markdown(elem_id="i2i-original")
+            gallery_i = gr.Gallery(label="Similar images", columns=6, height="auto", format="jpeg", elem_id="i2i-gallery")
+            last_similar = gr.State([])
+
+            def similar(name, image, text, *values):
+                tiles, status_line, ids, _ = find(name, _without_leading_plus(text), image, *values)
+                return tiles, status_line, ids
+
+            find_similar.click(similar, [collection, image_q, refine, *settings], [gallery_i, status_i, last_similar],
+                               api_name=False)
+            gr.Button(visible=False).click(lambda image, k, min_score, name: apps[name].image_to_image(image, k, min_score),
+                                           [image_q, k, min_score, collection], [gallery_i, status_i, last_similar],
+                                           api_name="image_to_image")
+        with gr.Tab("Evaluation"):
+            gr.Markdown(report_markdown(report))
+            plots = report_plots(report)
+            if plots:
+                gr.Gallery(value=plots, label="Plots", columns=2)
+
+        def search_by_result(name, ids, k, min_score, under, glob, label, where, after, before, orientation, order,
+                             collapse, evt: gr.SelectData):
+            """Clicking a result searches by it and links its original; only images the index lists are opened."""
+            app = apps[name]
+            item = ids[evt.index] if ids and 0 <= evt.index < len(ids) else None
+            source = app.searcher.indexed_image(item) if item is not None else None
+            if source is None:
+                raise gr.Error("that result is no longer in the index")
+            try:
+                picture = thumbnail(source)
+            except ImageDecodeError as exc:
+                raise gr.Error(str(exc)) from None
+            link = f"[Open the original]({ORIGINAL_ROUTE.format(item_id=item).lstrip('/')}) · {Path(source).name}"
+            tiles, status_line, found, _ = find(name, None, source, k, min_score, under, glob, label, where, after,
+                                                before, orientation, order, collapse)
+            return picture, tiles, status_line, found, link
+
+        gallery.select(search_by_result, [collection, last_results, *settings],
+                       [image_q, gallery_i, status_i, last_similar, original], api_name=False)
+    return ui
+
+
+def _without_leading_plus(text: str | None) -> str | None:
+    """"+ at night" refines an image: the leading sign joins the text to the image term."""
+    text = (text or "").strip()
+    return text[1:].strip() if text.startswith("+") else text or None

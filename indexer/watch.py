@@ -1,0 +1,78 @@
+"""`otclip watch FOLDER --out DIR`: keep an index current while photos come and go.
+
+The folder is indexed once, then again after each burst of changes (when `settle` seconds pass with no new
+event), through the same incremental `index_images`: only new or changed files are embedded, removed ones
+are dropped, and each run publishes a new generation that a running `otclip serve` picks up at its next
+query. Events come from the `watchdog` package (inotify on Linux, FSEvents, ReadDirectoryChangesW); events
+inside the index directory itself (when it lives in the watched folder) are ignored.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from otclip.engine.images import is_image_path
+
+from .pipeline import IndexingSummary, index_images
+
+if TYPE_CHECKING:
+    from otclip.engine import LoadedModel
+
+
+def watch(folder: str | Path, index_dir: str | Path, model: str | LoadedModel, settle: float = 2.0,
+          stop: threading.Event | None = None, report: Callable[[IndexingSummary], None] | None = None,
+          **index_options) -> int:
+    """Index `folder` into `index_dir` now and after every burst of changes, until `stop` is set (or Ctrl-C).
+    `report` gets each run's summary. Returns how many runs were made."""
+    from watchdog.events import FileSystemEvent, FileSystemEventHandler
+    from watchdog.observers import Observer
+
+    folder, index_dir = Path(folder).resolve(), Path(index_dir).resolve()
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: no such folder")
+    stop = stop or threading.Event()
+    changed = threading.Event()
+
+    class Changes(FileSystemEventHandler):
+        def on_any_event(self, event: FileSystemEvent) -> None:
+            if event.event_type in ("opened", "closed_no_write") or (event.is_directory and event.event_type == "modified"):
+                return
+            paths = [p for p in (event.src_path, getattr(event, "dest_path", "")) if p]
+            if any(Path(p).is_relative_to(index_dir) for p in paths):
+                return
+            if event.is_directory or any(is_image_path(p) for p in paths):
+                changed.set()
+
+    if isinstance(model, str):
+        from otclip.engine import load_model
+
+        model = load_model(model)  # once: a watcher re-indexes many times
+    observer = Observer()
+    observer.schedule(Changes(), str(folder), recursive=True)
+    observer.start()  # before the first run: nothing that changes during it is missed
+    runs = 0
+    try:
+        while True:
+            summary = index_images(folder, index_dir, model, **index_options)
+            if report is not None:
+                report(summary)
+            else:
+                print(summary.line(), flush=True)
+            runs += 1
+            while not changed.wait(0.2):
+                if stop.is_set():
+                    return runs
+            while changed.is_set():  # settle: wait for a quiet moment, so a copy of 1000 photos is one run
+                changed.clear()
+                deadline = time.monotonic() + settle
+                while time.monotonic() < deadline and not changed.is_set() and not stop.is_set():
+                    time.sleep(0.05)
+            if stop.is_set():
+                return runs
+    finally:
+        observer.stop()
+        observer.join()

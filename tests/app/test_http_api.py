@@ -1,0 +1,95 @@
+"""The HTTP JSON API beside the UI (#11), over a live server on loopback, with httpx."""
+
+import csv
+import io
+
+import httpx
+import pytest
+
+
+@pytest.fixture(scope="module")
+def api(live_app):
+    with httpx.Client(base_url=f"{live_app}api", timeout=60) as client:
+        yield client
+
+
+def test_search_by_text_returns_results_with_their_links(api):
+    body = api.get("/search", params={"q": "a cat", "k": 3}).json()
+    top = body["results"][0]
+    assert top["path"].endswith("chelsea.jpg") and top["rank"] == 1 and body["next_offset"] == 3
+    thumb = api.get(top["thumbnail"].removeprefix("/api"))
+    assert thumb.status_code == 200 and thumb.headers["content-type"] == "image/jpeg" and thumb.content[:2] == b"\xff\xd8"
+    original = api.get(top["original"].removeprefix("/api"))
+    assert original.status_code == 200 and len(original.content) > len(thumb.content) / 10
+    item = api.get(f"/items/{top['id']}").json()
+    assert item["key"] == top["path"] and item["label"] == "chelsea"
+
+
+def test_pages_filters_and_csv_are_the_engines(api, live_app):
+    first = api.get("/search", params={"q": "a photo", "k": 4}).json()
+    second = api.get("/search", params={"q": "a photo", "k": 4, "offset": first["next_offset"]}).json()
+    both = api.get("/search", params={"q": "a photo", "k": 8}).json()
+    assert [r["path"] for r in first["results"] + second["results"]] == [r["path"] for r in both["results"]]
+    learn = api.get("/search", params={"q": "a photo", "k": 20, "where": "source=scikit-learn"}).json()["results"]
+    assert sorted(r["label"] for r in learn) == ["china", "flower"]
+    table = api.get("/search", params={"q": "a rocket", "k": 2, "format": "csv"})
+    rows = list(csv.DictReader(io.StringIO(table.text)))
+    assert table.headers["content-type"].startswith("text/csv") and rows[0]["label"] == "rocket" and len(rows) == 2
+
+
+def test_an_uploaded_image_combines_with_text(api, demo_index):
+    rocket = next((demo_index / "data" / "photos").glob("rocket.*"))
+    alone = api.post("/search", params={"k": 1}, files={"image": ("r.jpg", rocket.read_bytes(), "image/jpeg")}).json()
+    assert alone["results"][0]["label"] == "rocket"
+    mixed = api.post("/search", params={"k": 1, "q": "3:a cat"},
+                     files={"image": ("r.jpg", rocket.read_bytes(), "image/jpeg")}).json()
+    assert mixed["results"][0]["label"] == "chelsea"  # the text outweighs the image
+    texts = api.post("/search", params={"k": 1, "target": "texts"}, files={"image": ("r.jpg", rocket.read_bytes())})
+    assert "rocket" in texts.json()["results"][0]["text"]
+
+
+def test_an_indexed_image_may_be_a_term_and_nothing_else(api):
+    top = api.get("/search", params={"q": "a rocket", "k": 1}).json()["results"][0]
+    like = api.get("/search", params={"q": f"{top['path']} + a photo", "k": 1}).json()["results"][0]
+    assert like["path"] == top["path"]
+    for probe in ("/etc/passwd", "./app/server.py", "../README.md + sky"):
+        refused = api.get("/search", params={"q": probe})
+        assert refused.status_code == 400 and "not in the index" in refused.json()["detail"]
+
+
+def test_bad_requests_are_one_line_400s(api):
+    for params, message in (({"q": "cat + "}, "no term"), ({"q": "a cat", "after": "June"}, "--after"),
+                            ({}, "give q"), ({"q": "a cat", "where": "year"}, "COLUMN=VALUE")):
+        response = api.get("/search", params=params)
+        assert response.status_code == 400 and message in response.json()["detail"], response.text
+    assert api.get("/search", params={"q": "a cat", "k": 0}).status_code == 422  # FastAPI's own validation
+    assert api.get("/items/999999").status_code == 404
+    junk = api.post("/search", files={"image": ("x.png", b"not an image")})
+    assert junk.status_code == 400 and "not an image" in junk.json()["detail"]
+
+
+def test_info_and_openapi(api):
+    info = api.get("/info").json()
+    assert info["model"]["name"] == "effnet-minilm" and info["sides"]["images"]["items"] == 20
+    spec = api.get("/openapi.json").json()
+    assert {"/search", "/items/{item_id}", "/items/{item_id}/thumbnail", "/info"} <= set(spec["paths"])
+    assert api.get("/docs").status_code == 200
+
+
+def test_serving_several_index_directories_loads_each_model_once(demo_index, tmp_path, default_model):
+    """`otclip serve DIR1 DIR2`: one searcher per directory; the second, built with the same model, shares the
+    first one's loaded model and exported text tower; names are the folders' (parents' too when alike)."""
+    import shutil
+
+    from otclip.app.server import collection_names, open_collections
+
+    for name in ("a", "b"):
+        shutil.copytree(demo_index / "index", tmp_path / name / "index")
+    searchers = open_collections([tmp_path / "a" / "index", tmp_path / "b" / "index"])
+    try:
+        assert searchers[0].model is searchers[1].model and searchers[0]._text_model is searchers[1]._text_model
+        assert collection_names(searchers) == ["a/index", "b/index"]
+        assert searchers[1].search("a cat", k=1).results[0].label == "chelsea"
+    finally:
+        for searcher in searchers:
+            searcher.close()

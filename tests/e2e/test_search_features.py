@@ -1,0 +1,103 @@
+"""#11 in the app, in a real headless Chromium: the query language, filters, "more results", the CSV export and
+the collection picker, over a live server of two collections (and the same over its HTTP API)."""
+
+import csv
+import io
+import shutil
+
+import httpx
+import pytest
+from browser import needs_chromium, wait_for
+from conftest import free_port
+
+pytestmark = needs_chromium
+
+
+@pytest.fixture(scope="module")
+def two_collections(demo_index, tmp_path_factory, default_model):
+    from otclip.app.server import serve
+    from otclip.engine.search import IndexSearcher
+    from otclip.indexer.pipeline import index_images
+
+    root = tmp_path_factory.mktemp("farm")
+    (root / "photos").mkdir()
+    for name in ("horse", "camera"):
+        shutil.copy(demo_index / "data" / "photos" / f"{name}.jpg", root / "photos" / f"{name}.jpg")
+    index_images(root / "photos", root / "farm", default_model, progress=False, workers=0, text_query_model=False)
+    demo = IndexSearcher(demo_index / "index", model=default_model)
+    farm = IndexSearcher(root / "farm", shared_from=demo)
+    assert farm.model is demo.model  # one model for both
+    port = free_port()
+    ui = serve([], "127.0.0.1", port, block=False, searchers=[demo, farm])
+    yield f"http://127.0.0.1:{port}/"
+    ui.close()
+
+
+def tiles(browser, gallery="t2i-gallery"):
+    from selenium.webdriver.common.by import By
+
+    return browser.find_element(By.ID, gallery).find_elements(By.CSS_SELECTOR, "button img, .thumbnail-item img")
+
+
+def search(browser, url, query, fields=None):
+    from selenium.webdriver.common.by import By
+
+    browser.get(url)
+    box = wait_for(browser, lambda d: d.find_element(By.CSS_SELECTOR, "#query textarea"))
+    if fields:
+        browser.find_element(By.CSS_SELECTOR, "#filters button, #filters .label-wrap").click()
+        for elem_id, value in fields.items():
+            field = wait_for(browser, lambda d, elem_id=elem_id: d.find_element(By.CSS_SELECTOR, f"#{elem_id} textarea, "
+                                                                                f"#{elem_id} input"))
+            field.send_keys(value)
+    box.send_keys(query)
+    browser.find_element(By.ID, "search").click()
+    return wait_for(browser, lambda d: "results" in d.find_element(By.ID, "t2i-status").text.lower()
+                    and d.find_element(By.ID, "t2i-status").text)
+
+
+def test_filters_narrow_the_gallery(browser, two_collections):
+    status = search(browser, two_collections, "a photo", {"f-label": "rocket"})
+    gallery = wait_for(browser, lambda d: "launch pad" in d.find_element("id", "t2i-gallery").text
+                       and d.find_element("id", "t2i-gallery"))
+    assert status.startswith("1 results") and "tabby" not in gallery.text
+
+
+def test_more_results_and_the_csv_export(browser, two_collections):
+    from selenium.webdriver.common.by import By
+
+    assert search(browser, two_collections, "2:a photo - a drawing").startswith("12 results")
+    more = wait_for(browser, lambda d: d.find_element(By.ID, "t2i-more"))
+    more.click()
+    wait_for(browser, lambda d: d.find_element(By.ID, "t2i-status").text.startswith("20 results"))
+    wait_for(browser, lambda d: not d.find_elements(By.CSS_SELECTOR, "#t2i-more:not([style*='none'])")
+             or not d.find_element(By.ID, "t2i-more").is_displayed())
+    browser.find_element(By.ID, "t2i-csv").click()
+    saved = wait_for(browser, lambda d: [p for p in browser.downloads.glob("*.csv")])
+    rows = list(csv.DictReader(io.StringIO(saved[0].read_text())))
+    assert [int(r["rank"]) for r in rows] == list(range(1, 21))
+
+
+def test_the_collection_picker_switches_index(browser, two_collections):
+    from selenium.webdriver.common.by import By
+
+    browser.get(two_collections)
+    picker = wait_for(browser, lambda d: d.find_element(By.CSS_SELECTOR, "#collection input"))
+    picker.click()
+    option = wait_for(browser, lambda d: [o for o in d.find_elements(By.CSS_SELECTOR, "ul.options li, [role='option']")
+                                          if o.text.strip() == "farm"])
+    option[0].click()
+    box = browser.find_element(By.CSS_SELECTOR, "#query textarea")
+    box.send_keys("a camera")
+    browser.find_element(By.ID, "search").click()
+    wait_for(browser, lambda d: d.find_element(By.ID, "t2i-status").text.startswith("2 results"))
+
+
+def test_the_api_serves_each_collection(two_collections):
+    api = f"{two_collections}api"
+    assert httpx.get(f"{api}/collections").json() == ["index", "farm"]
+    farm = httpx.get(f"{api}/search", params={"q": "a horse", "collection": "farm"}).json()["results"]
+    assert [r["path"].rsplit("/", 1)[-1] for r in farm][0] == "horse.jpg" and len(farm) == 2
+    thumb = httpx.get(f"{two_collections}{farm[0]['thumbnail'].lstrip('/')}")
+    assert thumb.status_code == 200 and thumb.content[:2] == b"\xff\xd8"
+    assert httpx.get(f"{api}/search", params={"q": "a horse", "collection": "zoo"}).status_code == 404

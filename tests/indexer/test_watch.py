@@ -1,0 +1,60 @@
+"""`otclip watch` (#11): a folder's changes reach the index, and a running searcher, as they happen."""
+
+from __future__ import annotations
+
+import shutil
+import threading
+import time
+
+import pytest
+
+from otclip.engine.search import IndexSearcher
+from otclip.indexer.watch import watch
+
+
+def wait_for(condition, seconds: float = 60.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("the index did not follow the folder in time")
+        time.sleep(0.2)
+
+
+def test_new_changed_and_removed_photos_reach_a_running_searcher(tmp_path, sample_dir, default_model):
+    photos, index = tmp_path / "photos", tmp_path / "photos" / ".index"  # the index inside the watched folder
+    photos.mkdir()
+    for name in ("rocket", "coffee"):
+        shutil.copy(sample_dir / f"{name}.jpg", photos / f"{name}.jpg")
+    stop, runs = threading.Event(), []
+    watcher = threading.Thread(target=watch, args=(photos, index, default_model), daemon=True,
+                               kwargs=dict(settle=0.5, stop=stop, report=runs.append, progress=False, workers=0,
+                                           text_query_model=False))
+    watcher.start()
+    try:
+        wait_for(lambda: len(runs) == 1)
+        searcher = IndexSearcher(index, model=default_model)  # as `otclip serve` holds it
+
+        def top_of(query: str) -> str:
+            return searcher.search(query, k=1).results[0].path
+
+        assert runs[0].total == 2 and not top_of("a cat").endswith("chelsea.jpg")
+        for i in range(3):  # a burst: one re-index after it settles
+            shutil.copy(sample_dir / "chelsea.jpg", photos / f"chelsea-{i}.jpg")
+        wait_for(lambda: top_of("a cat").endswith(".jpg") and "chelsea" in top_of("a cat"))
+        assert runs[-1].embedded == 1 and runs[-1].duplicates == 2 and len(runs) == 2
+        for i in range(3):
+            (photos / f"chelsea-{i}.jpg").unlink()
+        wait_for(lambda: "chelsea" not in top_of("a cat"))
+        assert runs[-1].removed == 3 and runs[-1].total == 2
+        (photos / "notes.txt").write_text("not a photo")  # not a change to the collection
+        time.sleep(1.5)
+        assert len(runs) == 3
+    finally:
+        stop.set()
+        watcher.join(30)
+    assert not watcher.is_alive()
+
+
+def test_watching_a_missing_folder_is_one_line(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such folder"):
+        watch(tmp_path / "nothing", tmp_path / "ix", "effnet-minilm")
