@@ -22,6 +22,7 @@ import fcntl
 import json
 import os
 import shutil
+import sqlite3
 import sys
 import time
 from collections.abc import Iterator
@@ -33,7 +34,7 @@ import numpy as np
 from .atomic_files import write_atomically, write_json_atomically, write_npy_atomically
 from .errors import IndexDirectoryError
 from .faiss_indexes import build_index, index_description, load_index, save_index
-from .metadata_store import SIDES, ItemRecord, MetadataStore
+from .metadata_store import SCHEMA_VERSION, SIDES, ItemRecord, MetadataStore
 from .model_identity import ModelIdentity
 from .records_log import RecordsLog, chunk_payload, in_order, read_entry
 
@@ -161,10 +162,19 @@ class IndexDirectory:
         return self._store
 
     def reader(self) -> MetadataStore:
-        """A read-only connection to the metadata store (a searcher's; it never changes the file)."""
+        """A read-only connection to the metadata store (a searcher's). A store written by an older otclip is
+        migrated first (new columns and indexes, in SQLite transactions), when the directory is writable."""
         if not self.store_path.exists():
             raise IndexDirectoryError(f"{self.store_path}: missing; run `otclip repair {self.root}`")
-        return MetadataStore(self.store_path, readonly=True)
+        reader = MetadataStore(self.store_path, readonly=True)
+        if reader.schema_version() < SCHEMA_VERSION:
+            try:
+                MetadataStore(self.store_path).close()  # migrates
+            except sqlite3.OperationalError:  # a read-only disk: searching works, filters on new columns do not
+                return reader
+            reader.close()
+            reader = MetadataStore(self.store_path, readonly=True)
+        return reader
 
     def store_problem(self) -> str | None:
         """What is wrong with metadata.sqlite (missing though the index holds data, or damaged), or None."""
@@ -265,6 +275,10 @@ class IndexDirectory:
         were written (upserts and removals). The damaged file is kept beside it (`metadata.sqlite.damaged-TIME`);
         the new one is built under a temporary name and renamed into place. Item ids change, so every side
         must be published again. Returns counts: items per side, records files replayed, unreadable ones."""
+        if not any(self.records_dir.glob("*.json")) and any(self.embeddings_dir.glob("*.npy")):
+            raise IndexDirectoryError(
+                f"{self.store_path}: cannot be rebuilt: the index keeps no records files (made before otclip kept "
+                f"them); nothing was changed. Restore the file, or index the collection again into a new directory")
         self.close()
         stamp = time.strftime("%Y%m%d-%H%M%S")
         for suffix in ("", "-wal", "-shm"):

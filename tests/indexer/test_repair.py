@@ -140,6 +140,8 @@ def test_an_index_from_before_records_were_kept_gets_them(history, default_model
                          "DROP INDEX items_by_chunk; ALTER TABLE items DROP COLUMN chunk; DROP TABLE removals;"
                          "UPDATE meta SET value='1' WHERE key='schema_version'")  # what schema 1 was
     before = [r[:-1] for r in rows_v1(history)]
+    code, out, _ = cli(capsys, "search", history, "a cat", "--json", "--before", "2100-01-01")  # a new column
+    assert code == 0 and '"path"' in out  # the searcher migrated the older store first
     summary = index_texts(history.parent / "texts.txt", history, default_model, progress=False, text_query_model=False)
     assert summary.embedded == 0
     assert len(list((history / "embeddings" / "records").glob("*-kept.json"))) == 2  # one per side
@@ -166,3 +168,14 @@ def test_missing_thumbnails_are_made_again(history, capsys):
     assert thumbs[0].read_bytes()[-2:] == b"\xff\xd9" and len(thumbs[0].read_bytes()) == pytest.approx(len(first), rel=0.5)
     with Image.open(thumbs[1]) as remade:
         remade.load()  # decodes whole
+
+
+def test_a_store_without_records_to_rebuild_it_from_is_refused(history, capsys):
+    """An index from before records were kept, its store lost: nothing to replay, so nothing is touched."""
+    shutil.rmtree(history / "embeddings" / "records")
+    for path in history.glob("metadata.sqlite*"):
+        path.unlink()
+    chunks = sorted((history / "embeddings").glob("*.npy"))
+    code, _, err = cli(capsys, "repair", history)
+    assert code == 2 and "cannot be rebuilt" in err and len(err.strip().splitlines()) == 1
+    assert sorted((history / "embeddings").glob("*.npy")) == chunks and not (history / "metadata.sqlite").exists()
