@@ -101,3 +101,21 @@ def test_the_api_serves_each_collection(two_collections):
     thumb = httpx.get(f"{two_collections}{farm[0]['thumbnail'].lstrip('/')}")
     assert thumb.status_code == 200 and thumb.content[:2] == b"\xff\xd8"
     assert httpx.get(f"{api}/search", params={"q": "a horse", "collection": "zoo"}).status_code == 404
+
+
+def test_date_order_in_the_app_is_the_apis(browser, two_collections):
+    from selenium.webdriver.common.by import By
+
+    browser.get(two_collections)
+    wait_for(browser, lambda d: d.find_element(By.CSS_SELECTOR, "#query textarea"))
+    browser.find_element(By.CSS_SELECTOR, "#filters button, #filters .label-wrap").click()
+    choice = wait_for(browser, lambda d: [c for c in d.find_elements(By.CSS_SELECTOR, "#f-order label")
+                                          if c.text.strip() == "date"])
+    choice[0].click()
+    browser.find_element(By.CSS_SELECTOR, "#query textarea").send_keys("a photo")
+    browser.find_element(By.ID, "search").click()
+    wait_for(browser, lambda d: d.find_element(By.ID, "t2i-status").text.startswith("12 results"))
+    shown = [line for line in browser.find_element(By.ID, "t2i-gallery").text.splitlines() if " · " in line]
+    api = httpx.get(f"{two_collections}api/search", params={"q": "a photo", "k": 12, "order": "date"}).json()
+    expected = [f"{r['score']:.3f} · {r['text']}" for r in api["results"]]
+    assert shown == expected and len(set(r["taken"] for r in api["results"])) > 1
