@@ -35,6 +35,7 @@ from .errors import IndexDirectoryError
 from .filters import Filters
 
 SCHEMA_VERSION = 3
+ID_BATCH = 10_000  # ids per statement (`_by_ids`)
 SIDES = ("images", "texts")
 
 _MIGRATIONS: dict[int, str] = {
@@ -359,28 +360,30 @@ class MetadataStore:
         rows = self._tuples(f"SELECT id FROM items WHERE side=? AND {condition} LIMIT ?", (side, *params, limit + 1))
         return None if len(rows) > limit else np.array([r[0] for r in rows], np.int64)
 
+    def _by_ids(self, sql: str, item_ids: Sequence[int], before: Sequence = ()) -> list[tuple]:
+        """Rows of `sql`, whose `{ids}` is a list of parameters, for every id, in batches of ID_BATCH: SQLite
+        takes at most 32766 parameters in one statement, and a filtered search may check many more ids."""
+        ids = [int(i) for i in item_ids]
+        rows: list[tuple] = []
+        for start in range(0, len(ids), ID_BATCH):
+            part = ids[start : start + ID_BATCH]
+            rows += self._tuples(sql.replace("{ids}", ",".join("?" * len(part))), (*before, *part))
+        return rows
+
     def representatives(self, item_ids: Sequence[int]) -> dict[int, int]:
         """item id -> the oldest item of the same content (the one a FAISS index holds)."""
-        if not len(item_ids):
-            return {}
-        marks = ",".join("?" * len(item_ids))
-        rows = self._tuples(f"""SELECT i.id, (SELECT MIN(j.id) FROM items j INDEXED BY items_by_hash
-                                                WHERE j.side = i.side AND j.sha256 = i.sha256)
-                                 FROM items i WHERE i.id IN ({marks})""", [int(i) for i in item_ids])
-        return dict(rows)
+        return dict(self._by_ids("""SELECT i.id, (SELECT MIN(j.id) FROM items j INDEXED BY items_by_hash
+                                                    WHERE j.side = i.side AND j.sha256 = i.sha256)
+                                     FROM items i WHERE i.id IN ({ids})""", item_ids))
 
     def passing_among(self, side: str, item_ids: Sequence[int], filters: Filters) -> dict[int, int]:
         """For items of `item_ids` (one per content): item id -> the first item of the same content that passes."""
-        if not len(item_ids):
-            return {}
         condition, params = filters.sql()
-        marks = ",".join("?" * len(item_ids))
-        rows = self._tuples(  # the filter's unqualified columns bind to the inner `items`; the content's rows are
+        rows = self._by_ids(  # the filter's unqualified columns bind to the inner `items`; the content's rows are
             # found by hash, never by scanning what passes the filter (SQLite may prefer e.g. the label index)
             f"""SELECT rep.id, (SELECT MIN(id) FROM items INDEXED BY items_by_hash
                                 WHERE side = ? AND sha256 = rep.sha256 AND {condition})
-                FROM items rep WHERE rep.id IN ({marks})""",
-            (side, *params, *[int(i) for i in item_ids]))
+                FROM items rep WHERE rep.id IN ({{ids}})""", item_ids, (side, *params))
         return {rep: shown for rep, shown in rows if shown is not None}
 
     def index_columns(self, columns: Iterable[str]) -> None:
@@ -399,8 +402,5 @@ class MetadataStore:
 
     def locations(self, item_ids: Sequence[int]) -> dict[int, tuple[str, int]]:
         """id -> (shard, row) of its embedding."""
-        if not len(item_ids):
-            return {}
-        marks = ",".join("?" * len(item_ids))
-        rows = self._tuples(f"SELECT id, shard, row FROM items WHERE id IN ({marks})", [int(i) for i in item_ids])
+        rows = self._by_ids("SELECT id, shard, row FROM items WHERE id IN ({ids})", item_ids)
         return {item_id: (shard, row) for item_id, shard, row in rows}

@@ -8,6 +8,7 @@ import datetime
 import numpy as np
 import pytest
 
+from otclip.engine import metadata_store as store_module
 from otclip.engine import search as search_module
 from otclip.engine.filters import Filters, filters_from_strings
 from otclip.engine.index_directory import IndexDirectory
@@ -99,6 +100,7 @@ CASES = {  # filters -> the same condition written independently, over one recor
 def test_filtered_search_returns_the_true_top_k_among_items_that_pass(case, wide, corpus, monkeypatch):
     if wide:  # every filter takes the other path: FAISS's best, filtered, fetching more until enough pass
         monkeypatch.setattr(search_module, "BRUTE_FORCE_MAX", 0)
+        monkeypatch.setattr(store_module, "ID_BATCH", 7)  # the candidates' ids checked in many statements
     strings, passes = CASES[case]
     searcher = IndexSearcher(corpus[0])
     query = np.random.default_rng(sum(map(ord, case))).normal(size=DIM)
