@@ -33,6 +33,8 @@ if TYPE_CHECKING:
     from .server import SearchApp
 
 MOUNT = "/api"
+THUMBNAIL = "/items/{item_id}/thumbnail"  # routes below MOUNT that results link to
+ORIGINAL = "/items/{item_id}/original"
 
 
 @dataclass
@@ -87,8 +89,8 @@ def build_api(apps: dict[str, SearchApp], max_upload_pixels: int) -> FastAPI:
         suffix = f"?collection={quote(app.name)}" if params.collection else ""
         for result in body["results"]:
             if params.target == "images":
-                result["thumbnail"] = f"{MOUNT}/items/{result['id']}/thumbnail{suffix}"
-                result["original"] = f"{MOUNT}/items/{result['id']}/original{suffix}"
+                result["thumbnail"] = MOUNT + THUMBNAIL.format(item_id=result["id"]) + suffix
+                result["original"] = MOUNT + ORIGINAL.format(item_id=result["id"]) + suffix
         return JSONResponse(body)
 
     def query_terms(app: SearchApp, q: str | None) -> list[Term]:
@@ -114,7 +116,7 @@ def build_api(apps: dict[str, SearchApp], max_upload_pixels: int) -> FastAPI:
             raise HTTPException(404, f"no item has id {item_id}")
         return found
 
-    @api.get("/items/{item_id}/thumbnail", summary="an indexed image's display copy (JPEG)")
+    @api.get(THUMBNAIL, summary="an indexed image's display copy (JPEG)")
     def item_thumbnail(item_id: int, collection: str | None = None) -> Response:
         searcher = pick(collection).searcher
         found = searcher.item(item_id)
@@ -125,7 +127,7 @@ def build_api(apps: dict[str, SearchApp], max_upload_pixels: int) -> FastAPI:
             return FileResponse(kept, media_type="image/jpeg")
         return Response(thumbnail_jpeg(thumbnail(found["key"])), media_type="image/jpeg")
 
-    @api.get("/items/{item_id}/original", summary="an indexed image's file")
+    @api.get(ORIGINAL, summary="an indexed image's file")
     def item_original(item_id: int, collection: str | None = None) -> Response:
         path = pick(collection).searcher.indexed_image(item_id)
         if path is None or not Path(path).is_file():

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import tempfile
 import threading
+from collections import deque
 from pathlib import Path
 
 import gradio as gr
@@ -22,6 +23,7 @@ from otclip.engine.result_export import results_csv
 from otclip.engine.search import IndexSearcher, SearchPage, SearchResult
 
 MAX_UPLOAD_PIXELS = 40_000_000
+CSV_FILES_KEPT = 64  # the latest result lists written for download; older ones are deleted
 
 
 def _caption(r: SearchResult) -> str:
@@ -36,6 +38,8 @@ class SearchApp:
         model_calls = model_calls or threading.Lock()  # texts and images alike: one forward at a time
         self.texts = MicroBatcher(searcher.encode_texts, max_batch, model_calls, "text")
         self.images = MicroBatcher(searcher.encode_images, max_batch, model_calls, "image")
+        self._csv_files: deque[str] = deque()
+        self._csv_lock = threading.Lock()
 
     # --- the engine's search, batched ----------------------------------------------------------
     def query_vector(self, terms: list[Term]) -> np.ndarray:
@@ -93,12 +97,16 @@ class SearchApp:
             status += f" ({len(results) - len(tiles)} indexed files could not be read: re-run `otclip index`)"
         return tiles, status, ids
 
-    @staticmethod
-    def csv_file(results: list[SearchResult]) -> str:
-        """The results as a CSV file in the temp directory (Gradio serves files from there)."""
+    def csv_file(self, results: list[SearchResult]) -> str:
+        """The results as a CSV file in the temp directory (Gradio copies it into its cache to serve it). Only
+        the latest CSV_FILES_KEPT are kept: a long-running server does not fill the disk with them."""
         with tempfile.NamedTemporaryFile("w", suffix=".csv", prefix="otclip-results-", delete=False,
                                          encoding="utf-8") as f:
             f.write(results_csv(results))
+        with self._csv_lock:
+            self._csv_files.append(f.name)
+            while len(self._csv_files) > CSV_FILES_KEPT:
+                Path(self._csv_files.popleft()).unlink(missing_ok=True)
         return f.name
 
     # --- the named Gradio endpoints (stable signatures for gradio_client) --------------------------

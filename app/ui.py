@@ -13,10 +13,11 @@ from otclip.engine.filters import Filters, filters_from_strings
 from otclip.engine.images import ImageDecodeError, thumbnail
 
 from .http_api import MOUNT as API_MOUNT
+from .http_api import ORIGINAL as API_ORIGINAL
 from .reports import report_markdown, report_plots
 from .search_app import SearchApp
 
-ORIGINAL_ROUTE = f"{API_MOUNT}/items/{{item_id}}/original"  # an indexed image's original file, by id; nothing else
+ORIGINAL_ROUTE = API_MOUNT + API_ORIGINAL  # an indexed image's original file, by id; nothing else
 EXAMPLE_QUERIES = ["a cat", "a cup of coffee", "a rocket", "galaxies in deep space", "a sneaker", "a dress",
                    "2:a cat - an animal"]
 

@@ -50,12 +50,12 @@ class Filters:
             folder = self.path_prefix.rstrip("/") + "/"
             conditions.append("key >= ? AND key < ?")  # a range on the (side, key) index: no scan
             params += [folder, folder[:-1] + chr(ord("/") + 1)]
-        if self.path_glob is not None:
-            conditions.append("key GLOB ?")
-            params.append(self.path_glob)
-        if self.label is not None:
-            conditions.append("label = ?")
-            params.append(self.label)
+        for value, condition in ((self.path_glob, "key GLOB ?"), (self.label, "label = ?"),
+                                 (self.taken_after, f"{TAKEN} >= ?"), (self.taken_before, f"{TAKEN} < ?"),
+                                 (self.min_width, "width >= ?"), (self.min_height, "height >= ?")):
+            if value is not None:
+                conditions.append(condition)
+                params.append(value)
         for column, wanted in self.where.items():
             if isinstance(wanted, tuple):
                 numeric = all(v is None or _is_number(v) for v in wanted)
@@ -67,21 +67,9 @@ class Filters:
             else:
                 conditions.append(f"{column_expression(column, 'TEXT')} = ?")
                 params.append(wanted)
-        if self.taken_after is not None:
-            conditions.append(f"{TAKEN} >= ?")
-            params.append(self.taken_after)
-        if self.taken_before is not None:
-            conditions.append(f"{TAKEN} < ?")
-            params.append(self.taken_before)
         if self.orientation is not None:
             conditions.append({"landscape": "width > height", "portrait": "height > width",
                                "square": "width = height"}[self.orientation])
-        if self.min_width is not None:
-            conditions.append("width >= ?")
-            params.append(self.min_width)
-        if self.min_height is not None:
-            conditions.append("height >= ?")
-            params.append(self.min_height)
         return (" AND ".join(f"({c})" for c in conditions) or "1"), params
 
 

@@ -222,13 +222,17 @@ class IndexDirectory:
         """Commit every written chunk (a killed run's too), keep records files for the rows no kept file holds,
         and drop the chunks and records files nothing needs any more. Returns the rows stored."""
         ingested = sum(self.ingest_chunk(path.stem) for path in in_order(self.embeddings_dir.glob("*.json")))
-        lost = self.missing_records()
-        if lost & self.store.kept_removals():
+        live, removals = self.store.live_chunks(), self.store.kept_removals()  # (a scan of the chunk index)
+        lost = (live | removals) - self.records.names()
+        if lost & removals:
             self.rewrite_records()  # which items a lost removal removed is not known: keep the rows as they are
+            renamed = True
         else:
             self.store.forget_chunks(lost)
-            self._write_records_of_unheld_rows()
-        self._drop_unused()
+            renamed = self._write_records_of_unheld_rows() > 0
+        if renamed:  # rows now name new records files
+            live = self.store.live_chunks()
+        self._drop_unused(live)
         return ingested
 
     def remove_items(self, side: str, keys: list[str]) -> None:
@@ -246,13 +250,14 @@ class IndexDirectory:
                 written += 1
         return written
 
-    def _drop_unused(self) -> None:
-        """Delete embedding chunks no row uses, and the records files a rebuild no longer needs."""
+    def _drop_unused(self, live: set[str]) -> None:
+        """Delete embedding chunks no row uses, and the records files a rebuild no longer needs (`live`: the
+        chunks whose records file writes a current row)."""
         referenced = self.store.referenced_shards()  # (killed runs' temp files: `writing` removes them)
         for npy in self.embeddings_dir.glob("*.npy"):
             if npy.stem not in referenced and not (self.embeddings_dir / f"{npy.stem}.json").exists():
                 npy.unlink()  # a chunk cut off before its records were written, or no longer used
-        self.store.forget_removals(self.records.prune(self.store.live_chunks()))
+        self.store.forget_removals(self.records.prune(live))
 
     def missing_records(self) -> set[str]:
         """Records files that are lost although a rebuild needs them: of chunks that wrote current rows, and
@@ -310,8 +315,7 @@ class IndexDirectory:
         """Write a missing or unreadable manifest.json again: the model named by the newest records file, the
         dimension of the embedding chunks, no sides (publish each one next). The old file is kept beside it."""
         model = self.records.newest_model(list(self.embeddings_dir.glob("*.json")))
-        dims = {np.load(npy, mmap_mode="r").shape[-1] for npy in self.embeddings_dir.glob("*.npy")
-                if _readable_npy(npy)}
+        dims = {_chunk_dim(npy) for npy in self.embeddings_dir.glob("*.npy")} - {None}
         if model is None or len(dims) != 1:
             raise IndexDirectoryError(f"{self.manifest_path}: cannot be rebuilt (no records file names the model, or "
                                       "no embedding chunk gives the dimension); build a new index")
@@ -498,11 +502,13 @@ class IndexDirectory:
         return sum(p.stat().st_size for p in self.root.rglob("*") if p.is_file())
 
 
-def _readable_npy(path: Path) -> bool:
+def _chunk_dim(path: Path) -> int | None:
+    """The dimension of an embedding chunk's vectors (its header only), or None for an unreadable one."""
     try:
-        return np.load(path, mmap_mode="r").ndim == 2
+        array = np.load(path, mmap_mode="r")
     except (ValueError, OSError):
-        return False
+        return None
+    return array.shape[1] if array.ndim == 2 else None
 
 
 def _whole_jpeg(path: Path) -> bool:

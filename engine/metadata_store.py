@@ -186,10 +186,13 @@ class MetadataStore:
 
         return _Tx()
 
-    def _query(self, sql: str, params: Sequence = ()) -> list[sqlite3.Row]:
+    def _query(self, sql: str, params: Sequence = (), row_factory=sqlite3.Row) -> list:
+        """All rows of `sql`, as sqlite3.Row (or plain tuples: row_factory=None); damage as IndexDirectoryError."""
         with self._lock:
+            cursor = self._db.cursor()
+            cursor.row_factory = row_factory
             try:
-                return self._db.execute(sql, params).fetchall()
+                return cursor.execute(sql, params).fetchall()
             except sqlite3.DatabaseError as exc:
                 raise damage(self.path, exc) or exc from None
 
@@ -338,14 +341,8 @@ class MetadataStore:
 
     # --- filtered search ---------------------------------------------------------------------
     def _tuples(self, sql: str, params: Sequence = ()) -> list[tuple]:
-        """Like _query, as plain tuples: several times cheaper per row than sqlite3.Row for large results."""
-        with self._lock:
-            cursor = self._db.cursor()
-            cursor.row_factory = None
-            try:
-                return cursor.execute(sql, params).fetchall()
-            except sqlite3.DatabaseError as exc:
-                raise damage(self.path, exc) or exc from None
+        """_query's rows as plain tuples: several times cheaper per row than sqlite3.Row for large results."""
+        return self._query(sql, params, row_factory=None)
 
     def count_passing(self, side: str, filters: Filters, limit: int) -> int:
         """How many items pass, counting no further than `limit` (a wide filter costs no full scan)."""
