@@ -73,7 +73,8 @@ def build_ui(apps: dict[str, SearchApp], report: Path | None = None) -> gr.Block
                 orientation = gr.Dropdown(["any", "landscape", "portrait", "square"], value="any", label="Orientation")
                 order = gr.Radio(["score", "date"], value="score", label="Order (date: the best 1000, newest first)",
                                  elem_id="f-order")
-                collapse = gr.Slider(0, 1, value=0, step=0.01, label="Hide near-duplicates above (0: off)")
+                collapse = gr.Slider(0, 1, value=0, step=0.01, label="Hide near-duplicates above (0: off)",
+                                     elem_id="f-collapse")
         settings = [k, min_score, under, glob, label, where, after, before, orientation, order, collapse]
 
         def find(name, query, image, k, min_score, under, glob, label, where, after, before, orientation, order,

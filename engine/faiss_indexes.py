@@ -47,6 +47,20 @@ def configure_search(index: faiss.Index) -> faiss.Index:
     return index
 
 
+PROBE_NPROBE = 8  # lists a probe search scans
+
+
+def probe_search(index: faiss.Index, query: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """A cheap look at the neighbourhood of a (1, d) query: an IVF index scans only PROBE_NPROBE lists (about
+    a tenth of a full search's cost at 1M vectors), any other index searches as usual. Filtered search uses it
+    to guess how many items near the query pass a filter, not to answer."""
+    k = min(k, max(1, index.ntotal))
+    nprobe = default_nprobe(index)
+    if nprobe is None or "Gpu" in type(index).__name__:
+        return index.search(query, k)
+    return index.search(query, k, params=faiss.SearchParametersIVF(nprobe=min(nprobe, PROBE_NPROBE)))
+
+
 def _ivf_of(index: faiss.Index):
     try:
         return faiss.extract_index_ivf(index)
@@ -119,29 +133,23 @@ def index_description(index: faiss.Index) -> str:
     return type(_to_cpu(index)).__name__
 
 
-
-def best_among(index: faiss.Index, query: np.ndarray, positions: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray] | None:
-    """(scores, positions) of the best k of `positions`, scored exactly, from the index's own exact copies:
-    an IVF-Flat index scans every list with a bitmap of the positions (a distance only for those), a Flat
-    or HNSW-Flat one hands back their vectors. None when the index keeps only codes (PQ, scalar quantisers)
-    or lives on a GPU: filtered search then reads the embedding chunks."""
+def exact_vectors(index: faiss.Index, positions: np.ndarray) -> np.ndarray | None:
+    """The vectors at these positions from the index's own exact copies (Flat, HNSW-Flat), or None when the
+    index cannot hand them back cheaply (IVF lists, PQ or scalar-quantised codes, a GPU index)."""
     index = faiss.downcast_index(index)
-    query = np.ascontiguousarray(query, dtype=np.float32).reshape(1, -1)
-    positions = np.ascontiguousarray(positions, dtype=np.int64)
-    k = min(k, len(positions))
-    if k == 0:
-        return np.zeros(0, np.float32), np.zeros(0, np.int64)
-    if isinstance(index, faiss.IndexIVFFlat):
-        mask = np.zeros(index.ntotal, bool)
-        mask[positions] = True
-        bits = np.packbits(mask, bitorder="little")  # IDSelectorBitmap: bit (i & 7) of byte i >> 3
-        selector = faiss.IDSelectorBitmap(index.ntotal, faiss.swig_ptr(bits))
-        params = faiss.SearchParametersIVF(sel=selector, nprobe=index.nlist)
-        scores, found = index.search(query, k, params=params)
-        keep = found[0] >= 0
-        return scores[0][keep], found[0][keep]
     if isinstance(index, (faiss.IndexFlat, faiss.IndexHNSWFlat)):
-        scores = index.reconstruct_batch(positions) @ query[0]
-        best = np.lexsort((positions, -scores))[:k]
-        return scores[best], positions[best]
+        return index.reconstruct_batch(np.ascontiguousarray(positions, dtype=np.int64))
     return None
+
+
+def best_k(scores: np.ndarray, positions: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(scores, positions) of the k highest scores, best first, ties to the lower position (as FAISS's exact
+    search breaks them), in O(n + k log k)."""
+    if k <= 0:
+        return scores[:0], positions[:0]
+    if k < len(scores):
+        keep = np.argpartition(-scores, k - 1)[:k]
+        keep = np.flatnonzero(scores >= scores[keep].min())  # all tied with the k-th: the lowest positions win
+        scores, positions = scores[keep], positions[keep]
+    best = np.lexsort((positions, -scores))[:k]
+    return scores[best], positions[best]

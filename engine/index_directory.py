@@ -8,6 +8,8 @@
   INDEX_DIR/embeddings/records/  ... kept here (records_log) while a rebuild of metadata.sqlite needs it
   INDEX_DIR/{side}-{gen}.faiss   the FAISS index of a side, CPU form
   INDEX_DIR/{side}-{gen}.ids.npy FAISS position -> SQLite id
+  INDEX_DIR/{side}-{gen}.vectors.npy  the side's vectors in FAISS position order, memory-mapped: exact scores
+                                 for filtered search whatever the index keeps (IVF lists, PQ codes)
   INDEX_DIR/errors.jsonl         files skipped by the last run, with reasons
   INDEX_DIR/thumbnails/ab/{sha256}.jpg  a display copy of each distinct image content (app result tiles)
   INDEX_DIR/query/text.onnx      the model's text tower for torch-free text queries (text_query_model),
@@ -28,7 +30,9 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import NamedTuple
 
+import faiss
 import numpy as np
 
 from .atomic_files import write_atomically, write_json_atomically, write_npy_atomically
@@ -41,6 +45,15 @@ from .records_log import RecordsLog, chunk_payload, in_order, read_entry
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 METRIC = "inner_product"
+
+
+SIDE_FILES = (".faiss", ".ids.npy", ".vectors.npy")  # what `publish` writes for a side, per generation
+
+
+class LoadedSide(NamedTuple):
+    index: faiss.Index
+    ids: np.ndarray  # FAISS position -> SQLite item id
+    vectors: np.ndarray | None  # (n, d) float32, memory-mapped, in position order; None for an older index
 
 
 class IndexDirectory:
@@ -387,6 +400,7 @@ class IndexDirectory:
         generation = 1 + max([old["generation"] if old else 0, *self._generations_on_disk(side)])
         save_index(index, self.root / f"{side}-{generation}.faiss")
         write_npy_atomically(self.root / f"{side}-{generation}.ids.npy", ids)
+        write_npy_atomically(self.root / f"{side}-{generation}.vectors.npy", vectors)
         manifest["sides"][side] = {
             "factory": used,
             "index_type": index_description(index),
@@ -397,7 +411,7 @@ class IndexDirectory:
         }
         write_json_atomically(self.manifest_path, manifest)
         for stale in self._generations_on_disk(side) - {generation}:
-            for suffix in (".faiss", ".ids.npy"):
+            for suffix in SIDE_FILES:
                 (self.root / f"{side}-{stale}{suffix}").unlink(missing_ok=True)
         return manifest["sides"][side]
 
@@ -409,26 +423,34 @@ class IndexDirectory:
                 found.add(int(number))
         return found
 
-    def load_side(self, side: str, use_gpu: bool = True):
-        """(faiss index, ids) of a side, or None when the side was never built."""
+    def side_file(self, side: str, suffix: str) -> Path:
+        """A file of the published generation of a side (SIDE_FILES)."""
+        return self.root / f"{side}-{self.manifest()['sides'][side]['generation']}{suffix}"
+
+    def load_side(self, side: str, use_gpu: bool = True) -> LoadedSide | None:
+        """The published FAISS index of a side with its ids and vectors, or None when the side was never built.
+        Its vectors are None when that file is missing (an index published before otclip kept it)."""
         if side not in SIDES:
             raise ValueError(f"side {side!r}: expected one of {SIDES}")
         info = self.manifest()["sides"].get(side)
         if info is None:
             return None
-        gen = info["generation"]
-        path = self.root / f"{side}-{gen}.faiss"
+        path = self.side_file(side, ".faiss")
         try:
             index = load_index(path, use_gpu=use_gpu)
-            path = self.root / f"{side}-{gen}.ids.npy"
+            path = self.side_file(side, ".ids.npy")
             ids = np.load(path)
             if ids.shape != (index.ntotal,):
                 raise ValueError(f"{ids.shape[0] if ids.ndim else 0} ids for {index.ntotal} vectors")
+            path = self.side_file(side, ".vectors.npy")
+            vectors = np.load(path, mmap_mode="r") if path.exists() else None
+            if vectors is not None and (vectors.shape != (index.ntotal, index.d) or vectors.dtype != np.float32):
+                raise ValueError(f"{vectors.shape} {vectors.dtype} vectors for an index of {index.ntotal} x {index.d}")
         except (RuntimeError, ValueError, OSError, EOFError) as exc:  # truncated or damaged: it can be rebuilt
             first = str(exc).strip().splitlines()[-1][:160] if str(exc).strip() else type(exc).__name__
             raise IndexDirectoryError(f"{path}: damaged ({first}); rebuild it from the stored embeddings with "
                                       f"`otclip reindex {self.root} --factory {info['factory']}`") from None
-        return index, ids
+        return LoadedSide(index, ids, vectors)
 
     # --- thumbnails ----------------------------------------------------------------------------
     @property

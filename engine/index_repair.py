@@ -4,7 +4,7 @@ What can be rebuilt, and from what:
   manifest.json             the model named by the newest kept records file, the chunks' dimension
   metadata.sqlite           the kept records files, replayed in order (embeddings/records/)
   a records file            the metadata store's rows
-  {side}-{gen}.faiss        the embedding chunks (`IndexDirectory.publish`)
+  {side}-{gen}.faiss, .ids.npy, .vectors.npy   the embedding chunks (`IndexDirectory.publish`)
 What cannot: an embedding chunk's vectors. `otclip index` / `index-texts` embed its items again.
 """
 
@@ -49,9 +49,13 @@ def find_problems(directory: IndexDirectory) -> list[Problem]:
         problems.append(Problem(f"{directory.embeddings_dir / shard}.npy: {reason} (holds {held})", reembed))
     for side in manifest["sides"]:
         try:
-            directory.load_side(side, use_gpu=False)
+            loaded = directory.load_side(side, use_gpu=False)
         except IndexDirectoryError as exc:
             problems.append(Problem(str(exc).split(";")[0], repair))
+            continue
+        if loaded is not None and loaded.vectors is None:
+            problems.append(Problem(f"{directory.side_file(side, '.vectors.npy')}: missing (filtered searches score "
+                                    "from the embedding chunks meanwhile, slower)", repair))
     thumbnails = directory.damaged_thumbnails()
     if thumbnails:
         first = directory.thumbnail_path(next(iter(thumbnails)))
@@ -104,11 +108,12 @@ def repair(directory: IndexDirectory, factory: str | None = None) -> list[str]:
 
 
 def _loads(directory: IndexDirectory, side: str) -> bool:
+    """Whether the side's published files load whole (its vectors file included)."""
     try:
-        directory.load_side(side, use_gpu=False)
-        return True
+        loaded = directory.load_side(side, use_gpu=False)
     except IndexDirectoryError:
         return False
+    return loaded is None or loaded.vectors is not None
 
 
 def _make_thumbnails(directory: IndexDirectory, wanted: dict[str, str]) -> int:

@@ -11,10 +11,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .errors import IndexDirectoryError
-from .faiss_indexes import best_among, index_description
+from .faiss_indexes import best_k, exact_vectors, index_description, probe_search
 from .filters import Filters
 from .images import ImageInput
-from .index_directory import IndexDirectory
+from .index_directory import IndexDirectory, LoadedSide
 from .query_language import Term, combine, parse_query
 
 if TYPE_CHECKING:
@@ -67,7 +67,8 @@ def brute_force_limit(n: int) -> int:
 BRUTE_FORCE_MAX = 100_000  # a filter passing at most brute_force_limit(n) items scores all of them exactly
 DATE_CANDIDATES = 1_000  # order="date": how many of the best-scoring items are sorted by date
 COLLAPSE_FETCH = 4  # near-duplicate collapse: candidates fetched per result wanted
-FIRST_ROUND = 4  # a filtered search first checks this many of FAISS's best per result wanted
+FIRST_ROUND = 4  # a filtered search checks at least this many of FAISS's best per result wanted
+PROBE = 256  # candidates a filtered search's probe checks against the filter
 
 
 class IndexSearcher:
@@ -219,51 +220,69 @@ class IndexSearcher:
     def _ranked(self, vector: np.ndarray, side: str, want: int, filters: Filters | None,
                 min_score: float | None) -> list[tuple[float, int]]:
         """(score, item id) of the best `want` contents, best first; with filters, the item shown is the first
-        one holding the content that passes. Filtered: FAISS's best are checked against the filter, 4x more
-        each round; when a round finds too few that pass and at most brute_force_limit(n) items pass in all,
-        every one of them is scored instead (exactly)."""
-        index, ids = self._side(side)
+        one holding the content that passes (`_filtered`)."""
+        loaded = self._side(side)
         query = np.ascontiguousarray(np.asarray(vector, np.float32).reshape(1, -1))
         if filters is None or filters.is_empty():
-            found = self._faiss(index, ids, query, want)
+            found = self._faiss(loaded.index, loaded.ids, query, want)
         else:
-            fetch, narrow = want * FIRST_ROUND, None
-            while True:
-                candidates = self._faiss(index, ids, query, fetch)
-                shown = self._store.passing_among(side, [i for _, i in candidates], filters)
-                found = [(score, shown[i]) for score, i in candidates if i in shown]
-                if len(found) >= want or fetch >= index.ntotal:
-                    break
-                if narrow is None:
-                    narrow = self._store.passing_ids(side, filters, brute_force_limit(index.ntotal))
-                    if narrow is not None:
-                        found = self._scored(index, ids, narrow, query[0], want)
-                        break
-                fetch *= 4
+            found = self._filtered(loaded, side, query, want, filters)
         return [(score, i) for score, i in found if min_score is None or score >= min_score][:want]
 
-    def _scored(self, index, ids: np.ndarray, passing: np.ndarray, query: np.ndarray,
-                want: int) -> list[tuple[float, int]]:
+    def _filtered(self, loaded: LoadedSide, side: str, query: np.ndarray, want: int,
+                  filters: Filters) -> list[tuple[float, int]]:
+        """The best `want` contents among items that pass. A probe (`probe_search`: PROBE candidates from a few
+        IVF lists, about a tenth of a search) estimates the share s of items near the query that pass. When
+        s n <= brute_force_limit(n), every passing item is scored exactly (their ids from SQLite, their vectors
+        by position); otherwise FAISS's best 2 want / s are checked against the filter, 4x more each round
+        until `want` pass (as exact as the index). A probe that guessed narrow for a filter passing more than
+        the limit costs one bounded read of ids, then the rounds."""
+        index, ids = loaded.index, loaded.ids
+        n = index.ntotal
+        limit = brute_force_limit(n)
+        nearby = [int(ids[p]) for p in probe_search(index, query, PROBE)[1][0] if p >= 0]
+        share = self._store.count_among(nearby, filters) / max(1, len(nearby))
+        if share * n <= limit:
+            passing = self._store.passing_ids(side, filters, limit)
+            if passing is not None:
+                return self._scored(loaded, passing, query[0], want)
+        fetch = min(n, max(want * FIRST_ROUND, int(2 * want / max(share, 1 / PROBE))))
+        while True:
+            candidates = self._faiss(index, ids, query, fetch)
+            shown = self._store.passing_among(side, [i for _, i in candidates], filters)
+            found = [(score, shown[i]) for score, i in candidates if i in shown]
+            if len(found) >= want or fetch >= n:
+                return found
+            fetch = min(n, fetch * 4)
+
+    def _scored(self, loaded: LoadedSide, passing: np.ndarray, query: np.ndarray, want: int) -> list[tuple[float, int]]:
         """Score every content an item of `passing` holds, exactly: (score, the first passing item holding it) of
-        the best `want`. Scores come from the index itself when it keeps its vectors exactly, else from the
-        embedding chunks."""
+        the best `want`. The vectors come from the side's position-ordered vectors file (memory-mapped), else
+        from the index's own exact copies, else (an older index of codes) from the embedding chunks."""
+        ids = loaded.ids
         passing = np.sort(passing)
         at = np.minimum(np.searchsorted(ids, passing), max(len(ids) - 1, 0))
         direct = ids[at] == passing if len(ids) else np.zeros(len(passing), bool)
-        shown = dict(zip(at[direct].tolist(), passing[direct].tolist()))  # FAISS position -> item shown
-        others = passing[~direct].tolist()  # items whose content another (lower) id stands for in FAISS
-        for item, representative in self._store.representatives(others).items():
-            position = int(np.searchsorted(ids, representative))
-            if position < len(ids) and ids[position] == representative:
-                shown[position] = min(shown.get(position, item), item)
-        positions = np.fromiter(shown, np.int64, len(shown))
-        best = best_among(index, query, positions, want)
-        if best is None:  # the index keeps codes only: the stored embeddings
-            where = self._store.locations([shown[p] for p in positions.tolist()])
-            scores = self.directory.vectors_at([where[shown[p]] for p in positions.tolist()]) @ query
-            order = np.lexsort((positions, -scores))[:want]
-            best = scores[order], positions[order]
-        return [(float(score), shown[int(position)]) for score, position in zip(*best)]
+        positions, shown = at[direct], passing[direct]  # FAISS position -> the item shown for it
+        others = passing[~direct]  # items whose content another (lower) id stands for in FAISS
+        found = self._store.representatives(others.tolist()) if len(others) and len(ids) else {}
+        if found:
+            items, representatives = np.array(list(found), np.int64), np.array(list(found.values()), np.int64)
+            at = np.minimum(np.searchsorted(ids, representatives), len(ids) - 1)
+            held = ids[at] == representatives
+            positions, shown = np.concatenate([positions, at[held]]), np.concatenate([shown, items[held]])
+            order = np.lexsort((shown, positions))  # per position, its first passing item
+            first = np.unique(positions[order], return_index=True)[1]
+            positions, shown = positions[order][first], shown[order][first]
+        if loaded.vectors is not None:
+            vectors = loaded.vectors[positions]
+        else:
+            vectors = exact_vectors(loaded.index, positions)
+            if vectors is None:
+                where = self._store.locations(shown.tolist())
+                vectors = self.directory.vectors_at([where[i] for i in shown.tolist()])
+        scores, best = best_k(vectors @ query, np.arange(len(positions)), want)
+        return [(float(score), int(shown[j])) for score, j in zip(scores, best)]
 
     @staticmethod
     def _faiss(index, ids: np.ndarray, query: np.ndarray, want: int) -> list[tuple[float, int]]:
@@ -285,7 +304,7 @@ class IndexSearcher:
         """How many items of `side` pass the filters."""
         return self._store.count_passing(side, filters or Filters(), 2**62)
 
-    def _side(self, side: str):
+    def _side(self, side: str) -> LoadedSide:
         loaded = self.current_sides().get(side)
         if loaded is None:
             hint = "otclip index-texts TEXTS --out DIR" if side == "texts" else "otclip index IMAGES --out DIR"
@@ -297,7 +316,7 @@ class IndexSearcher:
         self, queries: np.ndarray, side: str = "images", k: int = 10, min_score: float | None = None
     ) -> list[list[SearchResult]]:
         """Nearest items of `side` for each (d,) query vector (rows of `queries`)."""
-        index, ids = self._side(side)
+        index, ids, _ = self._side(side)
         if k < 1:
             raise ValueError(f"k={k}: must be at least 1")
         queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)

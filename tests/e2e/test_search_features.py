@@ -119,3 +119,25 @@ def test_date_order_in_the_app_is_the_apis(browser, two_collections):
     api = httpx.get(f"{two_collections}api/search", params={"q": "a photo", "k": 12, "order": "date"}).json()
     expected = [f"{r['score']:.3f} · {r['text']}" for r in api["results"]]
     assert shown == expected and len(set(r["taken"] for r in api["results"])) > 1
+
+
+def test_near_duplicates_hidden_in_the_app_as_in_the_api(browser, two_collections):
+    """The collapse slider: the gallery equals the API's collapsed page, which differs from the plain one."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    api = f"{two_collections}api/search"
+    plain = httpx.get(api, params={"q": "a photo", "k": 12}).json()["results"]
+    collapsed = httpx.get(api, params={"q": "a photo", "k": 12, "collapse": 0.5}).json()["results"]
+    assert [r["id"] for r in collapsed] != [r["id"] for r in plain]  # something near-duplicate was hidden
+    browser.get(two_collections)
+    wait_for(browser, lambda d: d.find_element(By.CSS_SELECTOR, "#query textarea"))
+    browser.find_element(By.CSS_SELECTOR, "#filters button, #filters .label-wrap").click()
+    number = wait_for(browser, lambda d: d.find_element(By.CSS_SELECTOR, "#f-collapse input[type='number']"))
+    number.send_keys(Keys.CONTROL, "a")
+    number.send_keys("0.5", Keys.TAB)
+    browser.find_element(By.CSS_SELECTOR, "#query textarea").send_keys("a photo")
+    browser.find_element(By.ID, "search").click()
+    wait_for(browser, lambda d: d.find_element(By.ID, "t2i-status").text.startswith("12 results"))
+    shown = [line for line in browser.find_element(By.ID, "t2i-gallery").text.splitlines() if " · " in line]
+    assert shown == [f"{r['score']:.3f} · {r['text']}" for r in collapsed]

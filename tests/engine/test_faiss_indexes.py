@@ -2,7 +2,7 @@ import faiss
 import numpy as np
 import pytest
 
-from otclip.engine.faiss_indexes import auto_factory, build_index, load_index, save_index
+from otclip.engine.faiss_indexes import auto_factory, best_k, build_index, load_index, probe_search, save_index
 
 
 def clustered(n, d=32, seed=0):
@@ -50,3 +50,35 @@ def test_bad_factory_and_too_few_vectors_are_explained():
 def test_untrained_non_ivf_index_with_no_vectors_is_explained():
     with pytest.raises(ValueError, match="needs at least 1 vectors"):
         build_index(np.zeros((0, 32), np.float32), "PQ8")
+
+
+def test_best_k_breaks_ties_to_the_lower_position():
+    """By hand: three scores tie at 0.9; the two lowest positions among them win, best first."""
+    scores = np.array([0.5, 0.9, 0.9, 0.1, 0.9], np.float32)
+    got = best_k(scores, np.array([10, 4, 2, 7, 3]), 2)
+    assert got[0].tolist() == pytest.approx([0.9, 0.9]) and got[1].tolist() == [2, 3]
+    assert best_k(scores, np.arange(5), 0)[1].tolist() == [] and best_k(scores, np.arange(5), 9)[1].tolist() == [1, 2, 4, 0, 3]
+
+
+def test_best_k_equals_a_full_sort():
+    rng = np.random.default_rng(3)
+    scores = rng.integers(0, 50, 2000).astype(np.float32)  # many ties
+    positions = rng.permutation(10_000)[:2000]
+    order = sorted(range(2000), key=lambda i: (-scores[i], positions[i]))[:37]
+    got_scores, got_positions = best_k(scores, positions, 37)
+    assert got_positions.tolist() == positions[order].tolist() and got_scores.tolist() == scores[order].tolist()
+
+
+def test_probe_search_scans_fewer_lists_than_a_search():
+    """An IVF probe scans PROBE_NPROBE lists (a full search scans nprobe): on 256 lists of clustered vectors
+    it finds true neighbours, fewer of them than the full search does."""
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(256, 16)).astype(np.float32)
+    vectors = centres[rng.integers(0, 256, 20_000)] + 0.3 * rng.normal(size=(20_000, 16)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    index, _ = build_index(vectors, "IVF256,Flat")
+    query = vectors[:1]
+    exact = set(np.argsort(-(vectors @ query[0]))[:200].tolist())
+    probe = set(probe_search(index, query, 200)[1][0].tolist())
+    full = set(index.search(query, 200)[1][0].tolist())
+    assert 0 < len(probe & exact) < len(full & exact)

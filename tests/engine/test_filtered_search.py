@@ -166,10 +166,11 @@ def test_bad_filters_are_one_line():
     assert Filters().is_empty() and not filters_from_strings(label="x").is_empty()
 
 
+@pytest.mark.parametrize("vectors_file", [True, False], ids=["vectors file", "older index without it"])
 @pytest.mark.parametrize("factory", ["IVF8,Flat", "HNSW16", "IVF8,PQ4"])
-def test_exact_scores_whatever_the_index_keeps(factory, corpus, tmp_path):
-    """A filtered set scored exactly: from the index's own copies (IVF-Flat via its direct map, HNSW-Flat), or,
-    for an index that keeps only codes (PQ), from the embedding chunks."""
+def test_exact_scores_whatever_the_index_keeps(factory, vectors_file, corpus, tmp_path):
+    """A filtered set scored exactly: from the side's position-ordered vectors file; for an index published
+    without it, from the index's own copies (HNSW-Flat) or from the embedding chunks (IVF lists, PQ codes)."""
     _, vectors, records = corpus
     directory = IndexDirectory(tmp_path / "ix")
     with directory.writing():
@@ -178,7 +179,10 @@ def test_exact_scores_whatever_the_index_keeps(factory, corpus, tmp_path):
         directory.write_chunk("c0", "images", vectors, records)
         directory.ingest_pending()
         directory.publish("images", factory)
+    if not vectors_file:
+        directory.side_file("images", ".vectors.npy").unlink()
     searcher = IndexSearcher(tmp_path / "ix")
+    assert (searcher._side("images").vectors is not None) == vectors_file
     query = vectors[5] + 0.5 * vectors[6]
     query /= np.linalg.norm(query)
     for strings, passes in (CASES["all at once"], CASES["rare"]):  # too few pass among FAISS's best 48

@@ -22,6 +22,7 @@ FILES = {  # what is damaged -> where it is, in a copy of the pristine index
     "metadata store": "metadata.sqlite",
     "FAISS index": "images-*.faiss",
     "FAISS ids": "images-*.ids.npy",
+    "FAISS-ordered vectors": "images-*.vectors.npy",
     "text-side FAISS index": "texts-*.faiss",
     "embedding chunk": "embeddings/images-*.npy",
     "records file": "embeddings/records/images-*-r0-*.json",
@@ -156,7 +157,7 @@ def test_a_run_stopped_at_each_commit_point_resumes_to_the_same_index(pristine, 
     renames()
     index_images(photos, reference, **build)
     renames.undo()
-    assert renames.count >= 10  # 2 chunks x (vectors, records, records kept), errors.jsonl, FAISS, ids, manifest x 2
+    assert renames.count >= 10  # 2 chunks x (vectors, records, records kept), errors.jsonl, FAISS, ids, vectors, manifest x 2
     stopped_at = []
     for n in range(1, renames.count + 1):
         for before in (True, False):
