@@ -12,19 +12,66 @@ import numpy as np
 from .atomic_files import write_atomically
 
 EXACT_LIMIT = 50_000  # below this, exact search is fast enough and needs no training
-PQ_LIMIT = 2_000_000  # past this, full vectors no longer fit comfortably: compress with PQ
+COMPRESS_LIMIT = 2_000_000  # past this, `auto` stores 1 byte a dimension (SQ8) instead of 4 (re-ranked exactly)
 TRAIN_SAMPLE_PER_LIST = 64
+PQ_SIZES = (96, 64, 48, 32, 24, 16, 8)  # bytes a vector `auto` tries, largest first, when a budget asks for PQ
 
 
-def auto_factory(n: int, dim: int) -> str:
-    """The factory string `auto` picks for `n` vectors of dimension `dim`."""
-    if n < EXACT_LIMIT:
-        return "Flat"
-    nlist = 2 ** int(round(math.log2(4 * math.sqrt(n))))
-    if n < PQ_LIMIT:
-        return f"IVF{nlist},Flat"
-    m = next(m for m in (64, 48, 32, 24, 16, 8) if dim % m == 0)
-    return f"OPQ{m},IVF{nlist},PQ{m}"
+def auto_factory(n: int, dim: int, max_bytes: int | None = None) -> str:
+    """The factory string `auto` picks for `n` vectors of dimension `dim`: exact below EXACT_LIMIT, then IVF
+    with ~4 sqrt(n) lists, full vectors below COMPRESS_LIMIT, then 8-bit scalar codes. With `max_bytes`, the
+    most accurate of Flat, IVF-Flat, IVF-SQ8 and OPQ-IVF-PQ (96 down to 8 bytes a vector) whose
+    `estimated_bytes` fit; compressed ones are re-ranked exactly from the side's vectors file on disk."""
+    nlist = 2 ** int(round(math.log2(4 * math.sqrt(max(n, 1)))))
+    if max_bytes is None:
+        if n < EXACT_LIMIT:
+            return "Flat"
+        return f"IVF{nlist},Flat" if n < COMPRESS_LIMIT else f"IVF{nlist},SQ8"
+    candidates = (["Flat"] if n < EXACT_LIMIT else []) + [f"IVF{nlist},Flat", f"IVF{nlist},SQ8"]
+    candidates += [f"OPQ{m},IVF{nlist},PQ{m}" for m in PQ_SIZES if dim % m == 0 and m < dim]
+    for factory in candidates:
+        if estimated_bytes(factory, n, dim) <= max_bytes:
+            return factory
+    smallest = candidates[-1]
+    raise ValueError(f"--max-index-memory {size_text(max_bytes)}: no index of {n} vectors of {dim} dimensions fits; "
+                     f"the smallest, {smallest}, takes {size_text(estimated_bytes(smallest, n, dim))}")
+
+
+def size_text(size: float) -> str:
+    """Bytes for people: 60 kB, 23 MB, 1.5 GB (powers of 1000, as --max-index-memory reads them)."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if size >= scale:
+            return f"{size / scale:.3g} {unit}"
+    return f"{int(size)} B"
+
+
+def estimated_bytes(factory: str, n: int, dim: int) -> int:
+    """RAM an index of n vectors takes: its code size a vector (+ an 8-byte id in IVF lists), the IVF
+    centroids (4 d bytes a list), a PQ's codebooks (256 x 4 d bytes) and an OPQ rotation (4 d^2 bytes).
+    Checked against the serialised size of built indexes in tests."""
+    index = new_index(factory, dim)
+    ivf = _ivf_of(index)
+    if ivf is None:
+        return n * faiss.downcast_index(index).code_size
+    fixed = ivf.nlist * dim * 4
+    if "PQ" in factory:
+        fixed += 256 * dim * 4
+    if factory.startswith("OPQ"):
+        fixed += dim * dim * 4
+    return n * (ivf.code_size + 8) + fixed
+
+
+def rerank_factor(index: faiss.Index) -> int:
+    """How many candidates per result a search asks this index for, to re-score them exactly: 1 for an index
+    that scores with the vectors themselves (Flat, IVF-Flat, HNSW-Flat), 4 for codes of a byte or more a
+    dimension (SQ8: recall@10 0.976 -> 1.000 at 1M clustered 384-d vectors), 40 for smaller codes (PQ64:
+    0.26 -> 0.99; 4x gave 0.56), measured with benchmarks/search_bench.py."""
+    index = faiss.downcast_index(_to_cpu(index))
+    if isinstance(index, (faiss.IndexFlat, faiss.IndexIVFFlat, faiss.IndexHNSWFlat)):
+        return 1
+    ivf = _ivf_of(index)
+    code_size = ivf.code_size if ivf is not None else getattr(index, "code_size", 0)
+    return 4 if code_size >= index.d else 40
 
 
 HNSW_EF_SEARCH = 128
@@ -99,12 +146,14 @@ def new_index(factory: str, dim: int) -> faiss.Index:
         raise ValueError(f"factory string {factory!r}: not a valid FAISS index description ({exc})") from None
 
 
-def build_index(vectors: np.ndarray, factory: str = "auto", seed: int = 0) -> tuple[faiss.Index, str]:
-    """Train (on a sample) and fill an inner-product index; returns the CPU index and the factory used.
-    Training and adding run on the GPU when FAISS sees one."""
+def build_index(vectors: np.ndarray, factory: str = "auto", seed: int = 0,
+                max_bytes: int | None = None) -> tuple[faiss.Index, str]:
+    """Train (on a sample) and fill an inner-product index; returns the CPU index and the factory used
+    (`auto`: `auto_factory`, within `max_bytes` when given). Training and adding run on the GPU when FAISS
+    sees one."""
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
     n, dim = vectors.shape
-    factory = auto_factory(n, dim) if factory == "auto" else factory
+    factory = auto_factory(n, dim, max_bytes) if factory == "auto" else factory
     index = new_index(factory, dim)
     work = _to_gpu(index)
     if not work.is_trained:
@@ -124,8 +173,12 @@ def save_index(index: faiss.Index, path: str | Path) -> Path:
     return write_atomically(path, lambda tmp: faiss.write_index(index, tmp))
 
 
-def load_index(path: str | Path, use_gpu: bool = True) -> faiss.Index:
-    index = configure_search(faiss.read_index(str(path)))
+def load_index(path: str | Path, use_gpu: bool = True, mmap: bool = False) -> faiss.Index:
+    """Read an index; `mmap`: its vectors or codes stay in the file, memory-mapped (FAISS's IO_FLAG_MMAP_IFC:
+    opening a GB-sized index takes milliseconds, and pages come in as queries touch them). A GPU copy is
+    made from RAM, never mapped."""
+    mapped = mmap and not (use_gpu and gpu_count())
+    index = configure_search(faiss.read_index(str(path), faiss.IO_FLAG_MMAP_IFC if mapped else 0))
     return _to_gpu(index) if use_gpu else index
 
 

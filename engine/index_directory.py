@@ -37,7 +37,7 @@ import numpy as np
 
 from .atomic_files import write_atomically, write_json_atomically, write_npy_atomically
 from .errors import IndexDirectoryError
-from .faiss_indexes import build_index, index_description, load_index, save_index
+from .faiss_indexes import build_index, index_description, load_index, rerank_factor, save_index
 from .metadata_store import SCHEMA_VERSION, SIDES, ItemRecord, MetadataStore
 from .model_identity import ModelIdentity
 from .records_log import RecordsLog, chunk_payload, in_order, read_entry
@@ -54,6 +54,11 @@ class LoadedSide(NamedTuple):
     index: faiss.Index
     ids: np.ndarray  # FAISS position -> SQLite item id
     vectors: np.ndarray | None  # (n, d) float32, memory-mapped, in position order; None for an older index
+    rerank: int  # candidates per result re-scored from `vectors` (`rerank_factor`; 1: the index is exact)
+
+    @property
+    def exact(self) -> bool:
+        return self.rerank == 1
 
 
 class IndexDirectory:
@@ -155,6 +160,16 @@ class IndexDirectory:
                 f"{self.root}: built with model {built}, refusing model {identity}; "
                 f"use --model {self.model_spec()} or build a new index"
             )
+
+    def set_memory_budget(self, max_bytes: int | None) -> None:
+        """Keep `--max-index-memory` in the manifest: every later `auto` build of this index stays within it
+        (until set again; 0 removes it)."""
+        manifest = self.manifest()
+        if max_bytes:
+            manifest["max_index_memory"] = int(max_bytes)
+        else:
+            manifest.pop("max_index_memory", None)
+        write_json_atomically(self.manifest_path, manifest)
 
     # --- metadata and embeddings ---------------------------------------------------------------
     @property
@@ -391,9 +406,11 @@ class IndexDirectory:
 
     # --- FAISS sides -------------------------------------------------------------------------
     def publish(self, side: str, factory: str = "auto") -> dict:
-        """(Re)build the FAISS index of a side from the stored embeddings and commit it via the manifest."""
+        """(Re)build the FAISS index of a side from the stored embeddings and commit it via the manifest; `auto`
+        stays within the index's memory budget (`set_memory_budget`)."""
         ids, vectors = self.unique_embeddings(side)
-        index, used = build_index(vectors, factory)
+        budget = self.manifest().get("max_index_memory")
+        index, used = build_index(vectors, factory, max_bytes=budget)
         manifest = self.manifest()
         old = manifest["sides"].get(side)
         # after the next of every generation on disk: a rebuilt manifest must not reuse a file a server may hold
@@ -408,6 +425,8 @@ class IndexDirectory:
             "items": self.store.count(side),
             "generation": generation,
             "updated": time.time(),
+            "max_index_memory": budget if factory == "auto" else None,  # the budget `auto` kept to
+            "index_bytes": (self.root / f"{side}-{generation}.faiss").stat().st_size,
         }
         write_json_atomically(self.manifest_path, manifest)
         for stale in self._generations_on_disk(side) - {generation}:
@@ -427,9 +446,10 @@ class IndexDirectory:
         """A file of the published generation of a side (SIDE_FILES)."""
         return self.root / f"{side}-{self.manifest()['sides'][side]['generation']}{suffix}"
 
-    def load_side(self, side: str, use_gpu: bool = True) -> LoadedSide | None:
+    def load_side(self, side: str, use_gpu: bool = True, mmap: bool = False) -> LoadedSide | None:
         """The published FAISS index of a side with its ids and vectors, or None when the side was never built.
-        Its vectors are None when that file is missing (an index published before otclip kept it)."""
+        Its vectors are None when that file is missing (an index published before otclip kept it). `mmap`: the
+        index's codes stay in its file, memory-mapped (`load_index`); the vectors file always does."""
         if side not in SIDES:
             raise ValueError(f"side {side!r}: expected one of {SIDES}")
         info = self.manifest()["sides"].get(side)
@@ -437,7 +457,7 @@ class IndexDirectory:
             return None
         path = self.side_file(side, ".faiss")
         try:
-            index = load_index(path, use_gpu=use_gpu)
+            index = load_index(path, use_gpu=use_gpu, mmap=mmap)
             path = self.side_file(side, ".ids.npy")
             ids = np.load(path)
             if ids.shape != (index.ntotal,):
@@ -450,7 +470,7 @@ class IndexDirectory:
             first = str(exc).strip().splitlines()[-1][:160] if str(exc).strip() else type(exc).__name__
             raise IndexDirectoryError(f"{path}: damaged ({first}); rebuild it from the stored embeddings with "
                                       f"`otclip reindex {self.root} --factory {info['factory']}`") from None
-        return LoadedSide(index, ids, vectors)
+        return LoadedSide(index, ids, vectors, rerank_factor(index))
 
     # --- thumbnails ----------------------------------------------------------------------------
     @property

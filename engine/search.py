@@ -100,7 +100,7 @@ class IndexSearcher:
 
                 self._text_model = TextQueryModel(*files, threads=threads, few_queries=few_queries)
         self.manifest = manifest
-        self._sides = {side: self.directory.load_side(side) for side in manifest["sides"]}
+        self._sides = {side: self.directory.load_side(side, mmap=True) for side in manifest["sides"]}
         self._stamp = self._manifest_stamp()
         self._reload = threading.Lock()
         self._store = self.directory.reader()
@@ -150,7 +150,7 @@ class IndexSearcher:
                 if stamp != self._stamp:
                     try:
                         manifest = self.directory.manifest()
-                        sides = {side: self.directory.load_side(side) for side in manifest["sides"]}
+                        sides = {side: self.directory.load_side(side, mmap=True) for side in manifest["sides"]}
                     except IndexDirectoryError:  # every failure to read the index directory is one of these
                         return self._sides
                     if _inode(self.directory.store_path) != self._store_inode:
@@ -159,14 +159,20 @@ class IndexSearcher:
                     self.manifest, self._sides, self._stamp = manifest, sides, stamp
         return self._sides
 
+    def recall(self, side: str = "images", sample: int = 200, k: int = 10) -> float:
+        """The side's measured recall@k against exact search (`measured_recall`)."""
+        return measured_recall(self._side(side), sample, k)
+
     def has_side(self, side: str) -> bool:
         return self.current_sides().get(side) is not None
 
     def info(self) -> dict:
         current = self.current_sides()
         sides = {
-            side: {**self.manifest["sides"][side], "index_type": index_description(loaded[0]),
-                   "items": self._store.count(side)}  # reads the store: a damaged one says so here
+            side: {**self.manifest["sides"][side], "index_type": index_description(loaded.index),
+                   "items": self._store.count(side),  # reads the store: a damaged one says so here
+                   "index_bytes": self.directory.side_file(side, ".faiss").stat().st_size,
+                   "exact": loaded.exact, "reranked": not loaded.exact and loaded.vectors is not None}
             for side, loaded in current.items()
             if loaded is not None
         }
@@ -176,6 +182,7 @@ class IndexSearcher:
             "dim": self.manifest["dim"],
             "metric": self.manifest["metric"],
             "sides": sides,
+            "max_index_memory": self.manifest.get("max_index_memory"),
             "size_bytes": self.directory.size_on_disk(),
         }
 
@@ -224,7 +231,7 @@ class IndexSearcher:
         loaded = self._side(side)
         query = np.ascontiguousarray(np.asarray(vector, np.float32).reshape(1, -1))
         if filters is None or filters.is_empty():
-            found = self._faiss(loaded.index, loaded.ids, query, want)
+            found = self._faiss(loaded, query, want)
         else:
             found = self._filtered(loaded, side, query, want, filters)
         return [(score, i) for score, i in found if min_score is None or score >= min_score][:want]
@@ -248,7 +255,7 @@ class IndexSearcher:
                 return self._scored(loaded, passing, query[0], want)
         fetch = min(n, max(want * FIRST_ROUND, int(2 * want / max(share, 1 / PROBE))))
         while True:
-            candidates = self._faiss(index, ids, query, fetch)
+            candidates = self._faiss(loaded, query, fetch)
             shown = self._store.passing_among(side, [i for _, i in candidates], filters)
             found = [(score, shown[i]) for score, i in candidates if i in shown]
             if len(found) >= want or fetch >= n:
@@ -284,10 +291,10 @@ class IndexSearcher:
         scores, best = best_k(vectors @ query, np.arange(len(positions)), want)
         return [(float(score), int(shown[j])) for score, j in zip(scores, best)]
 
-    @staticmethod
-    def _faiss(index, ids: np.ndarray, query: np.ndarray, want: int) -> list[tuple[float, int]]:
-        scores, positions = index.search(query, min(want, max(1, index.ntotal)))
-        return [(float(s), int(ids[p])) for s, p in zip(scores[0], positions[0]) if p >= 0]
+    def _faiss(self, loaded: LoadedSide, query: np.ndarray, want: int) -> list[tuple[float, int]]:
+        """(score, item id) of the index's best `want` for a (1, d) query."""
+        scores, positions = nearest(loaded, query, want)
+        return [(float(s), int(loaded.ids[p])) for s, p in zip(scores[0], positions[0]) if p >= 0]
 
     def _collapse(self, ranked: list[tuple[float, int]], threshold: float) -> list[tuple[float, int]]:
         """Greedy: keep a result unless its cosine to a result kept before it reaches `threshold`."""
@@ -316,11 +323,12 @@ class IndexSearcher:
         self, queries: np.ndarray, side: str = "images", k: int = 10, min_score: float | None = None
     ) -> list[list[SearchResult]]:
         """Nearest items of `side` for each (d,) query vector (rows of `queries`)."""
-        index, ids, _ = self._side(side)
+        loaded = self._side(side)
+        ids = loaded.ids
         if k < 1:
             raise ValueError(f"k={k}: must be at least 1")
         queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
-        scores, positions = index.search(queries, min(k, max(1, index.ntotal)))
+        scores, positions = nearest(loaded, queries, k)
         found = [[(float(s), int(ids[p])) for s, p in zip(row_s, row_p) if p >= 0 and (min_score is None or s >= min_score)]
                  for row_s, row_p in zip(scores, positions)]
         meta = self._store.items(sorted({i for row in found for _, i in row}))
@@ -394,6 +402,54 @@ class IndexSearcher:
 
     def close(self) -> None:
         self._store.close()
+
+
+def nearest(loaded: LoadedSide, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """FAISS's (scores, positions) of the best k for each row of `queries` (-1: none). An index of lossy codes
+    (SQ, PQ) is asked for `loaded.rerank` x k candidates, re-scored exactly from the side's memory-mapped
+    vectors (FAISS's IndexRefine, with the float copy on disk instead of in RAM)."""
+    index = loaded.index
+    k = min(k, max(1, index.ntotal))
+    if loaded.exact or loaded.vectors is None:
+        return index.search(queries, k)
+    scores, positions = index.search(queries, min(k * loaded.rerank, index.ntotal))
+    out_scores, out_positions = np.full((len(queries), k), -np.inf, np.float32), np.full((len(queries), k), -1)
+    for row, (query, candidates) in enumerate(zip(queries, positions)):
+        candidates = np.sort(candidates[candidates >= 0])
+        best_scores, best = best_k(loaded.vectors[candidates] @ query, candidates, k)
+        out_scores[row, : len(best)], out_positions[row, : len(best)] = best_scores, best
+    return out_scores, out_positions
+
+
+def measured_recall(loaded: LoadedSide, sample: int = 200, k: int = 10, seed: int = 0) -> float:
+    """recall@k of the side's search (`nearest`, re-ranking included) against exact search, with `sample` stored
+    vectors as the queries, each held out of both lists (its own position is dropped: an IVF search always
+    finds the query itself, which would lift the figure by up to 1/k). Exact: a float32 brute force over the
+    vectors file in blocks of 100 000 (RAM stays bounded)."""
+    vectors = loaded.vectors
+    n = len(loaded.ids)
+    if vectors is None or n < 2:
+        raise ValueError("recall needs the side's vectors file and at least 2 vectors (`otclip reindex` writes it)")
+    k = min(k, n - 1)
+    chosen = np.sort(np.random.default_rng(seed).choice(n, size=min(sample, n), replace=False))
+    queries = np.ascontiguousarray(vectors[chosen])
+    found = nearest(loaded, queries, k + 1)[1]
+    exact_scores = np.full((len(chosen), k + 1), -np.inf, np.float32)
+    exact = np.full((len(chosen), k + 1), -1, np.int64)
+    for start in range(0, n, 100_000):
+        block = np.asarray(vectors[start : start + 100_000]) @ queries.T  # (rows, queries)
+        top = np.argpartition(-block, k, axis=0)[: k + 1] if len(block) > k + 1 else \
+            np.repeat(np.arange(len(block))[:, None], len(chosen), axis=1)
+        scores = np.concatenate([exact_scores, np.take_along_axis(block, top, axis=0).T], axis=1)
+        positions = np.concatenate([exact, (top + start).T], axis=1)
+        order = np.argsort(-scores, axis=1, kind="stable")[:, : k + 1]
+        exact_scores, exact = np.take_along_axis(scores, order, 1), np.take_along_axis(positions, order, 1)
+
+    def others(row: np.ndarray, query: int) -> set[int]:
+        return set([p for p in row.tolist() if p not in (query, -1)][:k])
+
+    hits = [len(others(a, q) & others(b, q)) for q, a, b in zip(chosen.tolist(), found, exact)]
+    return float(np.mean(hits)) / k
 
 
 def _inode(path: Path) -> int | None:

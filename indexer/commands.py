@@ -15,7 +15,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("images", type=Path, help="folder of images, or a .csv/.jsonl/.parquet manifest with a path column")
     p.add_argument("--out", type=Path, required=True, help="index directory")
     p.add_argument("--model", default=DEFAULT_MODEL_NAME, help="model spec (default: %(default)s)")
-    p.add_argument("--factory", default="auto", help='FAISS factory string, e.g. "HNSW32", "IVF4096,PQ64" (default: auto)')
+    _factory_flags(p)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=None, help="decoding workers (default: cores - 1)")
     p.add_argument("--chunk-size", type=int, default=1024, help="embeddings committed per chunk")
@@ -28,7 +28,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("images", type=Path, help="folder of images")
     p.add_argument("--out", type=Path, required=True, help="index directory")
     p.add_argument("--model", default=DEFAULT_MODEL_NAME, help="model spec (default: %(default)s)")
-    p.add_argument("--factory", default="auto")
+    _factory_flags(p)
     p.add_argument("--settle", type=float, default=2.0, help="seconds without changes before re-indexing")
     p.add_argument("--no-thumbnails", action="store_true")
     _speed_flags(p)
@@ -38,14 +38,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("texts", type=Path, help=".txt (one per line) or .csv/.jsonl/.parquet with a text column")
     p.add_argument("--out", type=Path, required=True, help="index directory")
     p.add_argument("--model", default=None, help="model spec (default: the index's model, else effnet-minilm)")
-    p.add_argument("--factory", default="auto")
+    _factory_flags(p)
     p.add_argument("--batch-size", type=int, default=256)
     _speed_flags(p)
     p.set_defaults(func=_index_texts)
 
-    p = sub.add_parser("reindex", help="rebuild the FAISS indexes with another factory string, without re-encoding")
+    p = sub.add_parser("reindex", help="rebuild the FAISS indexes with another factory string or memory budget, "
+                       "without re-encoding")
     p.add_argument("index_dir", type=Path)
-    p.add_argument("--factory", required=True)
+    _factory_flags(p)
     p.set_defaults(func=_reindex)
 
     p = sub.add_parser("search", help="search an index by texts and images, with filters and pages")
@@ -91,8 +92,42 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("info", help="describe an index directory")
     p.add_argument("index_dir", type=Path)
+    p.add_argument("--recall", type=int, default=0, metavar="N",
+                   help="also measure recall@10 against exact search on N stored vectors (each held out)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_info)
+
+
+def _factory_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--factory", default="auto", help='FAISS factory string, e.g. "HNSW32", "IVF4096,PQ64" (default: '
+                   "auto: exact, IVF-Flat, then IVF-SQ8 as the collection grows)")
+    p.add_argument("--max-index-memory", type=_user_value(parse_size), default=None, metavar="SIZE",
+                   help="with --factory auto: the most accurate index that fits, e.g. 4G (kept with the index for "
+                   "later runs; 0 removes it)")
+
+
+def _user_value(parse):
+    """An argparse type from a parser that raises ValueError with a one-line message (argparse prints it)."""
+    def convert(text: str):
+        try:
+            return parse(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+    return convert
+
+
+def parse_size(text: str) -> int:
+    """'4G', '500M', '2.5GB', '1e9' -> bytes (powers of 1000; '0': no budget); one line naming the text otherwise."""
+    units = {"K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
+    cleaned = text.strip().upper().removesuffix("B")
+    scale = units.get(cleaned[-1:], 1)
+    try:
+        size = float(cleaned[:-1] if scale > 1 else cleaned) * scale
+    except ValueError:
+        raise ValueError(f"--max-index-memory {text!r}: expected a size like 4G, 500M or 2.5GB") from None
+    if size < 0:
+        raise ValueError(f"--max-index-memory {text!r}: a size cannot be negative")
+    return int(size)
 
 
 def _speed_flags(p: argparse.ArgumentParser) -> None:
@@ -110,7 +145,7 @@ def _index(args: argparse.Namespace) -> int:
     apply_thread_budget(thread_budget(args.threads))
     summary = index_images(args.images, args.out, args.model, args.factory, args.batch_size, args.workers,
                            args.chunk_size, progress=not args.no_progress, text_query_model=not args.no_text_export,
-                           thumbnails=not args.no_thumbnails)
+                           thumbnails=not args.no_thumbnails, max_index_memory=args.max_index_memory)
     print(summary.line())
     return 0
 
@@ -122,7 +157,8 @@ def _watch(args: argparse.Namespace) -> int:
 
     apply_thread_budget(thread_budget(args.threads))
     watch(args.images, args.out, args.model, settle=args.settle, factory=args.factory,
-          progress=not args.no_progress, text_query_model=not args.no_text_export, thumbnails=not args.no_thumbnails)
+          max_index_memory=args.max_index_memory, progress=not args.no_progress,
+          text_query_model=not args.no_text_export, thumbnails=not args.no_thumbnails)
     return 0
 
 
@@ -133,7 +169,8 @@ def _index_texts(args: argparse.Namespace) -> int:
 
     apply_thread_budget(thread_budget(args.threads))
     summary = index_texts(args.texts, args.out, args.model, args.factory, args.batch_size,
-                          progress=not args.no_progress, text_query_model=not args.no_text_export)
+                          progress=not args.no_progress, text_query_model=not args.no_text_export,
+                          max_index_memory=args.max_index_memory)
     print(summary.line())
     return 0
 
@@ -141,7 +178,7 @@ def _index_texts(args: argparse.Namespace) -> int:
 def _reindex(args: argparse.Namespace) -> int:
     from .pipeline import reindex
 
-    for side in reindex(args.index_dir, args.factory):
+    for side in reindex(args.index_dir, args.factory, args.max_index_memory):
         print(f"rebuilt: {side['items']} items, {side['vectors']} vectors, factory {side['factory']}")
     return 0
 
@@ -220,9 +257,14 @@ def _repair(args: argparse.Namespace) -> int:
 def _info(args: argparse.Namespace) -> int:
     import datetime
 
+    from otclip.engine.faiss_indexes import size_text
     from otclip.engine.search import IndexSearcher
 
-    info = IndexSearcher(args.index_dir).info()
+    searcher = IndexSearcher(args.index_dir)
+    info = searcher.info()
+    if args.recall > 0:
+        for side, s in info["sides"].items():
+            s["recall@10"], s["recall_queries"] = searcher.recall(side, args.recall), min(args.recall, s["vectors"])
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
@@ -233,5 +275,10 @@ def _info(args: argparse.Namespace) -> int:
     for side, s in info["sides"].items():
         when = datetime.datetime.fromtimestamp(s["updated"]).isoformat(timespec="seconds")
         print(f"{side:<9} {s['items']} items, {s['vectors']} vectors, {s['factory']} ({s['index_type']}), updated {when}")
-    print(f"size      {info['size_bytes'] / 1e6:.1f} MB on disk")
+        kind = "exact vectors" if s["exact"] else "codes re-ranked from .vectors.npy" if s["reranked"] else "codes"
+        recall = f", recall@10 {s['recall@10']:.3f} ({s.get('recall_queries')} held-out queries)" if "recall@10" in s else ""
+        print(f"{'':<9} index {size_text(s['index_bytes'])} ({kind}){recall}")
+    if info["max_index_memory"]:
+        print(f"budget    --max-index-memory {size_text(info['max_index_memory'])} (auto keeps within it)")
+    print(f"size      {size_text(info['size_bytes'])} on disk")
     return 0

@@ -244,9 +244,12 @@ def index_images(
     progress: bool = True,
     text_query_model: bool = True,
     thumbnails: bool = True,
+    max_index_memory: int | None = None,
 ) -> IndexingSummary:
     """Index (or update the index of) an image folder or manifest. Returns the run's summary.
     `thumbnails`: keep a JPEG display copy of each new image content (the app's result tiles).
+    `max_index_memory`: bytes the FAISS index may take (kept with the index: `IndexDirectory.set_memory_budget`;
+    0 removes it).
 
     The model is loaded only if there is something new to embed (or the text tower to export:
     `text_query_model`, kept for torch-free text queries); the FAISS index is rebuilt only if the
@@ -259,7 +262,8 @@ def index_images(
         directory = IndexDirectory(index_dir)
         with directory.writing() if ranks.is_main else nullcontext():  # one writer at a time (the main rank)
             summary = _index_images(source, directory, _ModelOnDemand(model, directory, ranks), ranks, factory,
-                                    batch_size, workers, chunk_size, progress, text_query_model, thumbnails)
+                                    batch_size, workers, chunk_size, progress, text_query_model, thumbnails,
+                                    max_index_memory)
     finally:
         ranks.close()
     summary.seconds = time.time() - start
@@ -268,10 +272,10 @@ def index_images(
 
 def _index_images(source, directory: IndexDirectory, models: _ModelOnDemand, ranks: Ranks, factory: str,
                   batch_size: int, workers: int | None, chunk_size: int, progress: bool, text_query_model: bool,
-                  thumbnails: bool) -> IndexingSummary:
+                  thumbnails: bool, max_index_memory: int | None) -> IndexingSummary:
     ingested = repaired = 0
     if ranks.is_main:
-        ingested, repaired = _prepare(directory, models, factory)
+        ingested, repaired = _prepare(directory, models, factory, max_index_memory)
     ranks.barrier()
     if not ranks.is_main:
         models.open_index()  # checks the identity: every rank embeds with the index's model
@@ -329,13 +333,16 @@ def _index_images(source, directory: IndexDirectory, models: _ModelOnDemand, ran
     return summary
 
 
-def _prepare(directory: IndexDirectory, models: _ModelOnDemand, factory: str) -> tuple[int, int]:
-    """Before anything is embedded: open (or check) the index for the model, check the factory string, commit
-    what a killed run left and drop damaged chunks (their items are embedded again). Returns (records
-    ingested, items dropped)."""
+def _prepare(directory: IndexDirectory, models: _ModelOnDemand, factory: str,
+             max_index_memory: int | None) -> tuple[int, int]:
+    """Before anything is embedded: open (or check) the index for the model, check the factory string, keep the
+    memory budget, commit what a killed run left and drop damaged chunks (their items are embedded again).
+    Returns (records ingested, items dropped)."""
     models.open_index()
     if factory != "auto":
         new_index(factory, directory.manifest()["dim"])  # a bad factory string fails now, not after embedding
+    if max_index_memory is not None:
+        directory.set_memory_budget(max_index_memory)
     ingested = directory.ingest_pending()
     repaired = directory.drop_damaged_chunks()
     return ingested, sum(len(keys) for keys in repaired.values())
@@ -343,10 +350,13 @@ def _prepare(directory: IndexDirectory, models: _ModelOnDemand, factory: str) ->
 
 def _publish(directory: IndexDirectory, side: str, factory: str, changed: bool, summary: IndexingSummary,
              models: _ModelOnDemand, text_query_model: bool) -> None:
-    """Rebuild the side's FAISS index if its set changed (or another factory is asked for): an unchanged one
-    keeps its generation, so a running server does not reload it. Then keep the text-tower export."""
-    current = directory.manifest()["sides"].get(side)
-    if changed or current is None or factory not in ("auto", current["factory"]):
+    """Rebuild the side's FAISS index if its set changed (or another factory or memory budget is asked for): an
+    unchanged one keeps its generation, so a running server does not reload it. Then keep the text-tower
+    export."""
+    manifest = directory.manifest()
+    current = manifest["sides"].get(side)
+    if (changed or current is None or factory not in ("auto", current["factory"])
+            or (factory == "auto" and current.get("max_index_memory") != manifest.get("max_index_memory"))):
         current = directory.publish(side, factory)
     summary.factory, summary.total = current["factory"], current["items"]
     if text_query_model:
@@ -362,6 +372,7 @@ def index_texts(
     chunk_size: int = 4096,
     progress: bool = True,
     text_query_model: bool = True,
+    max_index_memory: int | None = None,
 ) -> IndexingSummary:
     """Index a text corpus as the text side of an index directory (the set of texts in the file).
     Like `index_images`, the model is loaded only for new texts or the text-tower export."""
@@ -371,14 +382,15 @@ def index_texts(
         if model is None:
             model = directory.model_spec() if directory.exists() else DEFAULT_MODEL_NAME
         summary = _index_texts(source, directory, _ModelOnDemand(model, directory, Ranks()), factory, batch_size,
-                               chunk_size, progress, text_query_model)
+                               chunk_size, progress, text_query_model, max_index_memory)
     summary.seconds = time.time() - start
     return summary
 
 
 def _index_texts(source, directory: IndexDirectory, models: _ModelOnDemand, factory: str, batch_size: int,
-                 chunk_size: int, progress: bool, text_query_model: bool) -> IndexingSummary:
-    ingested, repaired = _prepare(directory, models, factory)
+                 chunk_size: int, progress: bool, text_query_model: bool,
+                 max_index_memory: int | None) -> IndexingSummary:
+    ingested, repaired = _prepare(directory, models, factory, max_index_memory)
     texts = read_texts(source)
     stored = directory.store.stats("texts")
     wanted: dict[str, object] = {}
@@ -408,10 +420,15 @@ def _index_texts(source, directory: IndexDirectory, models: _ModelOnDemand, fact
     return summary
 
 
-def reindex(index_dir: str | Path, factory: str) -> list[dict]:
-    """Rebuild every side's FAISS index with another factory string from the stored embeddings."""
+def reindex(index_dir: str | Path, factory: str = "auto", max_index_memory: int | None = None) -> list[dict]:
+    """Rebuild every side's FAISS index with another factory string (or `auto` within another memory budget)
+    from the stored embeddings."""
     directory = IndexDirectory(index_dir)
+    if factory != "auto":
+        new_index(factory, directory.manifest()["dim"])
     with directory.writing():
+        if max_index_memory is not None:
+            directory.set_memory_budget(max_index_memory)
         directory.ingest_pending()
         damaged = directory.damaged_chunks()
         if damaged:

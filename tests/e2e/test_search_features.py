@@ -1,9 +1,10 @@
-"""#11 in the app, in a real headless Chromium: the query language, filters, "more results", the CSV export and
-the collection picker, over a live server of two collections (and the same over its HTTP API)."""
+"""#11 in the app, in a real headless Chromium: the query language, filters, "more results", the CSV export, the
+collection picker, near-duplicates and phone photos (HEIC/AVIF), over a live server of two collections (and the
+same over its HTTP API and the CLI)."""
 
 import csv
 import io
-import shutil
+import json
 
 import httpx
 import pytest
@@ -14,23 +15,44 @@ pytestmark = needs_chromium
 
 
 @pytest.fixture(scope="module")
-def two_collections(demo_index, tmp_path_factory, default_model):
-    from otclip.app.server import serve
-    from otclip.engine.search import IndexSearcher
+def farm(demo_index, tmp_path_factory, default_model):
+    """A second collection of two phone photos: HEIC and AVIF (#11, end to end)."""
     from otclip.indexer.pipeline import index_images
 
     root = tmp_path_factory.mktemp("farm")
     (root / "photos").mkdir()
-    for name in ("horse", "camera"):
-        shutil.copy(demo_index / "data" / "photos" / f"{name}.jpg", root / "photos" / f"{name}.jpg")
+    phone_photo(demo_index / "data" / "photos" / "horse.jpg", root / "photos" / "horse.heic")
+    phone_photo(demo_index / "data" / "photos" / "camera.jpg", root / "photos" / "camera.avif")
     index_images(root / "photos", root / "farm", default_model, progress=False, workers=0, text_query_model=False)
+    return root
+
+
+@pytest.fixture(scope="module")
+def two_collections(demo_index, farm, default_model):
+    from otclip.app.server import serve
+    from otclip.engine.search import IndexSearcher
+
     demo = IndexSearcher(demo_index / "index", model=default_model)
-    farm = IndexSearcher(root / "farm", shared_from=demo)
-    assert farm.model is demo.model  # one model for both
+    second = IndexSearcher(farm / "farm", shared_from=demo)
+    assert second.model is demo.model  # one model for both
     port = free_port()
-    ui = serve([], "127.0.0.1", port, block=False, searchers=[demo, farm])
+    ui = serve([], "127.0.0.1", port, block=False, searchers=[demo, second])
     yield f"http://127.0.0.1:{port}/"
     ui.close()
+
+
+def phone_photo(jpeg, path):
+    """The photo re-encoded as HEIC (pillow-heif) or AVIF (Pillow), as phones save them."""
+    from PIL import Image
+
+    picture = Image.open(jpeg).convert("RGB")
+    if path.suffix == ".heic":
+        import pillow_heif
+
+        pillow_heif.from_pillow(picture).save(path, quality=90)
+    else:
+        picture.save(path, format="AVIF", quality=90)
+    return path
 
 
 def tiles(browser, gallery="t2i-gallery"):
@@ -97,7 +119,7 @@ def test_the_api_serves_each_collection(two_collections):
     api = f"{two_collections}api"
     assert httpx.get(f"{api}/collections").json() == ["index", "farm"]
     farm = httpx.get(f"{api}/search", params={"q": "a horse", "collection": "farm"}).json()["results"]
-    assert [r["path"].rsplit("/", 1)[-1] for r in farm][0] == "horse.jpg" and len(farm) == 2
+    assert [r["path"].rsplit("/", 1)[-1] for r in farm][0] == "horse.heic" and len(farm) == 2
     thumb = httpx.get(f"{two_collections}{farm[0]['thumbnail'].lstrip('/')}")
     assert thumb.status_code == 200 and thumb.content[:2] == b"\xff\xd8"
     assert httpx.get(f"{api}/search", params={"q": "a horse", "collection": "zoo"}).status_code == 404
@@ -141,3 +163,31 @@ def test_near_duplicates_hidden_in_the_app_as_in_the_api(browser, two_collection
     wait_for(browser, lambda d: d.find_element(By.ID, "t2i-status").text.startswith("12 results"))
     shown = [line for line in browser.find_element(By.ID, "t2i-gallery").text.splitlines() if " · " in line]
     assert shown == [f"{r['score']:.3f} · {r['text']}" for r in collapsed]
+
+
+def test_phone_photos_are_found_and_are_queries(browser, two_collections, farm, demo_index, tmp_path, capsys):
+    """HEIC/AVIF end to end: indexed (the farm collection), found by the CLI and the API, and uploaded as the
+    query in the app's image -> text tab."""
+    from selenium.webdriver.common.by import By
+
+    from otclip.main import main
+
+    assert main(["search", str(farm / "farm"), "--image", str(farm / "photos" / "camera.avif"), "--json"]) == 0
+    found = json.loads(capsys.readouterr().out)
+    assert found[0]["path"].endswith("camera.avif") and found[0]["score"] > 0.99
+    rocket = phone_photo(demo_index / "data" / "photos" / "rocket.jpg", tmp_path / "rocket.heic")
+    body = httpx.post(f"{two_collections}api/search", params={"k": 1},
+                      files={"image": ("rocket.heic", rocket.read_bytes(), "image/heic")}).json()
+    assert body["results"][0]["path"].endswith("rocket.jpg")
+    browser.get(two_collections)
+    tab = wait_for(browser, lambda d: [b for b in d.find_elements(By.CSS_SELECTOR, "button[role='tab']")
+                                       if "Image -> text" in b.text])
+    tab[0].click()
+    upload = wait_for(browser, lambda d: d.find_element(By.CSS_SELECTOR, "#i2t-image input[type='file']"))
+    upload.send_keys(str(rocket))
+    wait_for(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#i2t-image img"))
+    browser.find_element(By.ID, "i2t-search").click()
+    table = wait_for(browser, lambda d: "launch pad" in d.find_element(By.ID, "i2t-texts").text
+                     and d.find_element(By.ID, "i2t-texts"))
+    rows = [line for line in table.text.splitlines() if "launch pad" in line or "tabby" in line]
+    assert "launch pad" in rows[0]

@@ -2,7 +2,16 @@ import faiss
 import numpy as np
 import pytest
 
-from otclip.engine.faiss_indexes import auto_factory, best_k, build_index, load_index, probe_search, save_index
+from otclip.engine.faiss_indexes import (
+    auto_factory,
+    best_k,
+    build_index,
+    estimated_bytes,
+    load_index,
+    probe_search,
+    rerank_factor,
+    save_index,
+)
 
 
 def clustered(n, d=32, seed=0):
@@ -16,7 +25,34 @@ def clustered(n, d=32, seed=0):
 def test_auto_factory_grows_with_the_collection():
     assert auto_factory(1000, 384) == "Flat"
     assert auto_factory(100_000, 384).startswith("IVF") and auto_factory(100_000, 384).endswith(",Flat")
-    assert "PQ" in auto_factory(5_000_000, 384)
+    assert auto_factory(5_000_000, 384) == "IVF8192,SQ8"  # 4 sqrt(5M) = 8944 -> 2^13 lists, 1 byte a dimension
+
+
+def test_a_memory_budget_picks_the_most_accurate_index_that_fits():
+    """Hand-computed at 1M x 384-d (4096 lists: 6.29 MB of centroids): IVF-Flat 1M x (1536 + 8) B = 1.55 GB;
+    SQ8 1M x (384 + 8) B = 398 MB; OPQ96/PQ96 1M x (96 + 8) B + centroids + codebooks 256 x 384 x 4 B
+    + rotation 384^2 x 4 B = 111.3 MB; PQ64 79.3 MB; PQ8 23.3 MB."""
+    n, d = 1_000_000, 384
+    assert auto_factory(n, d, 2 * 10**9) == "IVF4096,Flat"
+    assert auto_factory(n, d, 10**9) == "IVF4096,SQ8"
+    assert auto_factory(n, d, 120 * 10**6) == "OPQ96,IVF4096,PQ96"
+    assert auto_factory(n, d, 100 * 10**6) == "OPQ64,IVF4096,PQ64"
+    assert auto_factory(n, d, 24 * 10**6) == "OPQ8,IVF4096,PQ8"
+    with pytest.raises(ValueError, match="no index of 1000000 vectors of 384 dimensions fits; the smallest, "
+                                         "OPQ8,IVF4096,PQ8, takes 23.3 MB"):
+        auto_factory(n, d, 20 * 10**6)
+    assert auto_factory(1000, 384, 10**9) == "Flat"
+
+
+@pytest.mark.parametrize("factory, rerank", [("Flat", 1), ("IVF64,Flat", 1), ("IVF64,SQ8", 4), ("OPQ4,IVF64,PQ4", 40)])
+def test_estimated_bytes_are_the_built_index_size(factory, rerank):
+    """The estimate against FAISS's own serialisation of the built index (within 2%: list headers aside); and
+    how many candidates a search re-ranks: none for full vectors, 4x for 1 byte a dimension, 40x for PQ."""
+    n = 3000 if factory.startswith("OPQ") else 10_000  # OPQ trains slowly
+    index, _ = build_index(clustered(n), factory)
+    actual = faiss.serialize_index(index).nbytes
+    assert abs(estimated_bytes(factory, n, 32) - actual) <= 0.02 * actual, (estimated_bytes(factory, n, 32), actual)
+    assert rerank_factor(index) == rerank
 
 
 def test_exact_index_equals_brute_force(tmp_path):
