@@ -8,12 +8,14 @@ from pathlib import Path
 
 import faiss
 import numpy as np
+from tqdm import tqdm
 
 from .atomic_files import write_atomically
 
 EXACT_LIMIT = 50_000  # below this, exact search is fast enough and needs no training
 COMPRESS_LIMIT = 2_000_000  # past this, `auto` stores 1 byte a dimension (SQ8) instead of 4 (re-ranked exactly)
 TRAIN_SAMPLE_PER_LIST = 64
+ADD_BLOCK = 100_000  # vectors read and added at a time
 PQ_SIZES = (96, 64, 48, 32, 24, 16, 8)  # bytes a vector `auto` tries, largest first, when a budget asks for PQ
 
 
@@ -146,12 +148,12 @@ def new_index(factory: str, dim: int) -> faiss.Index:
         raise ValueError(f"factory string {factory!r}: not a valid FAISS index description ({exc})") from None
 
 
-def build_index(vectors: np.ndarray, factory: str = "auto", seed: int = 0,
-                max_bytes: int | None = None) -> tuple[faiss.Index, str]:
+def build_index(vectors: np.ndarray, factory: str = "auto", seed: int = 0, max_bytes: int | None = None,
+                progress: bool = False) -> tuple[faiss.Index, str]:
     """Train (on a sample) and fill an inner-product index; returns the CPU index and the factory used
-    (`auto`: `auto_factory`, within `max_bytes` when given). Training and adding run on the GPU when FAISS
-    sees one."""
-    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    (`auto`: `auto_factory`, within `max_bytes` when given). `vectors` may be memory-mapped: it is read a
+    training sample, then ADD_BLOCK rows at a time, so RAM holds the index and one block. Training and
+    adding run on the GPU when FAISS sees one."""
     n, dim = vectors.shape
     factory = auto_factory(n, dim, max_bytes) if factory == "auto" else factory
     index = new_index(factory, dim)
@@ -162,10 +164,11 @@ def build_index(vectors: np.ndarray, factory: str = "auto", seed: int = 0,
         if n < needed:
             raise ValueError(f"factory {factory!r} needs at least {needed} vectors to train; the index has {n}")
         sample_size = min(n, max(10_000, TRAIN_SAMPLE_PER_LIST * (ivf.nlist if ivf else 256)))
-        sample = vectors[np.random.default_rng(seed).choice(n, size=sample_size, replace=False)]
-        work.train(sample)
-    if n:
-        work.add(vectors)
+        chosen = np.random.default_rng(seed).choice(n, size=sample_size, replace=False)
+        work.train(np.ascontiguousarray(vectors[chosen], dtype=np.float32))
+    blocks = range(0, n, ADD_BLOCK)
+    for start in tqdm(blocks, desc=f"adding to {factory}", unit="block", disable=not progress or len(blocks) < 5):
+        work.add(np.ascontiguousarray(vectors[start : start + ADD_BLOCK], dtype=np.float32))
     return configure_search(_to_cpu(work)), factory
 
 

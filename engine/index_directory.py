@@ -37,7 +37,7 @@ import numpy as np
 
 from .atomic_files import write_atomically, write_json_atomically, write_npy_atomically
 from .errors import IndexDirectoryError
-from .faiss_indexes import build_index, index_description, load_index, rerank_factor, save_index
+from .faiss_indexes import ADD_BLOCK, build_index, index_description, load_index, rerank_factor, save_index
 from .metadata_store import SCHEMA_VERSION, SIDES, ItemRecord, MetadataStore
 from .model_identity import ModelIdentity
 from .records_log import RecordsLog, chunk_payload, in_order, read_entry
@@ -393,6 +393,22 @@ class IndexDirectory:
             return np.zeros(0, np.int64), np.zeros((0, dim), np.float32)
         return np.array([e[0] for e in entries], np.int64), self.vectors_at([(shard, row) for _, shard, row in entries])
 
+    def _copy_vectors(self, path: Path, locations: list[tuple[str, int]]) -> None:
+        """Write the embeddings at these locations, in order, as one .npy (atomically), ADD_BLOCK rows at a time."""
+        dim = self.manifest()["dim"]
+        if not locations:
+            write_npy_atomically(path, np.zeros((0, dim), np.float32))
+            return
+
+        def write(tmp: str) -> None:
+            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(len(locations), dim))
+            for start in range(0, len(locations), ADD_BLOCK):
+                out[start : start + ADD_BLOCK] = self.vectors_at(locations[start : start + ADD_BLOCK])
+            out.flush()
+            del out
+
+        write_atomically(path, write)
+
     def vectors_at(self, locations: list[tuple[str, int]]) -> np.ndarray:
         """(n, d) stored embeddings at these (chunk, row) locations, read from the memory-mapped chunks."""
         vectors = np.empty((len(locations), self.manifest()["dim"]), np.float32)
@@ -405,19 +421,27 @@ class IndexDirectory:
         return vectors
 
     # --- FAISS sides -------------------------------------------------------------------------
-    def publish(self, side: str, factory: str = "auto") -> dict:
+    def publish(self, side: str, factory: str = "auto", progress: bool = False) -> dict:
         """(Re)build the FAISS index of a side from the stored embeddings and commit it via the manifest; `auto`
-        stays within the index's memory budget (`set_memory_budget`)."""
-        ids, vectors = self.unique_embeddings(side)
-        budget = self.manifest().get("max_index_memory")
-        index, used = build_index(vectors, factory, max_bytes=budget)
+        stays within the index's memory budget (`set_memory_budget`). The vectors are copied from the chunks
+        into the new `.vectors.npy` a block at a time, and the index is built from that file, memory-mapped:
+        RAM holds the index and one block, not every vector."""
+        entries = self.store.unique_vectors(side)
+        ids = np.array([e[0] for e in entries], np.int64)
         manifest = self.manifest()
         old = manifest["sides"].get(side)
         # after the next of every generation on disk: a rebuilt manifest must not reuse a file a server may hold
         generation = 1 + max([old["generation"] if old else 0, *self._generations_on_disk(side)])
+        vectors_path = self.root / f"{side}-{generation}.vectors.npy"
+        self._copy_vectors(vectors_path, [(shard, row) for _, shard, row in entries])
+        budget = manifest.get("max_index_memory")
+        try:
+            index, used = build_index(np.load(vectors_path, mmap_mode="r"), factory, max_bytes=budget, progress=progress)
+        except BaseException:
+            vectors_path.unlink(missing_ok=True)  # no generation without its index
+            raise
         save_index(index, self.root / f"{side}-{generation}.faiss")
         write_npy_atomically(self.root / f"{side}-{generation}.ids.npy", ids)
-        write_npy_atomically(self.root / f"{side}-{generation}.vectors.npy", vectors)
         manifest["sides"][side] = {
             "factory": used,
             "index_type": index_description(index),

@@ -327,7 +327,7 @@ def _index_images(source, directory: IndexDirectory, models: _ModelOnDemand, ran
         write_lines_atomically(errors_file, [json.dumps(e, ensure_ascii=False) for e in errors])
         summary.errors_file = str(errors_file)
         _publish(directory, "images", factory, bool(ingested or writer.count or gone or repaired), summary, models,
-                 text_query_model)
+                 text_query_model, progress)
     summary.model_loaded = models.loaded
     ranks.barrier()
     return summary
@@ -349,7 +349,7 @@ def _prepare(directory: IndexDirectory, models: _ModelOnDemand, factory: str,
 
 
 def _publish(directory: IndexDirectory, side: str, factory: str, changed: bool, summary: IndexingSummary,
-             models: _ModelOnDemand, text_query_model: bool) -> None:
+             models: _ModelOnDemand, text_query_model: bool, progress: bool) -> None:
     """Rebuild the side's FAISS index if its set changed (or another factory or memory budget is asked for): an
     unchanged one keeps its generation, so a running server does not reload it. Then keep the text-tower
     export."""
@@ -357,7 +357,7 @@ def _publish(directory: IndexDirectory, side: str, factory: str, changed: bool, 
     current = manifest["sides"].get(side)
     if (changed or current is None or factory not in ("auto", current["factory"])
             or (factory == "auto" and current.get("max_index_memory") != manifest.get("max_index_memory"))):
-        current = directory.publish(side, factory)
+        current = directory.publish(side, factory, progress=progress)
     summary.factory, summary.total = current["factory"], current["items"]
     if text_query_model:
         models.keep_text_query_model(summary)
@@ -415,7 +415,7 @@ def _index_texts(source, directory: IndexDirectory, models: _ModelOnDemand, fact
     directory.remove_items("texts", gone)
     summary.removed = len(gone)
     _publish(directory, "texts", factory, bool(ingested or writer.count or gone or repaired), summary, models,
-             text_query_model)
+             text_query_model, progress)
     summary.model_loaded = models.loaded
     return summary
 
@@ -437,5 +437,5 @@ def reindex(index_dir: str | Path, factory: str = "auto", max_index_memory: int 
                 f"{directory.embeddings_dir / shard}.npy: {reason} ({len(damaged)} damaged chunk(s)); nothing was "
                 f"changed. Run `otclip index SOURCE --out {directory.root}` (and `index-texts` for texts): it embeds "
                 "their items again")
-        return [directory.publish(side, factory) for side in directory.manifest()["sides"]]
+        return [directory.publish(side, factory, progress=True) for side in directory.manifest()["sides"]]
 

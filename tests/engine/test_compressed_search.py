@@ -71,3 +71,31 @@ def test_measured_recall_is_a_brute_force_with_each_query_held_out(pq_index):
     assert got == pytest.approx(np.mean(hits) / 10, abs=0.005)
     plain = [[p for p in row.tolist() if p != q][:10] for q, row in enumerate(loaded.index.search(vectors, 11)[1])]
     assert np.mean([len(set(p) & set(t.tolist())) for p, t in zip(plain, truth)]) / 10 < got - 0.1  # codes alone
+
+
+def test_publishing_reads_the_vectors_a_block_at_a_time(tmp_path, monkeypatch):
+    """The vectors file is copied from the chunks and the index built from it memory-mapped, 7 rows at a
+    time here: the file holds every vector in id order, and the index answers as one built in one piece."""
+    from otclip.engine import faiss_indexes, index_directory
+    from otclip.engine.faiss_indexes import build_index
+
+    vectors = clustered(500, 3)
+    whole, _ = build_index(vectors, "IVF16,Flat")
+    monkeypatch.setattr(faiss_indexes, "ADD_BLOCK", 7)
+    monkeypatch.setattr(index_directory, "ADD_BLOCK", 7)
+    directory = make_index(tmp_path / "ix", vectors, "IVF16,Flat")
+    stored = np.load(directory.side_file("images", ".vectors.npy"))
+    np.testing.assert_array_equal(stored, vectors)
+    loaded = directory.load_side("images", use_gpu=False)
+    queries = clustered(20, 4)
+    np.testing.assert_array_equal(loaded.index.search(queries, 10)[1], whole.search(queries, 10)[1])
+    assert not list(tmp_path.glob("ix/.*tmp*"))
+
+
+def test_a_failed_build_leaves_no_vectors_file(tmp_path):
+    directory = make_index(tmp_path / "ix", clustered(100, 5), "Flat")
+    with pytest.raises(ValueError, match="needs at least 256 vectors"):
+        with directory.writing():
+            directory.publish("images", "IVF256,Flat")
+    assert sorted(p.name for p in directory.root.glob("images-*")) == [
+        "images-1.faiss", "images-1.ids.npy", "images-1.vectors.npy"]
