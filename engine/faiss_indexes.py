@@ -68,11 +68,12 @@ def rerank_factor(index: faiss.Index) -> int:
     that scores with the vectors themselves (Flat, IVF-Flat, HNSW-Flat), 4 for codes of a byte or more a
     dimension (SQ8: recall@10 0.976 -> 1.000 at 1M clustered 384-d vectors), 40 for smaller codes (PQ64:
     0.26 -> 0.99; 4x gave 0.56), measured with benchmarks/search_bench.py."""
-    index = faiss.downcast_index(_to_cpu(index))
-    if isinstance(index, (faiss.IndexFlat, faiss.IndexIVFFlat, faiss.IndexHNSWFlat)):
+    kind = faiss.downcast_index(index)  # a CPU index (a GPU one is judged by its factory: `IndexDirectory`);
+    # `index` stays referenced meanwhile: the downcast wrapper does not own the C++ object
+    if isinstance(kind, (faiss.IndexFlat, faiss.IndexIVFFlat, faiss.IndexHNSWFlat)):
         return 1
     ivf = _ivf_of(index)
-    code_size = ivf.code_size if ivf is not None else getattr(index, "code_size", 0)
+    code_size = ivf.code_size if ivf is not None else getattr(kind, "code_size", 0)
     return 4 if code_size >= index.d else 40
 
 
@@ -192,8 +193,7 @@ def index_description(index: faiss.Index) -> str:
 def exact_vectors(index: faiss.Index, positions: np.ndarray) -> np.ndarray | None:
     """The vectors at these positions from the index's own exact copies (Flat, HNSW-Flat), or None when the
     index cannot hand them back cheaply (IVF lists, PQ or scalar-quantised codes, a GPU index)."""
-    index = faiss.downcast_index(index)
-    if isinstance(index, (faiss.IndexFlat, faiss.IndexHNSWFlat)):
+    if isinstance(faiss.downcast_index(index), (faiss.IndexFlat, faiss.IndexHNSWFlat)):
         return index.reconstruct_batch(np.ascontiguousarray(positions, dtype=np.int64))
     return None
 

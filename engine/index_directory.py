@@ -37,7 +37,15 @@ import numpy as np
 
 from .atomic_files import write_atomically, write_json_atomically, write_npy_atomically
 from .errors import IndexDirectoryError
-from .faiss_indexes import ADD_BLOCK, build_index, index_description, load_index, rerank_factor, save_index
+from .faiss_indexes import (
+    ADD_BLOCK,
+    build_index,
+    index_description,
+    load_index,
+    new_index,
+    rerank_factor,
+    save_index,
+)
 from .metadata_store import SCHEMA_VERSION, SIDES, ItemRecord, MetadataStore
 from .model_identity import ModelIdentity
 from .records_log import RecordsLog, chunk_payload, in_order, read_entry
@@ -490,11 +498,12 @@ class IndexDirectory:
             vectors = np.load(path, mmap_mode="r") if path.exists() else None
             if vectors is not None and (vectors.shape != (index.ntotal, index.d) or vectors.dtype != np.float32):
                 raise ValueError(f"{vectors.shape} {vectors.dtype} vectors for an index of {index.ntotal} x {index.d}")
+            rerank = rerank_factor(new_index(info["factory"], index.d))  # judged by its factory: no GPU copy made
         except (RuntimeError, ValueError, OSError, EOFError) as exc:  # truncated or damaged: it can be rebuilt
             first = str(exc).strip().splitlines()[-1][:160] if str(exc).strip() else type(exc).__name__
             raise IndexDirectoryError(f"{path}: damaged ({first}); rebuild it from the stored embeddings with "
                                       f"`otclip reindex {self.root} --factory {info['factory']}`") from None
-        return LoadedSide(index, ids, vectors, rerank_factor(index))
+        return LoadedSide(index, ids, vectors, rerank)
 
     # --- thumbnails ----------------------------------------------------------------------------
     @property

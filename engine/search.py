@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .errors import IndexDirectoryError
-from .faiss_indexes import best_k, exact_vectors, index_description, probe_search
+from .faiss_indexes import best_k, exact_vectors, probe_search
 from .filters import Filters
 from .images import ImageInput
 from .index_directory import IndexDirectory, LoadedSide
@@ -169,7 +169,7 @@ class IndexSearcher:
     def info(self) -> dict:
         current = self.current_sides()
         sides = {
-            side: {**self.manifest["sides"][side], "index_type": index_description(loaded.index),
+            side: {**self.manifest["sides"][side],  # index_type as published (no GPU copy made to name it)
                    "items": self._store.count(side),  # reads the store: a damaged one says so here
                    "index_bytes": self.directory.side_file(side, ".faiss").stat().st_size,
                    "exact": loaded.exact, "reranked": not loaded.exact and loaded.vectors is not None}
