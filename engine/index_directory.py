@@ -169,16 +169,6 @@ class IndexDirectory:
                 f"use --model {self.model_spec()} or build a new index"
             )
 
-    def set_memory_budget(self, max_bytes: int | None) -> None:
-        """Keep `--max-index-memory` in the manifest: every later `auto` build of this index stays within it
-        (until set again; 0 removes it)."""
-        manifest = self.manifest()
-        if max_bytes:
-            manifest["max_index_memory"] = int(max_bytes)
-        else:
-            manifest.pop("max_index_memory", None)
-        write_json_atomically(self.manifest_path, manifest)
-
     # --- metadata and embeddings ---------------------------------------------------------------
     @property
     def store_path(self) -> Path:
@@ -429,11 +419,13 @@ class IndexDirectory:
         return vectors
 
     # --- FAISS sides -------------------------------------------------------------------------
-    def publish(self, side: str, factory: str = "auto", progress: bool = False) -> dict:
-        """(Re)build the FAISS index of a side from the stored embeddings and commit it via the manifest; `auto`
-        stays within the index's memory budget (`set_memory_budget`). The vectors are copied from the chunks
-        into the new `.vectors.npy` a block at a time, and the index is built from that file, memory-mapped:
-        RAM holds the index and one block, not every vector."""
+    def publish(self, side: str, factory: str = "auto", progress: bool = False,
+                max_index_memory: int | None = None) -> dict:
+        """(Re)build the FAISS index of a side from the stored embeddings and commit it via the manifest. `auto`
+        stays within the index's memory budget: `max_index_memory` bytes when given (0: none), else the one the
+        manifest keeps; a new budget is kept only once an index was built within it. The vectors are copied from
+        the chunks into the new `.vectors.npy` a block at a time, and the index is built from that file,
+        memory-mapped: RAM holds the index and one block, not every vector."""
         entries = self.store.unique_vectors(side)
         ids = np.array([e[0] for e in entries], np.int64)
         manifest = self.manifest()
@@ -442,7 +434,7 @@ class IndexDirectory:
         generation = 1 + max([old["generation"] if old else 0, *self._generations_on_disk(side)])
         vectors_path = self.root / f"{side}-{generation}.vectors.npy"
         self._copy_vectors(vectors_path, [(shard, row) for _, shard, row in entries])
-        budget = manifest.get("max_index_memory")
+        budget = manifest.get("max_index_memory") if max_index_memory is None else (max_index_memory or None)
         try:
             index, used = build_index(np.load(vectors_path, mmap_mode="r"), factory, max_bytes=budget, progress=progress)
         except BaseException:
@@ -460,6 +452,9 @@ class IndexDirectory:
             "max_index_memory": budget if factory == "auto" else None,  # the budget `auto` kept to
             "index_bytes": (self.root / f"{side}-{generation}.faiss").stat().st_size,
         }
+        manifest["max_index_memory"] = budget
+        if budget is None:
+            del manifest["max_index_memory"]
         write_json_atomically(self.manifest_path, manifest)
         for stale in self._generations_on_disk(side) - {generation}:
             for suffix in SIDE_FILES:

@@ -24,7 +24,7 @@ from otclip.engine.atomic_files import write_lines_atomically
 from otclip.engine.checksums import sha256_file
 from otclip.engine.distributed import Ranks, init_from_env
 from otclip.engine.errors import IndexDirectoryError
-from otclip.engine.faiss_indexes import new_index
+from otclip.engine.faiss_indexes import auto_factory, new_index
 from otclip.engine.index_directory import IndexDirectory
 from otclip.engine.metadata_store import ItemRecord
 from otclip.engine.model_identity import DEFAULT_MODEL_NAME, identity_without_loading
@@ -248,8 +248,7 @@ def index_images(
 ) -> IndexingSummary:
     """Index (or update the index of) an image folder or manifest. Returns the run's summary.
     `thumbnails`: keep a JPEG display copy of each new image content (the app's result tiles).
-    `max_index_memory`: bytes the FAISS index may take (kept with the index: `IndexDirectory.set_memory_budget`;
-    0 removes it).
+    `max_index_memory`: bytes the FAISS index may take (kept with the index for later runs; 0 removes it).
 
     The model is loaded only if there is something new to embed (or the text tower to export:
     `text_query_model`, kept for torch-free text queries); the FAISS index is rebuilt only if the
@@ -275,7 +274,7 @@ def _index_images(source, directory: IndexDirectory, models: _ModelOnDemand, ran
                   thumbnails: bool, max_index_memory: int | None) -> IndexingSummary:
     ingested = repaired = 0
     if ranks.is_main:
-        ingested, repaired = _prepare(directory, models, factory, max_index_memory)
+        ingested, repaired = _prepare(directory, models, factory)
     ranks.barrier()
     if not ranks.is_main:
         models.open_index()  # checks the identity: every rank embeds with the index's model
@@ -327,37 +326,35 @@ def _index_images(source, directory: IndexDirectory, models: _ModelOnDemand, ran
         write_lines_atomically(errors_file, [json.dumps(e, ensure_ascii=False) for e in errors])
         summary.errors_file = str(errors_file)
         _publish(directory, "images", factory, bool(ingested or writer.count or gone or repaired), summary, models,
-                 text_query_model, progress)
+                 text_query_model, progress, max_index_memory)
     summary.model_loaded = models.loaded
     ranks.barrier()
     return summary
 
 
-def _prepare(directory: IndexDirectory, models: _ModelOnDemand, factory: str,
-             max_index_memory: int | None) -> tuple[int, int]:
-    """Before anything is embedded: open (or check) the index for the model, check the factory string, keep the
-    memory budget, commit what a killed run left and drop damaged chunks (their items are embedded again).
-    Returns (records ingested, items dropped)."""
+def _prepare(directory: IndexDirectory, models: _ModelOnDemand, factory: str) -> tuple[int, int]:
+    """Before anything is embedded: open (or check) the index for the model, check the factory string, commit
+    what a killed run left and drop damaged chunks (their items are embedded again). Returns (records
+    ingested, items dropped)."""
     models.open_index()
     if factory != "auto":
         new_index(factory, directory.manifest()["dim"])  # a bad factory string fails now, not after embedding
-    if max_index_memory is not None:
-        directory.set_memory_budget(max_index_memory)
     ingested = directory.ingest_pending()
     repaired = directory.drop_damaged_chunks()
     return ingested, sum(len(keys) for keys in repaired.values())
 
 
 def _publish(directory: IndexDirectory, side: str, factory: str, changed: bool, summary: IndexingSummary,
-             models: _ModelOnDemand, text_query_model: bool, progress: bool) -> None:
+             models: _ModelOnDemand, text_query_model: bool, progress: bool, max_index_memory: int | None) -> None:
     """Rebuild the side's FAISS index if its set changed (or another factory or memory budget is asked for): an
     unchanged one keeps its generation, so a running server does not reload it. Then keep the text-tower
     export."""
     manifest = directory.manifest()
     current = manifest["sides"].get(side)
+    budget = manifest.get("max_index_memory") if max_index_memory is None else (max_index_memory or None)
     if (changed or current is None or factory not in ("auto", current["factory"])
-            or (factory == "auto" and current.get("max_index_memory") != manifest.get("max_index_memory"))):
-        current = directory.publish(side, factory, progress=progress)
+            or (factory == "auto" and current.get("max_index_memory") != budget)):
+        current = directory.publish(side, factory, progress=progress, max_index_memory=max_index_memory)
     summary.factory, summary.total = current["factory"], current["items"]
     if text_query_model:
         models.keep_text_query_model(summary)
@@ -390,7 +387,7 @@ def index_texts(
 def _index_texts(source, directory: IndexDirectory, models: _ModelOnDemand, factory: str, batch_size: int,
                  chunk_size: int, progress: bool, text_query_model: bool,
                  max_index_memory: int | None) -> IndexingSummary:
-    ingested, repaired = _prepare(directory, models, factory, max_index_memory)
+    ingested, repaired = _prepare(directory, models, factory)
     texts = read_texts(source)
     stored = directory.store.stats("texts")
     wanted: dict[str, object] = {}
@@ -415,7 +412,7 @@ def _index_texts(source, directory: IndexDirectory, models: _ModelOnDemand, fact
     directory.remove_items("texts", gone)
     summary.removed = len(gone)
     _publish(directory, "texts", factory, bool(ingested or writer.count or gone or repaired), summary, models,
-             text_query_model, progress)
+             text_query_model, progress, max_index_memory)
     summary.model_loaded = models.loaded
     return summary
 
@@ -424,11 +421,13 @@ def reindex(index_dir: str | Path, factory: str = "auto", max_index_memory: int 
     """Rebuild every side's FAISS index with another factory string (or `auto` within another memory budget)
     from the stored embeddings."""
     directory = IndexDirectory(index_dir)
+    manifest = directory.manifest()
     if factory != "auto":
-        new_index(factory, directory.manifest()["dim"])
+        new_index(factory, manifest["dim"])
+    elif max_index_memory:  # a budget no side fits is refused before any side is rebuilt
+        for side in manifest["sides"].values():
+            auto_factory(side["vectors"], manifest["dim"], max_index_memory)
     with directory.writing():
-        if max_index_memory is not None:
-            directory.set_memory_budget(max_index_memory)
         directory.ingest_pending()
         damaged = directory.damaged_chunks()
         if damaged:
@@ -437,5 +436,6 @@ def reindex(index_dir: str | Path, factory: str = "auto", max_index_memory: int 
                 f"{directory.embeddings_dir / shard}.npy: {reason} ({len(damaged)} damaged chunk(s)); nothing was "
                 f"changed. Run `otclip index SOURCE --out {directory.root}` (and `index-texts` for texts): it embeds "
                 "their items again")
-        return [directory.publish(side, factory, progress=True) for side in directory.manifest()["sides"]]
+        return [directory.publish(side, factory, progress=True, max_index_memory=max_index_memory)
+                for side in directory.manifest()["sides"]]
 
