@@ -122,8 +122,8 @@ def build_api(apps: dict[str, SearchApp], max_upload_pixels: int) -> FastAPI:
         found = searcher.item(item_id)
         if found is None or found["side"] != "images":
             raise HTTPException(404, f"no indexed image has id {item_id}")
-        kept = searcher.directory.thumbnail_path(found["sha256"])
-        if kept.exists():
+        kept = searcher.thumbnail_file(found["sha256"])
+        if kept is not None:
             return FileResponse(kept, media_type="image/jpeg")
         return Response(thumbnail_jpeg(thumbnail(found["key"])), media_type="image/jpeg")
 

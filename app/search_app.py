@@ -78,7 +78,7 @@ class SearchApp:
     def _tile(self, r: SearchResult):
         """The thumbnail `otclip index` kept (a file in the index's thumbnails folder, the only folder
         Gradio may serve), else one made here from the indexed original; never the original itself."""
-        kept = self.searcher.thumbnail_file(r)
+        kept = self.searcher.thumbnail_file(r.sha256)
         return str(kept) if kept is not None else thumbnail(r.path)
 
     def gallery(self, results: list[SearchResult], min_score: float) -> tuple[list, str, list[int]]:

@@ -432,7 +432,7 @@ class IndexDirectory:
         old = manifest["sides"].get(side)
         # after the next of every generation on disk: a rebuilt manifest must not reuse a file a server may hold
         generation = 1 + max([old["generation"] if old else 0, *self._generations_on_disk(side)])
-        vectors_path = self.root / f"{side}-{generation}.vectors.npy"
+        vectors_path = self._generation_file(side, generation, ".vectors.npy")
         self._copy_vectors(vectors_path, [(shard, row) for _, shard, row in entries])
         budget = manifest.get("max_index_memory") if max_index_memory is None else (max_index_memory or None)
         try:
@@ -440,8 +440,8 @@ class IndexDirectory:
         except BaseException:
             vectors_path.unlink(missing_ok=True)  # no generation without its index
             raise
-        save_index(index, self.root / f"{side}-{generation}.faiss")
-        write_npy_atomically(self.root / f"{side}-{generation}.ids.npy", ids)
+        index_path = save_index(index, self._generation_file(side, generation, ".faiss"))
+        write_npy_atomically(self._generation_file(side, generation, ".ids.npy"), ids)
         manifest["sides"][side] = {
             "factory": used,
             "index_type": index_description(index),
@@ -450,7 +450,7 @@ class IndexDirectory:
             "generation": generation,
             "updated": time.time(),
             "max_index_memory": budget if factory == "auto" else None,  # the budget `auto` kept to
-            "index_bytes": (self.root / f"{side}-{generation}.faiss").stat().st_size,
+            "index_bytes": index_path.stat().st_size,
         }
         manifest["max_index_memory"] = budget
         if budget is None:
@@ -458,7 +458,7 @@ class IndexDirectory:
         write_json_atomically(self.manifest_path, manifest)
         for stale in self._generations_on_disk(side) - {generation}:
             for suffix in SIDE_FILES:
-                (self.root / f"{side}-{stale}{suffix}").unlink(missing_ok=True)
+                self._generation_file(side, stale, suffix).unlink(missing_ok=True)
         return manifest["sides"][side]
 
     def _generations_on_disk(self, side: str) -> set[int]:
@@ -471,7 +471,10 @@ class IndexDirectory:
 
     def side_file(self, side: str, suffix: str) -> Path:
         """A file of the published generation of a side (SIDE_FILES)."""
-        return self.root / f"{side}-{self.manifest()['sides'][side]['generation']}{suffix}"
+        return self._generation_file(side, self.manifest()["sides"][side]["generation"], suffix)
+
+    def _generation_file(self, side: str, generation: int, suffix: str) -> Path:
+        return self.root / f"{side}-{generation}{suffix}"
 
     def load_side(self, side: str, use_gpu: bool = True, mmap: bool = False) -> LoadedSide | None:
         """The published FAISS index of a side with its ids and vectors, or None when the side was never built.
@@ -482,14 +485,15 @@ class IndexDirectory:
         info = self.manifest()["sides"].get(side)
         if info is None:
             return None
-        path = self.side_file(side, ".faiss")
+        gen = info["generation"]  # one manifest read for the three files
+        path = self._generation_file(side, gen, ".faiss")
         try:
             index = load_index(path, use_gpu=use_gpu, mmap=mmap)
-            path = self.side_file(side, ".ids.npy")
+            path = self._generation_file(side, gen, ".ids.npy")
             ids = np.load(path)
             if ids.shape != (index.ntotal,):
                 raise ValueError(f"{ids.shape[0] if ids.ndim else 0} ids for {index.ntotal} vectors")
-            path = self.side_file(side, ".vectors.npy")
+            path = self._generation_file(side, gen, ".vectors.npy")
             vectors = np.load(path, mmap_mode="r") if path.exists() else None
             if vectors is not None and (vectors.shape != (index.ntotal, index.d) or vectors.dtype != np.float32):
                 raise ValueError(f"{vectors.shape} {vectors.dtype} vectors for an index of {index.ntotal} x {index.d}")

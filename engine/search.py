@@ -380,11 +380,11 @@ class IndexSearcher:
         """Text -> text."""
         return self.search_text_batch([query], k, min_score, target="texts")[0]
 
-    def thumbnail_file(self, result: SearchResult) -> Path | None:
-        """The display copy `otclip index` kept for this image result, if there is one."""
-        if result.sha256 is None:
+    def thumbnail_file(self, sha256: str | None) -> Path | None:
+        """The display copy `otclip index` kept for this image content (a result's or an item's sha256), if any."""
+        if sha256 is None:
             return None
-        path = self.directory.thumbnail_path(result.sha256)
+        path = self.directory.thumbnail_path(sha256)
         return path if path.exists() else None
 
     def item(self, item_id: int) -> dict | None:
