@@ -28,6 +28,7 @@ from otclip.engine.filters import filters_from_strings
 from otclip.engine.images import load_image, thumbnail, thumbnail_jpeg
 from otclip.engine.query_language import Term, parse_query
 from otclip.engine.result_export import results_csv
+from otclip.engine.running_servers import INSTANCE_HEADER
 
 if TYPE_CHECKING:
     from .server import SearchApp
@@ -61,7 +62,9 @@ class SearchParams:
     format: Literal["json", "csv"] = "json"
 
 
-def build_api(apps: dict[str, SearchApp], max_upload_pixels: int) -> FastAPI:
+def build_api(apps: dict[str, SearchApp], max_upload_pixels: int, instance: str = "") -> FastAPI:
+    """`instance`: this server's id (`running_servers`), sent with every search so that `otclip search`
+    knows it asked the server it recorded."""
     api = FastAPI(title="otclip", summary="Text and image search over otclip indexes", docs_url="/docs")
     first = next(iter(apps))
 
@@ -83,15 +86,16 @@ def build_api(apps: dict[str, SearchApp], max_upload_pixels: int) -> FastAPI:
                                        params.before, params.orientation, params.min_width, params.min_height)
         page = app.search(terms, params.target, params.k, params.offset, params.min_score, filters, params.order,
                           params.collapse)
+        headers = {INSTANCE_HEADER: instance}
         if params.format == "csv":
-            return PlainTextResponse(results_csv(page.results), media_type="text/csv")
+            return PlainTextResponse(results_csv(page.results), media_type="text/csv", headers=headers)
         body = page.to_dict()
         suffix = f"?collection={quote(app.name)}" if params.collection else ""
         for result in body["results"]:
             if params.target == "images":
                 result["thumbnail"] = MOUNT + THUMBNAIL.format(item_id=result["id"]) + suffix
                 result["original"] = MOUNT + ORIGINAL.format(item_id=result["id"]) + suffix
-        return JSONResponse(body)
+        return JSONResponse(body, headers=headers)
 
     def query_terms(app: SearchApp, q: str | None) -> list[Term]:
         return parse_query(q, allowed_image=app.searcher.lists_image) if q else []

@@ -20,7 +20,8 @@ from otclip.engine.filters import Filters
 from otclip.engine.images import ImageDecodeError, load_image, thumbnail
 from otclip.engine.query_language import QueryError, Term, combine, parse_query
 from otclip.engine.result_export import results_csv
-from otclip.engine.search import IndexSearcher, SearchPage, SearchResult
+from otclip.engine.search import IndexSearcher
+from otclip.engine.search_results import SearchPage, SearchResult
 
 MAX_UPLOAD_PIXELS = 40_000_000
 CSV_FILES_KEPT = 64  # the latest result lists written for download; older ones are deleted

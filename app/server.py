@@ -8,6 +8,9 @@ file; the API serves an original only by the id of an indexed image.
 
 from __future__ import annotations
 
+import atexit
+import signal
+import sys
 import threading
 from pathlib import Path
 
@@ -15,6 +18,7 @@ import gradio as gr
 from starlette.middleware import Middleware
 
 from otclip.engine.index_directory import IndexDirectory
+from otclip.engine.running_servers import forget_server, new_instance, record_server
 from otclip.engine.search import IndexSearcher
 from otclip.engine.threads import apply_thread_budget, thread_budget
 
@@ -78,7 +82,27 @@ def serve(index_dirs: str | Path | list[str | Path], host: str = "127.0.0.1", po
     ui.launch(server_name=host, server_port=port, max_file_size=MAX_UPLOAD, prevent_thread_lock=True,
               show_error=True, quiet=not block, allowed_paths=thumbnails,
               app_kwargs={"middleware": [Middleware(BodyLimit, max_bytes=MAX_BODY)]})
-    ui.app.mount(API_MOUNT, build_api(apps, MAX_UPLOAD_PIXELS))  # the HTTP JSON API, beside the UI
+    instance = new_instance()
+    ui.app.mount(API_MOUNT, build_api(apps, MAX_UPLOAD_PIXELS, instance))  # the HTTP JSON API, beside the UI
+    record = _record(host, ui.server_port, instance, {name: app.searcher.directory.root for name, app in apps.items()})
     if block:
-        ui.block_thread()
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # `kill` stops it as Ctrl-C does: record removed
+        try:
+            ui.block_thread()
+        finally:
+            if record is not None:
+                forget_server(record)
     return ui
+
+
+def _record(host: str, port: int, instance: str, collections: dict[str, Path]) -> Path | None:
+    """Record this server for `otclip search` (`running_servers`), removed when the process ends; a server
+    that cannot write the record still serves (terminal searches then open the index themselves)."""
+    loopback = "127.0.0.1" if host in ("0.0.0.0", "", "::") else f"[{host}]" if ":" in host else host
+    try:
+        record = record_server(f"http://{loopback}:{port}{API_MOUNT}", port, instance, collections)
+    except OSError as exc:
+        print(f"otclip serve: `otclip search` will not use this server: {exc}", file=sys.stderr)
+        return None
+    atexit.register(forget_server, record)
+    return record

@@ -1,5 +1,6 @@
 """Terminal speed: cold `otclip search` (text, through the index's exported text tower, against the same
-query through torch: `--model`, what every query paid before), no-op `otclip index` on the demo gallery
+query through torch: `--model`, what every query paid before; and with an `otclip serve` of the index
+up, which then answers), no-op `otclip index` on the demo gallery
 and on N unchanged files, wall time and peak memory of each process; and the warm text query against
 the raw torch text forward in one process, idle and next to a busy process, with OpenMP's default
 waiting and with passive waiting. Writes benchmarks/results/cli_speed.json.
@@ -11,6 +12,7 @@ Run it alone: any other busy process changes every figure.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -19,6 +21,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 
@@ -26,10 +29,10 @@ QUERIES = ["a cat", "a cup of coffee", "a rocket", "galaxies in deep space", "a 
 LOAD = "import torch\na = torch.randn(1500, 1500)\nwhile True:\n    a @ a\n"  # a busy neighbour on both cores
 
 
-def timed(cmd: list[str], env: dict | None = None) -> tuple[float, float]:
+def timed(cmd: list[str], env: dict | None = None, cwd: Path | None = None) -> tuple[float, float]:
     """(seconds, peak RSS in MB) of one process."""
     t = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, cwd=cwd)
     _, status, usage = os.wait4(proc.pid, 0)
     seconds = time.perf_counter() - t
     if status != 0:
@@ -89,6 +92,30 @@ def warm_queries(index: Path, passive: bool, busy: bool) -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
 
+@contextlib.contextmanager
+def serving(index: Path):
+    """An `otclip serve` of the index, recorded in a private cache dir (set in os.environ meanwhile, so
+    that the `otclip search` processes started find it); waits until it listens and has answered once."""
+    from otclip.engine.running_servers import server_for
+
+    with tempfile.TemporaryDirectory(prefix="otclip-servers-") as cache, \
+            mock.patch.dict(os.environ, OTCLIP_CACHE_DIR=cache):
+        server = subprocess.Popen([sys.executable, "-m", "otclip", "serve", str(index), "--port",
+                                   str(7900 + os.getpid() % 90)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            deadline = time.monotonic() + 300
+            while server_for(index) is None:  # recorded once it listens
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"otclip serve {index} did not start")
+                time.sleep(0.5)
+            subprocess.run([sys.executable, "-m", "otclip", "search", str(index), "warm up"], check=True,
+                           capture_output=True)
+            yield
+        finally:
+            server.terminate()
+            server.wait(60)
+
+
 def unchanged_files(n: int, root: Path) -> Path:
     """n files, few distinct contents (copies of the sample photos): indexing them embeds only the distinct
     ones, so the set-up is quick, and re-indexing them is the no-op being measured."""
@@ -120,6 +147,11 @@ def main() -> None:
     report["cold search, text, exported text tower"] = median_of([*otclip, "search", str(args.index), "a cat"], args.runs)
     report["cold search, text, torch (--model)"] = median_of(
         [*otclip, "search", str(args.index), "a cat", "--model", "effnet-minilm"], args.runs)
+    with serving(args.index):
+        report["search, text, `otclip serve` of the index up"] = median_of(
+            [*otclip, "search", str(args.index), "a cat"], args.runs)
+        report["search, indexed image, `otclip serve` up"] = median_of(
+            [*otclip, "search", str(args.index), "--image", str(next(args.data.rglob("*.jpg")).resolve())], args.runs)
     if args.clip_model:
         with tempfile.TemporaryDirectory(prefix="otclip-clip-") as tmp:
             from otclip.engine.sample_photos import write_sample_photos
@@ -129,6 +161,9 @@ def main() -> None:
                             "--no-progress"], check=True, capture_output=True)
             report[f"cold search, text, exported text tower, {args.clip_model}"] = median_of(
                 [*otclip, "search", f"{tmp}/index", "a cat"], args.runs)
+            with serving(Path(tmp) / "index"):
+                report[f"search, text, `otclip serve` up, {args.clip_model}"] = median_of(
+                    [*otclip, "search", f"{tmp}/index", "a cat"], args.runs)
             report[f"no-op index, {args.clip_model}"] = median_of(
                 [*otclip, "index", str(photos), "--out", f"{tmp}/index", "--model", args.clip_model, "--no-progress"],
                 args.runs)

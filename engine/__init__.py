@@ -15,7 +15,7 @@ _EXPORTS = {
     "ModelLoadError": "errors",
     "Encoder": "encoding",
     "ImageBatch": "encoding",
-    "IMAGE_EXTENSIONS": "images",
+    "IMAGE_EXTENSIONS": "image_paths",
     "ImageDecodeError": "images",
     "load_image": "images",
     "LoadedModel": "model_loading",

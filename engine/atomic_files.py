@@ -6,8 +6,10 @@ import json
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
+if TYPE_CHECKING:
+    import numpy as np
 
 
 def write_atomically(path: str | Path, write: Callable[[str], None]) -> Path:
@@ -35,6 +37,8 @@ def write_json_atomically(path: str | Path, data) -> Path:
 
 
 def write_npy_atomically(path: str | Path, array: np.ndarray) -> Path:
+    import numpy as np
+
     def write(tmp: str) -> None:
         with open(tmp, "wb") as f:
             np.save(f, array)

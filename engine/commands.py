@@ -21,7 +21,7 @@ def run_rank(args: argparse.Namespace) -> int:
     import tempfile
 
     from .encoding import Encoder
-    from .images import is_image_path
+    from .image_paths import is_image_path
     from .model_loading import load_model
     from .sample_photos import write_sample_photos
 

@@ -15,8 +15,6 @@ MAX_ASPECT = 50  # longer side / shorter side: beyond it an image is a strip who
 # input (shorter side -> 224) would be gigapixels (a 1 x 30000 PNG of 204 bytes took 7.6 GB)
 THUMBNAIL_SIDE = 384  # pixels, the longer side of a result tile (the app's preview enlarges it)
 ImageInput = str | Path | bytes | Image.Image  # what every image-taking call accepts
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff",
-                              ".heic", ".heif", ".avif"})  # HEIC/HEIF: pillow-heif; AVIF: Pillow's own (libavif)
 
 
 class ImageDecodeError(ValueError):
@@ -26,10 +24,6 @@ class ImageDecodeError(ValueError):
         super().__init__(f"{source}: {reason}")
         self.source = source
         self.reason = reason
-
-
-def is_image_path(path: str | Path) -> bool:
-    return Path(path).suffix.lower() in IMAGE_EXTENSIONS
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:

@@ -17,11 +17,14 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from decimal import Decimal
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
+from .image_paths import is_image_path
 
-from .images import is_image_path
+if TYPE_CHECKING:  # numpy is imported by `combine` only: parsing stays light for the terminal's fast path
+    import numpy as np
 
 _SPLIT = re.compile(r'(?<=\s)([+-])(?=\s)(?=(?:[^"]*"[^"]*")*[^"]*$)')  # a sign between spaces, outside quotes
 _WEIGHT = re.compile(r"^(\d+(?:\.\d*)?|\.\d+):(?!//)(.+)$")
@@ -86,6 +89,27 @@ def _term(raw: str, sign: float, query: str, allowed_image: Callable[[str], bool
     return Term("text", value, sign * weight)
 
 
+def format_query(terms: Sequence[Term]) -> str | None:
+    """A query string that parses back to exactly these terms (texts quoted, images as their paths), so a
+    parsed query can be sent on (`otclip search` asking a running server); None when the terms cannot be
+    written as one (an uploaded image, a path holding ' + ' or ' - ')."""
+    parts = []
+    for term in terms:
+        if not isinstance(term.value, str):
+            return None
+        size = abs(term.weight)
+        weight = "" if size == 1 else format(Decimal(repr(size)).normalize(), "f") + ":"
+        value = f'"{term.value}"' if term.kind == "text" else term.value
+        sign = ("- " if term.weight < 0 else "") if not parts else (" - " if term.weight < 0 else " + ")
+        parts.append(sign + weight + value)
+    query = "".join(parts)
+    try:
+        same = parse_query(query, allowed_image=lambda path: True) == list(terms)
+    except QueryError:
+        return None
+    return query if same else None
+
+
 def _looks_like_path(value: str) -> bool:
     return value.startswith(("./", "../", "/", "~/")) or (is_image_path(value) and " " not in value)
 
@@ -93,6 +117,8 @@ def _looks_like_path(value: str) -> bool:
 def combine(terms: Sequence[Term], encode_texts: Callable[[list], np.ndarray],
             encode_images: Callable[[list], np.ndarray]) -> np.ndarray:
     """The (d,) query vector of the terms: the normalised weighted sum of their normalised embeddings."""
+    import numpy as np
+
     texts = [t for t in terms if t.kind == "text"]
     images = [t for t in terms if t.kind == "image"]
     parts = []

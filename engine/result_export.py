@@ -10,7 +10,7 @@ import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
-from .search import SearchResult
+from .search_results import SearchResult
 
 CSV_FIELDS = ("rank", "score", "path", "text", "label", "width", "height", "taken", "id", "duplicates")
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -16,43 +15,11 @@ from .filters import Filters
 from .images import ImageInput
 from .index_directory import IndexDirectory, LoadedSide
 from .query_language import Term, combine, parse_query
+from .search_results import SearchPage, SearchResult
 
 if TYPE_CHECKING:
     from .encoding import Encoder
     from .model_loading import LoadedModel
-
-
-@dataclass
-class SearchResult:
-    rank: int
-    score: float
-    id: int
-    path: str | None = None  # images
-    sha256: str | None = None  # the content's digest (names its thumbnail)
-    text: str | None = None  # texts, or an image's caption
-    label: str | None = None
-    width: int | None = None
-    height: int | None = None
-    duplicates: list[str] = field(default_factory=list)
-    extra: dict = field(default_factory=dict)
-
-    taken: float | None = None  # images: EXIF DateTimeOriginal, else the file's mtime (Unix seconds)
-
-    def to_dict(self) -> dict:
-        return {k: v for k, v in self.__dict__.items() if v is not None and v != [] and v != {}}
-
-
-@dataclass
-class SearchPage:
-    """One page of results; `more`: whether the next page (offset + k) holds any."""
-
-    results: list[SearchResult]
-    offset: int
-    more: bool
-
-    def to_dict(self) -> dict:
-        return {"results": [r.to_dict() for r in self.results], "offset": self.offset,
-                "next_offset": self.offset + len(self.results) if self.more else None}
 
 
 ORDERS = ("score", "date")

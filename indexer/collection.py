@@ -7,7 +7,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from otclip.engine.images import is_image_path
+from otclip.engine.image_paths import is_image_path
 from otclip.engine.manifests import MANIFEST_SUFFIXES, read_rows
 
 

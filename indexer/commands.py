@@ -79,6 +79,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--export", type=Path, metavar="FOLDER", help="link the result images into FOLDER (with results.csv)")
     p.add_argument("--copy", action="store_true", help="with --export: copy the images instead of linking them")
     p.add_argument("--threads", type=int, default=None, help="compute threads (default: the available cores)")
+    p.add_argument("--local", action="store_true", help="search in this process even when an `otclip serve` of "
+                   "the index is running (by default such a server answers: no index or model to load)")
     p.set_defaults(func=_search)
 
     p = sub.add_parser("check", help="check every file of an index directory; name each damaged one (exit 1 if any)")
@@ -187,23 +189,19 @@ def _search(args: argparse.Namespace) -> int:
     from otclip.engine.filters import filters_from_strings
     from otclip.engine.query_language import Term, parse_query
     from otclip.engine.result_export import export_images, results_csv, results_json
-    from otclip.engine.search import IndexSearcher
+    from otclip.engine.threads import thread_budget
 
     terms = parse_query(args.query) if args.query is not None else []
     if args.image is not None:
-        terms.append(Term("image", str(args.image)))
+        terms.append(Term("image", str(args.image.expanduser().resolve())))
     if not terms:
         raise ValueError('give a query (e.g. "a beach" + ./ref.jpg - people) or --image PATH')
     filters = filters_from_strings(args.under, args.glob, args.label, args.where, args.after, args.before,
                                    args.orientation, args.min_width, args.min_height)
-    model = None
-    if args.model:
-        from otclip.engine import load_model
-
-        model = load_model(args.model)
-    # text terms are answered by the index's exported text tower when it keeps one: no torch, no model load
-    searcher = IndexSearcher(args.index_dir, model=model, exported_text=True, threads=args.threads, few_queries=True)
-    page = searcher.search(terms, args.target, args.k, args.offset, args.min_score, filters, args.order, args.collapse)
+    thread_budget(args.threads)  # a bad --threads is refused whichever process answers
+    page = None if args.model or args.local else _ask_running_server(args, terms, filters.path_prefix)
+    if page is None:
+        page = _search_here(args, terms, filters)
     results = page.results
     if args.export is not None:
         exported = export_images(results, args.export, copy=args.copy)
@@ -224,6 +222,36 @@ def _search(args: argparse.Namespace) -> int:
     if page.more:
         print(f"more: --offset {args.offset + len(results)}", file=sys.stderr)
     return 0
+
+
+def _ask_running_server(args: argparse.Namespace, terms: list, under: str | None):
+    """The page a running `otclip serve` of this index gives (same query, filters and page), or None."""
+    from otclip.engine.query_language import format_query
+    from otclip.engine.remote_search import search_remote
+    from otclip.engine.running_servers import server_for
+
+    server = server_for(args.index_dir)
+    query = format_query(terms) if server is not None else None
+    if query is None:
+        return None
+    return search_remote(server, {
+        "q": query, "target": args.target, "k": args.k, "offset": args.offset, "min_score": args.min_score,
+        "order": args.order, "collapse": args.collapse, "under": under, "glob": args.glob, "label": args.label,
+        "where": args.where, "after": args.after, "before": args.before, "orientation": args.orientation,
+        "min_width": args.min_width, "min_height": args.min_height})
+
+
+def _search_here(args: argparse.Namespace, terms: list, filters):
+    from otclip.engine.search import IndexSearcher
+
+    model = None
+    if args.model:
+        from otclip.engine import load_model
+
+        model = load_model(args.model)
+    # text terms are answered by the index's exported text tower when it keeps one: no torch, no model load
+    searcher = IndexSearcher(args.index_dir, model=model, exported_text=True, threads=args.threads, few_queries=True)
+    return searcher.search(terms, args.target, args.k, args.offset, args.min_score, filters, args.order, args.collapse)
 
 
 def _check(args: argparse.Namespace) -> int:

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from otclip.engine.images import is_image_path
+from otclip.engine.image_paths import is_image_path
 
 from .pipeline import IndexingSummary, index_images
 

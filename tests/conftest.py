@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import os
 import socket
+import tempfile
 
 import pytest
 import torch
 
 torch.set_num_threads(2)
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+# the suite's servers record themselves (and caches live) here, not in the user's ~/.cache/otclip
+os.environ["OTCLIP_CACHE_DIR"] = tempfile.mkdtemp(prefix="otclip-test-cache-")
 
 
 @pytest.fixture(scope="session")

@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from otclip.engine.images import ImageDecodeError, is_image_path, load_image
+from otclip.engine.image_paths import is_image_path
+from otclip.engine.images import ImageDecodeError, load_image
 
 from gallery import BROKEN, write_odd_images
 

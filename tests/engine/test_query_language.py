@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from otclip.engine.query_language import QueryError, Term, combine, parse_query
+from otclip.engine.query_language import QueryError, Term, combine, format_query, parse_query
 
 
 @pytest.fixture
@@ -60,3 +60,15 @@ def test_the_combined_vector_is_the_normalised_weighted_sum_of_normalised_embedd
     assert np.allclose(combine(terms, encode, encode), [1 / 10 ** 0.5, -3 / 10 ** 0.5], atol=1e-6)
     with pytest.raises(QueryError, match="cancel out"):
         vector("x - x")
+
+
+def test_a_parsed_query_is_written_back_to_one_that_parses_the_same(ref):
+    """What `otclip search` sends a running server: hand-written expectations, then the round trip."""
+    terms = parse_query('- people + 2:"a beach" + ./ref.jpg - 0.25:night')
+    assert format_query(terms) == f'- "people" + 2:"a beach" + {ref} - 0.25:"night"'
+    cases = [[Term("text", 'a "quoted" word', 1e-05)], [Term("text", "a + b", -3.5), Term("text", "c", 1.0)],
+             [Term("image", str(ref), 1.5), Term("text", "ref.jpg", 1.0)], terms]
+    for case in cases:
+        assert parse_query(format_query(case)) == case
+    assert format_query([Term("text", "x"), Term("image", b"uploaded bytes")]) is None
+    assert format_query([Term("image", "/photos/a - b.jpg")]) is None  # ' - ' would split it

@@ -98,7 +98,7 @@ def test_cli_search_answers_without_torch(demo_index, default_model):
     index = demo_index / "index"
     assert IndexDirectory(index).text_query_model_files() is not None  # `otclip index` kept the export
     script = ("import json, sys\nfrom otclip.main import main\n"
-              f"main(['search', {str(index)!r}, 'a cup of coffee', '-k', '5', '--json'])\n"
+              f"main(['search', {str(index)!r}, 'a cup of coffee', '-k', '5', '--json', '--local'])\n"
               "print('TORCH', 'torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True).stdout
     results, torch_line = json.loads(out[: out.rindex("TORCH")]), out[out.rindex("TORCH"):]
