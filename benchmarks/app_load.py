@@ -54,7 +54,7 @@ def main() -> None:
 
         build_demo_index(args.index, args.data, progress=False)
     apply_thread_budget(thread_budget())  # what serve() sets: the bare API runs under the same budget
-    searcher = IndexSearcher(args.index, exported_text=True)  # what serve() builds
+    searcher = IndexSearcher(args.index, exported=True)  # what serve() builds
     searcher.load_model()
     photo = str(next((args.data / "photos").glob("*.jpg")))
     # the bare API, same queries, same process

@@ -54,7 +54,7 @@ from otclip.engine.threads import apply_thread_budget, thread_budget
 apply_thread_budget(thread_budget())
 queries = json.loads(sys.argv[2])
 torch_searcher = IndexSearcher(sys.argv[1])
-onnx_searcher = IndexSearcher(sys.argv[1], exported_text=True)
+onnx_searcher = IndexSearcher(sys.argv[1], exported=True)
 import torch
 model = torch_searcher.model
 tokens = [model.tokenizer([q]) for q in queries]

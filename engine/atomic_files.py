@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -52,3 +53,40 @@ def write_lines_atomically(path: str | Path, lines: list[str]) -> Path:
             f.writelines(line + "\n" for line in lines)
 
     return write_atomically(path, write)
+
+
+def publish_file_set(folder: str | Path, listing: str, files: dict[str, Path], info: dict, link: bool = False) -> None:
+    """Put `files` (name -> source) into `folder`, each atomically, then `listing` (a JSON file: `info` plus
+    every file's size) last: the set's commit point, removed first so that no reader pairs an old listing
+    with new files. `link`: hard-link the sources where the file system allows (immutable files shared
+    with another folder), else copy."""
+    folder = Path(folder)
+    (folder / listing).unlink(missing_ok=True)
+    sizes = {}
+    for name, source in files.items():
+        write_atomically(folder / name, lambda tmp, source=source: _link_or_copy(source, tmp, link))
+        sizes[name] = (folder / name).stat().st_size
+    write_json_atomically(folder / listing, {**info, "file_bytes": sizes})
+
+
+def read_file_set(folder: str | Path, listing: str) -> tuple[dict[str, Path], dict] | None:
+    """({name: path}, info) of a set `publish_file_set` completed, with every file at its listed size; else
+    None (no listing, an unreadable one, a file missing or cut short)."""
+    folder = Path(folder)
+    try:
+        info = json.loads((folder / listing).read_text(encoding="utf-8"))
+        sizes = info["file_bytes"]
+        complete = all((folder / name).stat().st_size == size for name, size in sizes.items())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    return ({name: folder / name for name in sizes}, info) if complete else None
+
+
+def _link_or_copy(source: Path, target: str, link: bool) -> None:
+    if link:
+        try:
+            os.link(source, target)
+            return
+        except OSError:  # another file system, or links not allowed: a copy
+            pass
+    shutil.copyfile(source, target)

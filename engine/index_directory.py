@@ -16,6 +16,8 @@
   INDEX_DIR/query/text.onnx.data ... its weights,
   INDEX_DIR/query/tokenizer.json ... its tokenizer, and
   INDEX_DIR/query/text.json      ... what it was checked against (written last: the export's commit point)
+  INDEX_DIR/query/image.onnx     the image tower for torch-free image queries (image_query_model), its
+  INDEX_DIR/query/image.onnx.data  weights, and image.json (its preprocessing; written last)
 """
 
 from __future__ import annotations
@@ -23,7 +25,6 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-import shutil
 import sqlite3
 import sys
 import time
@@ -35,7 +36,13 @@ from typing import NamedTuple
 import faiss
 import numpy as np
 
-from .atomic_files import write_atomically, write_json_atomically, write_npy_atomically
+from .atomic_files import (
+    publish_file_set,
+    read_file_set,
+    write_atomically,
+    write_json_atomically,
+    write_npy_atomically,
+)
 from .errors import IndexDirectoryError
 from .faiss_indexes import (
     ADD_BLOCK,
@@ -544,33 +551,37 @@ class IndexDirectory:
                 removed += 1
         return removed
 
-    # --- the exported text tower ---------------------------------------------------------------
+    # --- the exported query towers ------------------------------------------------------------
     @property
     def query_dir(self) -> Path:
         return self.root / "query"
 
-    def publish_text_query_model(self, onnx_path: Path, tokenizer_path: Path, info: dict) -> None:
-        """Keep a checked text-tower export (graph, its weights file `text.onnx.data`, tokenizer): the files
-        first, text.json (naming the model and the files' sizes) last."""
-        target = self.query_dir
-        (target / "text.json").unlink(missing_ok=True)  # no reader pairs the old description with new files
-        sizes = {}
-        for source, name in ((onnx_path.with_name(onnx_path.name + ".data"), "text.onnx.data"),
-                             (onnx_path, "text.onnx"), (tokenizer_path, "tokenizer.json")):
-            write_atomically(target / name, lambda tmp, source=source: shutil.copyfile(source, tmp))
-            sizes[name] = (target / name).stat().st_size
-        write_json_atomically(target / "text.json", {**info, "file_bytes": sizes})
+    def publish_query_model(self, tower: str, files: dict[str, Path], info: dict, link: bool = False) -> None:
+        """Keep a checked export of a query tower ("text": text.onnx + its weights + tokenizer.json; "image":
+        image.onnx + its weights): the files first, TOWER.json (naming the model and the files' sizes) last.
+        `link`: hard-link them (from the per-model cache, `query_model_cache`)."""
+        publish_file_set(self.query_dir, f"{tower}.json", files, info, link)
 
-    def text_query_model_files(self) -> tuple[Path, Path, dict] | None:
-        """(text.onnx, tokenizer.json, info) when a complete export of this index's model is kept, else None."""
-        try:
-            info = json.loads((self.query_dir / "text.json").read_text())
-            complete = all((self.query_dir / name).stat().st_size == size for name, size in info["file_bytes"].items())
-        except (OSError, ValueError, KeyError, AttributeError):
+    def refuse_query_model(self, tower: str, reason: str, checksum: str) -> None:
+        """Record why this model's `tower` cannot be exported, so later runs neither retry (loading the model
+        to fail again) nor stay silent about it."""
+        self.publish_query_model(tower, {}, {"refused": reason, "model_checksum": checksum})
+
+    def query_model_refused(self, tower: str) -> str | None:
+        """Why the export of this index's model was refused, when a run recorded it."""
+        found = self._query_model_set(tower)
+        return found[1].get("refused") if found is not None else None
+
+    def query_model_files(self, tower: str) -> tuple[dict[str, Path], dict] | None:
+        """({name: path}, info) when a complete export of this index's model is kept for `tower`, else None."""
+        found = self._query_model_set(tower)
+        return found if found is not None and "refused" not in found[1] else None
+
+    def _query_model_set(self, tower: str) -> tuple[dict[str, Path], dict] | None:
+        found = read_file_set(self.query_dir, f"{tower}.json")
+        if found is None or found[1].get("model_checksum") != self.manifest()["model"]["checksum"]:
             return None
-        if not complete or info.get("model_checksum") != self.manifest()["model"]["checksum"]:
-            return None
-        return self.query_dir / "text.onnx", self.query_dir / "tokenizer.json", info
+        return found
 
     def size_on_disk(self) -> int:
         return sum(p.stat().st_size for p in self.root.rglob("*") if p.is_file())

@@ -60,9 +60,11 @@ def find_problems(directory: IndexDirectory) -> list[Problem]:
     if thumbnails:
         first = directory.thumbnail_path(next(iter(thumbnails)))
         problems.append(Problem(f"{first}: missing or cut short ({len(thumbnails)} thumbnail(s) in all)", repair))
-    if (directory.query_dir / "text.json").exists() and directory.text_query_model_files() is None:
-        problems.append(Problem(f"{directory.query_dir}: text-tower export incomplete or of another model (text "
-                                "queries load torch meanwhile)", f"otclip index SOURCE --out {directory.root}"))
+    for tower in ("text", "image"):
+        if ((directory.query_dir / f"{tower}.json").exists() and directory.query_model_files(tower) is None
+                and directory.query_model_refused(tower) is None):
+            problems.append(Problem(f"{directory.query_dir}: {tower}-tower export incomplete or of another model "
+                                    f"({tower} queries load torch meanwhile)", f"otclip index SOURCE --out {directory.root}"))
     return problems
 
 

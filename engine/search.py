@@ -40,15 +40,15 @@ PROBE = 256  # candidates a filtered search's probe checks against the filter
 
 class IndexSearcher:
     """Answers text/image queries against an index directory. The model is loaded once, on the first query
-    that needs it (or by `load_model()`): `info` and, with `exported_text=True`, text queries answered by
-    the index's exported text tower (`text_query_model`) never load it, nor import torch."""
+    that needs it (or by `load_model()`): `info` and, with `exported=True`, text and image queries answered
+    by the index's exported towers (`text_query_model`, `image_query_model`) never load it, nor import torch."""
 
     def __init__(self, index_dir: str | Path, model: LoadedModel | None = None, device: str | None = None,
-                 exported_text: bool = False, threads: int | None = None, few_queries: bool = False,
+                 exported: bool = False, threads: int | None = None, few_queries: bool = False,
                  shared_from: IndexSearcher | None = None) -> None:
         """`few_queries`: this process answers a query or two and exits (the CLI): start fast over run fast.
         `shared_from`: a searcher of another index built with the same model, whose loaded model (and exported
-        text tower) this one uses: a server of several collections loads each distinct model once."""
+        towers) this one uses: a server of several collections loads each distinct model once."""
         self.directory = IndexDirectory(index_dir)
         manifest = self.directory.manifest()
         if shared_from is not None:
@@ -60,18 +60,33 @@ class IndexSearcher:
         self._encoder: Encoder | None = shared_from._encoder if shared_from is not None else None
         self._loading = threading.Lock()
         self._text_model = shared_from._text_model if shared_from is not None else None
-        if exported_text and model is None:
-            files = self.directory.text_query_model_files()
-            if files is not None:
-                from .text_query_model import TextQueryModel
-
-                self._text_model = TextQueryModel(*files, threads=threads, few_queries=few_queries)
+        self._image_model = shared_from._image_model if shared_from is not None else None
+        if exported and model is None:
+            self._text_model, self._image_model = self._exported_towers(threads, few_queries)
         self.manifest = manifest
         self._sides = {side: self.directory.load_side(side, mmap=True) for side in manifest["sides"]}
         self._stamp = self._manifest_stamp()
         self._reload = threading.Lock()
         self._store = self.directory.reader()
         self._store_inode = _inode(self._store.path)
+
+    def _exported_towers(self, threads: int | None, few_queries: bool) -> tuple:
+        """(text, image) query models from the index's ONNX exports, None for a tower it does not keep."""
+        text = image = None
+        found = self.directory.query_model_files("text")
+        if found is not None:
+            from .text_query_model import TextQueryModel
+
+            files, info = found
+            text = TextQueryModel(files["text.onnx"], files["tokenizer.json"], info, threads=threads,
+                                  few_queries=few_queries)
+        found = self.directory.query_model_files("image")
+        if found is not None:
+            from .image_query_model import ImageQueryModel
+
+            files, info = found
+            image = ImageQueryModel(files["image.onnx"], info, threads=threads, few_queries=few_queries)
+        return text, image
 
     @property
     def encoder(self) -> Encoder:
@@ -321,7 +336,8 @@ class IndexSearcher:
         return (self._text_model or self.encoder).encode_texts(queries)
 
     def encode_images(self, images: Sequence[ImageInput]) -> np.ndarray:
-        return self.encoder.encode_images(list(images))
+        """(n, d) query vectors, through the exported image tower when this searcher uses it."""
+        return (self._image_model or self.encoder).encode_images(list(images))
 
     def search_text_batch(self, queries: Sequence[str], k: int = 10, min_score: float | None = None,
                           target: str = "images") -> list[list[SearchResult]]:

@@ -9,7 +9,6 @@ L2-normalised vectors). Otherwise nothing is written and text queries load the t
 from __future__ import annotations
 
 import tempfile
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .model_loading import LoadedModel
+from .onnx_export import export_tower
 from .text_query_model import QueryTokenizer, TextQueryModel
 
 TOLERANCE = 1e-4
@@ -64,15 +64,6 @@ def _tokenizer_json(tokenizer) -> tuple[str, str] | str:
     return f"{type(tokenizer).__name__} has no torch-free equivalent"
 
 
-def _weights_apart(source: Path, target: Path) -> None:
-    """Re-save with the weights in a raw file beside the graph (`target`.data): ONNX Runtime then maps them
-    instead of parsing them out of one protobuf (a session for ViT-B-32's text tower: 0.9 -> 0.33 s here)."""
-    import onnx
-
-    onnx.save_model(onnx.load(str(source)), str(target), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=f"{target.name}.data", size_threshold=1024)
-
-
 def _special_ids(loaded: LoadedModel) -> dict:
     """bos, eos and pad read off the model's own tokenisation of an empty text: [bos, eos, pad, ...]."""
     ids = loaded.tokenizer([""])[0].tolist()
@@ -111,17 +102,11 @@ def export_text_query_model(loaded: LoadedModel, directory) -> str | None:
 
 def _export_and_check(loaded: LoadedModel, tower: nn.Module, tokenizer_json: str, info: dict, directory) -> str | None:
     with tempfile.TemporaryDirectory(prefix="otclip-text-export-") as tmp:
-        traced, onnx_path, tokenizer_path = Path(tmp) / "traced.onnx", Path(tmp) / "text.onnx", Path(tmp) / "tokenizer.json"
+        onnx_path, tokenizer_path = Path(tmp) / "text.onnx", Path(tmp) / "tokenizer.json"
         tokenizer_path.write_text(tokenizer_json, encoding="utf-8")
-        example = loaded.tokenizer(PROBES[:2])
-        try:
-            with warnings.catch_warnings(), torch.no_grad():
-                warnings.simplefilter("ignore")  # the exporter's deprecation and tracer notes are not the user's
-                torch.onnx.export(tower, (example,), str(traced), input_names=["input_ids"], output_names=["embedding"],
-                                  dynamic_axes={"input_ids": {0: "n"}, "embedding": {0: "n"}}, dynamo=False)
-        except Exception as exc:  # an architecture the exporter cannot trace: text queries keep using torch
-            return f"ONNX export failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})"
-        _weights_apart(traced, onnx_path)
+        failed = export_tower(tower, loaded.tokenizer(PROBES[:2]), onnx_path, "input_ids", "embedding")
+        if failed:
+            return failed
         exported = TextQueryModel(onnx_path, tokenizer_path, info, threads=1)
         expected_ids = loaded.tokenizer(PROBES).numpy()
         if not np.array_equal(exported.tokenize(PROBES), expected_ids):
@@ -131,5 +116,7 @@ def _export_and_check(loaded: LoadedModel, tower: nn.Module, tokenizer_json: str
         error = float(np.abs(exported.encode_texts(PROBES) - expected).max())
         if not error <= TOLERANCE:
             return f"ONNX embeddings differ from torch's by {error:.2e} (> {TOLERANCE:.0e})"
-        directory.publish_text_query_model(onnx_path, tokenizer_path, {**info, "max_abs_error": error})
+        directory.publish_query_model("text", {"text.onnx.data": onnx_path.with_name(onnx_path.name + ".data"),
+                                               "text.onnx": onnx_path, "tokenizer.json": tokenizer_path},
+                                      {**info, "max_abs_error": error})
     return None

@@ -134,8 +134,8 @@ def parse_size(text: str) -> int:
 
 def _speed_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="model threads (default: the available cores)")
-    p.add_argument("--no-text-export", action="store_true",
-                   help="do not keep an ONNX export of the text tower (text queries in `otclip search` then load torch)")
+    p.add_argument("--no-query-export", "--no-text-export", action="store_true",
+                   help="do not keep ONNX exports of the text and image towers (queries in `otclip search` then load torch)")
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -146,7 +146,7 @@ def _index(args: argparse.Namespace) -> int:
 
     apply_thread_budget(thread_budget(args.threads))
     summary = index_images(args.images, args.out, args.model, args.factory, args.batch_size, args.workers,
-                           args.chunk_size, progress=not args.no_progress, text_query_model=not args.no_text_export,
+                           args.chunk_size, progress=not args.no_progress, query_models=not args.no_query_export,
                            thumbnails=not args.no_thumbnails, max_index_memory=args.max_index_memory)
     print(summary.line())
     return 0
@@ -160,7 +160,7 @@ def _watch(args: argparse.Namespace) -> int:
     apply_thread_budget(thread_budget(args.threads))
     watch(args.images, args.out, args.model, settle=args.settle, factory=args.factory,
           max_index_memory=args.max_index_memory, progress=not args.no_progress,
-          text_query_model=not args.no_text_export, thumbnails=not args.no_thumbnails)
+          query_models=not args.no_query_export, thumbnails=not args.no_thumbnails)
     return 0
 
 
@@ -171,7 +171,7 @@ def _index_texts(args: argparse.Namespace) -> int:
 
     apply_thread_budget(thread_budget(args.threads))
     summary = index_texts(args.texts, args.out, args.model, args.factory, args.batch_size,
-                          progress=not args.no_progress, text_query_model=not args.no_text_export,
+                          progress=not args.no_progress, query_models=not args.no_query_export,
                           max_index_memory=args.max_index_memory)
     print(summary.line())
     return 0
@@ -250,7 +250,7 @@ def _search_here(args: argparse.Namespace, terms: list, filters):
 
         model = load_model(args.model)
     # text terms are answered by the index's exported text tower when it keeps one: no torch, no model load
-    searcher = IndexSearcher(args.index_dir, model=model, exported_text=True, threads=args.threads, few_queries=True)
+    searcher = IndexSearcher(args.index_dir, model=model, exported=True, threads=args.threads, few_queries=True)
     return searcher.search(terms, args.target, args.k, args.offset, args.min_score, filters, args.order, args.collapse)
 
 

@@ -28,6 +28,7 @@ from otclip.engine.faiss_indexes import auto_factory, new_index
 from otclip.engine.index_directory import IndexDirectory
 from otclip.engine.metadata_store import ItemRecord
 from otclip.engine.model_identity import DEFAULT_MODEL_NAME, identity_without_loading
+from otclip.engine.query_model_cache import cache_query_model, cached_query_model
 
 if TYPE_CHECKING:
     from otclip.engine import LoadedModel
@@ -48,7 +49,7 @@ class IndexingSummary:
     factory: str = ""
     errors_file: str | None = None
     model_loaded: bool = False
-    text_queries: str = ""  # why text queries need torch, when the text tower could not be exported
+    torch_queries: dict[str, str] = field(default_factory=dict)  # tower -> why its queries need torch (not exported)
     repaired: int = 0  # items of damaged embedding chunks, embedded again
 
     def line(self) -> str:
@@ -58,8 +59,8 @@ class IndexingSummary:
             s += f" (reasons in {self.errors_file})"
         if self.repaired:
             s += f", {self.repaired} from damaged embedding chunks embedded again"
-        if self.text_queries:
-            s += f", text queries load torch ({self.text_queries})"
+        for tower, reason in self.torch_queries.items():
+            s += f", {tower} queries load torch ({reason})"
         return s + f", index {self.factory}, {self.seconds:.1f}s"
 
 
@@ -96,12 +97,34 @@ class _ModelOnDemand:
         loaded = self.get()
         self.directory.open_for_model(self.spec, loaded.identity, loaded.embed_dim)
 
-    def keep_text_query_model(self, summary: IndexingSummary) -> None:
-        """Export the text tower for torch-free text queries, unless the index already keeps a current one."""
-        if self.directory.text_query_model_files() is None:
-            from otclip.engine.text_query_export import export_text_query_model
+    def keep_query_models(self, summary: IndexingSummary) -> None:
+        """Export the text and image towers for torch-free queries, unless the index keeps current ones."""
+        checksum = self.directory.manifest()["model"]["checksum"]
+        for tower in ("text", "image"):
+            reason = self.directory.query_model_refused(tower)
+            if reason is None and self.directory.query_model_files(tower) is None:
+                cached = cached_query_model(tower, checksum)
+                if cached is not None:  # exported for an earlier index of this model: no model load
+                    self.directory.publish_query_model(tower, *cached, link=True)
+                    continue
+                reason = _export_query_model(tower, self.get(), self.directory)
+                if reason:
+                    self.directory.refuse_query_model(tower, reason, checksum)
+                else:
+                    cache_query_model(tower, checksum, *self.directory.query_model_files(tower))
+            if reason:
+                summary.torch_queries[tower] = reason
 
-            summary.text_queries = export_text_query_model(self.get(), self.directory) or ""
+
+def _export_query_model(tower: str, loaded: LoadedModel, directory: IndexDirectory) -> str | None:
+    """Export and check one tower into the index (torch is imported only here); None, or why not."""
+    if tower == "text":
+        from otclip.engine.text_query_export import export_text_query_model
+
+        return export_text_query_model(loaded, directory)
+    from otclip.engine.image_query_export import export_image_query_model
+
+    return export_image_query_model(loaded, directory)
 
 
 @dataclass
@@ -242,7 +265,7 @@ def index_images(
     workers: int | None = None,
     chunk_size: int = 1024,
     progress: bool = True,
-    text_query_model: bool = True,
+    query_models: bool = True,
     thumbnails: bool = True,
     max_index_memory: int | None = None,
 ) -> IndexingSummary:
@@ -261,7 +284,7 @@ def index_images(
         directory = IndexDirectory(index_dir)
         with directory.writing() if ranks.is_main else nullcontext():  # one writer at a time (the main rank)
             summary = _index_images(source, directory, _ModelOnDemand(model, directory, ranks), ranks, factory,
-                                    batch_size, workers, chunk_size, progress, text_query_model, thumbnails,
+                                    batch_size, workers, chunk_size, progress, query_models, thumbnails,
                                     max_index_memory)
     finally:
         ranks.close()
@@ -270,7 +293,7 @@ def index_images(
 
 
 def _index_images(source, directory: IndexDirectory, models: _ModelOnDemand, ranks: Ranks, factory: str,
-                  batch_size: int, workers: int | None, chunk_size: int, progress: bool, text_query_model: bool,
+                  batch_size: int, workers: int | None, chunk_size: int, progress: bool, query_models: bool,
                   thumbnails: bool, max_index_memory: int | None) -> IndexingSummary:
     ingested = repaired = 0
     if ranks.is_main:
@@ -326,7 +349,7 @@ def _index_images(source, directory: IndexDirectory, models: _ModelOnDemand, ran
         write_lines_atomically(errors_file, [json.dumps(e, ensure_ascii=False) for e in errors])
         summary.errors_file = str(errors_file)
         _publish(directory, "images", factory, bool(ingested or writer.count or gone or repaired), summary, models,
-                 text_query_model, progress, max_index_memory)
+                 query_models, progress, max_index_memory)
     summary.model_loaded = models.loaded
     ranks.barrier()
     return summary
@@ -345,7 +368,7 @@ def _prepare(directory: IndexDirectory, models: _ModelOnDemand, factory: str) ->
 
 
 def _publish(directory: IndexDirectory, side: str, factory: str, changed: bool, summary: IndexingSummary,
-             models: _ModelOnDemand, text_query_model: bool, progress: bool, max_index_memory: int | None) -> None:
+             models: _ModelOnDemand, query_models: bool, progress: bool, max_index_memory: int | None) -> None:
     """Rebuild the side's FAISS index if its set changed (or another factory or memory budget is asked for): an
     unchanged one keeps its generation, so a running server does not reload it. Then keep the text-tower
     export."""
@@ -356,8 +379,8 @@ def _publish(directory: IndexDirectory, side: str, factory: str, changed: bool, 
             or (factory == "auto" and current.get("max_index_memory") != budget)):
         current = directory.publish(side, factory, progress=progress, max_index_memory=max_index_memory)
     summary.factory, summary.total = current["factory"], current["items"]
-    if text_query_model:
-        models.keep_text_query_model(summary)
+    if query_models:
+        models.keep_query_models(summary)
 
 
 def index_texts(
@@ -368,7 +391,7 @@ def index_texts(
     batch_size: int = 256,
     chunk_size: int = 4096,
     progress: bool = True,
-    text_query_model: bool = True,
+    query_models: bool = True,
     max_index_memory: int | None = None,
 ) -> IndexingSummary:
     """Index a text corpus as the text side of an index directory (the set of texts in the file).
@@ -379,13 +402,13 @@ def index_texts(
         if model is None:
             model = directory.model_spec() if directory.exists() else DEFAULT_MODEL_NAME
         summary = _index_texts(source, directory, _ModelOnDemand(model, directory, Ranks()), factory, batch_size,
-                               chunk_size, progress, text_query_model, max_index_memory)
+                               chunk_size, progress, query_models, max_index_memory)
     summary.seconds = time.time() - start
     return summary
 
 
 def _index_texts(source, directory: IndexDirectory, models: _ModelOnDemand, factory: str, batch_size: int,
-                 chunk_size: int, progress: bool, text_query_model: bool,
+                 chunk_size: int, progress: bool, query_models: bool,
                  max_index_memory: int | None) -> IndexingSummary:
     ingested, repaired = _prepare(directory, models, factory)
     texts = read_texts(source)
@@ -412,7 +435,7 @@ def _index_texts(source, directory: IndexDirectory, models: _ModelOnDemand, fact
     directory.remove_items("texts", gone)
     summary.removed = len(gone)
     _publish(directory, "texts", factory, bool(ingested or writer.count or gone or repaired), summary, models,
-             text_query_model, progress, max_index_memory)
+             query_models, progress, max_index_memory)
     summary.model_loaded = models.loaded
     return summary
 

@@ -23,7 +23,7 @@ def farm(demo_index, tmp_path_factory, default_model):
     (root / "photos").mkdir()
     phone_photo(demo_index / "data" / "photos" / "horse.jpg", root / "photos" / "horse.heic")
     phone_photo(demo_index / "data" / "photos" / "camera.jpg", root / "photos" / "camera.avif")
-    index_images(root / "photos", root / "farm", default_model, progress=False, workers=0, text_query_model=False)
+    index_images(root / "photos", root / "farm", default_model, progress=False, workers=0, query_models=False)
     return root
 
 

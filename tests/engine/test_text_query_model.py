@@ -59,10 +59,10 @@ def exported(tmp_path_factory, default_model):
 def test_the_export_embeds_like_the_torch_model(exported, encoder):
     from otclip.engine.text_query_model import TextQueryModel
 
-    files = exported.text_query_model_files()
-    assert files is not None and files[2]["max_abs_error"] <= 1e-4
+    files, info = exported.query_model_files("text")
+    assert info["max_abs_error"] <= 1e-4
     texts = _texts(seed=2, n=60)
-    got = TextQueryModel(*files, threads=1).encode_texts(texts)
+    got = TextQueryModel(files["text.onnx"], files["tokenizer.json"], info, threads=1).encode_texts(texts)
     want = encoder.encode_texts(texts)
     assert got.shape == want.shape
     assert np.abs(got - want).max() < 1e-4
@@ -73,12 +73,12 @@ def test_an_export_of_another_model_is_not_used(exported, tmp_path):
     shutil.copytree(exported.root, copy.root)
     info = json.loads((copy.query_dir / "text.json").read_text())
     (copy.query_dir / "text.json").write_text(json.dumps({**info, "model_checksum": "f" * 64}))
-    assert copy.text_query_model_files() is None
+    assert copy.query_model_files("text") is None
     (copy.query_dir / "text.json").write_text(json.dumps(info))
-    assert copy.text_query_model_files() is not None
+    assert copy.query_model_files("text") is not None
     with open(copy.query_dir / "text.onnx.data", "r+b") as f:  # weights cut short, as by a crash while copying
         f.truncate(1000)
-    assert copy.text_query_model_files() is None
+    assert copy.query_model_files("text") is None
 
 
 def test_an_unfaithful_tokenizer_is_not_kept(default_model, tmp_path, monkeypatch):
@@ -89,14 +89,14 @@ def test_an_unfaithful_tokenizer_is_not_kept(default_model, tmp_path, monkeypatc
     monkeypatch.setitem(text_query_model.CLEANERS, "whitespace", lambda text: text)  # HTML entities left escaped
     reason = export_text_query_model(default_model, directory)
     assert reason is not None and "tokenizer disagrees" in reason
-    assert directory.text_query_model_files() is None
+    assert directory.query_model_files("text") is None
 
 
 def test_cli_search_answers_without_torch(demo_index, default_model):
     from otclip.engine.search import IndexSearcher
 
     index = demo_index / "index"
-    assert IndexDirectory(index).text_query_model_files() is not None  # `otclip index` kept the export
+    assert IndexDirectory(index).query_model_files("text") is not None  # `otclip index` kept the export
     script = ("import json, sys\nfrom otclip.main import main\n"
               f"main(['search', {str(index)!r}, 'a cup of coffee', '-k', '5', '--json', '--local'])\n"
               "print('TORCH', 'torch' in sys.modules)")

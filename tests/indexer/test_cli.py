@@ -83,7 +83,7 @@ def test_damaged_index_files_and_manifests_are_one_line_errors(gallery, tmp_path
     from otclip.indexer.pipeline import index_images
 
     out = tmp_path / "ix"
-    index_images(gallery, out, default_model, progress=False, workers=0, text_query_model=False)
+    index_images(gallery, out, default_model, progress=False, workers=0, query_models=False)
     faiss_file = next(out.glob("images-*.faiss"))
     faiss_file.write_bytes(faiss_file.read_bytes()[:100])
     code, _, stderr = otclip("search", out, "a cat")
@@ -141,7 +141,7 @@ def test_damaged_embedding_chunks_are_found_and_their_items_embedded_again(galle
     from otclip.indexer.pipeline import index_images
 
     out = tmp_path / "ix"
-    index_images(gallery, out, default_model, chunk_size=5, progress=False, workers=0, text_query_model=False)
+    index_images(gallery, out, default_model, chunk_size=5, progress=False, workers=0, query_models=False)
     assert otclip("check", out)[0] == 0
     chunks = sorted((out / "embeddings").glob("*.npy"))
     assert len(chunks) == 4

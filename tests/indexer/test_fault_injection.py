@@ -41,12 +41,12 @@ def pristine(tmp_path_factory, sample_dir, default_model):
     photos.mkdir()
     for name in ["chelsea", "rocket", "coffee", "astronaut", "horse", "camera"]:
         shutil.copy(sample_dir / f"{name}.jpg", photos / f"{name}.jpg")
-    build = dict(model=default_model, progress=False, workers=0, chunk_size=2, text_query_model=False)
+    build = dict(model=default_model, progress=False, workers=0, chunk_size=2, query_models=False)
     index_images(photos, root / "ix", **build)
     (photos / "camera.jpg").unlink()
     index_images(photos, root / "ix", **build)
     (root / "texts.txt").write_text("a cat\na rocket\na cup of coffee\n")
-    index_texts(root / "texts.txt", root / "ix", default_model, progress=False, text_query_model=False)
+    index_texts(root / "texts.txt", root / "ix", default_model, progress=False, query_models=False)
     with sqlite3.connect(root / "ix" / "metadata.sqlite") as db:
         db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     return root
@@ -98,8 +98,8 @@ def test_damage_to_one_file_is_named_and_repaired(what, how, pristine, copy, def
 
     code, out, _ = run(capsys, "repair", copy)
     assert "Traceback" not in out
-    index_images(pristine / "photos", copy, default_model, progress=False, workers=0, text_query_model=False)
-    index_texts(pristine / "texts.txt", copy, default_model, progress=False, text_query_model=False)
+    index_images(pristine / "photos", copy, default_model, progress=False, workers=0, query_models=False)
+    index_texts(pristine / "texts.txt", copy, default_model, progress=False, query_models=False)
     assert run(capsys, "check", copy)[0] == 0
     assert answer(capsys, copy) == expected
     assert items(copy) == before
@@ -151,7 +151,7 @@ def test_a_run_stopped_at_each_commit_point_resumes_to_the_same_index(pristine, 
     photos.mkdir()
     for path in sorted((pristine / "photos").glob("*.jpg"))[:3]:
         shutil.copy(path, photos / path.name)
-    build = dict(model=default_model, progress=False, workers=0, chunk_size=2, text_query_model=False,
+    build = dict(model=default_model, progress=False, workers=0, chunk_size=2, query_models=False,
                  thumbnails=False)
     reference = tmp_path / "reference"
     renames()

@@ -249,7 +249,7 @@ def test_thumbnails_follow_the_indexed_contents(gallery, tmp_path, default_model
 
     (gallery / "chelsea-copy.jpg").write_bytes((gallery / "chelsea.jpg").read_bytes())
     out = tmp_path / "ix"
-    index_images(gallery, out, default_model, progress=False, workers=0, text_query_model=False)
+    index_images(gallery, out, default_model, progress=False, workers=0, query_models=False)
     directory = IndexDirectory(out)
     hashes = set(directory.store.hash_locations("images"))
     kept = {p.stem: p for p in (out / "thumbnails").glob("*/*.jpg")}
@@ -272,7 +272,7 @@ def test_thumbnails_follow_the_indexed_contents(gallery, tmp_path, default_model
     assert directory.thumbnail_path(chelsea).exists() and not directory.thumbnail_path(rocket).exists()
 
     bare = tmp_path / "bare"
-    index_images(gallery, bare, default_model, progress=False, workers=0, text_query_model=False, thumbnails=False)
+    index_images(gallery, bare, default_model, progress=False, workers=0, query_models=False, thumbnails=False)
     assert not (bare / "thumbnails").exists()
 
 
@@ -286,7 +286,7 @@ def test_a_second_writer_waits_for_the_first_and_leftovers_are_cleaned(gallery, 
     from otclip.indexer.pipeline import index_images
 
     out = tmp_path / "ix"
-    index_images(gallery, out, default_model, progress=False, workers=0, text_query_model=False)
+    index_images(gallery, out, default_model, progress=False, workers=0, query_models=False)
     thumbnail_folder = next((out / "thumbnails").iterdir())
     leftovers = (out / ".manifest.json.tmp4242", out / ".images-7.faiss.tmp4242", out / "embeddings" / ".x.npy.tmp1",
                  out / "embeddings" / "records" / ".x.json.tmp1", thumbnail_folder / ".ab.jpg.tmp99",
@@ -300,7 +300,7 @@ def test_a_second_writer_waits_for_the_first_and_leftovers_are_cleaned(gallery, 
     assert holder.stdout.readline().strip() == "HELD"
     started = time.time()
     (gallery / "rocket.jpg").unlink()
-    summary = index_images(gallery, out, default_model, progress=False, workers=0, text_query_model=False)
+    summary = index_images(gallery, out, default_model, progress=False, workers=0, query_models=False)
     waited = time.time() - started
     holder.wait(30)
     assert summary.removed == 1 and summary.total == 19

@@ -54,11 +54,11 @@ def history(tmp_path, sample_dir, default_model):
         shutil.copy(sample_dir / f"{name}.jpg", photos / f"{name}.jpg")
     listing = [(photos / f"{n}.jpg", f"a photo of {n}", "first") for n in names]
     index, manifest = tmp_path / "ix", tmp_path / "photos.csv"
-    build = dict(model=default_model, progress=False, workers=0, chunk_size=2, text_query_model=False)
+    build = dict(model=default_model, progress=False, workers=0, chunk_size=2, query_models=False)
     index_images(write_manifest(manifest, listing), index, **build)
     texts = tmp_path / "texts.txt"
     texts.write_text("a cat\na rocket\na cup of coffee\n")
-    index_texts(texts, index, default_model, progress=False, text_query_model=False)
+    index_texts(texts, index, default_model, progress=False, query_models=False)
 
     shutil.copy(photos / "rocket.jpg", photos / "rocket-copy.jpg")  # known content, new path
     shutil.copy(sample_dir / "camera.jpg", photos / "coffee.jpg")  # new content, old path
@@ -66,7 +66,7 @@ def history(tmp_path, sample_dir, default_model):
     summary = index_images(write_manifest(manifest, listing), index, **build)  # horse.jpg is gone
     assert (summary.embedded, summary.duplicates, summary.removed) == (1, 1, 1)
     texts.write_text("a cat\na rocket\na starry sky\n")
-    index_texts(texts, index, default_model, progress=False, text_query_model=False)
+    index_texts(texts, index, default_model, progress=False, query_models=False)
     return index
 
 
@@ -142,7 +142,7 @@ def test_an_index_from_before_records_were_kept_gets_them(history, default_model
     before = [r[:-1] for r in rows_v1(history)]
     code, out, _ = cli(capsys, "search", history, "a cat", "--json", "--before", "2100-01-01")  # a new column
     assert code == 0 and '"path"' in out  # the searcher migrated the older store first
-    summary = index_texts(history.parent / "texts.txt", history, default_model, progress=False, text_query_model=False)
+    summary = index_texts(history.parent / "texts.txt", history, default_model, progress=False, query_models=False)
     assert summary.embedded == 0
     assert len(list((history / "embeddings" / "records").glob("*-kept.json"))) == 2  # one per side
     (history / "metadata.sqlite").unlink()

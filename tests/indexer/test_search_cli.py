@@ -42,7 +42,7 @@ def photos_index(tmp_path_factory, sample_dir, default_model):
             image.save(target, exif=exif)
             os.utime(target, (datetime.datetime(2024, 1, 1).timestamp(),) * 2)  # the others' date: their mtime
     (root / "photos.csv").write_text("path,trip\n" + "\n".join(rows) + "\n")
-    index_images(root / "photos.csv", root / "ix", default_model, progress=False, workers=0, text_query_model=False)
+    index_images(root / "photos.csv", root / "ix", default_model, progress=False, workers=0, query_models=False)
     return root
 
 

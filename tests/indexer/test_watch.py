@@ -28,7 +28,7 @@ def test_new_changed_and_removed_photos_reach_a_running_searcher(tmp_path, sampl
     stop, runs = threading.Event(), []
     watcher = threading.Thread(target=watch, args=(photos, index, default_model), daemon=True,
                                kwargs=dict(settle=0.5, stop=stop, report=runs.append, progress=False, workers=0,
-                                           text_query_model=False))
+                                           query_models=False))
     watcher.start()
     try:
         wait_for(lambda: len(runs) == 1)

@@ -67,7 +67,7 @@ def test_checkpoint_loads_in_the_engine_and_indexes(small_corpus, tmp_path):
     assert len(searcher.search_text("a trouser", k=3)) == 3
     # indexing with the loaded model records a spec that reloads it (#13 item 7: it recorded the bare name)
     index_images(small_corpus / "images" / "val", tmp_path / "ix2", loaded, progress=False, workers=0,
-                 text_query_model=False, thumbnails=False)
+                 query_models=False, thumbnails=False)
     assert json.loads((tmp_path / "ix2" / "manifest.json").read_text())["model"]["spec"] == str(best.resolve())
     assert IndexSearcher(tmp_path / "ix2").model.identity.checksum == loaded.identity.checksum
 
