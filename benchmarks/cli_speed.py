@@ -147,11 +147,16 @@ def main() -> None:
     report["cold search, text, exported text tower"] = median_of([*otclip, "search", str(args.index), "a cat"], args.runs)
     report["cold search, text, torch (--model)"] = median_of(
         [*otclip, "search", str(args.index), "a cat", "--model", "effnet-minilm"], args.runs)
+    photo = str(next(args.data.rglob("*.jpg")).resolve())
+    report["cold search, image, exported image tower"] = median_of(
+        [*otclip, "search", str(args.index), "--image", photo, "--local"], args.runs)
+    report["cold search, image, torch (--model)"] = median_of(
+        [*otclip, "search", str(args.index), "--image", photo, "--model", "effnet-minilm"], args.runs)
     with serving(args.index):
         report["search, text, `otclip serve` of the index up"] = median_of(
             [*otclip, "search", str(args.index), "a cat"], args.runs)
         report["search, indexed image, `otclip serve` up"] = median_of(
-            [*otclip, "search", str(args.index), "--image", str(next(args.data.rglob("*.jpg")).resolve())], args.runs)
+            [*otclip, "search", str(args.index), "--image", photo], args.runs)
     if args.clip_model:
         with tempfile.TemporaryDirectory(prefix="otclip-clip-") as tmp:
             from otclip.engine.sample_photos import write_sample_photos

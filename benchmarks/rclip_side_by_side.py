@@ -5,9 +5,11 @@ textual.onnx taking `input`, open_clip's BPE vocabulary), since rclip's real wei
 and this machine has no network. Checked before timing: rclip's text and image vectors equal otclip's.
 
 Timed, each in a fresh process, medians of --runs (wall time, peak RSS): full indexing of the folder
-(rclip: its first query there, which indexes first), a cold text query (rclip: `--no-indexing`), a
-no-op re-index of the unchanged folder (rclip: a query, which checks the folder first), and otclip's
-query with an `otclip serve` of the index up. Writes benchmarks/results/rclip_side_by_side.json.
+(rclip: its first query there, which indexes first; otclip: with the query-tower exports made in the
+run, and with them kept from an earlier index of the model, as rclip's model files are), cold text and
+image queries (rclip: `--no-indexing`), a no-op re-index of the unchanged folder (rclip: a query, which
+checks the folder first), and otclip's query with an `otclip serve` of the index up.
+Writes benchmarks/results/rclip_side_by_side.json.
 
   python -m venv /tmp/rclip-venv && /tmp/rclip-venv/bin/pip install rclip==3.3.0
   python benchmarks/rclip_side_by_side.py --rclip /tmp/rclip-venv/bin/rclip [--images 400] [--runs 5]
@@ -135,14 +137,20 @@ def main() -> None:
         rows = {}
         full = [timed([str(args.rclip), "-f", "a cat"], fresh_rclip_datadir(i), folder) for i in range(args.index_runs)]
         rows["full indexing", "rclip"] = summary(full)
-        full = []
-        for _ in range(args.index_runs):
-            shutil.rmtree(tmp / "ix", ignore_errors=True)
-            full.append(timed([*otclip, "index", str(folder), "--out", str(tmp / "ix"), "--model", ARCH, "--no-progress"]))
-        rows["full indexing", "otclip"] = summary(full)
+        for cached in (False, True):  # the query-tower exports made in the run, or kept from an earlier index
+            full = []
+            for i in range(args.index_runs):
+                cache = tmp / f"otclip-cache-{0 if cached else i}"  # cached: the first run's
+                shutil.rmtree(tmp / "ix", ignore_errors=True)
+                full.append(timed([*otclip, "index", str(folder), "--out", str(tmp / "ix"), "--model", ARCH,
+                                   "--no-progress"], {**os.environ, "OTCLIP_CACHE_DIR": str(cache)}))
+            rows[f"full indexing{', exports cached' if cached else ''}", "otclip"] = summary(full)
         env = rclip_env(tmp / f"rclip-data-{args.index_runs - 1}")
         rows["cold text query", "rclip"] = median_run([str(args.rclip), "-n", "-f", "a cat"], args.runs, folder, env)
         rows["cold text query", "otclip"] = median_run([*otclip, "search", str(tmp / "ix"), "a cat"], args.runs)
+        photo = str(next(folder.glob("*.jpg")))
+        rows["cold image query", "rclip"] = median_run([str(args.rclip), "-n", "-f", photo], args.runs, folder, env)
+        rows["cold image query", "otclip"] = median_run([*otclip, "search", str(tmp / "ix"), "--image", photo], args.runs)
         rows["no-op re-index (rclip: + a query)", "rclip"] = median_run([str(args.rclip), "-f", "a cat"], args.runs,
                                                                         folder, env)
         rows["no-op re-index (rclip: + a query)", "otclip"] = median_run(
@@ -153,7 +161,8 @@ def main() -> None:
     print(f"{args.images} JPEGs, {ARCH} (same weights), medians: seconds (peak MB)")
     print(f"{'':<38}{'rclip':>16}{'otclip':>16}{'otclip / rclip':>16}")
     for what in dict.fromkeys(w for w, _ in rows):
-        cells = [rows.get((what, tool)) for tool in ("rclip", "otclip")]
+        cells = [rows.get((what.split(",")[0] if what.startswith("full indexing") else what, "rclip")),
+                 rows.get((what, "otclip"))]
         text = [f"{c['seconds_median']:.2f} ({c['peak_rss_mb']:.0f})" if c else "-" for c in cells]
         ratio = f"{cells[1]['seconds_median'] / cells[0]['seconds_median']:.2f}" if all(cells) else ""
         print(f"{what:<38}{text[0]:>16}{text[1]:>16}{ratio:>16}")

@@ -21,9 +21,10 @@ def test_budget_divides_the_cores_among_concurrent_calls():
 
 
 def test_the_cli_sets_the_budget_and_passive_waiting(demo_index):
+    # --model: the torch path (the index's ONNX export would answer the image query without torch)
     script = ("import os, sys\nfrom otclip.main import main\n"
               f"main(['search', {str(demo_index / 'index')!r}, '--image', {str(next((demo_index / 'data').rglob('*.jpg')))!r},"
-              " '--threads', '1', '-k', '1', '--local'])\nimport torch\n"
+              " '--threads', '1', '-k', '1', '--local', '--model', 'effnet-minilm'])\nimport torch\n"
               "print('THREADS', torch.get_num_threads(), os.environ['OMP_WAIT_POLICY'])")
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS")}
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, check=True, env=env)
