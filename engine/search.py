@@ -52,11 +52,12 @@ class IndexSearcher:
         self.directory = IndexDirectory(index_dir)
         manifest = self.directory.manifest()
         if shared_from is not None:
-            shared_from.load_model()
-            model = shared_from.model
+            shared_from.prepare_queries()
+            model = shared_from._model  # None when its exported towers answer every query
         if model is not None:
             self.directory.check_model(model.identity)
         self._model, self._device, self._threads = model, device, threads
+        self._shared_from = shared_from  # loads the model for both, when a query first needs it
         self._encoder: Encoder | None = shared_from._encoder if shared_from is not None else None
         self._loading = threading.Lock()
         self._text_model = shared_from._text_model if shared_from is not None else None
@@ -98,6 +99,11 @@ class IndexSearcher:
                     from .model_loading import load_model
                     from .threads import apply_thread_budget, thread_budget
 
+                    if self._shared_from is not None:
+                        encoder = self._shared_from.encoder
+                        self.directory.check_model(encoder.loaded.identity)
+                        self._model, self._encoder = encoder.loaded, encoder
+                        return encoder
                     apply_thread_budget(thread_budget(self._threads))
                     model = self._model or load_model(self.manifest["model"]["spec"], device=self._device)
                     self.directory.check_model(model.identity)
@@ -109,8 +115,14 @@ class IndexSearcher:
         return self.encoder.loaded
 
     def load_model(self) -> None:
-        """Load the model now (a server does, so that its first query is not the slow one)."""
+        """Load the model now, so that the first query that needs it is not the slow one."""
         self.encoder  # noqa: B018
+
+    def prepare_queries(self) -> None:
+        """Make the first query fast (a server calls this at start): nothing to do when exported towers answer
+        texts and images alike (no torch, no model in memory), else load the model."""
+        if self._text_model is None or self._image_model is None:
+            self.load_model()
 
     def _manifest_stamp(self) -> tuple[int, int] | None:
         try:

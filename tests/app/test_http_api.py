@@ -78,7 +78,7 @@ def test_info_and_openapi(api):
 
 def test_serving_several_index_directories_loads_each_model_once(demo_index, tmp_path, default_model):
     """`otclip serve DIR1 DIR2`: one searcher per directory; the second, built with the same model, shares the
-    first one's loaded model and exported text tower; names are the folders' (parents' too when alike)."""
+    first one's exported towers and, once loaded, its model; names are the folders' (parents' too when alike)."""
     import shutil
 
     from otclip.app.server import collection_names, open_collections
@@ -87,7 +87,9 @@ def test_serving_several_index_directories_loads_each_model_once(demo_index, tmp
         shutil.copytree(demo_index / "index", tmp_path / name / "index")
     searchers = open_collections([tmp_path / "a" / "index", tmp_path / "b" / "index"])
     try:
-        assert searchers[0].model is searchers[1].model and searchers[0]._text_model is searchers[1]._text_model
+        assert searchers[0]._text_model is searchers[1]._text_model is not None
+        assert searchers[0]._image_model is searchers[1]._image_model is not None
+        assert searchers[1].model is searchers[0].model  # the second asks the first to load it
         assert collection_names(searchers) == ["a/index", "b/index"]
         assert searchers[1].search("a cat", k=1).results[0].label == "chelsea"
     finally:
