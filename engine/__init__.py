@@ -14,7 +14,7 @@ _EXPORTS = {
     "ModelIdentity": "model_identity",
     "ModelLoadError": "errors",
     "Encoder": "encoding",
-    "ImageBatch": "encoding",
+    "ImageBatch": "image_batches",
     "IMAGE_EXTENSIONS": "image_paths",
     "ImageDecodeError": "images",
     "load_image": "images",

@@ -6,11 +6,7 @@ reported per item instead of aborting the batch.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -19,21 +15,9 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from .devices import autocast_for
-from .images import ImageDecodeError, ImageInput, load_image, taken_time, thumbnail_jpeg
+from .image_batches import DecodedImage, ImageBatch, decode_for_model, default_num_workers, embeddings_or_error
+from .images import ImageInput
 from .model_loading import LoadedModel
-
-
-@dataclass
-class ImageBatch:
-    """One encoded batch: `embeddings[j]` belongs to input `indices[j]` of decoded size `sizes[j]`
-    (width, height); `failures` are (index, reason)."""
-
-    indices: list[int]
-    embeddings: np.ndarray
-    failures: list[tuple[int, str]] = field(default_factory=list)
-    sizes: list[tuple[int, int]] = field(default_factory=list)
-    thumbnails: list[bytes] = field(default_factory=list)  # JPEG display copies, when asked for
-    taken: list[float | None] = field(default_factory=list)  # EXIF DateTimeOriginal (images.taken_time)
 
 
 class _DecodeDataset(Dataset):
@@ -46,23 +30,16 @@ class _DecodeDataset(Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, i: int) -> tuple[int, Any, str | None]:
-        try:
-            image = load_image(self.items[i], draft=self.draft)
-            # the display copy comes from the same decode (a draft-decoded JPEG is still >= the model's side)
-            shown = thumbnail_jpeg(image) if self.thumbnails else b""
-            return i, (self.preprocess(image), image.size, shown, taken_time(image)), None
-        except ImageDecodeError as exc:
-            return i, None, exc.reason
-        except Exception as exc:  # a preprocessing failure must not kill the worker and the whole run
-            return i, None, f"cannot preprocess ({type(exc).__name__}: {exc})"
+    def __getitem__(self, i: int) -> tuple[int, DecodedImage | str]:
+        return i, decode_for_model(self.items[i], self.preprocess, self.draft, self.thumbnails)
 
 
-def _collate(samples: list[tuple[int, Any, str | None]]):
-    ok = [(i, decoded) for i, decoded, err in samples if err is None]
-    failures = [(i, err) for i, _, err in samples if err is not None]
-    tensors = torch.stack([d[0] for _, d in ok]) if ok else None
-    return [i for i, _ in ok], tensors, failures, [d[1] for _, d in ok], [d[2] for _, d in ok], [d[3] for _, d in ok]
+def _collate(samples: list[tuple[int, DecodedImage | str]]):
+    ok = [(i, d) for i, d in samples if not isinstance(d, str)]
+    failures = [(i, d) for i, d in samples if isinstance(d, str)]
+    tensors = torch.stack([d.pixels for _, d in ok]) if ok else None
+    return [i for i, _ in ok], tensors, failures, [d.size for _, d in ok], [d.thumbnail for _, d in ok], \
+        [d.taken for _, d in ok]
 
 
 class _DevicePreprocess:
@@ -95,10 +72,6 @@ class _DevicePreprocess:
 
 def _single_threaded_worker(_: int) -> None:
     torch.set_num_threads(1)  # decoding workers must not compete with the model for every core
-
-
-def default_num_workers() -> int:
-    return max(1, min(16, (os.cpu_count() or 2) - 1))
 
 
 class Encoder:
@@ -177,14 +150,7 @@ class Encoder:
 
     def encode_images(self, images: Sequence[ImageInput], **kwargs) -> np.ndarray:
         """(n, d) float32 L2-normalised image embeddings; raises ImageDecodeError on the first bad input."""
-        parts = [np.zeros((0, self.loaded.embed_dim), np.float32)]
-        for batch in self.iter_image_batches(images, **kwargs):
-            if batch.failures:
-                index, reason = batch.failures[0]
-                item = images[index]
-                raise ImageDecodeError(str(item) if isinstance(item, (str, Path)) else f"image #{index}", reason)
-            parts.append(batch.embeddings)
-        return np.concatenate(parts)
+        return embeddings_or_error(self.iter_image_batches(images, **kwargs), images, self.loaded.embed_dim)
 
     def encode_image(self, image: ImageInput) -> np.ndarray:
         """(d,) embedding of one image."""

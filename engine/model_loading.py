@@ -30,6 +30,7 @@ from .effnet_minilm import build_effnet_minilm, build_tokenizer
 from .effnet_minilm_config import BridgeConfig, packaged_weights_digest
 from .errors import ModelLoadError
 from .model_identity import DEFAULT_MODEL_NAME, ModelIdentity
+from .model_memo import normal_spec, remember_model
 
 CHECKPOINT_FORMAT = "otclip-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -229,8 +230,9 @@ def load_model(spec: str = DEFAULT_MODEL_NAME, device: str | torch.device | None
     else:
         arch, _, pretrained = spec.partition(":")
         loaded = _open_clip(arch, pretrained or None, None, spec)
-    loaded.spec = str(Path(spec).resolve()) if Path(spec).is_file() else spec  # a checkpoint from any cwd
+    loaded.spec = normal_spec(spec)  # a checkpoint from any cwd
     loaded.model.to(select_device(device)).eval()
+    remember_model(loaded.spec, loaded.identity, loaded.embed_dim)  # a later index may then skip loading it
     return loaded
 
 

@@ -135,7 +135,8 @@ def parse_size(text: str) -> int:
 def _speed_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="model threads (default: the available cores)")
     p.add_argument("--no-query-export", "--no-text-export", action="store_true",
-                   help="do not keep ONNX exports of the text and image towers (queries in `otclip search` then load torch)")
+                   help="do not keep ONNX exports of the text and image towers, nor encode through a cached one: "
+                        "indexing and `otclip search` then use torch")
     p.add_argument("--no-progress", action="store_true")
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import socket
 import tempfile
 
@@ -13,6 +15,7 @@ torch.set_num_threads(2)
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 # the suite's servers record themselves (and caches live) here, not in the user's ~/.cache/otclip
 os.environ["OTCLIP_CACHE_DIR"] = tempfile.mkdtemp(prefix="otclip-test-cache-")
+atexit.register(shutil.rmtree, os.environ["OTCLIP_CACHE_DIR"], ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -68,9 +68,12 @@ def test_an_unchanged_folder_is_reindexed_without_the_model(gallery, tmp_path, d
     assert (summary.embedded, summary.duplicates, summary.model_loaded) == (0, 1, False)
     from otclip.engine.sample_photos import sample_photo
 
-    sample_photo("astronaut").save(gallery / "new.jpg")  # new content: the model is loaded to embed it
+    sample_photo("astronaut").save(gallery / "new.jpg")  # new content: embedded by the index's image export
     summary = index_images(gallery, out, "effnet-minilm", progress=False, workers=0)
-    assert (summary.embedded, summary.model_loaded, summary.total) == (1, True, 21)
+    assert (summary.embedded, summary.model_loaded, summary.total) == (1, False, 21)
+    sample_photo("coffee").rotate(90).save(gallery / "newer.jpg")  # without exports: the model is loaded for it
+    summary = index_images(gallery, out, "effnet-minilm", progress=False, workers=0, query_models=False)
+    assert (summary.embedded, summary.model_loaded, summary.total) == (1, True, 22)
 
     other = save_checkpoint(default_model, tmp_path / "other.pt", name="other")  # same weights, another file
     with pytest.raises(IndexDirectoryError, match="refusing"):

@@ -1,0 +1,70 @@
+"""What image encoding yields batch by batch, and the per-image decode it starts from: shared by the torch
+Encoder (decoding in DataLoader workers) and the ONNX image tower (decoding in threads), so both index an
+image alike: the same decode, display copy, EXIF time and failure reasons. Nothing here imports torch."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .images import ImageDecodeError, ImageInput, load_image, taken_time, thumbnail_jpeg
+
+
+@dataclass
+class ImageBatch:
+    """One encoded batch: `embeddings[j]` belongs to input `indices[j]` of decoded size `sizes[j]`
+    (width, height); `failures` are (index, reason)."""
+
+    indices: list[int]
+    embeddings: np.ndarray
+    failures: list[tuple[int, str]] = field(default_factory=list)
+    sizes: list[tuple[int, int]] = field(default_factory=list)
+    thumbnails: list[bytes] = field(default_factory=list)  # JPEG display copies, when asked for
+    taken: list[float | None] = field(default_factory=list)  # EXIF DateTimeOriginal (images.taken_time)
+
+
+@dataclass
+class DecodedImage:
+    """One input ready for the model: its network input, decoded size, display copy and EXIF time."""
+
+    pixels: Any  # what `preprocess` returned
+    size: tuple[int, int]
+    thumbnail: bytes
+    taken: float | None
+
+
+def decode_for_model(item: ImageInput, preprocess: Callable, draft: int | None,
+                     thumbnails: bool) -> DecodedImage | str:
+    """Decode and preprocess one input, or say why it cannot be (never raises: one bad file must not stop
+    a batch, a worker or the run). The display copy comes from the same decode (a draft-decoded JPEG is
+    still at least the model's side)."""
+    try:
+        image = load_image(item, draft=draft)
+        return DecodedImage(preprocess(image), image.size, thumbnail_jpeg(image) if thumbnails else b"",
+                            taken_time(image))
+    except ImageDecodeError as exc:
+        return exc.reason
+    except Exception as exc:
+        return f"cannot preprocess ({type(exc).__name__}: {exc})"
+
+
+def embeddings_or_error(batches: Iterable[ImageBatch], images: Sequence[ImageInput], dim: int) -> np.ndarray:
+    """All batches' (n, d) embeddings in input order; ImageDecodeError naming the first failed input."""
+    parts = [np.zeros((0, dim), np.float32)]
+    for batch in batches:
+        if batch.failures:
+            index, reason = batch.failures[0]
+            item = images[index]
+            raise ImageDecodeError(str(item) if isinstance(item, (str, Path)) else f"image #{index}", reason)
+        parts.append(batch.embeddings)
+    return np.concatenate(parts)
+
+
+def default_num_workers() -> int:
+    """Decoding workers: the cores but one, which the model's forward keeps busy."""
+    return max(1, min(16, (os.cpu_count() or 2) - 1))
