@@ -22,7 +22,7 @@ from PIL import Image
 
 from .image_batches import DecodedImage, ImageBatch, decode_for_model, default_num_workers, embeddings_or_error
 from .images import ImageInput
-from .threads import thread_budget
+from .onnx_sessions import cpu_session
 
 INTERPOLATIONS = {"nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BILINEAR,
                   "bicubic": Image.Resampling.BICUBIC, "box": Image.Resampling.BOX,
@@ -77,17 +77,8 @@ class ImageQueryModel:
     not a usable image raises ImageDecodeError naming it."""
 
     def __init__(self, onnx_path: str | Path, info: dict, threads: int | None = None, few_queries: bool = False) -> None:
-        """`few_queries`: a process that answers one query and exits (see TextQueryModel)."""
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        if few_queries:
-            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-            options.add_session_config_entry("session.disable_prepacking", "1")
-        options.intra_op_num_threads = thread_budget(threads)
-        options.inter_op_num_threads = 1
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+        """`few_queries`: a process that answers one query and exits (see `onnx_sessions.cpu_session`)."""
+        self.session = cpu_session(onnx_path, threads, few_queries)
         self.input_name = self.session.get_inputs()[0].name
         self.dim = self.session.get_outputs()[0].shape[-1]
         self.spec = info["preprocess"]

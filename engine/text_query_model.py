@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .threads import thread_budget
+from .onnx_sessions import cpu_session
 
 
 def whitespace_clean(text: str) -> str:
@@ -66,21 +66,10 @@ class TextQueryModel:
 
     def __init__(self, onnx_path: str | Path, tokenizer_path: str | Path, info: dict, threads: int | None = None,
                  few_queries: bool = False) -> None:
-        """`few_queries`: a process that answers one query and exits (`otclip search`) skips ONNX Runtime's
-        graph optimisation and weight prepacking, which cost more at start than they save on one forward
-        (ViT-B-32's text tower, start + first query: 0.58 -> 0.29 s; a warm forward 59 -> 78 ms)."""
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        if few_queries:
-            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-            options.add_session_config_entry("session.disable_prepacking", "1")
-        options.intra_op_num_threads = thread_budget(threads)
-        options.inter_op_num_threads = 1
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # idle threads sleep
+        """`few_queries`: a process that answers one query and exits (see `onnx_sessions.cpu_session`)."""
         with ThreadPoolExecutor(1) as pool:  # the tokenizer (and ftfy) load while ONNX Runtime maps the weights
             tokenizer = pool.submit(QueryTokenizer, Path(tokenizer_path).read_text(encoding="utf-8"), info)
-            self.session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+            self.session = cpu_session(onnx_path, threads, few_queries)
             self.tokenize = tokenizer.result()
         self.input_name = self.session.get_inputs()[0].name
 

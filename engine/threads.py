@@ -17,13 +17,17 @@ def available_cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+_applied: int | None = None  # the budget apply_thread_budget set in this process (a command's --threads)
+
+
 def thread_budget(threads: int | None = None, concurrent_calls: int = 1) -> int:
-    """Threads per model call: `threads` when given (the --threads flag), else cores / concurrent calls."""
+    """Threads per model call: `threads` when given (the --threads flag), else the process's applied budget
+    (or its cores) / concurrent calls."""
     if threads is not None:
         if threads < 1:
             raise ValueError(f"--threads {threads}: must be at least 1")
         return threads
-    return max(1, available_cores() // max(1, concurrent_calls))
+    return max(1, (_applied or available_cores()) // max(1, concurrent_calls))
 
 
 def passive_waiting() -> None:
@@ -34,9 +38,11 @@ def passive_waiting() -> None:
 
 
 def apply_thread_budget(threads: int) -> int:
-    """Set torch's and FAISS's thread counts to `threads` (ONNX Runtime sessions read `threads` when
-    created). Libraries not imported yet read it from OMP_NUM_THREADS when they are (importing torch
+    """Set torch's and FAISS's thread counts to `threads` (ONNX Runtime sessions created later read it
+    through `thread_budget()`). Libraries not imported yet read it from OMP_NUM_THREADS when they are (importing torch
     here would cost seconds a command may not need)."""
+    global _applied
+    _applied = threads
     os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(threads)
     if "torch" in sys.modules:
         import torch

@@ -124,7 +124,6 @@ class _ModelOnDemand:
             if reason:
                 summary.torch_queries[tower] = reason
 
-
     def image_batches(self, paths: list[str], batch_size: int, workers: int | None, progress: bool,
                       thumbnails: bool, exports: bool) -> Iterator[ImageBatch]:
         """Encode `paths` with the model's checked ONNX image tower when one is at hand (kept in the index or

@@ -2,9 +2,6 @@
 itself), the exported image tower embeds like the torch encoder, `otclip search --image` answers without
 importing torch, and a model whose preprocessing has no torch-free form is refused once, with the reason."""
 
-import json
-import subprocess
-import sys
 from types import SimpleNamespace
 
 import numpy as np
@@ -15,6 +12,7 @@ from torchvision import transforms as T
 from otclip.engine.image_query_export import export_image_query_model, preprocess_spec
 from otclip.engine.image_query_model import ImageQueryModel, preprocess
 from otclip.engine.index_directory import IndexDirectory
+from tests.torch_free import search_json_without_torch
 
 MEAN, STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 
@@ -81,12 +79,7 @@ def test_cli_image_search_answers_without_torch(demo_index, default_model):
 
     index = demo_index / "index"
     photo = next((demo_index / "data").rglob("rocket.jpg"))
-    script = ("import json, sys\nfrom otclip.main import main\n"
-              f"main(['search', {str(index)!r}, '--image', {str(photo)!r}, '-k', '5', '--json', '--local'])\n"
-              "print('TORCH', 'torch' in sys.modules)")
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True).stdout
-    results, torch_line = json.loads(out[: out.rindex("TORCH")]), out[out.rindex("TORCH"):]
-    assert torch_line.strip() == "TORCH False"
+    results = search_json_without_torch("search", str(index), "--image", str(photo), "-k", "5")
     expected = IndexSearcher(index, model=default_model).search_image(str(photo), k=5)
     assert [r["path"] for r in results] == [r.path for r in expected]
     np.testing.assert_allclose([r["score"] for r in results], [r.score for r in expected], atol=1e-4)

@@ -4,8 +4,6 @@
 import json
 import random
 import shutil
-import subprocess
-import sys
 from types import SimpleNamespace
 
 import numpy as np
@@ -14,6 +12,7 @@ import pytest
 from otclip.engine.index_directory import IndexDirectory
 from otclip.engine.model_identity import ModelIdentity
 from otclip.engine.text_query_export import export_text_query_model, query_tokenizer
+from tests.torch_free import search_json_without_torch
 
 
 def _texts(seed: int = 0, n: int = 300) -> list[str]:
@@ -97,12 +96,7 @@ def test_cli_search_answers_without_torch(demo_index, default_model):
 
     index = demo_index / "index"
     assert IndexDirectory(index).query_model_files("text") is not None  # `otclip index` kept the export
-    script = ("import json, sys\nfrom otclip.main import main\n"
-              f"main(['search', {str(index)!r}, 'a cup of coffee', '-k', '5', '--json', '--local'])\n"
-              "print('TORCH', 'torch' in sys.modules)")
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True).stdout
-    results, torch_line = json.loads(out[: out.rindex("TORCH")]), out[out.rindex("TORCH"):]
-    assert torch_line.strip() == "TORCH False"
+    results = search_json_without_torch("search", str(index), "a cup of coffee", "-k", "5")
     expected = IndexSearcher(index, model=default_model).search_text("a cup of coffee", k=5)
     assert [r["path"] for r in results] == [r.path for r in expected]
     np.testing.assert_allclose([r["score"] for r in results], [r.score for r in expected], atol=1e-4)
