@@ -250,7 +250,7 @@ def _search_here(args: argparse.Namespace, terms: list, filters):
         from otclip.engine import load_model
 
         model = load_model(args.model)
-    # text terms are answered by the index's exported text tower when it keeps one: no torch, no model load
+    # text and image terms are answered by the index's exported towers when it keeps them: no torch, no model load
     searcher = IndexSearcher(args.index_dir, model=model, exported=True, threads=args.threads, few_queries=True)
     return searcher.search(terms, args.target, args.k, args.offset, args.min_score, filters, args.order, args.collapse)
 
