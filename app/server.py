@@ -9,6 +9,7 @@ file; the API serves an original only by the id of an indexed image.
 from __future__ import annotations
 
 import atexit
+import os
 import signal
 import sys
 import threading
@@ -73,6 +74,10 @@ def serve(index_dirs: str | Path | list[str | Path], host: str = "127.0.0.1", po
     model_calls = threading.Lock()  # every collection's model calls: one at a time on the whole budget
     apps = {name: SearchApp(s, name, model_calls) for name, s in zip(collection_names(searchers), searchers)}
     ui = build_ui(apps, report)
+    # Gradio's queue recomputes a monitoring summary (a pandas frame of up to 10,000 past events) after every
+    # event unless told otherwise: 3 ms a request at first, 8 ms after 10,000, for a dashboard otclip never
+    # enables. Read when the queue is made; a user's own setting stays.
+    os.environ.setdefault("GRADIO_ANALYTICS_CACHE_FREQUENCY", str(10**12))
     ui.queue(default_concurrency_limit=CONCURRENT_REQUESTS, max_size=64)
     # Gradio may serve files from the thumbnails folders only (the tiles). Static: served where they are, not
     # copied into Gradio's cache per request (12 tiles: 50 -> 29 ms a request). set_static_paths is per

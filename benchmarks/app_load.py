@@ -1,9 +1,15 @@
 """Load on the app: N concurrent users on loopback for a bounded time, p50/p99 latency per endpoint and
-the error count (must be 0), against the bare search API's latency in the same run.
+the error count (must be 0), against the bare search API.
 
-Each user is, by default, what a browser does: one keep-alive HTTP connection, the upload for image
-queries, Gradio's call + event stream, then every result tile fetched. `--client gradio_client` uses
-gradio_client instead, which opens new connections for every tile it downloads (about 30 ms each here).
+The server is a real `otclip serve` process; the users run in another process (as browsers do), so that
+the measurement is not the load generator's own Python competing for the server's interpreter lock.
+Each user is, by default, what a browser tab does: one Gradio session, at most 6 keep-alive connections,
+the upload for image queries, Gradio's call + event stream, then the result tiles fetched in parallel.
+Two latencies per request: until the results arrive, and until every tile is loaded (the page is done).
+`--client gradio_client` uses gradio_client instead (new connections for every tile it downloads).
+
+The bare API, two ways: the searcher called in this process before the server starts (idle, one call at a
+time), and the server's HTTP JSON API (`/api/search`, no tiles) under the same number of users.
 
   python benchmarks/app_load.py [--index demo-index] [--users 1 4 16] [--seconds 30] [--client rest|gradio_client]
 Builds the demo index first when --index does not exist. Writes benchmarks/results/app_load.json
@@ -13,11 +19,15 @@ Builds the demo index first when --index does not exist. Writes benchmarks/resul
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import socket
+import subprocess
+import sys
 import threading
 import time
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -28,12 +38,18 @@ from otclip.engine.threads import passive_waiting  # noqa: E402 (before torch is
 passive_waiting()
 
 QUERIES = ["a cat", "a cup of coffee", "a rocket", "galaxies in deep space", "a sneaker", "a dress", "a brick wall"]
+ENDPOINTS = ["text_to_image", "image_to_text", "image_to_image"]
+BROWSER_CONNECTIONS = 6  # what browsers open per host over HTTP/1.1
 
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def pct(values: list[float], q: float) -> float:
+    return float(np.percentile(np.array(values) * 1000, q)) if values else float("nan")
 
 
 def main() -> None:
@@ -43,91 +59,153 @@ def main() -> None:
     ap.add_argument("--users", type=int, nargs="+", default=[1, 4, 16])
     ap.add_argument("--seconds", type=float, default=30.0)
     ap.add_argument("--client", choices=["rest", "gradio_client"], default="rest")
+    ap.add_argument("--generate", help=argparse.SUPPRESS)  # internal: run the users against this URL, print JSON
+    ap.add_argument("--target", choices=["app", "api"], default="app", help=argparse.SUPPRESS)
+    ap.add_argument("--photo", help=argparse.SUPPRESS)
+    ap.add_argument("--collection", help=argparse.SUPPRESS)
     args = ap.parse_args()
-
-    from otclip.app.server import serve
-    from otclip.engine.search import IndexSearcher
-    from otclip.engine.threads import apply_thread_budget, thread_budget
+    if args.generate:
+        print(json.dumps(generate(args.generate, args.target, args.client, args.users[0], args.seconds, args.photo,
+                                  args.collection)))
+        return
 
     if not (args.index / "manifest.json").exists():
         from otclip.app.demo import build_demo_index
 
         build_demo_index(args.index, args.data, progress=False)
-    apply_thread_budget(thread_budget())  # what serve() sets: the bare API runs under the same budget
-    searcher = IndexSearcher(args.index, exported=True)  # what serve() builds
-    searcher.load_model()
     photo = str(next((args.data / "photos").glob("*.jpg")))
-    # the bare API, same queries, same process
-    bare = {"text_to_image": [], "image_to_text": [], "image_to_image": []}
-    for i in range(30):
+    bare = bare_in_process(args.index, photo)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/"
+    server = subprocess.Popen([sys.executable, "-m", "otclip", "serve", str(args.index), "--host", "127.0.0.1",
+                               "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        collection = wait_for(url, server)
+        round_trip = gradio_round_trip(url, collection, bare)
+        levels = {users: run_level(url, users, args, photo, collection, bare) for users in args.users}
+    finally:
+        server.terminate()
+        server.wait(30)
+    out = Path(__file__).parent / "results" / ("app_load.json" if args.client == "rest" else f"app_load-{args.client}.json")
+    out.write_text(json.dumps({"seconds": args.seconds, "client": args.client, "cores": os.cpu_count(),
+                               "separate_processes": True, "levels": levels, "round_trip": round_trip}, indent=2))
+    print(f"wrote {out}")
+
+
+def bare_in_process(index: Path, photo: str) -> dict[str, list[float]]:
+    """The searcher `otclip serve` builds (exported towers, its thread budget), called directly, one call at a time."""
+    from otclip.engine.search import IndexSearcher
+    from otclip.engine.threads import apply_thread_budget, thread_budget
+
+    apply_thread_budget(thread_budget())
+    searcher = IndexSearcher(index, exported=True)
+    searcher.prepare_queries()
+    bare: dict[str, list[float]] = {name: [] for name in ENDPOINTS}
+    for i in range(33):
         query = QUERIES[i % len(QUERIES)]
         for name, call in (("text_to_image", lambda q=query: searcher.search_text(q, k=12)),
                            ("image_to_text", lambda: searcher.search_texts_for_image(photo, k=5)),
                            ("image_to_image", lambda: searcher.search_image(photo, k=12))):
             t = time.perf_counter()
             call()
-            bare[name].append(time.perf_counter() - t)
-    port = free_port()
-    ui = serve(args.index, "127.0.0.1", port, block=False, searcher=searcher)
-    url = f"http://127.0.0.1:{port}/"
+            if i >= 3:  # first calls warm the sessions up
+                bare[name].append(time.perf_counter() - t)
+    return bare
 
-    def pct(values, q):
-        return float(np.percentile(np.array(values) * 1000, q)) if values else float("nan")
 
+def wait_for(url: str, server: subprocess.Popen) -> str:
+    """The first collection's name, once the server answers."""
+    import httpx
+
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        if server.poll() is not None:
+            raise SystemExit(f"otclip serve exited: {server.stderr.read()[-2000:]}")
+        try:
+            return httpx.get(url + "api/collections", timeout=2).json()[0]
+        except (httpx.HTTPError, ValueError):
+            time.sleep(0.5)
+    raise SystemExit("otclip serve did not answer within 180 s")
+
+
+def gradio_round_trip(url: str, collection: str, bare: dict) -> dict:
+    """One user, sequential, without downloading the tiles: Gradio's queue round trip alone (gradio_client)."""
     from gradio_client import Client
 
-    # one user, sequential, without downloading the 12 tiles: Gradio's queue round trip alone
     client = Client(url, verbose=False, download_files=False)
-    transport = []
-    for i in range(15):
+    times = []
+    for i in range(18):
         t = time.perf_counter()
-        client.predict(QUERIES[i % len(QUERIES)], 12, -1.0, api_name="/text_to_image")
-        transport.append(time.perf_counter() - t)
-    round_trip = {"text_to_image_p50_ms_without_tile_downloads": pct(transport[3:], 50),
-                  "bare_p50_ms": pct(bare["text_to_image"], 50)}
-    print(f"1 user, tiles not downloaded: text_to_image p50 {round_trip['text_to_image_p50_ms_without_tile_downloads']:.0f} ms"
-          f" (bare API {round_trip['bare_p50_ms']:.0f} ms)")
-    levels = {}
-    for users in args.users:
-        latencies, errors = run_users(url, users, args.seconds, photo, list(bare), args.client)
-        rows = {name: {"requests": len(latencies[name]), "app_p50_ms": pct(latencies[name], 50),
-                       "app_p99_ms": pct(latencies[name], 99), "bare_p50_ms": pct(bare[name], 50),
-                       "bare_p99_ms": pct(bare[name], 99),
-                       "p50_ratio": pct(latencies[name], 50) / pct(bare[name], 50)} for name in bare}
-        levels[users] = {"errors": len(errors), "error_samples": errors[:5], "endpoints": rows}
-        print(f"\n{users} users for {args.seconds:.0f}s on loopback; errors: {len(errors)}")
-        print(f"{'endpoint':<16}{'requests':>9}{'app p50':>9}{'app p99':>9}{'bare p50':>10}{'bare p99':>10}{'p50 x':>7}  (ms)")
-        for name, r in rows.items():
-            print(f"{name:<16}{r['requests']:>9}{r['app_p50_ms']:>9.0f}{r['app_p99_ms']:>9.0f}{r['bare_p50_ms']:>10.0f}"
-                  f"{r['bare_p99_ms']:>10.0f}{r['p50_ratio']:>7.1f}")
-        for e in errors[:5]:
-            print("error:", e)
-    ui.close()
-    out = Path(__file__).parent / "results" / ("app_load.json" if args.client == "rest" else f"app_load-{args.client}.json")
-    out.write_text(json.dumps({"seconds": args.seconds, "client": args.client, "cores": os.cpu_count(), "levels": levels,
-                               "round_trip": round_trip}, indent=2))
-    print(f"wrote {out}")
+        client.predict(QUERIES[i % len(QUERIES)], 12, -1.0, collection, api_name="/text_to_image")
+        times.append(time.perf_counter() - t)
+    row = {"text_to_image_p50_ms_without_tile_downloads": pct(times[3:], 50), "bare_p50_ms": pct(bare["text_to_image"], 50)}
+    print(f"gradio_client, 1 user, tiles not downloaded: text_to_image p50 "
+          f"{row['text_to_image_p50_ms_without_tile_downloads']:.0f} ms (bare API in process {row['bare_p50_ms']:.0f} ms)")
+    return row
 
 
-class RestUser:
-    """A browser-like client: one keep-alive connection; uploads, Gradio's call + event stream, then the tiles."""
+def run_level(url: str, users: int, args, photo: str, collection: str, bare: dict) -> dict:
+    """The app and the HTTP API, each under `users` users from a generator process of its own."""
+    measured = {}
+    for target in ("app", "api"):
+        command = [sys.executable, __file__, "--generate", url, "--target", target, "--client", args.client,
+                   "--users", str(users), "--seconds", str(args.seconds), "--photo", photo, "--collection", collection]
+        done = subprocess.run(command, capture_output=True, text=True, check=True)
+        measured[target] = json.loads(done.stdout.strip().splitlines()[-1])
+    app, api = measured["app"], measured["api"]
+    rows = {}
+    for name in ENDPOINTS:
+        loaded, results = app["loaded"][name], app["results"][name]
+        rows[name] = {"requests": len(loaded), "app_p50_ms": pct(loaded, 50), "app_p99_ms": pct(loaded, 99),
+                      "app_results_p50_ms": pct(results, 50), "http_api_p50_ms": pct(api["results"][name], 50),
+                      "http_api_p99_ms": pct(api["results"][name], 99), "bare_p50_ms": pct(bare[name], 50),
+                      "bare_p99_ms": pct(bare[name], 99)}
+        rows[name]["p50_ratio"] = rows[name]["app_p50_ms"] / rows[name]["bare_p50_ms"]
+        rows[name]["p50_ratio_http_api"] = rows[name]["app_p50_ms"] / rows[name]["http_api_p50_ms"]
+    errors = app["errors"] + api["errors"]
+    print(f"\n{users} users for {args.seconds:.0f}s on loopback ({args.client}); errors: {len(errors)}")
+    print(f"{'endpoint':<16}{'requests':>9}{'results':>9}{'p50':>7}{'p99':>7}{'API p50':>9}{'bare p50':>10}"
+          f"{'x bare':>8}{'x API':>7}  (ms; p50/p99: results and tiles loaded)")
+    for name, r in rows.items():
+        print(f"{name:<16}{r['requests']:>9}{r['app_results_p50_ms']:>9.0f}{r['app_p50_ms']:>7.0f}{r['app_p99_ms']:>7.0f}"
+              f"{r['http_api_p50_ms']:>9.0f}{r['bare_p50_ms']:>10.0f}{r['p50_ratio']:>8.1f}{r['p50_ratio_http_api']:>7.1f}")
+    for e in errors[:5]:
+        print("error:", e)
+    return {"errors": len(errors), "error_samples": errors[:5], "endpoints": rows}
 
-    def __init__(self, url: str) -> None:
-        import httpx
 
+# --- the load generator (its own process) ---------------------------------------------------------------------
+
+def generate(url: str, target: str, client: str, users: int, seconds: float, photo: str, collection: str) -> dict:
+    if client == "gradio_client" and target == "app":
+        return _threads_as_users(url, users, seconds, photo, collection)
+    return asyncio.run(_browser_users(url, target, users, seconds, photo, collection))
+
+
+class BrowserUser:
+    """A browser tab: one Gradio session, at most 6 keep-alive connections, tiles fetched in parallel."""
+
+    def __init__(self, http, url: str, collection: str) -> None:
+        self.http, self.url, self.collection = http, url, collection
         self.api = url + "gradio_api/"
-        self.http = httpx.Client(timeout=120)
+        self.session = uuid.uuid4().hex[:11]
 
-    def upload(self, path: str) -> dict:
+    async def upload(self, path: str) -> dict:
         with open(path, "rb") as f:
-            (uploaded,) = self.http.post(self.api + "upload", files={"files": (Path(path).name, f)}).json()
+            response = await self.http.post(self.api + "upload", files={"files": (Path(path).name, f.read())})
+        (uploaded,) = response.json()
         return {"path": uploaded, "meta": {"_type": "gradio.FileData"}}
 
-    def call(self, name: str, data: list):
-        event = self.http.post(self.api + f"call/{name}", json={"data": data}).json()["event_id"]
-        kind = None
-        with self.http.stream("GET", self.api + f"call/{name}/{event}") as stream:
-            for line in stream.iter_lines():
+    async def call(self, name: str, data: list) -> tuple[float, float]:
+        """(seconds until the results arrived, until the tiles were loaded)."""
+        t = time.perf_counter()
+        if name != "text_to_image":
+            data = [await self.upload(data[0]), *data[1:]]
+        body = {"data": [*data, self.collection], "session_hash": self.session}
+        event = (await self.http.post(self.api + f"call/{name}", json=body)).json()["event_id"]
+        kind, result = None, None
+        async with self.http.stream("GET", self.api + f"call/{name}/{event}") as stream:
+            async for line in stream.aiter_lines():
                 if line.startswith("event:"):
                     kind = line[6:].strip()
                 elif line.startswith("data:") and kind in ("complete", "error"):
@@ -135,51 +213,95 @@ class RestUser:
                         raise RuntimeError(line[5:].strip())
                     result = json.loads(line[5:])
                     break
+        if result is None:
+            raise RuntimeError("the event stream ended without a result")
+        got = time.perf_counter() - t
         if name != "image_to_text":
-            for tile in result[0]:
-                self.http.get(tile["image"]["url"]).raise_for_status()
-        return result
+            await self.tiles([tile["image"]["url"] for tile in result[0]])
+        return got, time.perf_counter() - t
 
-    def predict(self, name: str, query: str, photo: str):
+    async def tiles(self, urls: list[str]) -> None:
+        for response in await asyncio.gather(*(self.http.get(u) for u in urls)):
+            response.raise_for_status()
+
+    async def predict(self, name: str, query: str, photo: str) -> tuple[float, float]:
         if name == "text_to_image":
-            return self.call(name, [query, 12, -1.0])
+            return await self.call(name, [query, 12, -1.0])
         if name == "image_to_text":
-            return self.call(name, [self.upload(photo), 5])
-        return self.call(name, [self.upload(photo), 12, -1.0])
+            return await self.call(name, [photo, 5])
+        return await self.call(name, [photo, 12, -1.0])
 
 
-class GradioClientUser:
-    def __init__(self, url: str) -> None:
-        from gradio_client import Client
+class ApiUser(BrowserUser):
+    """The bare HTTP JSON API: the results only (no tiles)."""
 
-        self.client = Client(url, verbose=False)
-
-    def predict(self, name: str, query: str, photo: str):
-        from gradio_client import handle_file
-
+    async def predict(self, name: str, query: str, photo: str) -> tuple[float, float]:
+        t = time.perf_counter()
+        params = {"collection": self.collection, "k": 5 if name == "image_to_text" else 12,
+                  "target": "texts" if name == "image_to_text" else "images"}
         if name == "text_to_image":
-            return self.client.predict(query, 12, -1.0, api_name="/text_to_image")
-        if name == "image_to_text":
-            return self.client.predict(handle_file(photo), 5, api_name="/image_to_text")
-        return self.client.predict(handle_file(photo), 12, -1.0, api_name="/image_to_image")
+            response = await self.http.get(self.url + "api/search", params={**params, "q": query})
+        else:
+            with open(photo, "rb") as f:
+                response = await self.http.post(self.url + "api/search", params=params,
+                                                files={"image": (Path(photo).name, f.read())})
+        response.raise_for_status()
+        elapsed = time.perf_counter() - t
+        return elapsed, elapsed
 
 
-def run_users(url: str, users: int, seconds: float, photo: str, names: list[str], client: str):
-    latencies: dict[str, list[float]] = {k: [] for k in names}
+async def _browser_users(url: str, target: str, users: int, seconds: float, photo: str, collection: str) -> dict:
+    import httpx
+
+    results: dict[str, list[float]] = {name: [] for name in ENDPOINTS}
+    loaded: dict[str, list[float]] = {name: [] for name in ENDPOINTS}
+    errors: list[str] = []
+    deadline = time.time() + seconds
+
+    async def user(u: int) -> None:
+        limits = httpx.Limits(max_connections=BROWSER_CONNECTIONS, max_keepalive_connections=BROWSER_CONNECTIONS)
+        async with httpx.AsyncClient(timeout=120, limits=limits) as http:
+            agent = (BrowserUser if target == "app" else ApiUser)(http, url, collection)
+            i = u
+            while time.time() < deadline:
+                name = ENDPOINTS[i % 3]
+                try:
+                    got, done = await agent.predict(name, QUERIES[i % len(QUERIES)], photo)
+                    if i >= u + 3:  # each user's first three requests open connections and sessions
+                        results[name].append(got)
+                        loaded[name].append(done)
+                except Exception as exc:  # counted and reported, never hidden
+                    errors.append(f"{name}: {type(exc).__name__}: {exc}")
+                i += 1
+
+    await asyncio.gather(*(user(u) for u in range(users)))
+    return {"results": results, "loaded": loaded, "errors": errors}
+
+
+def _threads_as_users(url: str, users: int, seconds: float, photo: str, collection: str) -> dict:
+    """gradio_client users (it blocks, so one thread each); it downloads every tile it is given."""
+    from gradio_client import Client, handle_file
+
+    loaded: dict[str, list[float]] = {name: [] for name in ENDPOINTS}
     errors: list[str] = []
     lock = threading.Lock()
     deadline = time.time() + seconds
 
     def user(u: int) -> None:
-        agent = RestUser(url) if client == "rest" else GradioClientUser(url)
+        client = Client(url, verbose=False)
         i = u
         while time.time() < deadline:
-            name = names[i % 3]
+            name = ENDPOINTS[i % 3]
             t = time.perf_counter()
             try:
-                agent.predict(name, QUERIES[i % len(QUERIES)], photo)
+                if name == "text_to_image":
+                    client.predict(QUERIES[i % len(QUERIES)], 12, -1.0, collection, api_name="/text_to_image")
+                elif name == "image_to_text":
+                    client.predict(handle_file(photo), 5, collection, api_name="/image_to_text")
+                else:
+                    client.predict(handle_file(photo), 12, -1.0, collection, api_name="/image_to_image")
                 with lock:
-                    latencies[name].append(time.perf_counter() - t)
+                    loaded[name].append(time.perf_counter() - t)
             except Exception as exc:  # counted and reported, never hidden
                 with lock:
                     errors.append(f"{name}: {type(exc).__name__}: {exc}")
@@ -190,7 +312,7 @@ def run_users(url: str, users: int, seconds: float, photo: str, names: list[str]
         t.start()
     for t in threads:
         t.join()
-    return latencies, errors
+    return {"results": loaded, "loaded": loaded, "errors": errors}
 
 
 if __name__ == "__main__":

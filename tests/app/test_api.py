@@ -98,3 +98,26 @@ def test_the_pixel_limit_is_checked_on_the_header_before_decoding(client, tmp_pa
     huge.write_bytes(huge.read_bytes()[:2000])
     with pytest.raises(Exception, match="8000x6000 is too large"):
         client.predict(handle_file(str(huge)), 3, -1, api_name="/image_to_image")
+
+
+def test_the_server_does_not_recompute_gradios_monitoring_summary_per_request(demo_index, default_model, monkeypatch):
+    """Gradio rebuilds a pandas summary of up to 10,000 past events after every event unless told not to
+    (3-8 ms a request): `serve` tells it."""
+    from conftest import free_port
+
+    from otclip.app.server import serve
+    from otclip.engine.search import IndexSearcher
+
+    monkeypatch.setenv("GRADIO_ANALYTICS_CACHE_FREQUENCY", "1")  # remembered as unset: serve's value is undone
+    monkeypatch.delenv("GRADIO_ANALYTICS_CACHE_FREQUENCY")
+    port = free_port()
+    ui = serve(demo_index / "index", "127.0.0.1", port, block=False,
+               searcher=IndexSearcher(demo_index / "index", model=default_model))
+    try:
+        client = Client(f"http://127.0.0.1:{port}/", verbose=False, download_files=False)
+        for query in ("a cat", "a rocket"):
+            client.predict(query, 3, -1, api_name="/text_to_image")
+        assert ui._queue.events_recorded >= 2  # the events were counted ...
+        assert ui._queue.cached_event_analytics_summary == {"functions": {}}  # ... and never summarised
+    finally:
+        ui.close()
