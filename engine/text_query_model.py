@@ -73,9 +73,17 @@ class TextQueryModel:
             self.tokenize = tokenizer.result()
         self.input_name = self.session.get_inputs()[0].name
 
-    def encode_texts(self, texts) -> np.ndarray:
+    def encode_texts(self, texts, batch_size: int | None = None, progress: bool | None = None) -> np.ndarray:
+        """All `texts` in one forward pass, or `batch_size` at a time (a caption corpus being indexed, with a
+        progress bar as the torch Encoder shows one: by default past 8 batches)."""
         texts = list(texts)
         if not texts:
             return np.zeros((0, self.session.get_outputs()[0].shape[-1]), np.float32)
-        (embeddings,) = self.session.run(None, {self.input_name: self.tokenize(texts)})
-        return np.asarray(embeddings, np.float32)
+        size = batch_size or len(texts)
+        starts = range(0, len(texts), size)
+        if progress or (progress is None and len(starts) > 8):
+            from tqdm import tqdm
+
+            starts = tqdm(starts, desc="encode texts", unit="batch")
+        return np.concatenate([self.session.run(None, {self.input_name: self.tokenize(texts[i : i + size])})[0]
+                               for i in starts]).astype(np.float32, copy=False)

@@ -13,7 +13,7 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -124,25 +124,43 @@ class _ModelOnDemand:
             if reason:
                 summary.torch_queries[tower] = reason
 
+    def _export_at_hand(self, tower: str, exports: bool) -> tuple[dict, dict] | None:
+        """The model's checked ONNX export of `tower` (kept in the index or cached from an earlier index of the
+        model), when neither a loaded model, a GPU nor torchrun ranks call for torch; else None.
+        `exports`: False (--no-query-export) keeps everything on torch."""
+        if not exports or self.loaded or self.ranks.distributed or gpu_may_be_present():
+            return None
+        return self.directory.query_model_files(tower) or cached_query_model(
+            tower, self.directory.manifest()["model"]["checksum"])
+
     def image_batches(self, paths: list[str], batch_size: int, workers: int | None, progress: bool,
                       thumbnails: bool, exports: bool) -> Iterator[ImageBatch]:
-        """Encode `paths` with the model's checked ONNX image tower when one is at hand (kept in the index or
-        cached from an earlier index of the model) and neither a loaded model, a GPU nor torchrun ranks call
-        for torch: such a run never imports torch (400 photos with ViT-B-32, see the README); else with the
-        torch model. `exports`: False (--no-query-export) keeps everything on torch."""
-        if exports and not self.loaded and not self.ranks.distributed and not gpu_may_be_present():
-            found = self.directory.query_model_files("image") or cached_query_model(
-                "image", self.directory.manifest()["model"]["checksum"])
-            if found is not None:
-                from otclip.engine.image_query_model import ImageQueryModel
+        """Encode `paths` with the image tower's export when one is at hand: such a run never imports torch
+        (400 photos with ViT-B-32, see the README); else with the torch model."""
+        if (found := self._export_at_hand("image", exports)) is not None:
+            from otclip.engine.image_query_model import ImageQueryModel
 
-                files, info = found
-                tower = ImageQueryModel(files["image.onnx"], info)
-                return tower.iter_image_batches(paths, batch_size, workers, progress, thumbnails)
+            files, info = found
+            tower = ImageQueryModel(files["image.onnx"], info)
+            return tower.iter_image_batches(paths, batch_size, workers, progress, thumbnails)
         from otclip.engine.encoding import Encoder
 
         encoder = Encoder(self.get(), batch_size=batch_size, num_workers=workers)
         return encoder.iter_image_batches(paths, progress=progress, thumbnails=thumbnails)
+
+    def text_encoder(self, batch_size: int, exports: bool) -> Callable[[list[str], bool], np.ndarray]:
+        """`encode(texts, progress)`: through the text tower's export when one is at hand (a caption corpus of
+        a model seen before is indexed without torch), else the torch model."""
+        if (found := self._export_at_hand("text", exports)) is not None:
+            from otclip.engine.text_query_model import TextQueryModel
+
+            files, info = found
+            tower = TextQueryModel(files["text.onnx"], files["tokenizer.json"], info)
+            return lambda texts, progress: tower.encode_texts(texts, batch_size, progress)
+        from otclip.engine.encoding import Encoder
+
+        encoder = Encoder(self.get(), batch_size=batch_size)
+        return lambda texts, progress: encoder.encode_texts(texts, progress=progress)
 
 
 def _export_query_model(tower: str, loaded: LoadedModel, directory: IndexDirectory) -> str | None:
@@ -446,12 +464,10 @@ def _index_texts(source, directory: IndexDirectory, models: _ModelOnDemand, fact
                               repaired=repaired)
     writer = _ChunkWriter(directory, "texts", Ranks(), chunk_size)
     if new:
-        from otclip.engine.encoding import Encoder
-
-        encoder = Encoder(models.get(), batch_size=batch_size)
+        encode = models.text_encoder(batch_size, query_models)
         for startpos in range(0, len(new), chunk_size):
             part = new[startpos : startpos + chunk_size]
-            vectors = encoder.encode_texts([t.text for _, t in part], progress=progress)
+            vectors = encode([t.text for _, t in part], progress)
             for (key, t), v in zip(part, vectors):
                 writer.add(v, [ItemRecord(key=key, sha256=key, row=0, text=t.text, label=t.label, extra=t.extra or None)])
         writer.flush()

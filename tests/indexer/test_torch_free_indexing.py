@@ -97,3 +97,40 @@ def test_no_query_export_and_a_changed_checkpoint_keep_torch(default_model, tmp_
     assert third.model_loaded
     assert (IndexDirectory(tmp_path / "third").model_identity().checksum
             != IndexDirectory(tmp_path / "first").model_identity().checksum)
+
+
+def _text_vectors(index: Path) -> dict[str, tuple]:
+    """text -> (vector, label), read from the files themselves."""
+    with sqlite3.connect(index / "metadata.sqlite") as db:
+        rows = db.execute("SELECT text, label, shard, row FROM items WHERE side = 'texts'").fetchall()
+    return {text: (np.load(index / "embeddings" / f"{shard}.npy")[row], label) for text, label, shard, row in rows}
+
+
+def test_a_caption_corpus_of_a_model_seen_before_is_indexed_without_torch_as_torch_would(default_model, tmp_path):
+    """`index-texts` through the cached text export: the vectors the torch model writes, batch after batch
+    (long texts truncated as the model's tokenizer does, HTML entities and odd Unicode cleaned alike)."""
+    from otclip.indexer.pipeline import index_texts
+
+    rows = [{"text": "a tabby cat on a sofa", "label": "cat"}, {"text": "A ROCKET &amp; its launch pad"},
+            {"text": "caf\u00e9 cr\u00e8me in a cup \u2615", "label": "coffee"},
+            {"text": "the Ã©tÃ© mojibake of a summer dress"},
+            {"text": " ".join(f"word{i}" for i in range(200)), "label": "long"},
+            *({"text": f"a photo of item number {i}", "label": "item"} for i in range(12))]
+    corpus = tmp_path / "captions.jsonl"
+    corpus.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    index_texts(corpus, tmp_path / "warm-up", default_model, progress=False)  # the text export cached
+    torch_run = index_texts(corpus, tmp_path / "torch", "effnet-minilm", progress=False, query_models=False)
+    assert torch_run.model_loaded and torch_run.embedded == len(rows)
+    script = f"""
+import json, sys
+from otclip.indexer.pipeline import index_texts
+s = index_texts({str(corpus)!r}, {str(tmp_path / 'onnx')!r}, "effnet-minilm", progress=False, batch_size=5)
+print(json.dumps({{"torch": "torch" in sys.modules, "loaded": s.model_loaded, "embedded": s.embedded}}))
+"""
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, check=True)
+    assert json.loads(run.stdout.strip().splitlines()[-1]) == {"torch": False, "loaded": False, "embedded": len(rows)}
+    ours, theirs = _text_vectors(tmp_path / "onnx"), _text_vectors(tmp_path / "torch")
+    assert sorted(ours) == sorted(theirs) and len(ours) == len(rows)
+    for text, (vector, label) in theirs.items():
+        np.testing.assert_allclose(ours[text][0], vector, rtol=0, atol=1e-4, err_msg=text)
+        assert ours[text][1] == label
