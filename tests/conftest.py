@@ -13,9 +13,13 @@ import torch
 
 torch.set_num_threads(2)
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-# the suite's servers record themselves (and caches live) here, not in the user's ~/.cache/otclip
-os.environ["OTCLIP_CACHE_DIR"] = tempfile.mkdtemp(prefix="otclip-test-cache-")
-atexit.register(shutil.rmtree, os.environ["OTCLIP_CACHE_DIR"], ignore_errors=True)
+# the suite's servers record themselves (and caches live) here, not in the user's ~/.cache/otclip. Once per
+# process: a test's `from conftest import ...` may execute this file again (--import-mode=importlib), which
+# must not move the cache from under servers and models already using it.
+if os.environ.get("OTCLIP_TEST_PROCESS") != str(os.getpid()):
+    os.environ["OTCLIP_TEST_PROCESS"] = str(os.getpid())
+    os.environ["OTCLIP_CACHE_DIR"] = tempfile.mkdtemp(prefix="otclip-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["OTCLIP_CACHE_DIR"], ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

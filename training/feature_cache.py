@@ -1,14 +1,21 @@
 """On-disk cache of frozen-tower features, keyed by the frozen extractor and each item's content
-(sha256 of the image file, or of the text). Runs that share a model never recompute a feature."""
+(sha256 of the image file, or of the text). Runs that share a model never recompute a feature.
+
+Several processes share it (torchrun ranks, the experiment's runs side by side): a side's features are
+read, completed and written under one file lock, so that no process pairs one writer's rows with another's
+array, or reads a generation another has just deleted; a process that waited finds the features computed.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import torch
+from filelock import FileLock
 
 from otclip.engine import Encoder
 from otclip.engine.atomic_files import write_json_atomically, write_npy_atomically
@@ -30,6 +37,13 @@ class FeatureCache:
         self.encoder = Encoder(trainable.loaded, batch_size=batch_size, num_workers=workers)
         self.progress = progress
 
+    @contextmanager
+    def _locked(self, side: str):
+        folder = self.root / self.trainable.feature_key(side)
+        folder.mkdir(parents=True, exist_ok=True)
+        with FileLock(folder / f"{side}.lock"):
+            yield
+
     def _load(self, side: str) -> tuple[Path, dict[str, int], np.ndarray | None]:
         folder = self.root / self.trainable.feature_key(side)
         index_path = folder / f"{side}.json"
@@ -49,6 +63,10 @@ class FeatureCache:
         if not self.trainable.cache_images:
             raise RuntimeError("image features are not cacheable with an unlocked image tower")
         digests = [sha256_file(p) for p in paths]
+        with self._locked("images"):
+            return self._images(paths, digests)
+
+    def _images(self, paths: list[str], digests: list[str]) -> torch.Tensor:
         folder, rows, array = self._load("images")
         missing = sorted({d: p for d, p in zip(digests, paths) if d not in rows}.items())
         if missing:
@@ -74,6 +92,10 @@ class FeatureCache:
         if not self.trainable.cache_texts:
             raise RuntimeError("text features are not cacheable with an unlocked text tower")
         digests = [hashlib.sha256(t.encode()).hexdigest() for t in texts]
+        with self._locked("texts"):
+            return self._texts(texts, digests)
+
+    def _texts(self, texts: list[str], digests: list[str]) -> torch.Tensor:
         folder, rows, array = self._load("texts")
         missing = sorted({d: t for d, t in zip(digests, texts) if d not in rows}.items())
         if missing:

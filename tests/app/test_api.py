@@ -1,6 +1,7 @@
 """The named API endpoints, called with gradio_client against a live server on loopback."""
 
 import pytest
+from conftest import free_port
 from gradio_client import Client, handle_file
 
 
@@ -100,19 +101,20 @@ def test_the_pixel_limit_is_checked_on_the_header_before_decoding(client, tmp_pa
         client.predict(handle_file(str(huge)), 3, -1, api_name="/image_to_image")
 
 
-def test_the_server_does_not_recompute_gradios_monitoring_summary_per_request(demo_index, default_model, monkeypatch):
+def test_the_server_does_not_recompute_gradios_monitoring_summary_per_request(demo_index, default_model, monkeypatch,
+                                                                              tmp_path):
     """Gradio rebuilds a pandas summary of up to 10,000 past events after every event unless told not to
     (3-8 ms a request): `serve` tells it."""
-    from conftest import free_port
+    import shutil
 
     from otclip.app.server import serve
     from otclip.engine.search import IndexSearcher
 
     monkeypatch.setenv("GRADIO_ANALYTICS_CACHE_FREQUENCY", "1")  # remembered as unset: serve's value is undone
     monkeypatch.delenv("GRADIO_ANALYTICS_CACHE_FREQUENCY")
-    port = free_port()
-    ui = serve(demo_index / "index", "127.0.0.1", port, block=False,
-               searcher=IndexSearcher(demo_index / "index", model=default_model))
+    index = shutil.copytree(demo_index / "index", tmp_path / "index")  # its own: the server records itself for
+    port = free_port()  # its index until the process ends, and the terminal tests ask the live app's server
+    ui = serve(index, "127.0.0.1", port, block=False, searcher=IndexSearcher(index, model=default_model))
     try:
         client = Client(f"http://127.0.0.1:{port}/", verbose=False, download_files=False)
         for query in ("a cat", "a rocket"):
@@ -121,3 +123,4 @@ def test_the_server_does_not_recompute_gradios_monitoring_summary_per_request(de
         assert ui._queue.cached_event_analytics_summary == {"functions": {}}  # ... and never summarised
     finally:
         ui.close()
+

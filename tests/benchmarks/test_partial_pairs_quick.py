@@ -52,3 +52,25 @@ def test_quick_mode_writes_report(tmp_path):
                             "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
     assert (tmp_path / "partial_pairs-quick.md").read_text().startswith(report.split("Total time")[0])
+
+
+def test_runs_side_by_side_give_the_runs_of_one_process_in_order(monkeypatch):
+    """--workers 2 hands the runs to two spawned single-threaded processes: every run's result must be the
+    one a single process with one thread computes, in the same order (linear setup, CI sizes)."""
+    import argparse
+
+    import torch
+
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))  # spawned workers import the script as a module
+    import partial_pairs as pp
+
+    args = argparse.Namespace(unpaired=[0, 200], linear_steps=30, n_test=1000, seeds=[0, 1])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        alone = pp.linear(argparse.Namespace(**vars(args), workers=1), lambda msg: None)
+    finally:
+        torch.set_num_threads(threads)
+    side_by_side = pp.linear(argparse.Namespace(**vars(args), workers=2), lambda msg: None)
+    assert side_by_side["chosen"] == alone["chosen"]
+    assert side_by_side["runs"] == alone["runs"] and len(alone["runs"]) == 2 * 2 * 2 * len(pp.LINEAR_METHODS) + 8
