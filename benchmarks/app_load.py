@@ -25,6 +25,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -77,10 +78,11 @@ def main() -> None:
     bare = bare_in_process(args.index, photo)
     port = free_port()
     url = f"http://127.0.0.1:{port}/"
+    log = tempfile.TemporaryFile("w+")  # not a pipe: a server writing more than a pipe holds would block
     server = subprocess.Popen([sys.executable, "-m", "otclip", "serve", str(args.index), "--host", "127.0.0.1",
-                               "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                               "--port", str(port)], stdout=subprocess.DEVNULL, stderr=log, text=True)
     try:
-        collection = wait_for(url, server)
+        collection = wait_for(url, server, log)
         round_trip = gradio_round_trip(url, collection, bare)
         levels = {users: run_level(url, users, args, photo, collection, bare) for users in args.users}
     finally:
@@ -113,14 +115,15 @@ def bare_in_process(index: Path, photo: str) -> dict[str, list[float]]:
     return bare
 
 
-def wait_for(url: str, server: subprocess.Popen) -> str:
+def wait_for(url: str, server: subprocess.Popen, log) -> str:
     """The first collection's name, once the server answers."""
     import httpx
 
     deadline = time.time() + 180
     while time.time() < deadline:
         if server.poll() is not None:
-            raise SystemExit(f"otclip serve exited: {server.stderr.read()[-2000:]}")
+            log.seek(0)
+            raise SystemExit(f"otclip serve exited: {log.read()[-2000:]}")
         try:
             return httpx.get(url + "api/collections", timeout=2).json()[0]
         except (httpx.HTTPError, ValueError):
