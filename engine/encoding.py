@@ -7,6 +7,7 @@ reported per item instead of aborting the batch.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
+from functools import partial
 
 import numpy as np
 import torch
@@ -15,7 +16,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from .devices import autocast_for
-from .image_batches import DecodedImage, ImageBatch, decode_for_model, default_num_workers, embeddings_or_error
+from .image_batches import DecodedImage, ImageBatch, decode_for_model, default_num_workers, embeddings_or_error, unfilled_batch
 from .images import ImageInput
 from .model_loading import LoadedModel
 
@@ -34,12 +35,11 @@ class _DecodeDataset(Dataset):
         return i, decode_for_model(self.items[i], self.preprocess, self.draft, self.thumbnails)
 
 
-def _collate(samples: list[tuple[int, DecodedImage | str]]):
-    ok = [(i, d) for i, d in samples if not isinstance(d, str)]
-    failures = [(i, d) for i, d in samples if isinstance(d, str)]
-    tensors = torch.stack([d.pixels for _, d in ok]) if ok else None
-    return [i for i, _ in ok], tensors, failures, [d.size for _, d in ok], [d.thumbnail for _, d in ok], \
-        [d.taken for _, d in ok]
+def _collate(samples: list[tuple[int, DecodedImage | str]], dim: int,
+             thumbnails: bool) -> tuple[torch.Tensor | None, ImageBatch]:
+    """In the decoding worker: the batch's pixels stacked, and its batch still to be encoded."""
+    pixels, batch = unfilled_batch(samples, dim, thumbnails)
+    return (torch.stack(pixels) if pixels else None), batch
 
 
 class _DevicePreprocess:
@@ -132,21 +132,19 @@ class Encoder:
             _DecodeDataset(images, self._preprocess.cpu, self.loaded.image_size, thumbnails),
             batch_size=bs,
             num_workers=workers,
-            collate_fn=_collate,
+            collate_fn=partial(_collate, dim=self.loaded.embed_dim, thumbnails=thumbnails),
             pin_memory=self.device.type == "cuda",
             prefetch_factor=4 if workers else None,
             worker_init_fn=_single_threaded_worker,
         )
         show = progress if progress is not None else len(images) > 4 * bs
         with tqdm(total=len(images), desc="encode images", unit="img", disable=not show) as bar:
-            for indices, tensors, failures, sizes, shown, taken in loader:
+            for tensors, batch in loader:
                 if tensors is not None:
-                    embeddings = self._embed(encode or self.loaded.model.encode_image, tensors, normalize,
-                                             prepare=self._preprocess.on_device)
-                else:
-                    embeddings = np.zeros((0, self.loaded.embed_dim), np.float32)
-                bar.update(len(indices) + len(failures))
-                yield ImageBatch(indices, embeddings, failures, sizes, shown if thumbnails else [], taken)
+                    batch.embeddings = self._embed(encode or self.loaded.model.encode_image, tensors, normalize,
+                                                   prepare=self._preprocess.on_device)
+                bar.update(len(batch.indices) + len(batch.failures))
+                yield batch
 
     def encode_images(self, images: Sequence[ImageInput], **kwargs) -> np.ndarray:
         """(n, d) float32 L2-normalised image embeddings; raises ImageDecodeError on the first bad input."""

@@ -53,6 +53,18 @@ def decode_for_model(item: ImageInput, preprocess: Callable, draft: int | None,
         return f"cannot preprocess ({type(exc).__name__}: {exc})"
 
 
+def unfilled_batch(decoded: list[tuple[int, DecodedImage | str]], dim: int,
+                   thumbnails: bool) -> tuple[list[Any], ImageBatch]:
+    """The model inputs of the decoded (index, image) pairs, in order, and their batch: indices, failures,
+    sizes, display copies (when asked for) and EXIF times, with no embeddings (0 x dim) until the forward
+    pass fills them in."""
+    ok = [(i, d) for i, d in decoded if not isinstance(d, str)]
+    batch = ImageBatch([i for i, _ in ok], np.zeros((0, dim), np.float32),
+                       [(i, d) for i, d in decoded if isinstance(d, str)], [d.size for _, d in ok],
+                       [d.thumbnail for _, d in ok] if thumbnails else [], [d.taken for _, d in ok])
+    return [d.pixels for _, d in ok], batch
+
+
 def embeddings_or_error(batches: Iterable[ImageBatch], images: Sequence[ImageInput], dim: int) -> np.ndarray:
     """All batches' (n, d) embeddings in input order; ImageDecodeError naming the first failed input."""
     parts = [np.zeros((0, dim), np.float32)]

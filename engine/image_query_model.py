@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .image_batches import DecodedImage, ImageBatch, decode_for_model, default_num_workers, embeddings_or_error
+from .image_batches import DecodedImage, ImageBatch, decode_for_model, default_num_workers, embeddings_or_error, unfilled_batch
 from .images import ImageInput
 from .onnx_sessions import cpu_session
 
@@ -111,19 +111,17 @@ class ImageQueryModel:
                 decoded = [f.result() for f in futures]
                 if (following := next(starts, None)) is not None:
                     submit(following)
-                yield self._encode(start, decoded)
+                yield self._encode([(start + j, d) for j, d in enumerate(decoded)], thumbnails)
                 bar.update(len(decoded))
 
-    def _encode(self, start: int, decoded: list[DecodedImage | str]) -> ImageBatch:
-        ok = [(start + j, d) for j, d in enumerate(decoded) if not isinstance(d, str)]
-        embeddings = np.zeros((0, self.dim), np.float32)
-        if ok:
-            pixels = np.stack([d.pixels for _, d in ok])
-            embeddings = np.concatenate([self.session.run(None, {self.input_name: pixels[i : i + FORWARD_BATCH]})[0]
-                                         for i in range(0, len(pixels), FORWARD_BATCH)])
-        return ImageBatch([i for i, _ in ok], np.asarray(embeddings, np.float32),
-                          [(start + j, d) for j, d in enumerate(decoded) if isinstance(d, str)],
-                          [d.size for _, d in ok], [d.thumbnail for _, d in ok], [d.taken for _, d in ok])
+    def _encode(self, decoded: list[tuple[int, DecodedImage | str]], thumbnails: bool) -> ImageBatch:
+        pixels, batch = unfilled_batch(decoded, self.dim, thumbnails)
+        if pixels:
+            stacked = np.stack(pixels)
+            batch.embeddings = np.concatenate([
+                self.session.run(None, {self.input_name: stacked[i : i + FORWARD_BATCH]})[0]
+                for i in range(0, len(stacked), FORWARD_BATCH)]).astype(np.float32, copy=False)
+        return batch
 
     def encode_images(self, images: Sequence[ImageInput]) -> np.ndarray:
         """(n, d) embeddings; ImageDecodeError naming the first input that is not a usable image."""
