@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from .device_decoding import DeviceJpegDecoder, decoded_ahead, device_preprocess_steps, read_for_device
 from .devices import autocast_for
 from .image_batches import DecodedImage, ImageBatch, decode_for_model, default_num_workers, embeddings_or_error, unfilled_batch
 from .images import ImageInput
@@ -22,17 +23,19 @@ from .model_loading import LoadedModel
 
 
 class _DecodeDataset(Dataset):
-    def __init__(self, items: Sequence[ImageInput], preprocess, draft: int | None, thumbnails: bool = False) -> None:
+    def __init__(self, items: Sequence[ImageInput], preprocess, draft: int | None, thumbnails: bool = False,
+                 read=decode_for_model) -> None:
         self.items = items
         self.preprocess = preprocess
         self.draft = draft
         self.thumbnails = thumbnails
+        self.read = read  # decode_for_model, or read_for_device (JPEGs left to the device)
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __getitem__(self, i: int) -> tuple[int, DecodedImage | str]:
-        return i, decode_for_model(self.items[i], self.preprocess, self.draft, self.thumbnails)
+        return i, self.read(self.items[i], self.preprocess, self.draft, self.thumbnails)
 
 
 def _collate(samples: list[tuple[int, DecodedImage | str]], dim: int,
@@ -40,6 +43,11 @@ def _collate(samples: list[tuple[int, DecodedImage | str]], dim: int,
     """In the decoding worker: the batch's pixels stacked, and its batch still to be encoded."""
     pixels, batch = unfilled_batch(samples, dim, thumbnails)
     return (torch.stack(pixels) if pixels else None), batch
+
+
+def _as_read(samples: list[tuple[int, DecodedImage | str]]) -> list[tuple[int, DecodedImage | str]]:
+    """In the decoding worker, when the device decodes: the samples as they are."""
+    return samples
 
 
 class _DevicePreprocess:
@@ -77,11 +85,21 @@ def _single_threaded_worker(_: int) -> None:
 class Encoder:
     """Embeds images and texts with one loaded model."""
 
-    def __init__(self, loaded: LoadedModel, batch_size: int = 64, num_workers: int | None = None) -> None:
+    def __init__(self, loaded: LoadedModel, batch_size: int = 64, num_workers: int | None = None,
+                 device_decoding: bool | None = None) -> None:
+        """`device_decoding`: JPEGs decoded and resized on the model's device (`device_decoding`); None: when
+        the device is a GPU and the preprocessing allows it. True on the CPU runs the same path (tests)."""
         self.loaded = loaded
         self.batch_size = batch_size
         self.num_workers = default_num_workers() if num_workers is None else num_workers
         self._preprocess = _DevicePreprocess(loaded.preprocess)
+        steps = device_preprocess_steps(loaded.preprocess) if self._preprocess.split else None
+        if device_decoding and steps is None:
+            raise ValueError(f"{loaded.identity.name}: its preprocessing cannot run on the device ({loaded.preprocess})")
+        if device_decoding is None:
+            device_decoding = steps is not None and self.device.type == "cuda"
+        self._device_decoder = (DeviceJpegDecoder(steps, self.device, self._preprocess.cpu, loaded.image_size)
+                                if device_decoding else None)
 
     @property
     def device(self) -> torch.device:
@@ -123,28 +141,41 @@ class Encoder:
 
         `encode` replaces the model's encode_image (training caches a frozen trunk's features this
         way); `normalize=False` keeps its raw output; `thumbnails` adds each image's JPEG display copy,
-        made by the decoding workers from the decode the model uses."""
+        made from the decode the model uses (by the decoding workers, or on the device when it decodes)."""
         bs = batch_size or self.batch_size
         workers = self.num_workers if num_workers is None else num_workers
         if len(images) <= bs:
             workers = 0  # starting workers costs more than decoding one batch
+        decoder = self._device_decoder
         loader = DataLoader(
-            _DecodeDataset(images, self._preprocess.cpu, self.loaded.image_size, thumbnails),
+            _DecodeDataset(images, self._preprocess.cpu, self.loaded.image_size, thumbnails,
+                           read_for_device if decoder else decode_for_model),
             batch_size=bs,
             num_workers=workers,
-            collate_fn=partial(_collate, dim=self.loaded.embed_dim, thumbnails=thumbnails),
+            collate_fn=_as_read if decoder else partial(_collate, dim=self.loaded.embed_dim, thumbnails=thumbnails),
             pin_memory=self.device.type == "cuda",
             prefetch_factor=4 if workers else None,
             worker_init_fn=_single_threaded_worker,
         )
         show = progress if progress is not None else len(images) > 4 * bs
         with tqdm(total=len(images), desc="encode images", unit="img", disable=not show) as bar:
-            for tensors, batch in loader:
+            parts = (decoded_ahead(loader, partial(self._decoded_on_device, images=images, thumbnails=thumbnails),
+                                   self.device) if decoder else loader)
+            for tensors, batch in parts:
                 if tensors is not None:
                     batch.embeddings = self._embed(encode or self.loaded.model.encode_image, tensors, normalize,
                                                    prepare=self._preprocess.on_device)
                 bar.update(len(batch.indices) + len(batch.failures))
                 yield batch
+
+    def _decoded_on_device(self, samples: list[tuple[int, DecodedImage | str]], images: Sequence[ImageInput],
+                           thumbnails: bool) -> tuple[torch.Tensor | None, ImageBatch]:
+        """A batch whose JPEGs the workers only read: decoded on the device, stacked there with the rest."""
+        pixels, batch = unfilled_batch(self._device_decoder.resolve(samples, images, thumbnails),
+                                       self.loaded.embed_dim, thumbnails)
+        if not pixels:
+            return None, batch
+        return torch.stack([p.to(self.device, non_blocking=True) for p in pixels]), batch
 
     def encode_images(self, images: Sequence[ImageInput], **kwargs) -> np.ndarray:
         """(n, d) float32 L2-normalised image embeddings; raises ImageDecodeError on the first bad input."""

@@ -42,7 +42,7 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB") if img.mode != "RGB" else img
 
 
-def _check_size(size: tuple[int, int], label: str, max_pixels: int | None) -> None:
+def check_size(size: tuple[int, int], label: str, max_pixels: int | None) -> None:
     """Refuse, from the header alone, what no resize should be asked to do."""
     w, h = size
     if w == 0 or h == 0:
@@ -54,7 +54,7 @@ def _check_size(size: tuple[int, int], label: str, max_pixels: int | None) -> No
 
 
 @functools.cache
-def _open_heif() -> None:
+def open_heif() -> None:
     """Teach PIL to open HEIC/HEIF (phones' photos), once, on the first decode: not at import, which the
     torch-free text query path would pay for."""
     from pillow_heif import register_heif_opener
@@ -75,10 +75,10 @@ def load_image(source: str | Path | bytes | Image.Image, name: str | None = None
     the header before any pixel is decoded, strips beyond MAX_ASPECT:1 and images over `max_pixels`.
     """
     label = name or (str(source) if isinstance(source, (str, Path)) else "image")
-    _open_heif()
+    open_heif()
     if isinstance(source, Image.Image):
         img = source
-        _check_size(img.size, label, max_pixels)
+        check_size(img.size, label, max_pixels)
         if draft and img.format == "JPEG" and getattr(img, "tile", None):  # opened, not yet decoded
             img.draft("RGB", (draft, draft))
     else:
@@ -91,7 +91,7 @@ def load_image(source: str | Path | bytes | Image.Image, name: str | None = None
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
                 with fp:
                     img = Image.open(fp)
-                    _check_size(img.size, label, max_pixels)  # the header only: nothing decoded yet
+                    check_size(img.size, label, max_pixels)  # the header only: nothing decoded yet
                     if draft and img.format == "JPEG":
                         img.draft("RGB", (draft, draft))
                     img.seek(0)

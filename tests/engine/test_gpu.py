@@ -33,3 +33,27 @@ def test_sinkhorn_on_cuda_matches_cpu():
     cpu = entropic_ot(cosine_cost(x, y), eps=0.05, tol=1e-5)
     gpu = entropic_ot(cosine_cost(x.cuda(), y.cuda()), eps=0.05, tol=1e-5)
     assert torch.allclose(cpu.plan, gpu.plan.cpu(), atol=1e-6)
+
+
+def test_nvjpeg_decoding_matches_the_cpu_decoders(tmp_path):
+    """On a GPU, JPEGs are decoded there by default (nvJPEG); the vectors, sizes and failures are the CPU's."""
+    from otclip.engine import Encoder, load_model
+    from otclip.engine.sample_photos import write_sample_photos
+
+    photos = write_sample_photos(tmp_path)
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(photos[0].read_bytes()[:500])
+    items = [*photos, bad]
+    cpu, gpu = load_model("ViT-B-32", device="cpu"), load_model("ViT-B-32", device="cuda")
+    on_gpu = Encoder(gpu, batch_size=8)
+    assert on_gpu._device_decoder is not None
+    got = list(on_gpu.iter_image_batches(items, thumbnails=True))
+    plain = list(Encoder(cpu, batch_size=8, num_workers=0).iter_image_batches(items))
+    libjpeg = list(Encoder(cpu, batch_size=8, num_workers=0, device_decoding=True).iter_image_batches(items))
+    failures = [f for b in got for f in b.failures]
+    assert failures == [f for b in plain for f in b.failures] and [i for i, _ in failures] == [len(photos)]
+    assert [s for b in got for s in b.sizes] == [s for b in libjpeg for s in b.sizes]
+    a, b, c = (np.concatenate([x.embeddings for x in r]) for r in (got, libjpeg, plain))
+    assert np.min(np.sum(a * b, axis=1)) > 0.99  # nvJPEG vs libjpeg, bf16 autocast
+    assert np.min(np.sum(a * c, axis=1)) > 0.95  # vs PIL's draft decode
+    assert all(len(t) > 100 for r in got for t in r.thumbnails)

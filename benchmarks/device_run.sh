@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# The GPU checks and benchmarks, in one call on a lent GPU machine (its own python3 with torch; no network):
+# the packages otclip needs beyond that machine's image travel as wheels in .whl/ (see the README's
+# "Benchmarks" section). Usage: bash benchmarks/device_run.sh [tests] [encode] [ot]   (default: all three)
+set -uo pipefail
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --target /tmp/site . || exit 1
+export PYTHONPATH=/tmp/site HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,memory.used,memory.total,clocks.sm --format=csv
+steps=${*:-tests probe encode ot}
+for step in $steps; do
+  case $step in
+    tests) python3 -m pytest -q -p no:cacheprovider -m gpu tests/engine/test_gpu.py tests/engine/test_encoding.py \
+             -k "not test_cuda_encoding_matches_cpu" 2>&1 | tail -25 ;;  # effnet-minilm's weights: too big to carry
+    encode) python3 benchmarks/encode_throughput.py --model ViT-B-32 --images 16384 --batch-size 256 --texts 8192 \
+              --scale 1 4 2>&1 | grep -v -i warn | tail -15
+            cp benchmarks/results/encode_throughput-cuda-ViT-B-32.json "$OUT"/ ;;
+    probe) python3 - <<'PY'  # the device decoder's ceiling: batched nvJPEG alone, then decode + crop (+ thumbnails)
+import sys, time, warnings, torch
+sys.path.insert(0, "benchmarks")
+warnings.simplefilter("ignore")
+from torchvision.io import decode_jpeg, ImageReadMode
+from encode_throughput import photo_files
+from otclip.engine import load_model
+from otclip.engine.device_decoding import DeviceJpegDecoder, device_preprocess_steps, read_for_device
+loaded = load_model("ViT-B-32")
+steps = device_preprocess_steps(loaded.preprocess)
+dec = DeviceJpegDecoder(steps, torch.device("cuda"), None, 224)
+for scale in (1, 4):
+    files = [photo_files(scale)[i % 20] for i in range(256)]
+    data = [torch.frombuffer(bytearray(f.read_bytes()), dtype=torch.uint8) for f in files]
+    samples = [(i, read_for_device(f, None, 224, False)) for i, f in enumerate(files)]
+    for name, fn in [("nvjpeg", lambda: decode_jpeg(data, mode=ImageReadMode.RGB, device="cuda")),
+                     ("resolve", lambda: dec.resolve(samples, files, False)),
+                     ("resolve+thumbs", lambda: dec.resolve(samples, files, True))]:
+        fn(); torch.cuda.synchronize(); t = time.perf_counter()
+        for _ in range(5): fn()
+        torch.cuda.synchronize(); dt = (time.perf_counter() - t) / 5
+        print(f"scale {scale} {name:>15}: {256 / dt:8.0f} img/s")
+PY
+        ;;
+    encode-large) python3 benchmarks/encode_throughput.py --model ViT-B-32 --images 8192 --batch-size 256 --texts 256 \
+              --scale 4 8 --decode cpu device-all --thumbnails 0 2>&1 | grep -v -i warn | tail -8 ;;
+    ot) python3 benchmarks/ot_cost.py --batches 256 1024 4096 --no-train-steps 2>&1 | tail -12
+        cp benchmarks/results/ot_cost-cuda.json "$OUT"/ ;;
+  esac
+done
