@@ -4,7 +4,7 @@
 # "Benchmarks" section). Usage: bash benchmarks/device_run.sh [tests] [encode] [ot]   (default: all three)
 set -uo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --target /tmp/site . || exit 1
+python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --upgrade --target /tmp/site . || exit 1
 export PYTHONPATH=/tmp/site HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
@@ -43,6 +43,27 @@ PY
         ;;
     encode-large) python3 benchmarks/encode_throughput.py --model ViT-B-32 --images 8192 --batch-size 256 --texts 256 \
               --scale 4 8 --decode cpu device-all --thumbnails 0 2>&1 | grep -v -i warn | tail -8 ;;
+    loop-probe) python3 - <<'PY'  # ot-loop at batch 1024: its implicit backward by CG or by the dense solve
+import sys, time, statistics, torch
+sys.path.insert(0, "benchmarks")
+from ot_cost import clustered
+from otclip.training import sinkhorn
+from otclip.training.losses import build_regularizer, StepEmbeddings
+x0, y0 = clustered(1024, 384, "cuda", 0), clustered(1024, 384, "cuda", 1)
+cg = sinkhorn._conjugate_gradients
+for label, solver, backward in [("forward only", cg, False), ("cg", cg, True), ("dense", lambda *a, **k: None, True)]:
+    sinkhorn._conjugate_gradients = solver
+    reg = build_regularizer("ot-loop")
+    times = []
+    for _ in range(25):
+        x, y = x0.clone().requires_grad_(True), y0.clone().requires_grad_(True)
+        torch.cuda.synchronize(); t = time.perf_counter()
+        loss = sum(reg(StepEmbeddings(x[:256], y[:256], x, y, torch.tensor(2.0, device="cuda"))).values())
+        if backward: loss.backward()
+        torch.cuda.synchronize(); times.append(time.perf_counter() - t)
+    print(f"{label:>13}: median {statistics.median(times[5:]) * 1000:.1f} ms, min {min(times[5:]) * 1000:.1f}")
+PY
+        ;;
     ot) python3 benchmarks/ot_cost.py --batches 256 1024 4096 --no-train-steps 2>&1 | tail -12
         cp benchmarks/results/ot_cost-cuda.json "$OUT"/ ;;
   esac

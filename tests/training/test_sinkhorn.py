@@ -173,3 +173,27 @@ def test_debiased_barycenter_is_a_stationary_point_of_the_debiased_objective():
     assert gradient_norm(Y) < 1e-4 * gradient_norm(init) < 1e-2 * gradient_norm(plain)
     same = free_support_barycenter([m1, m1], m1, eps=0.5, n_iter=5, inner_tol=1e-12, debiased=True)
     assert torch.allclose(same, m1, atol=1e-8)  # a measure is its own debiased barycenter
+
+
+@pytest.mark.parametrize("n,m,eps,rho", [(40, 25, 0.05, None), (25, 40, 0.05, None), (60, 60, 0.005, None),
+                                         (35, 20, 0.05, 0.5), (20, 35, 0.02, 0.5)])
+@pytest.mark.parametrize("dense", [False, True])
+def test_implicit_backward_solves_the_whole_linearised_system(n, m, eps, rho, dense, monkeypatch):
+    """The plan's backward (CG on the smaller side's Schur complement, or the dense fallback when CG stalls) against
+    the least-squares solution of the whole (n + m) system H [w1; w2] = [u; v] by numpy."""
+    from otclip.training import sinkhorn
+
+    if dense:
+        monkeypatch.setattr(sinkhorn, "_conjugate_gradients", lambda *args, **kwargs: None)
+    x, y = clustered(n, d=8, seed=3).double(), clustered(m, d=8, seed=4).double()
+    C = cosine_cost(x, y).requires_grad_(True)
+    plan = entropic_ot(C, eps=eps, rho=rho, tol=1e-12, max_iter=200000).plan
+    G = torch.randn(n, m, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    (plan * G).sum().backward()
+
+    P, Gn = plan.detach().numpy(), G.numpy()
+    tau = 1.0 if rho is None else rho / (rho + eps)
+    H = np.block([[np.diag(P.sum(1)), tau * P], [tau * P.T, np.diag(P.sum(0))]])
+    w = np.linalg.lstsq(H, np.concatenate([(Gn * P).sum(1), (Gn * P).sum(0)]), rcond=1e-13)[0]
+    expected = P * (tau * (w[:n, None] + w[None, n:]) - Gn) / eps
+    assert np.linalg.norm(C.grad.numpy() - expected) < 1e-6 * np.linalg.norm(expected)
