@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from .images import ImageDecodeError, ImageInput, load_image, taken_time, thumbnail_jpeg
+from .images import ImageDecodeError, ImageInput, load_image, photo_size, taken_time, thumbnail_jpeg
 
 
 @dataclass
@@ -45,7 +45,7 @@ def decode_for_model(item: ImageInput, preprocess: Callable, draft: int | None,
     still at least the model's side)."""
     try:
         image = load_image(item, draft=draft)
-        return DecodedImage(preprocess(image), image.size, thumbnail_jpeg(image) if thumbnails else b"",
+        return DecodedImage(preprocess(image), photo_size(image), thumbnail_jpeg(image) if thumbnails else b"",
                             taken_time(image))
     except ImageDecodeError as exc:
         return exc.reason

@@ -15,6 +15,7 @@ MAX_ASPECT = 50  # longer side / shorter side: beyond it an image is a strip who
 # input (shorter side -> 224) would be gigapixels (a 1 x 30000 PNG of 204 bytes took 7.6 GB)
 THUMBNAIL_SIDE = 384  # pixels, the longer side of a result tile (the app's preview enlarges it)
 ImageInput = str | Path | bytes | Image.Image  # what every image-taking call accepts
+_STORED_SIZE = "otclip_stored_size"  # Image.info key: the JPEG's size before a draft decode shrank it
 
 
 class ImageDecodeError(ValueError):
@@ -80,6 +81,7 @@ def load_image(source: str | Path | bytes | Image.Image, name: str | None = None
         img = source
         check_size(img.size, label, max_pixels)
         if draft and img.format == "JPEG" and getattr(img, "tile", None):  # opened, not yet decoded
+            img.info[_STORED_SIZE] = img.size
             img.draft("RGB", (draft, draft))
     else:
         try:
@@ -93,6 +95,7 @@ def load_image(source: str | Path | bytes | Image.Image, name: str | None = None
                     img = Image.open(fp)
                     check_size(img.size, label, max_pixels)  # the header only: nothing decoded yet
                     if draft and img.format == "JPEG":
+                        img.info[_STORED_SIZE] = img.size  # the draft decode is smaller than the photo
                         img.draft("RGB", (draft, draft))
                     img.seek(0)
                     img.load()  # decode now: truncated files fail here, not later in a worker
@@ -105,10 +108,18 @@ def load_image(source: str | Path | bytes | Image.Image, name: str | None = None
         except (OSError, SyntaxError, ValueError, EOFError) as exc:
             raise ImageDecodeError(label, f"corrupt or truncated image ({exc})") from None
     try:
+        if _STORED_SIZE in img.info and img.getexif().get(0x0112) in (5, 6, 7, 8):  # turned a quarter
+            img.info[_STORED_SIZE] = img.info[_STORED_SIZE][::-1]
         img = ImageOps.exif_transpose(img) or img
     except Exception:  # a broken EXIF block should not lose the image itself
         pass
     return _to_rgb(img)
+
+
+def photo_size(image: Image.Image) -> tuple[int, int]:
+    """(width, height) of the photo as shown (EXIF orientation applied), also when `load_image` decoded a JPEG at a
+    reduced scale (draft): what the index records and `--min-width` filters on."""
+    return image.info.get(_STORED_SIZE, image.size)
 
 
 def taken_time(image: Image.Image) -> float | None:

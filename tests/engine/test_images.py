@@ -88,3 +88,25 @@ def test_phone_formats_are_indexed_images(tmp_path, suffix):
     assert decoded.size == original.size
     error = np.abs(np.asarray(decoded, np.float64) - np.asarray(original, np.float64)).mean()
     assert error < 8, error  # lossy, but the same picture
+
+
+@pytest.mark.parametrize("orientation,shown", [(1, (1000, 800)), (6, (800, 1000)), (3, (1000, 800))])
+def test_a_draft_decoded_jpeg_still_reports_the_photos_size(tmp_path, encoder, orientation, shown):
+    """JPEGs are decoded at a reduced scale for the model (draft); the index must still record the photo's own size
+    (as shown, EXIF orientation applied): `--min-width` filters on it. It recorded the draft's (250 x 200 here)."""
+    from PIL import ImageOps
+
+    from otclip.engine.images import photo_size
+
+    path = tmp_path / "photo.jpg"
+    image = Image.new("RGB", (1000, 800), (200, 100, 50))
+    exif = image.getexif()
+    exif[0x0112] = orientation
+    image.save(path, format="JPEG", exif=exif)
+    assert ImageOps.exif_transpose(Image.open(path)).size == shown
+    drafted = load_image(path, draft=224)
+    assert max(drafted.size) < 1000 and photo_size(drafted) == shown
+    assert photo_size(load_image(path)) == shown
+    assert photo_size(load_image(Image.open(path), draft=224)) == shown
+    (batch,) = encoder.iter_image_batches([path], thumbnails=True)
+    assert batch.sizes == [shown]
