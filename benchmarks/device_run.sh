@@ -64,6 +64,24 @@ for label, solver, backward in [("forward only", cg, False), ("cg", cg, True), (
     print(f"{label:>13}: median {statistics.median(times[5:]) * 1000:.1f} ms, min {min(times[5:]) * 1000:.1f}")
 PY
         ;;
+    bary-probe) python3 - <<'PY'  # ot-barycenter at batch 1024: its five problems as one batch or one by one
+import sys, time, statistics, functools, torch
+sys.path.insert(0, "benchmarks")
+from ot_cost import clustered
+from otclip.training import losses
+x0, y0 = clustered(1024, 384, "cuda", 0), clustered(1024, 384, "cuda", 1)
+solve = losses.step_ot_values
+for batched in (True, False):
+    losses.step_ot_values = functools.partial(solve, batched=batched)
+    reg, times = losses.build_regularizer("ot-barycenter"), []
+    for _ in range(25):
+        x, y = x0.clone().requires_grad_(True), y0.clone().requires_grad_(True)
+        torch.cuda.synchronize(); t = time.perf_counter()
+        sum(reg(losses.StepEmbeddings(x[:256], y[:256], x, y, torch.tensor(2.0, device="cuda"))).values()).backward()
+        torch.cuda.synchronize(); times.append(time.perf_counter() - t)
+    print(f"batched={batched}: median {statistics.median(times[5:]) * 1000:.1f} ms, min {min(times[5:]) * 1000:.1f}")
+PY
+        ;;
     ot) python3 benchmarks/ot_cost.py --batches 256 1024 4096 --no-train-steps 2>&1 | tail -12
         cp benchmarks/results/ot_cost-cuda.json "$OUT"/ ;;
   esac

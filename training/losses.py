@@ -31,6 +31,22 @@ def step_ot(C: torch.Tensor, eps: float, rho: float | None = None, tol: float = 
     return entropic_ot(C, eps=eps, rho=rho, tol=tol, overrelax=OVERRELAX, max_iter=max_iter)
 
 
+def step_ot_values(costs: list[torch.Tensor], eps: float, batched: bool | None = None) -> list[torch.Tensor]:
+    """OT_eps of each cost matrix as `step_ot` solves it. `batched` (default: on a GPU): the problems of one
+    shape are stacked into one batch, one Sinkhorn loop for them all (a step there is bound by kernel launches
+    and host checks, not arithmetic); else one by one, as on the CPU (a batch iterates as long as its slowest
+    problem: the barycenter term took 356 ms a step batched against 235 alone at batch 1024)."""
+    values: list[torch.Tensor | None] = [None] * len(costs)
+    shapes: dict[tuple[int, ...], list[int]] = {}
+    for k, cost in enumerate(costs):
+        shapes.setdefault(tuple(cost.shape) if (cost.is_cuda if batched is None else batched) else (k,), []).append(k)
+    for members in shapes.values():
+        solved = step_ot(torch.stack([costs[k] for k in members]), eps, max_iter=5000).value
+        for k, value in zip(members, solved):
+            values[k] = value
+    return values
+
+
 @dataclass
 class StepEmbeddings:
     """The embeddings of one training step."""
@@ -156,12 +172,10 @@ class BarycenterOT(nn.Module):
         if self.refine:
             B = free_support_barycenter([images, texts], B, eps=eps, n_iter=self.refine, inner_tol=TRAIN_TOL,
                                         overrelax=OVERRELAX, debiased=True)
-        def ot(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-            return step_ot(sqeuclidean_cost(p, q), eps, max_iter=5000).value
-
+        pairs = [(e.images, B), (e.texts, B), (e.images, e.images), (e.texts, e.texts), (B, B)]
+        ib, tb, ii, tt, bb = step_ot_values([sqeuclidean_cost(p, q) for p, q in pairs], eps)
         # sum_m 1/2 S(mu_m, B), with OT(B, B) (no gradient: B is held fixed) solved once for both measures
-        value = sum(0.5 * ot(m, B) - 0.25 * ot(m, m) for m in (e.images, e.texts)) - 0.5 * ot(B, B)
-        return {"ot_barycenter": value}
+        return {"ot_barycenter": 0.5 * (ib + tb) - 0.25 * (ii + tt) - 0.5 * bb}
 
 
 def top_b_pseudo_pair_loss(x: torch.Tensor, y: torch.Tensor, tau: float = 1.0) -> torch.Tensor:

@@ -61,18 +61,34 @@ def _log_domain_potentials(C, a, b, eps, tau, f, g, max_iter, tol, check_every, 
     err, it = math.inf, first_iter
     for it in range(first_iter + 1, max_iter + 1):
         f_prev = f
-        f = -tau * eps * torch.logsumexp(log_b[None, :] + (g[None, :] - C) / eps, dim=1)
-        g = -tau * eps * torch.logsumexp(log_a[:, None] + (f[:, None] - C) / eps, dim=0)
+        f = -tau * eps * torch.logsumexp(log_b[..., None, :] + (g[..., None, :] - C) / eps, dim=-1)
+        g = -tau * eps * torch.logsumexp(log_a[..., :, None] + (f[..., :, None] - C) / eps, dim=-2)
         if it % check_every and it != max_iter:
             continue
         if tau == 1.0:
-            rows = torch.exp(log_a + (f + eps * torch.logsumexp(log_b[None, :] + (g[None, :] - C) / eps, dim=1)) / eps)
-            err = float((rows - a).abs().sum())
+            rows = torch.exp(log_a + (f + eps * torch.logsumexp(log_b[..., None, :] + (g[..., None, :] - C) / eps, dim=-1)) / eps)
+            err = float((rows - a).abs().sum(-1).max())
         else:
             err = float((f - f_prev).abs().max()) / eps
         if err < tol:
             break
     return f, g, it, err
+
+
+def _kernel(C, f, g, a, b, eps):
+    """a_i b_j exp((f_i + g_j - C_ij) / eps), for one problem (n, m) or a batch (..., n, m)."""
+    return torch.exp((f[..., :, None] + g[..., None, :] - C) / eps) * a[..., :, None] * b[..., None, :]
+
+
+def _rows(K: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """K v, for one problem or a batch (as row vectors times K^T: a batched matrix times a column vector is 7x
+    slower on the CPU, 4.2 ms against 0.6 for 5 problems of 1024 x 1024)."""
+    return K @ v if K.dim() == 2 else (v.unsqueeze(-2) @ K.mT).squeeze(-2)
+
+
+def _columns(K: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """K^T u, for one problem or a batch."""
+    return K.T @ u if K.dim() == 2 else (u.unsqueeze(-2) @ K).squeeze(-2)
 
 
 @torch.no_grad()
@@ -85,31 +101,32 @@ def sinkhorn_potentials(
     Balanced: the error is the L1 distance of the plan's row marginal to `a` plus its column
     marginal's to `b` (over-relaxed updates leave both inexact). Unbalanced: the largest relative
     change of the scalings. Falls back to log-domain iterations if the scaling form leaves the
-    floating-point range.
+    floating-point range. C may hold a batch of problems (..., n, m), solved together until the worst
+    one is within `tol`: one set of kernel launches for all (what a GPU step needs), the same flops.
     """
     tau = 1.0 if rho is None else rho / (rho + eps)
-    f = C.min(dim=1).values  # a shift that keeps the first kernel from underflowing
-    g = torch.zeros_like(b)
-    u, v = torch.ones_like(a), torch.ones_like(b)
-    K = torch.exp((f[:, None] + g[None, :] - C) / eps) * a[:, None] * b[None, :]
+    f = C.min(dim=-1).values  # a shift that keeps the first kernel from underflowing
+    g = C.new_zeros(C.shape[:-2] + C.shape[-1:])
+    u, v = torch.ones_like(f), torch.ones_like(g)
+    K = _kernel(C, f, g, a, b, eps)
     err, it = math.inf, 0
     for it in range(1, max_iter + 1):
         u_prev = u
         if tau == 1.0 and overrelax != 1.0:  # over-relaxed scaling (Thibault et al. 2021): same fixed point
-            u = u ** (1 - overrelax) * (a / (K @ v)) ** overrelax
-            v = v ** (1 - overrelax) * (b / (K.T @ u)) ** overrelax
+            u = u ** (1 - overrelax) * (a / _rows(K, v)) ** overrelax
+            v = v ** (1 - overrelax) * (b / _columns(K, u)) ** overrelax
         elif tau == 1.0:
-            u = a / (K @ v)
-            v = b / (K.T @ u)
+            u = a / _rows(K, v)
+            v = b / _columns(K, u)
         else:  # the fixed point is f = tau F(g): potentials already absorbed into K must be discounted
-            u = (a / (K @ v)) ** tau * torch.exp((tau - 1.0) * f / eps)
-            v = (b / (K.T @ u)) ** tau * torch.exp((tau - 1.0) * g / eps)
+            u = (a / _rows(K, v)) ** tau * torch.exp((tau - 1.0) * f / eps)
+            v = (b / _columns(K, u)) ** tau * torch.exp((tau - 1.0) * g / eps)
         if it % check_every and it != max_iter:
             continue  # host synchronisation (costly on a GPU) only every `check_every` iterations
-        if rho is None:
-            error = (u * (K @ v) - a).abs().sum() + (v * (K.T @ u) - b).abs().sum()
+        if rho is None:  # the worst problem of a batch
+            error = ((u * _rows(K, v) - a).abs().sum(-1) + (v * _columns(K, u) - b).abs().sum(-1)).max()
         else:
-            error = (u - u_prev).abs().max() / u.abs().max().clamp_min(1.0)
+            error = ((u - u_prev).abs().amax(-1) / u.abs().amax(-1).clamp_min(1.0)).max()
         largest = torch.maximum(u.max(), v.max())
         smallest = torch.minimum(u.min(), v.min())
         err, largest, smallest = (float(t) for t in torch.stack([error, largest, smallest]).tolist())
@@ -121,7 +138,7 @@ def sinkhorn_potentials(
         if largest > ABSORB_ABOVE:
             f, g = f + eps * torch.log(u), g + eps * torch.log(v)
             u, v = torch.ones_like(u), torch.ones_like(v)
-            K = torch.exp((f[:, None] + g[None, :] - C) / eps) * a[:, None] * b[None, :]
+            K = _kernel(C, f, g, a, b, eps)
     return f + eps * torch.log(u), g + eps * torch.log(v), it, err
 
 
@@ -202,21 +219,29 @@ class ImplicitPlan(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         (plan,) = ctx.saved_tensors
-        eps, tau = ctx.eps, ctx.tau
-        P, G = plan.double(), grad.double()
-        GP = G * P
-        u, v = GP.sum(1), GP.sum(0)
-        if P.shape[0] < P.shape[1]:
-            w2, w1 = _schur_solve(P.T, v, u, tau)
-        else:
-            w1, w2 = _schur_solve(P, u, v, tau)
-        dC = P * (tau * (w1[:, None] + w2[None, :]) - G) / eps
-        return dC.to(grad.dtype), None, None, None
+        return _plan_backward(plan, grad, ctx.eps, ctx.tau), None, None, None
 
 
-def _kl(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """Generalised KL(p | q) = sum p log(p/q) - p + q."""
-    return torch.where(p > 0, p * (torch.log(p.clamp_min(1e-300)) - torch.log(q)), 0.0).sum() - p.sum() + q.sum()
+def _plan_backward(plan: torch.Tensor, grad: torch.Tensor, eps: float, tau: float) -> torch.Tensor:
+    """dL/dC from dL/dP (`ImplicitPlan`), one problem at a time for a batch."""
+    if plan.dim() > 2:
+        return torch.stack([_plan_backward(p, g, eps, tau) for p, g in zip(plan, grad)])
+    P, G = plan.double(), grad.double()
+    GP = G * P
+    u, v = GP.sum(1), GP.sum(0)
+    if P.shape[0] < P.shape[1]:
+        w2, w1 = _schur_solve(P.T, v, u, tau)
+    else:
+        w1, w2 = _schur_solve(P, u, v, tau)
+    dC = P * (tau * (w1[:, None] + w2[None, :]) - G) / eps
+    return dC.to(grad.dtype)
+
+
+def _kl(p: torch.Tensor, q: torch.Tensor, dims: int) -> torch.Tensor:
+    """Generalised KL(p | q) = sum p log(p/q) - p + q over the last `dims` dimensions (one value a problem)."""
+    axes = tuple(range(-dims, 0))
+    terms = torch.where(p > 0, p * (torch.log(p.clamp_min(1e-300)) - torch.log(q)), 0.0) - p + q
+    return terms.sum(axes)
 
 
 def entropic_ot(
@@ -225,7 +250,8 @@ def entropic_ot(
 ) -> OTResult:
     """Entropic OT between uniform (default) or given marginals.
 
-    C: (n, m) cost, may require grad; solved in float32 at least, whatever autocast is active.
+    C: (n, m) cost, may require grad; solved in float32 at least, whatever autocast is active. A batch
+    (..., n, m) of problems is solved together (`sinkhorn_potentials`); `value` then has one entry a problem.
     eps: entropic regularisation. rho: None for balanced OT, else the KL marginal relaxation
     strength (unbalanced OT, for sets whose class mix differs). overrelax: the over-relaxation
     factor (1.5 takes fewer iterations to the same solution). Warns when `max_iter` is reached
@@ -234,21 +260,21 @@ def entropic_ot(
     """
     with torch.autocast(C.device.type, enabled=False):
         C = C.to(_ot_dtype(C))
-        a = uniform(C.shape[0], C) if a is None else a.to(C.dtype)
-        b = uniform(C.shape[1], C) if b is None else b.to(C.dtype)
+        a = uniform(C.shape[-2], C) if a is None else a.to(C.dtype)
+        b = uniform(C.shape[-1], C) if b is None else b.to(C.dtype)
         f, g, iterations, err = sinkhorn_potentials(C.detach(), a, b, eps, rho, max_iter, tol, overrelax=overrelax)
         converged = err < tol
         if not converged:
             warnings.warn(f"Sinkhorn stopped at max_iter={max_iter} with marginal error {err:.1e} > tol {tol:.0e} "
-                          f"(eps={eps}, {C.shape[0]}x{C.shape[1]}): raise max_iter or eps", RuntimeWarning, stacklevel=2)
-        P = a[:, None] * b[None, :] * torch.exp((f[:, None] + g[None, :] - C.detach()) / eps)
+                          f"(eps={eps}, {'x'.join(map(str, C.shape))}): raise max_iter or eps", RuntimeWarning, stacklevel=2)
+        P = _kernel(C.detach(), f, g, a, b, eps)
         tau = 1.0 if rho is None else rho / (rho + eps)
         plan = ImplicitPlan.apply(C, P, eps, tau) if C.requires_grad else P
-        const = eps * _kl(P, a[:, None] * b[None, :])
+        const = eps * _kl(P, a[..., :, None] * b[..., None, :], 2)
         if rho is not None:
-            const = const + rho * (_kl(P.sum(1), a) + _kl(P.sum(0), b))
-        value = (P * C).sum() + const
-        return OTResult(value, plan, (P * C.detach()).sum(), iterations, err, converged)
+            const = const + rho * (_kl(P.sum(-1), a, 1) + _kl(P.sum(-2), b, 1))
+        value = (P * C).sum((-2, -1)) + const
+        return OTResult(value, plan, (P * C.detach()).sum((-2, -1)), iterations, err, converged)
 
 
 def sinkhorn_divergence(x: torch.Tensor, y: torch.Tensor, eps: float = 0.05, rho: float | None = None,

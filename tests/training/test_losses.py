@@ -196,3 +196,29 @@ def test_matching_keeps_class_level_pairs_among_duplicate_texts():
         assert len(set(match.texts.tolist())) == len(match.texts)  # each text row once
         text_labels = (y[match.texts] @ centers.T).argmax(1)
         assert torch.equal(text_labels, labels[match.images])
+
+
+@pytest.mark.parametrize("n_texts", [48, 40])
+def test_barycenter_term_solved_as_one_batch_equals_its_problems_solved_one_by_one(n_texts, monkeypatch):
+    """The five OT problems of the term stacked by shape (one batch when the batches have one size, two groups
+    otherwise): value and gradients as solving each alone."""
+    from otclip.training import losses
+
+    images, texts = unit(48, d=8, seed=1), unit(n_texts, d=8, seed=2)
+
+    def run():
+        x, y = images.clone().requires_grad_(True), texts.clone().requires_grad_(True)
+        value = losses.BarycenterOT(eps=0.05)(StepEmbeddings(x[:4], y[:4], x, y, torch.tensor(2.0)))["ot_barycenter"]
+        value.backward()
+        return float(value), x.grad, y.grad
+
+    solve = losses.step_ot_values
+    monkeypatch.setattr(losses, "step_ot_values", lambda costs, eps: solve(costs, eps, batched=True))
+    batched = run()
+    monkeypatch.setattr(losses, "step_ot_values", lambda costs, eps: [
+        losses.step_ot(c, eps, max_iter=5000).value for c in costs])
+    alone = run()
+    # each problem stops at the training tolerance (0.1% of the mass), a batch when its worst one gets there
+    assert batched[0] == pytest.approx(alone[0], rel=1e-3)
+    for g_batched, g_alone in zip(batched[1:], alone[1:]):
+        assert float((g_batched - g_alone).norm()) < 1e-2 * float(g_alone.norm())

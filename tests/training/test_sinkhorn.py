@@ -175,7 +175,7 @@ def test_debiased_barycenter_is_a_stationary_point_of_the_debiased_objective():
     assert torch.allclose(same, m1, atol=1e-8)  # a measure is its own debiased barycenter
 
 
-@pytest.mark.parametrize("n,m,eps,rho", [(40, 25, 0.05, None), (25, 40, 0.05, None), (60, 60, 0.005, None),
+@pytest.mark.parametrize("n,m,eps,rho", [(40, 25, 0.05, None), (25, 40, 0.05, None), (48, 48, 0.01, None),
                                          (35, 20, 0.05, 0.5), (20, 35, 0.02, 0.5)])
 @pytest.mark.parametrize("dense", [False, True])
 def test_implicit_backward_solves_the_whole_linearised_system(n, m, eps, rho, dense, monkeypatch):
@@ -197,3 +197,50 @@ def test_implicit_backward_solves_the_whole_linearised_system(n, m, eps, rho, de
     w = np.linalg.lstsq(H, np.concatenate([(Gn * P).sum(1), (Gn * P).sum(0)]), rcond=1e-13)[0]
     expected = P * (tau * (w[:n, None] + w[None, n:]) - Gn) / eps
     assert np.linalg.norm(C.grad.numpy() - expected) < 1e-6 * np.linalg.norm(expected)
+
+
+@pytest.mark.parametrize("rho", [None, 0.5])
+def test_a_batch_of_problems_is_solved_as_each_alone_and_as_pot(rho):
+    """Three problems of one shape solved as one batch: each value, plan and envelope gradient as solving it alone,
+    each plan as POT's (log-domain Sinkhorn, unbalanced for rho)."""
+    costs = [cosine_cost(*clouds(n=30, m=20, seed=s)) for s in (1, 2, 3)]
+    costs[2] = costs[2] * 3.0  # another scale: converges at another pace
+    batch = torch.stack(costs).requires_grad_(True)
+    together = entropic_ot(batch, eps=0.05, rho=rho, tol=1e-10, max_iter=100000)
+    assert together.value.shape == (3,)
+    together.value.sum().backward()
+    a, b = uniform(30, costs[0]), uniform(20, costs[0])
+    for k, C in enumerate(costs):
+        Ck = C.clone().requires_grad_(True)
+        alone = entropic_ot(Ck, eps=0.05, rho=rho, tol=1e-10, max_iter=100000)
+        alone.value.backward()
+        assert float(together.value[k]) == pytest.approx(float(alone.value), abs=1e-8)
+        assert torch.allclose(together.plan[k], alone.plan, atol=1e-9)
+        assert torch.allclose(batch.grad[k], Ck.grad, atol=1e-9)
+        if rho is None:
+            ref = ot.sinkhorn(a, b, C, 0.05, method="sinkhorn_log", stopThr=1e-12, numItermax=100000)
+        else:
+            ref = ot.unbalanced.sinkhorn_unbalanced(a, b, C, 0.05, rho, stopThr=1e-14, numItermax=20000)
+        assert torch.allclose(together.plan[k].detach(), ref, atol=1e-6)
+
+
+def test_a_batch_whose_kernel_underflows_finishes_in_the_log_domain(monkeypatch):
+    """Far columns in one problem of a float32 batch (their kernel underflows): the batch falls back to log-sum-exp
+    iterations and still matches each problem solved alone, and POT's log-domain solver."""
+    x, y = clouds(n=64, m=64, seed=7, dtype=torch.float32)
+    far = cosine_cost(x, y)
+    far[:, :3] += 3.0
+    batch = torch.stack([cosine_cost(x, y), far])
+    from otclip.training import sinkhorn
+
+    log_domain = sinkhorn._log_domain_potentials
+    calls = []
+    monkeypatch.setattr(sinkhorn, "_log_domain_potentials", lambda *args: calls.append(1) or log_domain(*args))
+    together = entropic_ot(batch, eps=0.01, tol=1e-5, max_iter=20000)
+    assert calls and together.converged and torch.isfinite(together.plan).all()
+    a = torch.full((64,), 1 / 64, dtype=torch.float64)
+    for k in range(2):
+        alone = entropic_ot(batch[k], eps=0.01, tol=1e-5, max_iter=20000)
+        assert float((together.plan[k] - alone.plan).abs().sum()) < 2e-5
+        pot = ot.bregman.sinkhorn_log(a, a, batch[k].double(), 0.01, stopThr=1e-9, numItermax=20000)
+        assert float((together.plan[k].double() - pot).abs().sum()) < 1e-4
