@@ -5,7 +5,8 @@ the forward runs ~7,800 img/s, the CPU-decoding pipeline ~900 on 16 cores). Here
 read each file and its header (size, EXIF orientation and time); the model's device decodes the batch's
 JPEGs in one call, applies the orientation, and resizes and crops as the model's preprocessing does
 (torchvision's Resize/CenterCrop run on tensors alike). Everything else - other formats, CMYK JPEGs, files
-without an end-of-image marker, anything the device's decoder refuses - goes through the CPU decode
+without an end-of-image marker, JPEGs large enough for PIL's reduced-scale decode to be cheaper
+(DRAFT_ON_CPU_FROM), anything the device's decoder refuses - goes through the CPU decode
 (`image_batches.decode_for_model`), which also gives the reason a bad file is skipped. The same code runs on
 the CPU (libjpeg through torchvision), which is how the suite tests it without a GPU.
 """

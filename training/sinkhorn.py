@@ -16,7 +16,8 @@ log-potentials f, g (Schmitzer), over-relaxed when asked (Thibault et al. 2021);
 as both marginals are within `tol` (L1). Where the scaling form under- or overflows (small eps,
 outliers), the same fixed point is reached by log-domain (log-sum-exp) iterations, as POT's
 `sinkhorn_log`. Everything runs in at least float32, also under autocast: bf16 plans are
-percents of the mass off.
+percents of the mass off. A batch of problems of one shape (..., n, m) is solved in one loop (one set of
+kernel launches for all, which is what a GPU step is bound by).
 
 Gradients: the value's gradient is the plan (envelope theorem: d OT / d C = P*), so nothing
 backpropagates through the iterations; the plan's own gradient, for terms that are functions of
