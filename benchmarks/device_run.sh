@@ -82,6 +82,52 @@ for batched in (True, False):
     print(f"batched={batched}: median {statistics.median(times[5:]) * 1000:.1f} ms, min {min(times[5:]) * 1000:.1f}")
 PY
         ;;
+    pipeline-probe) python3 - <<'PY'  # where the GPU-decoding pipeline's time goes (web-size photos)
+import sys, time, functools, torch
+sys.path.insert(0, "benchmarks")
+from encode_throughput import photo_files
+from otclip.engine import Encoder, load_model
+from otclip.engine import device_decoding
+loaded = load_model("ViT-B-32")
+enc = Encoder(loaded, batch_size=256, device_decoding=True)
+photos = photo_files(1)
+import os
+files = [photos[i % len(photos)] for i in range(int(os.environ.get("PROBE_IMAGES", 16384)))]
+def timed(label, fn):
+    torch.cuda.synchronize(); t = time.perf_counter(); out = fn(); torch.cuda.synchronize()
+    print(f"{label:>40}: {len(files) / (time.perf_counter() - t):8.0f} img/s", flush=True); return out
+from torch.utils.data import DataLoader
+from otclip.engine.encoding import _DecodeDataset
+from otclip.engine.device_decoding import pack_jpegs
+def loader():
+    return DataLoader(_DecodeDataset(files, enc._preprocess.cpu, 224, False, device_decoding.read_for_device),
+                      batch_size=256, num_workers=enc.num_workers, collate_fn=pack_jpegs, pin_memory=True,
+                      prefetch_factor=4)
+list(enc.iter_image_batches(files[:1024]))  # warm-up
+parts = timed("workers read only", lambda: list(loader()))
+if os.environ.get("PROBE_SHORT"):
+    timed("pipeline (decoded_ahead)", lambda: [None for _ in enc.iter_image_batches(files, progress=False)])
+    sys.exit(0)
+decoded = timed("decode+crop alone (one thread)", lambda: [enc._decoded_on_device(p, files, False) for p in parts])
+@torch.no_grad()
+def forward():
+    for t, b in decoded:
+        enc._embed(loaded.model.encode_image, t, prepare=enc._preprocess.on_device)
+timed("forward from decoded (with .cpu())", forward)
+def sequential():
+    for p in loader():
+        t, b = enc._decoded_on_device(p, files, False)
+        enc._embed(loaded.model.encode_image, t, prepare=enc._preprocess.on_device)
+timed("pipeline, decode not ahead", sequential)
+timed("pipeline (decoded_ahead)", lambda: [None for _ in enc.iter_image_batches(files, progress=False)])
+for depth in (1, 4):
+    orig = device_decoding.decoded_ahead
+    import otclip.engine.encoding as E
+    E.decoded_ahead = functools.partial(orig, depth=depth)
+    timed(f"pipeline, depth {depth}", lambda: [None for _ in enc.iter_image_batches(files, progress=False)])
+    E.decoded_ahead = orig
+PY
+        ;;
     ot) python3 benchmarks/ot_cost.py --batches 256 1024 4096 --no-train-steps 2>&1 | tail -12
         cp benchmarks/results/ot_cost-cuda.json "$OUT"/ ;;
   esac

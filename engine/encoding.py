@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from .device_decoding import DeviceJpegDecoder, decoded_ahead, device_preprocess_steps, read_for_device
+from .device_decoding import DeviceJpegDecoder, decoded_ahead, device_preprocess_steps, pack_jpegs, read_for_device
 from .devices import autocast_for
 from .image_batches import DecodedImage, ImageBatch, decode_for_model, default_num_workers, embeddings_or_error, unfilled_batch
 from .images import ImageInput
@@ -43,11 +43,6 @@ def _collate(samples: list[tuple[int, DecodedImage | str]], dim: int,
     """In the decoding worker: the batch's pixels stacked, and its batch still to be encoded."""
     pixels, batch = unfilled_batch(samples, dim, thumbnails)
     return (torch.stack(pixels) if pixels else None), batch
-
-
-def _as_read(samples: list[tuple[int, DecodedImage | str]]) -> list[tuple[int, DecodedImage | str]]:
-    """In the decoding worker, when the device decodes: the samples as they are."""
-    return samples
 
 
 class _DevicePreprocess:
@@ -152,7 +147,7 @@ class Encoder:
                            read_for_device if decoder else decode_for_model),
             batch_size=bs,
             num_workers=workers,
-            collate_fn=_as_read if decoder else partial(_collate, dim=self.loaded.embed_dim, thumbnails=thumbnails),
+            collate_fn=pack_jpegs if decoder else partial(_collate, dim=self.loaded.embed_dim, thumbnails=thumbnails),
             pin_memory=self.device.type == "cuda",
             prefetch_factor=4 if workers else None,
             worker_init_fn=_single_threaded_worker,
@@ -168,10 +163,12 @@ class Encoder:
                 bar.update(len(batch.indices) + len(batch.failures))
                 yield batch
 
-    def _decoded_on_device(self, samples: list[tuple[int, DecodedImage | str]], images: Sequence[ImageInput],
-                           thumbnails: bool) -> tuple[torch.Tensor | None, ImageBatch]:
-        """A batch whose JPEGs the workers only read: decoded on the device, stacked there with the rest."""
-        pixels, batch = unfilled_batch(self._device_decoder.resolve(samples, images, thumbnails),
+    def _decoded_on_device(self, packed: tuple[list[tuple[int, DecodedImage | str]], torch.Tensor],
+                           images: Sequence[ImageInput], thumbnails: bool) -> tuple[torch.Tensor | None, ImageBatch]:
+        """A batch whose JPEGs the workers only read (`pack_jpegs`): decoded on the device, stacked there with
+        the rest."""
+        samples, blob = packed
+        pixels, batch = unfilled_batch(self._device_decoder.resolve(samples, images, thumbnails, blob),
                                        self.loaded.embed_dim, thumbnails)
         if not pixels:
             return None, batch
