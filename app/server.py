@@ -26,6 +26,7 @@ from otclip.engine.threads import apply_thread_budget, thread_budget
 from .body_limit import BodyLimit
 from .http_api import MOUNT as API_MOUNT
 from .http_api import build_api
+from .immutable_tiles import ImmutableTiles
 from .search_app import MAX_UPLOAD_PIXELS, SearchApp
 from .ui import EXAMPLE_QUERIES, build_ui
 
@@ -86,7 +87,8 @@ def serve(index_dirs: str | Path | list[str | Path], host: str = "127.0.0.1", po
     gr.set_static_paths(thumbnails)
     ui.launch(server_name=host, server_port=port, max_file_size=MAX_UPLOAD, prevent_thread_lock=True,
               show_error=True, quiet=not block, allowed_paths=thumbnails,
-              app_kwargs={"middleware": [Middleware(BodyLimit, max_bytes=MAX_BODY)]})
+              app_kwargs={"middleware": [Middleware(BodyLimit, max_bytes=MAX_BODY),
+                                         Middleware(ImmutableTiles, folders=thumbnails)]})
     instance = new_instance()
     ui.app.mount(API_MOUNT, build_api(apps, MAX_UPLOAD_PIXELS, instance))  # the HTTP JSON API, beside the UI
     record = _record(host, ui.server_port, instance, {name: app.searcher.directory.root for name, app in apps.items()})

@@ -82,8 +82,10 @@ def test_tiles_are_the_thumbnails_kept_at_index_time_and_nothing_else_is_served(
     assert len(kept) == 3  # one per indexed content, made while indexing
     client = Client(url, verbose=False, download_files=False)
     gallery, _ = client.predict("a cat", 3, -1, api_name="/text_to_image")
-    served = httpx.get(gallery[0]["image"]["url"], timeout=30).content
-    assert served in {p.read_bytes() for p in kept}  # the kept file itself, not a new encoding
+    tile = httpx.get(gallery[0]["image"]["url"], timeout=30)
+    assert tile.content in {p.read_bytes() for p in kept}  # the kept file itself, not a new encoding
+    assert "immutable" in tile.headers["cache-control"]  # named by the content's sha256: browsers keep it
+    assert "immutable" not in httpx.get(url + "config", timeout=30).headers.get("cache-control", "")
     thumbs = index / "thumbnails"
     for target in (thumbs / ".." / "metadata.sqlite", thumbs / ".." / ".." / "disk" / "photos" / "private.jpg",
                    disk / "chelsea.jpg", index / "manifest.json"):
