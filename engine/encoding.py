@@ -82,8 +82,8 @@ class Encoder:
 
     def __init__(self, loaded: LoadedModel, batch_size: int = 64, num_workers: int | None = None,
                  device_decoding: bool | None = None) -> None:
-        """`device_decoding`: JPEGs decoded and resized on the model's device (`device_decoding`); None: when
-        the device is a GPU and the preprocessing allows it. True on the CPU runs the same path (tests)."""
+        """`device_decoding`: JPEGs decoded and resized on the model's device (engine/device_decoding.py); None:
+        when the device is a GPU and the preprocessing allows it. True on the CPU runs the same path (tests)."""
         self.loaded = loaded
         self.batch_size = batch_size
         self.num_workers = default_num_workers() if num_workers is None else num_workers
