@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -38,19 +39,20 @@ class FeatureCache:
         self.progress = progress
 
     @contextmanager
-    def _locked(self, side: str):
+    def _locked(self, side: str) -> Iterator[Path]:
+        """The side's folder, held under its lock."""
         folder = self.root / self.trainable.feature_key(side)
         folder.mkdir(parents=True, exist_ok=True)
         with FileLock(folder / f"{side}.lock"):
-            yield
+            yield folder
 
-    def _load(self, side: str) -> tuple[Path, dict[str, int], np.ndarray | None]:
-        folder = self.root / self.trainable.feature_key(side)
+    @staticmethod
+    def _load(folder: Path, side: str) -> tuple[dict[str, int], np.ndarray | None]:
         index_path = folder / f"{side}.json"
         if not index_path.exists():
-            return folder, {}, None
+            return {}, None
         index = json.loads(index_path.read_text())
-        return folder, index["rows"], np.load(folder / f"{side}-{index['generation']}.npy")
+        return index["rows"], np.load(folder / f"{side}-{index['generation']}.npy")
 
     def _store(self, folder: Path, side: str, rows: dict[str, int], array: np.ndarray) -> None:
         old = json.loads((folder / f"{side}.json").read_text())["generation"] if (folder / f"{side}.json").exists() else 0
@@ -63,11 +65,11 @@ class FeatureCache:
         if not self.trainable.cache_images:
             raise RuntimeError("image features are not cacheable with an unlocked image tower")
         digests = [sha256_file(p) for p in paths]
-        with self._locked("images"):
-            return self._images(paths, digests)
+        with self._locked("images") as folder:
+            return self._images(folder, paths, digests)
 
-    def _images(self, paths: list[str], digests: list[str]) -> torch.Tensor:
-        folder, rows, array = self._load("images")
+    def _images(self, folder: Path, paths: list[str], digests: list[str]) -> torch.Tensor:
+        rows, array = self._load(folder, "images")
         missing = sorted({d: p for d, p in zip(digests, paths) if d not in rows}.items())
         if missing:
             new_rows, parts = dict(rows), [array] if array is not None else []
@@ -92,11 +94,11 @@ class FeatureCache:
         if not self.trainable.cache_texts:
             raise RuntimeError("text features are not cacheable with an unlocked text tower")
         digests = [hashlib.sha256(t.encode()).hexdigest() for t in texts]
-        with self._locked("texts"):
-            return self._texts(texts, digests)
+        with self._locked("texts") as folder:
+            return self._texts(folder, texts, digests)
 
-    def _texts(self, texts: list[str], digests: list[str]) -> torch.Tensor:
-        folder, rows, array = self._load("texts")
+    def _texts(self, folder: Path, texts: list[str], digests: list[str]) -> torch.Tensor:
+        rows, array = self._load(folder, "texts")
         missing = sorted({d: t for d, t in zip(digests, texts) if d not in rows}.items())
         if missing:
             tokenizer = self.trainable.loaded.tokenizer
