@@ -41,14 +41,21 @@ def test_new_changed_and_removed_photos_reach_a_running_searcher(tmp_path, sampl
         for i in range(3):  # a burst: one re-index after it settles
             shutil.copy(sample_dir / "chelsea.jpg", photos / f"chelsea-{i}.jpg")
         wait_for(lambda: top_of("a cat").endswith(".jpg") and "chelsea" in top_of("a cat"))
-        assert runs[-1].embedded == 1 and runs[-1].duplicates == 2 and len(runs) == 2
+        # an event that arrives while a run is under way (a late close of a copied file) brings one more run,
+        # which finds nothing to do: the burst's work is one run all the same
+        working = [r for r in runs[1:] if r.embedded or r.duplicates or r.removed]
+        assert len(working) == 1 and working[0].embedded == 1 and working[0].duplicates == 2
+        done = len(runs)
         for i in range(3):
             (photos / f"chelsea-{i}.jpg").unlink()
         wait_for(lambda: "chelsea" not in top_of("a cat"))
-        assert runs[-1].removed == 3 and runs[-1].total == 2
+        working = [r for r in runs[done:] if r.embedded or r.duplicates or r.removed]
+        assert len(working) == 1 and working[0].removed == 3 and working[0].total == 2
+        time.sleep(1.5)  # quiet: any late run has come
+        done = len(runs)
         (photos / "notes.txt").write_text("not a photo")  # not a change to the collection
         time.sleep(1.5)
-        assert len(runs) == 3
+        assert len(runs) == done
     finally:
         stop.set()
         watcher.join(30)
