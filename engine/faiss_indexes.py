@@ -4,6 +4,7 @@ use inner product, so scores are cosine similarities."""
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from pathlib import Path
 
 import faiss
@@ -17,6 +18,9 @@ COMPRESS_LIMIT = 2_000_000  # past this, `auto` stores 1 byte a dimension (SQ8) 
 TRAIN_SAMPLE_PER_LIST = 64
 ADD_BLOCK = 100_000  # vectors read and added at a time
 PQ_SIZES = (96, 64, 48, 32, 24, 16, 8)  # bytes a vector `auto` tries, largest first, when a budget asks for PQ
+LARGE_NLIST = 16_384  # from here lists are found through an HNSW graph over the centroids (`coarse_quantizer`),
+# and the centroids are trained in two levels (`_train_in_two_levels`)
+HNSW_QUANTIZER_M = 32
 
 
 def auto_factory(n: int, dim: int, max_bytes: int | None = None) -> str:
@@ -24,19 +28,27 @@ def auto_factory(n: int, dim: int, max_bytes: int | None = None) -> str:
     with ~4 sqrt(n) lists, full vectors below COMPRESS_LIMIT, then 8-bit scalar codes. With `max_bytes`, the
     most accurate of Flat, IVF-Flat, IVF-SQ8 and OPQ-IVF-PQ (96 down to 8 bytes a vector) whose
     `estimated_bytes` fit; compressed ones are re-ranked exactly from the side's vectors file on disk."""
-    nlist = 2 ** int(round(math.log2(4 * math.sqrt(max(n, 1)))))
+    ivf = coarse_quantizer(2 ** int(round(math.log2(4 * math.sqrt(max(n, 1))))))
     if max_bytes is None:
         if n < EXACT_LIMIT:
             return "Flat"
-        return f"IVF{nlist},Flat" if n < COMPRESS_LIMIT else f"IVF{nlist},SQ8"
-    candidates = (["Flat"] if n < EXACT_LIMIT else []) + [f"IVF{nlist},Flat", f"IVF{nlist},SQ8"]
-    candidates += [f"OPQ{m},IVF{nlist},PQ{m}" for m in PQ_SIZES if dim % m == 0 and m < dim]
+        return f"{ivf},Flat" if n < COMPRESS_LIMIT else f"{ivf},SQ8"
+    candidates = (["Flat"] if n < EXACT_LIMIT else []) + [f"{ivf},Flat", f"{ivf},SQ8"]
+    candidates += [f"OPQ{m},{ivf},PQ{m}" for m in PQ_SIZES if dim % m == 0 and m < dim]
     for factory in candidates:
         if estimated_bytes(factory, n, dim) <= max_bytes:
             return factory
     smallest = candidates[-1]
     raise ValueError(f"--max-index-memory {size_text(max_bytes)}: no index of {n} vectors of {dim} dimensions fits; "
                      f"the smallest, {smallest}, takes {size_text(estimated_bytes(smallest, n, dim))}")
+
+
+def coarse_quantizer(nlist: int) -> str:
+    """The IVF part of an `auto` factory. From LARGE_NLIST lists (`auto` reaches it at 8.4M vectors), each
+    vector added or query searched finds its lists through an HNSW graph over the centroids instead of
+    comparing with all of them (FAISS's guideline for 1M+ vectors, "IVF65536_HNSW32"): at 10M x 512-d, 16384
+    flat comparisons a vector cost ~15 min of adding on 2 cores."""
+    return f"IVF{nlist}_HNSW{HNSW_QUANTIZER_M}" if nlist >= LARGE_NLIST else f"IVF{nlist}"
 
 
 def size_text(size: float) -> str:
@@ -50,12 +62,18 @@ def size_text(size: float) -> str:
 def estimated_bytes(factory: str, n: int, dim: int) -> int:
     """RAM an index of n vectors takes: its code size a vector (+ an 8-byte id in IVF lists), the IVF
     centroids (4 d bytes a list), a PQ's codebooks (256 x 4 d bytes) and an OPQ rotation (4 d^2 bytes).
-    Checked against the serialised size of built indexes in tests."""
+    An HNSW graph over the centroids adds its links: 2M 4-byte neighbours a centroid on the base level, and
+    the upper levels' share (M 4-byte neighbours for the 1/M of centroids on each level above: ~4 bytes), plus
+    its 4-byte level count and 8-byte offset. Checked against the serialised size of built indexes in tests."""
     index = new_index(factory, dim)
     ivf = _ivf_of(index)
     if ivf is None:
         return n * faiss.downcast_index(index).code_size
     fixed = ivf.nlist * dim * 4
+    hnsw = getattr(faiss.downcast_index(ivf.quantizer), "hnsw", None)
+    if hnsw is not None:
+        m = hnsw.nb_neighbors(1)
+        fixed += ivf.nlist * (2 * m * 4 + 4 + 4 + 8)
     if "PQ" in factory:
         fixed += 256 * dim * 4
     if factory.startswith("OPQ"):
@@ -87,10 +105,15 @@ def default_nprobe(index: faiss.Index) -> int | None:
 
 def configure_search(index: faiss.Index) -> faiss.Index:
     """Search-time parameters that trade a little speed for recall@10 near 0.95: IVF lists probed,
-    HNSW's candidate list (FAISS's default efSearch of 16 gives poor recall on 384-512-d data)."""
+    HNSW's candidate list (FAISS's default efSearch of 16 gives poor recall on 384-512-d data); an HNSW
+    coarse quantizer looks at least as wide as the lists it must name."""
     nprobe = default_nprobe(index)
     if nprobe is not None:
-        faiss.extract_index_ivf(index).nprobe = nprobe
+        ivf = faiss.extract_index_ivf(index)
+        ivf.nprobe = nprobe
+        quantizer_hnsw = getattr(faiss.downcast_index(ivf.quantizer), "hnsw", None)
+        if quantizer_hnsw is not None:
+            quantizer_hnsw.efSearch = max(HNSW_EF_SEARCH, 2 * nprobe)
     hnsw = getattr(faiss.downcast_index(index), "hnsw", None)
     if hnsw is not None:
         hnsw.efSearch = HNSW_EF_SEARCH
@@ -155,22 +178,86 @@ def build_index(vectors: np.ndarray, factory: str = "auto", seed: int = 0, max_b
     (`auto`: `auto_factory`, within `max_bytes` when given). `vectors` may be memory-mapped: it is read a
     training sample, then ADD_BLOCK rows at a time, so RAM holds the index and one block. Training and
     adding run on the GPU when FAISS sees one."""
+    index, factory = train_index(vectors, factory, seed, max_bytes)
+    return add_rows(index, vectors, progress=progress), factory
+
+
+def train_index(vectors: np.ndarray, factory: str = "auto", seed: int = 0,
+                max_bytes: int | None = None) -> tuple[faiss.Index, str]:
+    """The empty CPU index `build_index` fills, trained on a sample of `vectors`, and the factory used."""
     n, dim = vectors.shape
     factory = auto_factory(n, dim, max_bytes) if factory == "auto" else factory
     index = new_index(factory, dim)
+    if index.is_trained:
+        return index, factory
+    ivf = _ivf_of(index)
+    needed = ivf.nlist if ivf else 1
+    if n < needed:
+        raise ValueError(f"factory {factory!r} needs at least {needed} vectors to train; the index has {n}")
+    sample_size = min(n, max(10_000, TRAIN_SAMPLE_PER_LIST * (ivf.nlist if ivf else 256)))
+    chosen = np.sort(np.random.default_rng(seed).choice(n, size=sample_size, replace=False))
+    sample = np.ascontiguousarray(vectors[chosen], dtype=np.float32)  # sorted: a mapped file reads forward
     work = _to_gpu(index)
-    if not work.is_trained:
-        ivf = _ivf_of(index)
-        needed = ivf.nlist if ivf else 1
-        if n < needed:
-            raise ValueError(f"factory {factory!r} needs at least {needed} vectors to train; the index has {n}")
-        sample_size = min(n, max(10_000, TRAIN_SAMPLE_PER_LIST * (ivf.nlist if ivf else 256)))
-        chosen = np.random.default_rng(seed).choice(n, size=sample_size, replace=False)
-        work.train(np.ascontiguousarray(vectors[chosen], dtype=np.float32))
-    blocks = range(0, n, ADD_BLOCK)
-    for start in tqdm(blocks, desc=f"adding to {factory}", unit="block", disable=not progress or len(blocks) < 5):
-        work.add(np.ascontiguousarray(vectors[start : start + ADD_BLOCK], dtype=np.float32))
-    return configure_search(_to_cpu(work)), factory
+    if ivf is not None and ivf.nlist >= LARGE_NLIST and work is index:
+        _train_in_two_levels(index, sample, seed)
+        return index, factory
+    work.train(sample)
+    return _to_cpu(work), factory
+
+
+def add_rows(index: faiss.Index, vectors: np.ndarray, start: int = 0, stop: int | None = None,
+             progress: bool = False) -> faiss.Index:
+    """`index` (trained) with rows [start, stop) of `vectors` added ADD_BLOCK at a time (on the GPU when FAISS
+    sees one), as positions 0, 1, ... after what it holds: `merge_shards` offsets a shard's positions."""
+    stop = len(vectors) if stop is None else stop
+    work = _to_gpu(index)
+    blocks = range(start, stop, ADD_BLOCK)
+    for first in tqdm(blocks, desc="adding", unit="block", disable=not progress or len(blocks) < 5):
+        work.add(np.ascontiguousarray(vectors[first : min(first + ADD_BLOCK, stop)], dtype=np.float32))
+    return configure_search(_to_cpu(work))
+
+
+def mergeable(index: faiss.Index) -> bool:
+    """Whether shards of this index merge with FAISS's `merge_from` (inverted lists and flat codes do; an HNSW
+    graph does not: its shards would have to be built again as one)."""
+    kind = faiss.downcast_index(index)
+    return _ivf_of(index) is not None or (isinstance(kind, faiss.IndexFlatCodes) and kind.is_trained)
+
+
+def merge_shards(shards: Iterable[faiss.Index]) -> faiss.Index:
+    """One index from shards that hold consecutive rows (each added from position 0, `add_rows`), in order:
+    FAISS's `merge_from` moves each shard's inverted lists into the first, its ids offset by the rows before it
+    (flat codes are appended: their positions follow by themselves). Shards are taken one at a time: from a
+    generator, RAM holds the merged index and one shard."""
+    shards = iter(shards)
+    merged = next(shards)
+    offset_ids = _ivf_of(merged) is not None
+    for shard in shards:
+        merged.merge_from(shard, merged.ntotal if offset_ids else 0)
+    return configure_search(merged)
+
+
+def _train_in_two_levels(index: faiss.Index, sample: np.ndarray, seed: int) -> None:
+    """Train an IVF index of LARGE_NLIST+ lists with FAISS's two-level clustering: k-means into sqrt(nlist)
+    groups, then each group into lists in proportion to its size. Flat k-means costs n x nlist x d a
+    iteration (1M x 16384 x 512: 37 min for 25 iterations on 2 cores); two levels ~2 sqrt(nlist) / nlist of
+    that (15 s for 640k x 512-d into 16384 lists). Spherical (unit centroids): scores are inner products of
+    unit vectors. Pre-transforms (OPQ) train first and the centroids live in their output space, as in
+    FAISS's `train_ivf_index_with_2level`; the codes (PQ, SQ) then train on the sample's residuals."""
+    from faiss.contrib.clustering import two_level_clustering
+
+    outer = faiss.downcast_index(index)
+    if isinstance(outer, faiss.IndexPreTransform):
+        for i in range(outer.chain.size()):
+            transform = outer.chain.at(i)
+            transform.train(sample)
+            sample = transform.apply(sample)
+    ivf = faiss.extract_index_ivf(index)
+    centroids, _ = two_level_clustering(sample, int(math.sqrt(ivf.nlist)), ivf.nlist, spherical=True, seed=seed,
+                                        min_points_per_centroid=1)  # a small group is no reason to warn
+    ivf.quantizer.add(np.ascontiguousarray(centroids, dtype=np.float32))
+    ivf.train(sample)  # its quantizer is full: only the codes train
+    index.is_trained = True
 
 
 def save_index(index: faiss.Index, path: str | Path) -> Path:
