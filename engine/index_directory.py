@@ -43,15 +43,19 @@ from .atomic_files import (
     write_json_atomically,
     write_npy_atomically,
 )
+from .distributed import Ranks
 from .errors import IndexDirectoryError
 from .faiss_indexes import (
     ADD_BLOCK,
-    build_index,
+    add_rows,
     index_description,
     load_index,
+    merge_shards,
+    mergeable,
     new_index,
     rerank_factor,
     save_index,
+    train_index,
 )
 from .metadata_store import SCHEMA_VERSION, SIDES, ItemRecord, MetadataStore
 from .model_identity import ModelIdentity
@@ -63,6 +67,7 @@ METRIC = "inner_product"
 
 
 SIDE_FILES = (".faiss", ".ids.npy", ".vectors.npy")  # what `publish` writes for a side, per generation
+TRAINED_SUFFIX = ".trained.faiss"  # a sharded build's trained empty index, beside its ranks' `.shard-R.faiss`
 
 
 class LoadedSide(NamedTuple):
@@ -115,6 +120,9 @@ class IndexDirectory:
                 leftover.unlink(missing_ok=True)
         for leftover in self.thumbnails_dir.glob("*/.*.tmp*"):
             leftover.unlink(missing_ok=True)
+        for pattern in (f"*-*{TRAINED_SUFFIX}", "*-*.shard-*.faiss"):  # a sharded build that was killed
+            for leftover in self.root.glob(pattern):
+                leftover.unlink(missing_ok=True)
 
     # --- manifest ----------------------------------------------------------------------------
     @property
@@ -427,12 +435,23 @@ class IndexDirectory:
 
     # --- FAISS sides -------------------------------------------------------------------------
     def publish(self, side: str, factory: str = "auto", progress: bool = False,
-                max_index_memory: int | None = None) -> dict:
+                max_index_memory: int | None = None, ranks: Ranks | None = None) -> dict | None:
         """(Re)build the FAISS index of a side from the stored embeddings and commit it via the manifest. `auto`
         stays within the index's memory budget: `max_index_memory` bytes when given (0: none), else the one the
         manifest keeps; a new budget is kept only once an index was built within it. The vectors are copied from
         the chunks into the new `.vectors.npy` a block at a time, and the index is built from that file,
-        memory-mapped: RAM holds the index and one block, not every vector."""
+        memory-mapped: RAM holds the index and one block, not every vector.
+
+        Under torchrun every rank calls it (`ranks`): rank 0 copies the vectors and trains the index; each rank
+        adds its consecutive share of the rows to a copy and writes it as a shard file; rank 0 merges the shards
+        in rank order (`merge_shards`), commits, and returns the side's entry (other ranks: None). An index
+        whose shards cannot merge (HNSW) is filled by rank 0 alone."""
+        ranks = ranks or Ranks()
+        if not ranks.is_main:
+            plan = ranks.gather(None)[0]
+            if plan.get("shared"):
+                self._add_shard(side, plan["generation"], ranks)
+            return None
         entries = self.store.unique_vectors(side)
         ids = np.array([e[0] for e in entries], np.int64)
         manifest = self.manifest()
@@ -440,13 +459,24 @@ class IndexDirectory:
         # after the next of every generation on disk: a rebuilt manifest must not reuse a file a server may hold
         generation = 1 + max([old["generation"] if old else 0, *self._generations_on_disk(side)])
         vectors_path = self._generation_file(side, generation, ".vectors.npy")
-        self._copy_vectors(vectors_path, [(shard, row) for _, shard, row in entries])
         budget = manifest.get("max_index_memory") if max_index_memory is None else (max_index_memory or None)
+        shared = False
         try:
-            index, used = build_index(np.load(vectors_path, mmap_mode="r"), factory, max_bytes=budget, progress=progress)
+            self._copy_vectors(vectors_path, [(shard, row) for _, shard, row in entries])
+            vectors = np.load(vectors_path, mmap_mode="r")
+            index, used = train_index(vectors, factory, max_bytes=budget)
+            shared = ranks.distributed and mergeable(index) and len(ids) >= ranks.world_size
+            if shared:
+                save_index(index, self._generation_file(side, generation, TRAINED_SUFFIX))
         except BaseException:
             vectors_path.unlink(missing_ok=True)  # no generation without its index
+            ranks.gather({"shared": False})  # the other ranks go on to the end; this one raises
             raise
+        ranks.gather({"shared": shared, "generation": generation})
+        if shared:
+            index = self._add_shard(side, generation, ranks, progress)
+        else:
+            index = add_rows(index, vectors, progress=progress)
         index_path = save_index(index, self._generation_file(side, generation, ".faiss"))
         write_npy_atomically(self._generation_file(side, generation, ".ids.npy"), ids)
         manifest["sides"][side] = {
@@ -458,6 +488,7 @@ class IndexDirectory:
             "updated": time.time(),
             "max_index_memory": budget if factory == "auto" else None,  # the budget `auto` kept to
             "index_bytes": index_path.stat().st_size,
+            "ranks": ranks.world_size if shared else 1,  # torchrun ranks that added rows as shards, merged in order
         }
         manifest["max_index_memory"] = budget
         if budget is None:
@@ -467,6 +498,25 @@ class IndexDirectory:
             for suffix in SIDE_FILES:
                 self._generation_file(side, stale, suffix).unlink(missing_ok=True)
         return manifest["sides"][side]
+
+    def _add_shard(self, side: str, generation: int, ranks: Ranks, progress: bool = False) -> faiss.Index | None:
+        """This rank's share of a sharded build (`publish`): rows [rank n / W, (rank + 1) n / W) of the
+        generation's vectors file added to the trained index, written as this rank's shard file. Rank 0 then
+        merges every rank's shard and returns the index; the others return None."""
+        trained = self._generation_file(side, generation, TRAINED_SUFFIX)
+        vectors = np.load(self._generation_file(side, generation, ".vectors.npy"), mmap_mode="r")
+        start, stop = (len(vectors) * r // ranks.world_size for r in (ranks.rank, ranks.rank + 1))
+        shard = add_rows(load_index(trained, use_gpu=False), vectors, start, stop, progress=progress)
+        save_index(shard, self._generation_file(side, generation, f".shard-{ranks.rank}.faiss"))
+        del shard
+        ranks.barrier()  # every shard written
+        if not ranks.is_main:
+            return None
+        paths = [self._generation_file(side, generation, f".shard-{r}.faiss") for r in range(ranks.world_size)]
+        merged = merge_shards(load_index(path, use_gpu=False) for path in paths)
+        for path in [trained, *paths]:
+            path.unlink()
+        return merged
 
     def _generations_on_disk(self, side: str) -> set[int]:
         found = set()

@@ -303,7 +303,9 @@ def _info(args: argparse.Namespace) -> int:
     print(f"dim       {info['dim']} ({info['metric']})")
     for side, s in info["sides"].items():
         when = datetime.datetime.fromtimestamp(s["updated"]).isoformat(timespec="seconds")
-        print(f"{side:<9} {s['items']} items, {s['vectors']} vectors, {s['factory']} ({s['index_type']}), updated {when}")
+        built = f", added by {s['ranks']} torchrun ranks and merged" if s.get("ranks", 1) > 1 else ""
+        print(f"{side:<9} {s['items']} items, {s['vectors']} vectors, {s['factory']} ({s['index_type']}), updated "
+              f"{when}{built}")
         kind = "exact vectors" if s["exact"] else "codes re-ranked from .vectors.npy" if s["reranked"] else "codes"
         recall = f", recall@10 {s['recall@10']:.3f} ({s.get('recall_queries')} held-out queries)" if "recall@10" in s else ""
         print(f"{'':<9} index {size_text(s['index_bytes'])} ({kind}){recall}")

@@ -376,6 +376,7 @@ def _index_images(source, directory: IndexDirectory, models: _ModelOnDemand, ran
     summary.embedded = sum(ranks.gather(summary.embedded))
     failed = [f for part in ranks.gather(failed) for f in part]
     ranks.barrier()
+    changed = False
     if ranks.is_main:
         ingested += directory.ingest_pending()
         errors = plan.errors + failed
@@ -391,8 +392,9 @@ def _index_images(source, directory: IndexDirectory, models: _ModelOnDemand, ran
         errors_file = directory.root / "errors.jsonl"
         write_lines_atomically(errors_file, [json.dumps(e, ensure_ascii=False) for e in errors])
         summary.errors_file = str(errors_file)
-        _publish(directory, "images", factory, bool(ingested or writer.count or gone or repaired), summary, models,
-                 query_models, progress, max_index_memory)
+        changed = bool(ingested or writer.count or gone or repaired)
+    _publish(directory, "images", factory, changed, summary, models, query_models, progress,
+             max_index_memory, ranks)
     summary.model_loaded = models.loaded
     ranks.barrier()
     return summary
@@ -411,16 +413,23 @@ def _prepare(directory: IndexDirectory, models: _ModelOnDemand, factory: str) ->
 
 
 def _publish(directory: IndexDirectory, side: str, factory: str, changed: bool, summary: IndexingSummary,
-             models: _ModelOnDemand, query_models: bool, progress: bool, max_index_memory: int | None) -> None:
+             models: _ModelOnDemand, query_models: bool, progress: bool, max_index_memory: int | None,
+             ranks: Ranks | None = None) -> None:
     """Rebuild the side's FAISS index if its set changed (or another factory or memory budget is asked for): an
     unchanged one keeps its generation, so a running server does not reload it. Then keep the text-tower
-    export."""
-    manifest = directory.manifest()
-    current = manifest["sides"].get(side)
-    budget = manifest.get("max_index_memory") if max_index_memory is None else (max_index_memory or None)
-    if (changed or current is None or factory not in ("auto", current["factory"])
-            or (factory == "auto" and current.get("max_index_memory") != budget)):
-        current = directory.publish(side, factory, progress=progress, max_index_memory=max_index_memory)
+    export. Under torchrun every rank calls it: rank 0 decides, and all ranks add a share of the rows."""
+    ranks = ranks or Ranks()
+    rebuild, current = False, None
+    if ranks.is_main:
+        manifest = directory.manifest()
+        current = manifest["sides"].get(side)
+        budget = manifest.get("max_index_memory") if max_index_memory is None else (max_index_memory or None)
+        rebuild = (changed or current is None or factory not in ("auto", current["factory"])
+                   or (factory == "auto" and current.get("max_index_memory") != budget))
+    if ranks.gather(rebuild)[0]:
+        current = directory.publish(side, factory, progress=progress, max_index_memory=max_index_memory, ranks=ranks)
+    if not ranks.is_main:
+        return
     summary.factory, summary.total = current["factory"], current["items"]
     if query_models:
         models.keep_query_models(summary)

@@ -5,6 +5,7 @@ import subprocess
 import sys
 import time
 
+import faiss
 import numpy as np
 import pytest
 
@@ -166,11 +167,15 @@ def test_kill_and_resume(tmp_path, sample_dir):
 
 @pytest.mark.slow
 def test_two_process_gloo_equals_single_process(gallery, tmp_path, default_model):
+    """Under torchrun each rank embeds a share of the images, then adds its share of the rows to the trained index;
+    rank 0 merges the shard files (FAISS `merge_from`): byte for byte the index one process builds from the same
+    vectors."""
     single = tmp_path / "single"
     build(gallery, single, default_model)
     sharded = tmp_path / "sharded"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
-           "-m", "otclip", "index", str(gallery), "--out", str(sharded), "--workers", "0", "--no-progress"]
+           "-m", "otclip", "index", str(gallery), "--out", str(sharded), "--workers", "0", "--no-progress",
+           "--factory", "IVF4,Flat"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
     a, b = IndexDirectory(single), IndexDirectory(sharded)
@@ -183,6 +188,17 @@ def test_two_process_gloo_equals_single_process(gallery, tmp_path, default_model
     np.testing.assert_allclose(vec_a[order_a], vec_b[order_b], atol=1e-5)
     shards = {row["shard"].split("-r")[1][:1] for row in b.store.stats("images").values()}
     assert shards == {"0", "1"}  # both ranks embedded a share
+
+    entry = b.manifest()["sides"]["images"]
+    assert entry["ranks"] == 2 and entry["factory"] == "IVF4,Flat"
+    assert not list(sharded.glob("*.shard-*")) and not list(sharded.glob("*.trained.faiss"))  # merged, removed
+    rebuilt = tmp_path / "rebuilt"
+    shutil.copytree(sharded, rebuilt)
+    assert reindex(rebuilt, "IVF4,Flat")[0]["ranks"] == 1  # one process, the same stored vectors
+    c = IndexDirectory(rebuilt)
+    merged, whole = (faiss.serialize_index(d.load_side("images", use_gpu=False).index) for d in (b, c))
+    assert bytes(merged) == bytes(whole)
+    assert np.load(b.side_file("images", ".ids.npy")).tolist() == np.load(c.side_file("images", ".ids.npy")).tolist()
 
 
 def test_parquet_and_csv_manifests(tmp_path, sample_dir, default_model):
