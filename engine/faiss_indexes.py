@@ -17,24 +17,30 @@ EXACT_LIMIT = 50_000  # below this, exact search is fast enough and needs no tra
 COMPRESS_LIMIT = 2_000_000  # past this, `auto` stores 1 byte a dimension (SQ8) instead of 4 (re-ranked exactly)
 TRAIN_SAMPLE_PER_LIST = 64
 ADD_BLOCK = 100_000  # vectors read and added at a time
+SQ_BITS = (8, 6, 4)  # bits a dimension of the scalar codes `auto` tries within a budget, before PQ
 PQ_SIZES = (96, 64, 48, 32, 24, 16, 8)  # bytes a vector `auto` tries, largest first, when a budget asks for PQ
+MAX_DEFAULT_NPROBE = 256  # lists a search scans at most unless told (`default_nprobe`)
 LARGE_NLIST = 16_384  # from here lists are found through an HNSW graph over the centroids (`coarse_quantizer`),
 # and the centroids are trained in two levels (`_train_in_two_levels`)
 HNSW_QUANTIZER_M = 32
+ADD_EF_SEARCH = 64  # an HNSW quantizer's candidate list while vectors are assigned to lists (`add_rows`)
 
 
 def auto_factory(n: int, dim: int, max_bytes: int | None = None) -> str:
     """The factory string `auto` picks for `n` vectors of dimension `dim`: exact below EXACT_LIMIT, then IVF
     with ~4 sqrt(n) lists, full vectors below COMPRESS_LIMIT, then 8-bit scalar codes. With `max_bytes`, the
-    most accurate of Flat, IVF-Flat, IVF-SQ8 and OPQ-IVF-PQ (96 down to 8 bytes a vector) whose
-    `estimated_bytes` fit; compressed ones are re-ranked exactly from the side's vectors file on disk."""
+    most accurate of Flat, IVF-Flat, IVF-SQ8/6/4 and OPQ-IVF-PQ (96 down to 8 bytes a vector, smaller than SQ4's
+    code) whose `estimated_bytes` fit; compressed ones are re-ranked exactly from the side's vectors file on disk.
+    Scalar codes come before PQ: with 10k clustered 512-d vectors a cluster (1M in 100 clusters, IVF1024; the
+    density of search_at_scale.py's 10M), SQ4 re-ranked 10x kept recall@10 0.995 where OPQ128/PQ128 re-ranked
+    40x kept 0.953 and OPQ64/PQ64 0.591."""
     ivf = coarse_quantizer(2 ** int(round(math.log2(4 * math.sqrt(max(n, 1))))))
     if max_bytes is None:
         if n < EXACT_LIMIT:
             return "Flat"
         return f"{ivf},Flat" if n < COMPRESS_LIMIT else f"{ivf},SQ8"
-    candidates = (["Flat"] if n < EXACT_LIMIT else []) + [f"{ivf},Flat", f"{ivf},SQ8"]
-    candidates += [f"OPQ{m},{ivf},PQ{m}" for m in PQ_SIZES if dim % m == 0 and m < dim]
+    candidates = (["Flat"] if n < EXACT_LIMIT else []) + [f"{ivf},Flat"] + [f"{ivf},SQ{b}" for b in SQ_BITS]
+    candidates += [f"OPQ{m},{ivf},PQ{m}" for m in PQ_SIZES if dim % m == 0 and m < dim * min(SQ_BITS) // 8]
     for factory in candidates:
         if estimated_bytes(factory, n, dim) <= max_bytes:
             return factory
@@ -46,8 +52,8 @@ def auto_factory(n: int, dim: int, max_bytes: int | None = None) -> str:
 def coarse_quantizer(nlist: int) -> str:
     """The IVF part of an `auto` factory. From LARGE_NLIST lists (`auto` reaches it at 8.4M vectors), each
     vector added or query searched finds its lists through an HNSW graph over the centroids instead of
-    comparing with all of them (FAISS's guideline for 1M+ vectors, "IVF65536_HNSW32"): at 10M x 512-d, 16384
-    flat comparisons a vector cost ~15 min of adding on 2 cores."""
+    comparing with all of them (FAISS's guideline for 1M+ vectors, "IVF65536_HNSW32"): at 10M x 512-d on 2
+    cores, exact assignment to 16384 lists takes ~98 us a vector (16 min), the graph 69 us (ADD_EF_SEARCH)."""
     return f"IVF{nlist}_HNSW{HNSW_QUANTIZER_M}" if nlist >= LARGE_NLIST else f"IVF{nlist}"
 
 
@@ -83,24 +89,37 @@ def estimated_bytes(factory: str, n: int, dim: int) -> int:
 
 def rerank_factor(index: faiss.Index) -> int:
     """How many candidates per result a search asks this index for, to re-score them exactly: 1 for an index
-    that scores with the vectors themselves (Flat, IVF-Flat, HNSW-Flat), 4 for codes of a byte or more a
-    dimension (SQ8: recall@10 0.976 -> 1.000 at 1M clustered 384-d vectors), 40 for smaller codes (PQ64:
-    0.26 -> 0.99; 4x gave 0.56), measured with benchmarks/search_bench.py."""
+    that scores with the vectors themselves (Flat, IVF-Flat, HNSW-Flat), 4 for codes of 6 bits or more a
+    dimension (SQ8: recall@10 0.976 -> 1.000 at 1M clustered 384-d vectors; SQ6 1.000 at 4x on a denser set),
+    10 for 4 bits or more (SQ4 on that set: 0.935 at 4x, 0.995 at 10x), 40 for smaller codes (PQ64: 0.26 ->
+    0.99; 4x gave 0.56), measured with benchmarks/search_bench.py (the denser set: `auto_factory`)."""
     kind = faiss.downcast_index(index)  # a CPU index (a GPU one is judged by its factory: `IndexDirectory`);
     # `index` stays referenced meanwhile: the downcast wrapper does not own the C++ object
     if isinstance(kind, (faiss.IndexFlat, faiss.IndexIVFFlat, faiss.IndexHNSWFlat)):
         return 1
     ivf = _ivf_of(index)
     code_size = ivf.code_size if ivf is not None else getattr(kind, "code_size", 0)
-    return 4 if code_size >= index.d else 40
+    bits = 8 * code_size / index.d
+    return 4 if bits >= 6 else 10 if bits >= 4 else 40
 
 
 HNSW_EF_SEARCH = 128
 
 
 def default_nprobe(index: faiss.Index) -> int | None:
+    """Lists a search scans: a sixteenth of them (recall@10 1.000 at 1M clustered vectors, 4096 lists), at most
+    MAX_DEFAULT_NPROBE: past 4096 lists a query's neighbours still sit in a few dozen of them while the codes
+    scanned grow with the lists' count (at 10M, 1024 lists would be 625k codes a query)."""
     ivf = _ivf_of(index)
-    return None if ivf is None else max(8, ivf.nlist // 16)
+    return None if ivf is None else max(8, min(ivf.nlist // 16, MAX_DEFAULT_NPROBE))
+
+
+def _quantizer_ef(index: faiss.Index, ef: int) -> None:
+    """Set an HNSW coarse quantizer's candidate list (no-op for other indexes)."""
+    ivf = _ivf_of(index)
+    hnsw = getattr(faiss.downcast_index(ivf.quantizer), "hnsw", None) if ivf is not None else None
+    if hnsw is not None:
+        hnsw.efSearch = ef
 
 
 def configure_search(index: faiss.Index) -> faiss.Index:
@@ -109,11 +128,8 @@ def configure_search(index: faiss.Index) -> faiss.Index:
     coarse quantizer looks at least as wide as the lists it must name."""
     nprobe = default_nprobe(index)
     if nprobe is not None:
-        ivf = faiss.extract_index_ivf(index)
-        ivf.nprobe = nprobe
-        quantizer_hnsw = getattr(faiss.downcast_index(ivf.quantizer), "hnsw", None)
-        if quantizer_hnsw is not None:
-            quantizer_hnsw.efSearch = max(HNSW_EF_SEARCH, 2 * nprobe)
+        faiss.extract_index_ivf(index).nprobe = nprobe
+        _quantizer_ef(index, max(HNSW_EF_SEARCH, 2 * nprobe))
     hnsw = getattr(faiss.downcast_index(index), "hnsw", None)
     if hnsw is not None:
         hnsw.efSearch = HNSW_EF_SEARCH
@@ -208,8 +224,12 @@ def train_index(vectors: np.ndarray, factory: str = "auto", seed: int = 0,
 def add_rows(index: faiss.Index, vectors: np.ndarray, start: int = 0, stop: int | None = None,
              progress: bool = False) -> faiss.Index:
     """`index` (trained) with rows [start, stop) of `vectors` added ADD_BLOCK at a time (on the GPU when FAISS
-    sees one), as positions 0, 1, ... after what it holds: `merge_shards` offsets a shard's positions."""
+    sees one), as positions 0, 1, ... after what it holds: `merge_shards` offsets a shard's positions.
+    An HNSW quantizer looks for each vector's list with ADD_EF_SEARCH candidates: with FAISS's default of 16,
+    16.5% of 10M clustered 512-d vectors went to another list than their nearest centroid's (1.6% at 64, 0.3%
+    at 128), and a search probing the right lists missed them (recall@10 0.886 at nprobe 256)."""
     stop = len(vectors) if stop is None else stop
+    _quantizer_ef(index, ADD_EF_SEARCH)
     work = _to_gpu(index)
     blocks = range(start, stop, ADD_BLOCK)
     for first in tqdm(blocks, desc="adding", unit="block", disable=not progress or len(blocks) < 5):

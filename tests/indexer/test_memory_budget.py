@@ -20,7 +20,8 @@ def cli(capsys, *args) -> tuple[int, str, str]:
 
 def test_a_budget_picks_the_index_and_stays_with_it(tmp_path, capsys):
     """3000 x 16-d, hand-computed: Flat 192 kB, IVF256-Flat 232 kB, IVF256-SQ8 3000 x 24 B + 256 x 64 B = 88 kB,
-    OPQ8-IVF256-PQ8 3000 x 16 B + 16 kB + 16 kB + 1 kB = 81 kB (the PQ picks: test_faiss_indexes)."""
+    SQ6 3000 x 20 B + 16 kB = 76 kB, SQ4 3000 x 16 B + 16 kB = 64 kB, the smallest: at 16-d no PQ code is
+    smaller than SQ4's 8 bytes (the PQ picks: test_faiss_indexes)."""
     directory = make_index(tmp_path / "ix", clustered(3000, 0), "auto")
     assert directory.manifest()["sides"]["images"]["factory"] == "Flat"
     code, out, _ = cli(capsys, "reindex", directory.root, "--max-index-memory", "100K")
@@ -34,7 +35,8 @@ def test_a_budget_picks_the_index_and_stays_with_it(tmp_path, capsys):
 
     code, out, err = cli(capsys, "reindex", directory.root, "--max-index-memory", "60K")
     assert code == 2 and len(err.strip().splitlines()) == 1
-    assert "--max-index-memory 60 kB: no index of 3000 vectors of 16 dimensions fits" in err
+    assert "--max-index-memory 60 kB: no index of 3000 vectors of 16 dimensions fits; the smallest, IVF256,SQ4, " \
+           "takes 64.4 kB" in err
     assert directory.manifest()["sides"]["images"]["factory"] == "IVF256,SQ8"  # nothing changed,
     assert directory.manifest()["max_index_memory"] == 100_000  # the refused budget included
     code, out, _ = cli(capsys, "info", directory.root, "--recall", "100")
