@@ -23,15 +23,20 @@ from otclip.engine.index_directory import LoadedSide
 from otclip.engine.search import nearest
 
 
-def clustered_unit_vectors(n: int, dim: int, clusters: int = 1000, seed: int = 0) -> np.ndarray:
+def clustered_blocks(n: int, dim: int, clusters: int = 1000, seed: int = 0, block: int = 100_000):
+    """n unit vectors around `clusters` Gaussian centres (noise 0.6 a dimension), `block` rows at a time: the
+    same rows whatever reads them, so a 10M set never has to be in RAM at once."""
     rng = np.random.default_rng(seed)
     centers = rng.normal(size=(clusters, dim)).astype(np.float32)
-    out = np.empty((n, dim), np.float32)
-    for start in range(0, n, 100_000):
-        m = min(100_000, n - start)
-        out[start : start + m] = centers[rng.integers(0, clusters, m)] + 0.6 * rng.normal(size=(m, dim)).astype(np.float32)
-    faiss.normalize_L2(out)
-    return out
+    for start in range(0, n, block):
+        m = min(block, n - start)
+        out = centers[rng.integers(0, clusters, m)] + 0.6 * rng.normal(size=(m, dim)).astype(np.float32)
+        faiss.normalize_L2(out)
+        yield out
+
+
+def clustered_unit_vectors(n: int, dim: int, clusters: int = 1000, seed: int = 0) -> np.ndarray:
+    return np.concatenate(list(clustered_blocks(n, dim, clusters, seed)))
 
 
 def latencies(fn, queries) -> np.ndarray:
