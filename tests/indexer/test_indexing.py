@@ -13,6 +13,7 @@ from otclip.engine.errors import IndexDirectoryError
 from otclip.engine.index_directory import IndexDirectory
 from otclip.engine.search import IndexSearcher
 from otclip.indexer.pipeline import index_images, index_texts, reindex
+from otclip.main import main
 
 from gallery import BROKEN, write_odd_images
 
@@ -166,7 +167,7 @@ def test_kill_and_resume(tmp_path, sample_dir):
 
 
 @pytest.mark.slow
-def test_two_process_gloo_equals_single_process(gallery, tmp_path, default_model):
+def test_two_process_gloo_equals_single_process(gallery, tmp_path, default_model, capsys):
     """Under torchrun each rank embeds a share of the images, then adds its share of the rows to the trained index;
     rank 0 merges the shard files (FAISS `merge_from`): byte for byte the index one process builds from the same
     vectors."""
@@ -192,6 +193,7 @@ def test_two_process_gloo_equals_single_process(gallery, tmp_path, default_model
     entry = b.manifest()["sides"]["images"]
     assert entry["ranks"] == 2 and entry["factory"] == "IVF4,Flat"
     assert not list(sharded.glob("*.shard-*")) and not list(sharded.glob("*.trained.faiss"))  # merged, removed
+    assert main(["info", str(sharded)]) == 0 and "added by 2 torchrun ranks and merged" in capsys.readouterr().out
     rebuilt = tmp_path / "rebuilt"
     shutil.copytree(sharded, rebuilt)
     assert reindex(rebuilt, "IVF4,Flat")[0]["ranks"] == 1  # one process, the same stored vectors
