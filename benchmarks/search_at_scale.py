@@ -107,7 +107,9 @@ def drop_page_cache() -> bool:
 
 def measure(root: Path, queries_file: Path, truth_file: Path, k: int, sweep: list[int]) -> dict:
     """In a fresh process: open the index directory as a server does (memory-mapped), time the first queries,
-    then p50/p99 and recall@10 of 1,000 queries at the default nprobe and at each nprobe of the sweep."""
+    then p50/p99 and recall@10 of 1,000 queries at the default nprobe and at each nprobe of the sweep, at each
+    re-rank factor, and the same queries again (warm); and the process's memory at the end (its RssFile counts
+    the index twice: the searcher's mapping and this function's own)."""
     t = time.perf_counter()
     from otclip.engine.search import IndexSearcher, nearest
 
@@ -230,8 +232,8 @@ def report(r: dict) -> None:
           f"first pass p50 {r['search_p50_ms']:.1f} ms, p99 {r['search_p99_ms']:.1f} ms; warm pass p50 "
           f"{r['warm_search_p50_ms']:.1f} ms, p99 {r['warm_search_p99_ms']:.1f} ms")
     held = r["served_memory"]
-    print(f"the serving process at the end: {size_text(held['RssAnon'])} anonymous, {size_text(held['RssFile'])} "
-          "of mapped file pages resident (the page cache's, given back under pressure)")
+    print(f"the serving process at the end: {size_text(held['RssAnon'])} anonymous (its mapped files' pages are "
+          "the page cache's, given back under pressure)")
     print(f"{'nprobe':>8}{'R@10':>8}{'p50 ms':>9}{'p99 ms':>9}")
     for row in r["sweep"]:
         print(f"{row['nprobe']:>8}{row['recall@10']:>8.3f}{row['p50_ms']:>9.2f}{row['p99_ms']:>9.2f}"
