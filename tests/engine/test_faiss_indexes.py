@@ -9,10 +9,12 @@ from otclip.engine.faiss_indexes import (
     auto_factory,
     best_k,
     build_index,
+    default_nprobe,
     estimated_bytes,
     load_index,
     merge_shards,
     mergeable,
+    new_index,
     probe_search,
     rerank_factor,
     save_index,
@@ -193,6 +195,13 @@ def test_best_k_equals_a_full_sort():
     order = sorted(range(2000), key=lambda i: (-scores[i], positions[i]))[:37]
     got_scores, got_positions = best_k(scores, positions, 37)
     assert got_positions.tolist() == positions[order].tolist() and got_scores.tolist() == scores[order].tolist()
+
+
+def test_a_search_scans_a_sixteenth_of_the_lists_up_to_256():
+    """At 10M vectors (16384 lists) a sixteenth was 1024 lists, 47 ms a query where 256 kept recall@10 0.991."""
+    assert [default_nprobe(new_index(f"IVF{nlist},Flat", 8)) for nlist in (64, 1024, 4096, 8192, 16384)] == \
+        [8, 64, 256, 256, 256]
+    assert default_nprobe(new_index("Flat", 8)) is None
 
 
 def test_probe_search_scans_fewer_lists_than_a_search():
