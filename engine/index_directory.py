@@ -23,6 +23,7 @@
 from __future__ import annotations
 
 import fcntl
+import itertools
 import json
 import os
 import sqlite3
@@ -443,8 +444,8 @@ class IndexDirectory:
         memory-mapped: RAM holds the index and one block, not every vector.
 
         Under torchrun every rank calls it (`ranks`): rank 0 copies the vectors and trains the index; each rank
-        adds its consecutive share of the rows to a copy and writes it as a shard file; rank 0 merges the shards
-        in rank order (`merge_shards`), commits, and returns the side's entry (other ranks: None). An index
+        adds its consecutive share of the rows to a copy (the others write theirs as shard files); rank 0 merges
+        the shards in rank order (`merge_shards`), commits, and returns the side's entry (other ranks: None). An index
         whose shards cannot merge (HNSW) is filled by rank 0 alone."""
         ranks = ranks or Ranks()
         if not ranks.is_main:
@@ -501,19 +502,21 @@ class IndexDirectory:
 
     def _add_shard(self, side: str, generation: int, ranks: Ranks, progress: bool = False) -> faiss.Index | None:
         """This rank's share of a sharded build (`publish`): rows [rank n / W, (rank + 1) n / W) of the
-        generation's vectors file added to the trained index, written as this rank's shard file. Rank 0 then
-        merges every rank's shard and returns the index; the others return None."""
+        generation's vectors file added to the trained index. The other ranks write theirs as shard files; rank 0
+        keeps its own in memory, merges the others into it in rank order and returns the index (the others
+        return None)."""
         trained = self._generation_file(side, generation, TRAINED_SUFFIX)
         vectors = np.load(self._generation_file(side, generation, ".vectors.npy"), mmap_mode="r")
         start, stop = (len(vectors) * r // ranks.world_size for r in (ranks.rank, ranks.rank + 1))
         shard = add_rows(load_index(trained, use_gpu=False), vectors, start, stop, progress=progress)
-        save_index(shard, self._generation_file(side, generation, f".shard-{ranks.rank}.faiss"))
-        del shard
+        if not ranks.is_main:
+            save_index(shard, self._generation_file(side, generation, f".shard-{ranks.rank}.faiss"))
+            del shard
         ranks.barrier()  # every shard written
         if not ranks.is_main:
             return None
-        paths = [self._generation_file(side, generation, f".shard-{r}.faiss") for r in range(ranks.world_size)]
-        merged = merge_shards(load_index(path, use_gpu=False) for path in paths)
+        paths = [self._generation_file(side, generation, f".shard-{r}.faiss") for r in range(1, ranks.world_size)]
+        merged = merge_shards(itertools.chain([shard], (load_index(path, use_gpu=False) for path in paths)))
         for path in [trained, *paths]:
             path.unlink()
         return merged

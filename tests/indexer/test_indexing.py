@@ -308,7 +308,7 @@ def test_a_second_writer_waits_for_the_first_and_leftovers_are_cleaned(gallery, 
     thumbnail_folder = next((out / "thumbnails").iterdir())
     leftovers = (out / ".manifest.json.tmp4242", out / ".images-7.faiss.tmp4242", out / "embeddings" / ".x.npy.tmp1",
                  out / "embeddings" / "records" / ".x.json.tmp1", thumbnail_folder / ".ab.jpg.tmp99",
-                 out / ".metadata.sqlite.tmp5")
+                 out / ".metadata.sqlite.tmp5", out / "images-9.trained.faiss", out / "images-9.shard-1.faiss")
     for leftover in leftovers:
         leftover.write_bytes(b"half-written")
     holder = subprocess.Popen(
