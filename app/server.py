@@ -85,7 +85,9 @@ def serve(index_dirs: str | Path | list[str | Path], host: str = "127.0.0.1", po
     # process: a second server in one process has its tiles copied instead.
     thumbnails = [str(s.directory.thumbnails_dir) for s in searchers]
     gr.set_static_paths(thumbnails)
+    # max_threads: Gradio's bound on its worker threads, what bounds the page's unqueued searches (ui.PAGE_EVENT)
     ui.launch(server_name=host, server_port=port, max_file_size=MAX_UPLOAD, prevent_thread_lock=True,
+              max_threads=CONCURRENT_REQUESTS,
               show_error=True, quiet=not block, allowed_paths=thumbnails,
               app_kwargs={"middleware": [Middleware(BodyLimit, max_bytes=MAX_BODY),
                                          Middleware(ImmutableTiles, folders=thumbnails)]})

@@ -14,10 +14,18 @@ from otclip.engine.images import ImageDecodeError, thumbnail
 
 from .http_api import MOUNT as API_MOUNT
 from .http_api import ORIGINAL as API_ORIGINAL
+from .inline_gallery import inline_gallery
 from .reports import report_markdown, report_plots
 from .search_app import SearchApp
 
 ORIGINAL_ROUTE = API_MOUNT + API_ORIGINAL  # an indexed image's original file, by id; nothing else
+# The page's own searches (its three buttons and the query box): one HTTP POST each (Gradio's /run route), not
+# the queue's join + event stream + its 1 ms polling loop (benchmarks/app_load.py, text -> image page at one
+# user: 33 ms queued, 24-31 ms so; the HTTP JSON API 16-20). The queue's bound on concurrent calls is kept by
+# launch(max_threads=...); model calls are batched either way (MicroBatcher). The named endpoints (hidden
+# buttons) stay queued, as gradio_client expects; so does a click on a result (Gradio passes its event data
+# only to a function whose own signature asks for it).
+PAGE_EVENT = {"api_name": False, "queue": False, "preprocess": False}  # with _unqueued (below)
 EXAMPLE_QUERIES = ["a cat", "a cup of coffee", "a rocket", "galaxies in deep space", "a sneaker", "a dress",
                    "2:a cat - an animal"]
 
@@ -93,7 +101,7 @@ def build_ui(apps: dict[str, SearchApp], report: Path | None = None) -> gr.Block
                 search = gr.Button("Search", variant="primary", scale=1, elem_id="search")
             gr.Examples(EXAMPLE_QUERIES, inputs=query)
             status = gr.Markdown(elem_id="t2i-status")
-            gallery = gr.Gallery(label="Results", columns=6, height="auto", format="jpeg", elem_id="t2i-gallery")
+            gallery = inline_gallery(label="Results", columns=6, height="auto", elem_id="t2i-gallery")
             with gr.Row():
                 more = gr.Button("More results", visible=False, elem_id="t2i-more")
                 download = gr.DownloadButton("Results as CSV", visible=False, elem_id="t2i-csv")
@@ -113,20 +121,27 @@ def build_ui(apps: dict[str, SearchApp], report: Path | None = None) -> gr.Block
                         gr.update(value=apps[name].csv_file(results), visible=True))
 
             outputs = [gallery, status, last_results, shown, more, download]
-            search.click(first_page, [collection, query, *settings], outputs, api_name=False)
-            query.submit(first_page, [collection, query, *settings], outputs, api_name=False)
-            more.click(next_page, [collection, query, shown, *settings], outputs, api_name=False)
-            # the named endpoints keep their signatures (+ the collection, last) for gradio_client
-            gr.Button(visible=False).click(lambda query, k, min_score, name: apps[name].text_to_image(query, k, min_score),
-                                           [query, k, min_score, collection], [gallery, status, last_results],
-                                           api_name="text_to_image")
+            inputs = [collection, query, *settings]
+            search.click(_unqueued(first_page, inputs, outputs, status), inputs, outputs, **PAGE_EVENT)
+            query.submit(_unqueued(first_page, inputs, outputs, status), inputs, outputs, **PAGE_EVENT)
+            inputs = [collection, query, shown, *settings]
+            more.click(_unqueued(next_page, inputs, outputs, status), inputs, outputs, **PAGE_EVENT)
+            # the named endpoints keep their signatures (+ the collection, last) for gradio_client, and their
+            # file-served tiles (gradio_client downloads files; the page's own galleries carry theirs inline)
+            gr.Button(visible=False).click(lambda query, k, min_score, name: apps[name].text_to_image(query, k, min_score)[:2],
+                                           [query, k, min_score, collection], _api_outputs(), api_name="text_to_image")
         with gr.Tab("Image -> text"):
             image_in = _image_input("i2t-image")
             k_text = gr.Slider(1, 20, value=5, step=1, label="k")
             find_texts = gr.Button("Find texts", variant="primary", elem_id="i2t-search")
+            status_t = gr.Markdown(elem_id="i2t-status")
             texts = gr.Dataframe(headers=["rank", "score", "text"], label="Texts", elem_id="i2t-texts")
-            find_texts.click(lambda image, k, name: apps[name].image_to_text(image, k), [image_in, k_text, collection],
-                             texts, api_name="image_to_text")
+            inputs, outputs = [image_in, k_text, collection], [texts, status_t]
+            find_texts.click(_unqueued(lambda image, k, name: (apps[name].image_to_text(image, k), ""), inputs, outputs,
+                                       status_t), inputs, outputs, **PAGE_EVENT)
+            gr.Button(visible=False).click(lambda image, k, name: apps[name].image_to_text(image, k),
+                                           [image_in, k_text, collection], gr.Dataframe(visible=False),
+                                           api_name="image_to_text")
         with gr.Tab("Image -> image"):
             image_q = _image_input("i2i-image")
             refine = gr.Textbox(label="Refine with text (optional, same language: + 2:at night - people)",
@@ -134,18 +149,17 @@ def build_ui(apps: dict[str, SearchApp], report: Path | None = None) -> gr.Block
             find_similar = gr.Button("Find similar", variant="primary", elem_id="i2i-search")
             status_i = gr.Markdown(elem_id="i2i-status")
             original = gr.Markdown(elem_id="i2i-original")
-            gallery_i = gr.Gallery(label="Similar images", columns=6, height="auto", format="jpeg", elem_id="i2i-gallery")
+            gallery_i = inline_gallery(label="Similar images", columns=6, height="auto", elem_id="i2i-gallery")
             last_similar = gr.State([])
 
             def similar(name, image, text, *values):
                 tiles, status_line, ids, _ = find(name, _without_leading_plus(text), image, *values)
                 return tiles, status_line, ids
 
-            find_similar.click(similar, [collection, image_q, refine, *settings], [gallery_i, status_i, last_similar],
-                               api_name=False)
-            gr.Button(visible=False).click(lambda image, k, min_score, name: apps[name].image_to_image(image, k, min_score),
-                                           [image_q, k, min_score, collection], [gallery_i, status_i, last_similar],
-                                           api_name="image_to_image")
+            inputs, outputs = [collection, image_q, refine, *settings], [gallery_i, status_i, last_similar]
+            find_similar.click(_unqueued(similar, inputs, outputs, status_i), inputs, outputs, **PAGE_EVENT)
+            gr.Button(visible=False).click(lambda image, k, min_score, name: apps[name].image_to_image(image, k, min_score)[:2],
+                                           [image_q, k, min_score, collection], _api_outputs(), api_name="image_to_image")
         with gr.Tab("Evaluation"):
             gr.Markdown(report_markdown(report))
             plots = report_plots(report)
@@ -172,6 +186,42 @@ def build_ui(apps: dict[str, SearchApp], report: Path | None = None) -> gr.Block
         gallery.select(search_by_result, [collection, last_results, *settings],
                        [image_q, gallery_i, status_i, last_similar, original], api_name=False)
     return ui
+
+
+def _unqueued(fn, inputs: list, outputs: list, status: gr.Markdown):
+    """A search of the page as an unqueued event (PAGE_EVENT): `fn` with its inputs checked and converted by
+    their components' own `preprocess` in the calling thread (Gradio would run each in a worker thread of its
+    own: 13 thread hops for a text search, ~2 ms at one user), and a gr.Error shown in the status line, the
+    other outputs left as they were (Gradio's page shows an unqueued event's error as a bare "Error")."""
+    def run(*payloads):
+        try:
+            return fn(*(_preprocessed(c, payload) for c, payload in zip(inputs, payloads)))
+        except gr.Error as exc:
+            return [f"**Error:** {exc.message}" if o is status else gr.skip() for o in outputs]
+
+    run.__name__ = fn.__name__
+    return run
+
+
+def _preprocessed(component, payload):
+    """What Gradio's `Blocks.preprocess_data` hands a function, without its thread hop: a state's value as it is;
+    a file payload (an upload, already checked to be in Gradio's upload folder) validated into the component's
+    data model; then the component's own `preprocess`, its failures as gr.Error naming the input."""
+    if component.stateful:
+        return payload
+    try:
+        if component.data_model is not None and payload is not None:
+            payload = component.data_model.model_validate(payload, context={"validate_meta": True})
+        return component.preprocess(payload)
+    except gr.Error:
+        raise
+    except Exception as exc:  # e.g. an upload PIL cannot read: a one-line error naming the input
+        raise gr.Error(f"{component.label or 'input'}: {exc}") from None
+
+
+def _api_outputs() -> list:
+    """A named endpoint's outputs (tiles served as files, status line): hidden, the page never shows them."""
+    return [gr.Gallery(visible=False, format="jpeg"), gr.Markdown(visible=False)]
 
 
 def _without_leading_plus(text: str | None) -> str | None:

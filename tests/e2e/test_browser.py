@@ -16,6 +16,10 @@ def test_text_query_shows_the_cat_first(browser, live_app, tmp_path):
     caption = wait_for(browser, lambda d: d.find_element(By.ID, "t2i-gallery").text)
     browser.save_screenshot(str(tmp_path / "text-to-image.png"))
     assert first
+    drawn = wait_for(browser, lambda d: d.execute_script(  # the tiles came inline with the results, and show
+        "const imgs = [...document.querySelectorAll('#t2i-gallery img')];"
+        "return imgs.length && imgs.every(i => i.complete && i.naturalWidth > 0) && imgs.map(i => i.src);"))
+    assert all(src.startswith("data:image/jpeg;base64,") for src in drawn)
     cat = caption.find("a tabby cat")
     others = [caption.find(c) for c in ("launch pad", "coffee", "astronaut", "horse", "galaxies") if c in caption]
     assert cat >= 0 and others and all(cat < o for o in others)  # the cat's tile comes first

@@ -1,0 +1,109 @@
+"""The page's own searches, called as Gradio's page script calls them (an unqueued event: one POST to
+`gradio_api/run/predict` with the event's fn_index), against a live server on loopback: tiles come inline
+as the kept thumbnails' bytes, and the inputs are still checked by their components."""
+
+import base64
+import json
+import uuid
+
+import httpx
+import pytest
+from PIL import Image
+
+from otclip.app.inline_gallery import inline_gallery, jpeg_data_uri
+
+SETTINGS = [3, -1.0, "", "", "", "", "", "", "any", "score", 0]  # k, min score, filters, order, collapse
+
+
+def page_event(url: str, button: str) -> dict:
+    """The dependency (fn_index, its trigger, queued or not) the page runs when `button` is clicked."""
+    config = httpx.get(url + "config", timeout=30).json()
+    trigger = next(c["id"] for c in config["components"] if c["props"].get("elem_id") == button)
+    (event,) = [d for d in config["dependencies"] if [trigger, "click"] in [list(t) for t in d["targets"]]]
+    return {"fn_index": event["id"], "trigger_id": trigger, "queue": event.get("queue")}
+
+
+def run(url: str, event: dict, data: list) -> list:
+    """The event's outputs, called as the page calls it: unqueued, one POST to run/predict; queued, queue/join
+    and then the session's event stream."""
+    session = uuid.uuid4().hex[:11]
+    body = {"data": data, "event_data": None, "fn_index": event["fn_index"], "trigger_id": event["trigger_id"],
+            "session_hash": session}
+    if event["queue"] is False:
+        answer = httpx.post(url + "gradio_api/run/predict", json=body, timeout=60)
+        assert answer.status_code == 200, answer.text
+        return answer.json()["data"]
+    joined = httpx.post(url + "gradio_api/queue/join", json=body, timeout=60).json()["event_id"]
+    with httpx.stream("GET", url + "gradio_api/queue/data", params={"session_hash": session}, timeout=60) as stream:
+        for line in stream.iter_lines():
+            message = json.loads(line[5:]) if line.startswith("data:") else {}
+            if message.get("event_id") == joined and message.get("msg") == "process_completed":
+                assert message["success"], message
+                return message["output"]["data"]
+    raise AssertionError("the event stream ended without a result")
+
+
+def decoded(uri: str) -> bytes:
+    head, _, data = uri.partition(",")
+    assert head == "data:image/jpeg;base64"
+    return base64.b64decode(data)
+
+
+def test_the_page_gets_its_tiles_inline_as_the_kept_thumbnails(live_app, demo_index):
+    event = page_event(live_app, "search")
+    assert event["queue"] is False  # one request, no queue round trip
+    gallery, status = run(live_app, event, ["index", "a cat", *SETTINGS])[:2]
+    assert status == "3 results" and "a tabby cat" in gallery[0]["caption"]
+    kept = {p.read_bytes() for p in (demo_index / "index" / "thumbnails").glob("*/*.jpg")}
+    for tile in gallery:
+        assert tile["image"]["path"] is None  # nothing for Gradio to serve, nothing copied into its cache
+        assert decoded(tile["image"]["url"]) in kept
+
+
+@pytest.mark.parametrize("bad,index,message", [(500, 2, "maximum value 50"), ("nowhere", 0, "list of choices"),
+                                               ("sideways", 10, "list of choices"), ("", 1, "empty query")])
+def test_the_page_search_still_checks_its_inputs(live_app, bad, index, message):
+    """k beyond the slider, a collection or an orientation that is not a choice: refused by the component's
+    own check, which runs in the event's thread (the event skips Gradio's per-input preprocessing); the
+    error is the status line (the page shows no message for an unqueued event's error), nothing else changes."""
+    data = ["index", "a cat", *SETTINGS]
+    data[index] = bad
+    outputs = run(live_app, page_event(live_app, "search"), data)
+    assert outputs[1].startswith("**Error:**") and message in outputs[1], outputs[1]
+    assert outputs[0] == {"__type__": "update"}  # the gallery left as it was
+
+
+def test_image_to_image_page_tiles_are_inline(live_app, demo_index):
+    image = upload(live_app, "chelsea.jpg", (demo_index / "data" / "photos" / "chelsea.jpg").read_bytes())
+    gallery = run(live_app, page_event(live_app, "i2i-search"), ["index", image, "", *SETTINGS])[0]
+    assert "a tabby cat" in gallery[0]["caption"] and all(t["image"]["url"].startswith("data:") for t in gallery)
+
+
+def test_data_uri_of_a_kept_file_and_of_an_image_made_on_the_fly(tmp_path):
+    picture = Image.new("RGB", (900, 300), (200, 30, 40))
+    kept = tmp_path / "ab.jpg"
+    picture.save(kept, quality=80)
+    assert decoded(jpeg_data_uri(kept)) == kept.read_bytes()
+    made = tmp_path / "made.jpg"
+    made.write_bytes(decoded(jpeg_data_uri(picture)))
+    with Image.open(made) as shown:  # encoded as the index's thumbnails: JPEG, longer side 384
+        assert shown.format == "JPEG" and shown.size == (384, 128)
+        assert max(abs(a - b) for a, b in zip(shown.getpixel((190, 60)), (200, 30, 40))) < 8
+    gallery = inline_gallery(visible=False, render=False)
+    tiles = gallery.postprocess([(str(kept), "one"), (picture, "two")]).model_dump()
+    assert [t["caption"] for t in tiles] == ["one", "two"] and all(t["image"]["path"] is None for t in tiles)
+
+
+def upload(url: str, name: str, content: bytes) -> dict:
+    (uploaded,) = httpx.post(url + "gradio_api/upload", files={"files": (name, content)}, timeout=60).json()
+    return {"path": uploaded, "meta": {"_type": "gradio.FileData"}}
+
+
+def test_image_to_text_on_the_page_and_its_errors(live_app, demo_index):
+    event = page_event(live_app, "i2t-search")
+    assert event["queue"] is False
+    photo = (demo_index / "data" / "photos" / "chelsea.jpg").read_bytes()
+    table, status = run(live_app, event, [upload(live_app, "chelsea.jpg", photo), 3, "index"])
+    assert table["data"][0][2] == "a tabby cat" and status == ""
+    table, status = run(live_app, event, [upload(live_app, "notes.jpg", b"not an image at all"), 3, "index"])
+    assert table == {"__type__": "update"} and status.startswith("**Error:** Image: cannot identify image file"), status
