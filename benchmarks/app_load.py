@@ -4,9 +4,10 @@ the error count (must be 0), against the bare search API.
 The server is a real `otclip serve` process; the users run in another process (as browsers do), so that
 the measurement is not the load generator's own Python competing for the server's interpreter lock.
 Each user is, by default, what a browser tab does: one Gradio session, at most 6 keep-alive connections,
-the upload for image queries, Gradio's call + event stream, then the result tiles fetched in parallel.
-Two latencies per request: until the results arrive, and until every tile is loaded (the page is done).
-`--client gradio_client` uses gradio_client instead (new connections for every tile it downloads).
+the upload for image queries, the page's own search event called as Gradio's page script calls it (see
+BrowserUser), then the result tiles that are not inline fetched in parallel. Two latencies per request:
+until the results arrive, and until every tile is loaded (the page is done). `--client gradio_client` calls
+the named endpoints with gradio_client instead (new connections for every tile it downloads).
 
 The bare API, two ways: the searcher called in this process before the server starts (idle, one call at a
 time), and the server's HTTP JSON API (`/api/search`, no tiles) under the same number of users.
@@ -125,9 +126,12 @@ def wait_for(url: str, server: subprocess.Popen, log) -> str:
             log.seek(0)
             raise SystemExit(f"otclip serve exited: {log.read()[-2000:]}")
         try:
-            return httpx.get(url + "api/collections", timeout=2).json()[0]
+            answer = httpx.get(url + "api/collections", timeout=2)
+            if answer.status_code == 200:  # Gradio answers 404 until the API is mounted beside it
+                return answer.json()[0]
         except (httpx.HTTPError, ValueError):
-            time.sleep(0.5)
+            pass
+        time.sleep(0.5)
     raise SystemExit("otclip serve did not answer within 180 s")
 
 
@@ -185,15 +189,36 @@ def generate(url: str, target: str, client: str, users: int, seconds: float, pho
     return asyncio.run(_browser_users(url, target, users, seconds, photo, collection))
 
 
-class BrowserUser:
-    """A browser tab: one Gradio session, at most 6 keep-alive connections, tiles fetched in parallel."""
+UI_BUTTONS = {"text_to_image": "search", "image_to_text": "i2t-search", "image_to_image": "i2i-search"}
+UI_DEFAULTS = [12, -1.0, "", "", "", "", "", "", "any", "score", 0]  # k, min score, the filters, order, collapse
 
-    def __init__(self, http, url: str, collection: str) -> None:
-        self.http, self.url, self.collection = http, url, collection
+
+def ui_events(url: str) -> dict[str, tuple[int, int, bool]]:
+    """(fn_index, trigger id, queued) of the event each search button runs on the page, from Gradio's /config."""
+    import httpx
+
+    config = httpx.get(url + "config", timeout=30).json()
+    ids = {c["props"].get("elem_id"): c["id"] for c in config["components"]}
+    events = {}
+    for name, button in UI_BUTTONS.items():
+        trigger = ids[button]
+        (event,) = [d for d in config["dependencies"] if [trigger, "click"] in [list(t) for t in d["targets"]]]
+        events[name] = event["id"], trigger, event.get("queue") is not False
+    return events
+
+
+class BrowserUser:
+    """A browser tab: one Gradio session, at most 6 keep-alive connections; each search is the page's own
+    event (the button's function, its inputs as the page sends them) called as Gradio's page script calls
+    it (a queued event: queue/join, then the session's event stream; an unqueued one: one POST to
+    run/predict), then the tiles that are not inline fetched in parallel."""
+
+    def __init__(self, http, url: str, collection: str, events: dict[str, tuple[int, int, bool]]) -> None:
+        self.http, self.url, self.collection, self.events = http, url, collection, events
         self.api = url + "gradio_api/"
         self.session = uuid.uuid4().hex[:11]
 
-    async def upload(self, path: str) -> dict:
+    async def upload(self, path: Path) -> dict:
         with open(path, "rb") as f:
             response = await self.http.post(self.api + "upload", files={"files": (Path(path).name, f.read())})
         (uploaded,) = response.json()
@@ -202,37 +227,48 @@ class BrowserUser:
     async def call(self, name: str, data: list) -> tuple[float, float]:
         """(seconds until the results arrived, until the tiles were loaded)."""
         t = time.perf_counter()
-        if name != "text_to_image":
-            data = [await self.upload(data[0]), *data[1:]]
-        body = {"data": [*data, self.collection], "session_hash": self.session}
-        event = (await self.http.post(self.api + f"call/{name}", json=body)).json()["event_id"]
-        kind, result = None, None
-        async with self.http.stream("GET", self.api + f"call/{name}/{event}") as stream:
-            async for line in stream.aiter_lines():
-                if line.startswith("event:"):
-                    kind = line[6:].strip()
-                elif line.startswith("data:") and kind in ("complete", "error"):
-                    if kind == "error":
-                        raise RuntimeError(line[5:].strip())
-                    result = json.loads(line[5:])
-                    break
-        if result is None:
-            raise RuntimeError("the event stream ended without a result")
+        data = [await self.upload(d) if isinstance(d, Path) else d for d in data]  # an image: uploaded first
+        fn, trigger, queued = self.events[name]
+        body = {"data": data, "event_data": None, "fn_index": fn, "trigger_id": trigger, "session_hash": self.session}
+        result = await (self.queued(body) if queued else self.unqueued(body))
         got = time.perf_counter() - t
         if name != "image_to_text":
             await self.tiles([tile["image"]["url"] for tile in result[0]])
         return got, time.perf_counter() - t
 
+    async def unqueued(self, body: dict) -> list:
+        answer = await self.http.post(self.api + "run/predict", json=body)
+        if answer.status_code != 200:
+            raise RuntimeError(f"{answer.status_code}: {answer.text[:300]}")
+        return answer.json()["data"]
+
+    async def queued(self, body: dict) -> list:
+        joined = await self.http.post(self.api + "queue/join", json=body)
+        joined.raise_for_status()
+        event = joined.json()["event_id"]
+        async with self.http.stream("GET", self.api + "queue/data", params={"session_hash": self.session}) as stream:
+            async for line in stream.aiter_lines():
+                if not line.startswith("data:"):
+                    continue
+                message = json.loads(line[5:])
+                if message.get("event_id") == event and message.get("msg") == "process_completed":
+                    if not message.get("success"):
+                        raise RuntimeError(str(message.get("output"))[:300])
+                    return message["output"]["data"]
+        raise RuntimeError("the event stream ended without a result")
+
     async def tiles(self, urls: list[str]) -> None:
-        for response in await asyncio.gather(*(self.http.get(u) for u in urls)):
+        """The tiles a browser would request: inline (`data:`) ones are in the results already."""
+        fetched = [u if u.startswith("http") else self.url + u.lstrip("/") for u in urls if not u.startswith("data:")]
+        for response in await asyncio.gather(*(self.http.get(u) for u in fetched)):
             response.raise_for_status()
 
     async def predict(self, name: str, query: str, photo: str) -> tuple[float, float]:
         if name == "text_to_image":
-            return await self.call(name, [query, 12, -1.0])
+            return await self.call(name, [self.collection, query, *UI_DEFAULTS])
         if name == "image_to_text":
-            return await self.call(name, [photo, 5])
-        return await self.call(name, [photo, 12, -1.0])
+            return await self.call(name, [Path(photo), 5, self.collection])
+        return await self.call(name, [self.collection, Path(photo), "", *UI_DEFAULTS])
 
 
 class ApiUser(BrowserUser):
@@ -260,11 +296,12 @@ async def _browser_users(url: str, target: str, users: int, seconds: float, phot
     loaded: dict[str, list[float]] = {name: [] for name in ENDPOINTS}
     errors: list[str] = []
     deadline = time.time() + seconds
+    events = ui_events(url)
 
     async def user(u: int) -> None:
         limits = httpx.Limits(max_connections=BROWSER_CONNECTIONS, max_keepalive_connections=BROWSER_CONNECTIONS)
         async with httpx.AsyncClient(timeout=120, limits=limits) as http:
-            agent = (BrowserUser if target == "app" else ApiUser)(http, url, collection)
+            agent = (BrowserUser if target == "app" else ApiUser)(http, url, collection, events)
             i = u
             while time.time() < deadline:
                 name = ENDPOINTS[i % 3]
