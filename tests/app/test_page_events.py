@@ -107,3 +107,17 @@ def test_image_to_text_on_the_page_and_its_errors(live_app, demo_index):
     assert table["data"][0][2] == "a tabby cat" and status == ""
     table, status = run(live_app, event, [upload(live_app, "notes.jpg", b"not an image at all"), 3, "index"])
     assert table == {"__type__": "update"} and status.startswith("**Error:** Image: cannot identify image file"), status
+
+
+@pytest.mark.parametrize("button", ["i2i-search", "i2t-search"])
+def test_an_unqueued_image_search_takes_only_uploads(live_app, demo_index, button):
+    """The event skips Gradio's preprocessing, not its check that a file payload is an upload: a path to any
+    other file (an indexed photo, the metadata store) is refused before the search opens it."""
+    event = page_event(live_app, button)
+    for target in (demo_index / "data" / "photos" / "chelsea.jpg", demo_index / "index" / "metadata.sqlite"):
+        image = {"path": str(target), "meta": {"_type": "gradio.FileData"}}
+        data = ["index", image, "", *SETTINGS] if button == "i2i-search" else [image, 3, "index"]
+        body = {"data": data, "event_data": None, "fn_index": event["fn_index"], "trigger_id": event["trigger_id"],
+                "session_hash": uuid.uuid4().hex[:11]}
+        answer = httpx.post(live_app + "gradio_api/run/predict", json=body, timeout=60)
+        assert answer.status_code != 200 and "upload" in answer.text and "tabby" not in answer.text, answer.text[:300]
