@@ -6,6 +6,7 @@ makes, at the sample photos' size (~500 px) and larger (--scale). Texts/s likewi
 writes benchmarks/results/encode_throughput-DEVICE-MODEL.json.
 
   python benchmarks/encode_throughput.py [--model effnet-minilm] [--images 256] [--batch-size 64] [--scale 1 4]
+      [--decode cpu cpu-workers device device-all] [--thumbnails 0 1] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import torch
 
 from otclip.engine import Encoder, device_decoding, load_model
 from otclip.engine.devices import autocast_for
+from otclip.engine.image_batches import default_num_workers
 from otclip.engine.images import load_image
 from otclip.engine.sample_photos import SAMPLE_PHOTOS, write_sample_photos
 
@@ -67,18 +69,23 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--workers", type=int, default=None)
     ap.add_argument("--texts", type=int, default=2048)
+    ap.add_argument("--repeats", type=int, default=3, help="forward and pipeline timed in turns this many times")
     ap.add_argument("--scale", type=float, nargs="+", default=[1.0],
                     help="photo sizes to run, as multiples of the sample photos' (~500 px)")
-    ap.add_argument("--decode", nargs="+", choices=["cpu", "device", "device-all"], default=["cpu", "device"],
-                    help="where JPEGs are decoded: the workers (PIL), the model's device (nvJPEG on a GPU) except large "
-                         "ones (device_decoding.DRAFT_ON_CPU_FROM), or the device whatever their size")
+    ap.add_argument("--decode", nargs="+", choices=["cpu", "cpu-workers", "device", "device-all"],
+                    default=["cpu", "device"],
+                    help="where JPEGs are decoded: on the CPU by PIL as the Encoder chooses (worker processes beside a "
+                         "GPU; on a CPU device, threads between forward passes), by PIL in worker processes (cores - "
+                         "1) whatever the device, on the model's device (nvJPEG on a GPU) except large ones "
+                         "(device_decoding.DRAFT_ON_CPU_FROM), or on the device whatever their size")
     ap.add_argument("--thumbnails", nargs="+", type=int, choices=[0, 1], default=[0, 1],
                     help="runs without (0) and with (1) the display copies that indexing makes")
     args = ap.parse_args()
 
     loaded = load_model(args.model)
-    encoders = {mode: Encoder(loaded, batch_size=args.batch_size, num_workers=args.workers,
-                              device_decoding=mode != "cpu") for mode in args.decode}
+    encoders = {mode: Encoder(loaded, batch_size=args.batch_size,
+                              num_workers=default_num_workers() if mode == "cpu-workers" else args.workers,
+                              device_decoding=mode.startswith("device")) for mode in args.decode}
     encoder = next(iter(encoders.values()))
     draft_on_cpu_from = device_decoding.DRAFT_ON_CPU_FROM
     rows = []
@@ -95,7 +102,6 @@ def main() -> None:
                     loaded.model.encode_image(tensors[begin : begin + args.batch_size].to(encoder.device))
 
         forward_only()  # warm-up (CUDA kernels, allocator, oneDNN primitives)
-        t_forward = timed(forward_only)
         for mode, enc in encoders.items():
             # the decoding workers are forked per run and read the module's threshold then
             device_decoding.DRAFT_ON_CPU_FROM = math.inf if mode == "device-all" else draft_on_cpu_from
@@ -105,12 +111,15 @@ def main() -> None:
                         pass
 
                 list(enc.iter_image_batches(files[: args.batch_size], thumbnails=thumbnails))  # warm-up
-                t_pipeline = timed(pipeline)
+                # forward and pipeline in turns, the ratio of each pair: a shared machine's speed drifts
+                pairs = [(timed(forward_only), timed(pipeline)) for _ in range(args.repeats)]
+                t_forward, t_pipeline = (float(np.median(t)) for t in zip(*pairs))
                 rows.append({"scale": scale, "photo_pixels": int(np.mean([_pixels(p) for p in photos])),
-                             "decode": mode, "thumbnails": thumbnails,
+                             "decode": mode, "thumbnails": thumbnails, "repeats": args.repeats,
                              "forward_only_images_per_s": args.images / t_forward,
                              "pipeline_images_per_s": args.images / t_pipeline,
-                             "pipeline_over_forward": t_forward / t_pipeline})
+                             "pipeline_over_forward": float(np.median([f / p for f, p in pairs])),
+                             "pipeline_over_forward_each": [f / p for f, p in pairs]})
                 print(_row_line(rows[-1]), flush=True)
     texts = [SAMPLE_PHOTOS[i % len(SAMPLE_PHOTOS)].caption + f" {i}" for i in range(args.texts)]
     encoder.encode_texts(texts[:256])
@@ -120,7 +129,7 @@ def main() -> None:
         "model": args.model,
         "device": str(encoder.device) + (f" ({torch.cuda.get_device_name()})" if torch.cuda.is_available() else ""),
         "cpu_threads": torch.get_num_threads(),
-        "decode_workers": encoder.num_workers,
+        "decode_workers": encoder.num_workers,  # where used: worker processes (rows' decode "cpu" on a GPU, "cpu-workers")
         "batch_size": args.batch_size,
         "images": args.images,
         "rows": rows,

@@ -17,7 +17,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL_NAME, help="model spec (default: %(default)s)")
     _factory_flags(p)
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--workers", type=int, default=None, help="decoding workers (default: cores - 1)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="decoding workers: processes for the torch model, threads beside an exported tower (default: "
+                        "cores - 1; the torch model on a CPU decodes in threads between forward passes)")
     p.add_argument("--chunk-size", type=int, default=1024, help="embeddings committed per chunk")
     p.add_argument("--no-thumbnails", action="store_true",
                    help="keep no JPEG display copies (the app then makes its result tiles from the originals)")

@@ -57,6 +57,29 @@ def test_batches_report_failures_in_order(encoder, photo_paths, tmp_path):
     assert [f[0] for b in batches for f in b.failures] == [1]
 
 
+def test_on_the_cpu_batches_are_decoded_between_forward_passes_as_workers_decode_them(default_model, photo_paths,
+                                                                                    tmp_path, monkeypatch):
+    """The default on a CPU device: threads decode each batch, then the model encodes it (no DataLoader, no
+    worker process); vectors, failures, sizes, display copies and times as the worker processes give them."""
+    from otclip.engine import Encoder, encoding
+
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"nope")
+    items = [photo_paths[0], bad, *photo_paths[1:6]]
+    with_workers = list(Encoder(default_model, batch_size=3, num_workers=1).iter_image_batches(items, thumbnails=True))
+
+    def no_loader(*args, **kwargs):
+        raise AssertionError("a DataLoader was made")
+
+    monkeypatch.setattr(encoding, "DataLoader", no_loader)
+    between = list(Encoder(default_model, batch_size=3).iter_image_batches(items, thumbnails=True))
+    for a, b in zip(between, with_workers, strict=True):
+        assert (a.indices, a.failures, a.sizes, a.thumbnails, a.taken) == (b.indices, b.failures, b.sizes,
+                                                                        b.thumbnails, b.taken)
+        np.testing.assert_allclose(a.embeddings, b.embeddings, atol=1e-5)
+    assert [f[0] for b in between for f in b.failures] == [1]
+
+
 def test_device_selection():
     assert select_device("cpu").type == "cpu"
     assert select_device(None).type == ("cuda" if torch.cuda.is_available() else "cpu")
