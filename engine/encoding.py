@@ -1,13 +1,12 @@
 """Batched image and text encoding: (n, d) float32 L2-normalised embeddings.
 
 Decoding runs in DataLoader workers so it overlaps the model's forward pass on a GPU; on the CPU, where the
-forward pass keeps every core busy, by default in threads on every core between forward passes. Bad images
+forward pass keeps its cores busy, by default in as many threads between forward passes. Bad images
 are reported per item instead of aborting the batch.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
@@ -178,14 +177,15 @@ class Encoder:
 
     def _decoded_between_forwards(self, images: Sequence[ImageInput], bs: int,
                                   thumbnails: bool) -> Iterator[tuple[torch.Tensor | None, ImageBatch]]:
-        """Each batch decoded by threads on every core, then handed to the forward pass, in turn. On the CPU the
-        forward pass keeps every core busy, and decoding beside it takes a core from one of its threads mid-pass
-        while the others wait for it (effnet-minilm, 2 cores: pipeline 0.77-0.83 of the forward with a decoding
-        worker; decoding alone 4.0 ms an image on one thread, 2.3 on two; benchmarks/encode_throughput.py).
-        Pillow's decoders and resampling release the GIL, so threads decode in parallel."""
+        """Each batch decoded by as many threads as the forward pass has (the thread budget), then handed to
+        it, in turn. On the CPU the forward pass keeps its cores busy, and decoding beside it takes a core from
+        one of its threads mid-pass while the others wait for it (effnet-minilm, 2 cores, one run: pipeline
+        0.86 of the forward with a decoding worker, 0.90 so; with display copies 0.79 and 0.87; decoding alone
+        4.0 ms an image on one thread, 2.3 on two; benchmarks/encode_throughput.py). Pillow's decoders and
+        resampling release the GIL, so threads decode in parallel."""
         decode = partial(decode_for_model, preprocess=self._preprocess.cpu, draft=self.loaded.image_size,
                          thumbnails=thumbnails)
-        with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+        with ThreadPoolExecutor(torch.get_num_threads()) as pool:
             for start in range(0, len(images), bs):
                 decoded = list(enumerate(pool.map(decode, images[start : start + bs]), start))
                 yield _collate(decoded, self.loaded.embed_dim, thumbnails)
