@@ -30,6 +30,7 @@ import tempfile
 import threading
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -190,20 +191,35 @@ def generate(url: str, target: str, client: str, users: int, seconds: float, pho
 
 
 UI_BUTTONS = {"text_to_image": "search", "image_to_text": "i2t-search", "image_to_image": "i2i-search"}
-UI_DEFAULTS = [12, -1.0, "", "", "", "", "", "", "any", "score", 0]  # k, min score, the filters, order, collapse
+QUERY_INPUTS = ("query", "i2t-image", "i2i-image")  # the inputs a user fills in; the others keep the page's values
 
 
-def ui_events(url: str) -> dict[str, tuple[int, int, bool]]:
-    """(fn_index, trigger id, queued) of the event each search button runs on the page, from Gradio's /config."""
+@dataclass
+class PageEvent:
+    """The event a search button runs on the page, from Gradio's /config: its fn_index, trigger, whether it is
+    queued, and its inputs as (elem_id, the value the page starts with)."""
+
+    fn: int
+    trigger: int
+    queued: bool
+    inputs: list[tuple[str | None, object]]
+
+
+def ui_events(url: str) -> dict[str, PageEvent]:
     import httpx
 
     config = httpx.get(url + "config", timeout=30).json()
-    ids = {c["props"].get("elem_id"): c["id"] for c in config["components"]}
+    components = {c["id"]: c["props"] for c in config["components"]}
+    for c in config["components"]:
+        if c["type"] == "textbox" and c["props"].get("value") is None:
+            c["props"]["value"] = ""  # what the page holds (and sends) for an empty text box
+    ids = {props.get("elem_id"): i for i, props in components.items()}
     events = {}
     for name, button in UI_BUTTONS.items():
         trigger = ids[button]
         (event,) = [d for d in config["dependencies"] if [trigger, "click"] in [list(t) for t in d["targets"]]]
-        events[name] = event["id"], trigger, event.get("queue") is not False
+        inputs = [(components[i].get("elem_id"), components[i].get("value")) for i in event["inputs"]]
+        events[name] = PageEvent(event["id"], trigger, event.get("queue") is not False, inputs)
     return events
 
 
@@ -213,7 +229,7 @@ class BrowserUser:
     it (a queued event: queue/join, then the session's event stream; an unqueued one: one POST to
     run/predict), then the tiles that are not inline fetched in parallel."""
 
-    def __init__(self, http, url: str, collection: str, events: dict[str, tuple[int, int, bool]]) -> None:
+    def __init__(self, http, url: str, collection: str, events: dict[str, PageEvent]) -> None:
         self.http, self.url, self.collection, self.events = http, url, collection, events
         self.api = url + "gradio_api/"
         self.session = uuid.uuid4().hex[:11]
@@ -224,13 +240,19 @@ class BrowserUser:
         (uploaded,) = response.json()
         return {"path": uploaded, "meta": {"_type": "gradio.FileData"}}
 
-    async def call(self, name: str, data: list) -> tuple[float, float]:
-        """(seconds until the results arrived, until the tiles were loaded)."""
+    async def call(self, name: str, query: str | Path) -> tuple[float, float]:
+        """(seconds until the results arrived, until the tiles were loaded): the query (a text, or a photo
+        uploaded first) and this user's collection, every other input as the page starts."""
         t = time.perf_counter()
-        data = [await self.upload(d) if isinstance(d, Path) else d for d in data]  # an image: uploaded first
-        fn, trigger, queued = self.events[name]
-        body = {"data": data, "event_data": None, "fn_index": fn, "trigger_id": trigger, "session_hash": self.session}
-        result = await (self.queued(body) if queued else self.unqueued(body))
+        event = self.events[name]
+        filled = {"collection": self.collection}
+        for elem_id, _ in event.inputs:
+            if elem_id in QUERY_INPUTS:
+                filled[elem_id] = await self.upload(query) if isinstance(query, Path) else query
+        data = [filled.get(elem_id, value) for elem_id, value in event.inputs]
+        body = {"data": data, "event_data": None, "fn_index": event.fn, "trigger_id": event.trigger,
+                "session_hash": self.session}
+        result = await (self.queued(body) if event.queued else self.unqueued(body))
         got = time.perf_counter() - t
         if name != "image_to_text":
             await self.tiles([tile["image"]["url"] for tile in result[0]])
@@ -264,11 +286,7 @@ class BrowserUser:
             response.raise_for_status()
 
     async def predict(self, name: str, query: str, photo: str) -> tuple[float, float]:
-        if name == "text_to_image":
-            return await self.call(name, [self.collection, query, *UI_DEFAULTS])
-        if name == "image_to_text":
-            return await self.call(name, [Path(photo), 5, self.collection])
-        return await self.call(name, [self.collection, Path(photo), "", *UI_DEFAULTS])
+        return await self.call(name, query if name == "text_to_image" else Path(photo))
 
 
 class ApiUser(BrowserUser):
