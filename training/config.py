@@ -18,6 +18,7 @@ class RegularizerOptions:
     loop_lambda: float = 1.0  # --loop-lambda
     match_rho: float | None = 0.5  # --match-rho: unbalanced pool matching, so items without a partner stay out
     match_min_mass: float = 0.5  # --match-min-mass: the share of an image's mass the plan must transport
+    match_min_certainty: float = 0.0  # --match-min-certainty: the share of that mass its argmax text must hold
 
 
 POSITIVES = ("pair", "label")
@@ -36,6 +37,7 @@ class TrainConfig:
     loop_lambda: float = RegularizerOptions.loop_lambda
     match_rho: float | None = RegularizerOptions.match_rho  # ot-match's unbalanced pool matching
     match_min_mass: float = RegularizerOptions.match_min_mass  # ot-match: share of an image's mass transported
+    match_min_certainty: float = RegularizerOptions.match_min_certainty  # ot-match: share held by the argmax text
     positives: str = "pair"  # contrastive positives: pair (row i only) or label (every pair of the same class)
     steps: int = 300
     batch_size: int = 64

@@ -266,7 +266,8 @@ register(Regularizer("ot-pairwise", lambda o: PairwiseOT(o.eps, o.rho, o.debiase
 register(Regularizer("ot-loop", lambda o: LoopOT(o.eps, o.rho, o.loop_lambda), needs_pairs=True))
 register(Regularizer("ot-barycenter", lambda o: BarycenterOT(o.eps)))
 register(Regularizer("ot-match", lambda o: OTMatchLoss(), schedule="after-pairs",
-                     pairing=lambda x, y, o, seed: ot_matching(x, y, o.eps, o.match_rho, o.match_min_mass, seed=seed)))
+                     pairing=lambda x, y, o, seed: ot_matching(x, y, o.eps, o.match_rho, o.match_min_mass,
+                                                                 o.match_min_certainty, seed=seed)))
 register(Regularizer("mmcl-nakada", lambda o: NakadaPseudoPairs(), schedule="two-stage", uses_eps=False))
 register(Regularizer("mmcl-pool", lambda o: PoolPseudoPairs(), schedule="two-stage", uses_eps=False,
                      pairing=lambda x, y, o, seed: nearest_text_pairs(x, y)))

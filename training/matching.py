@@ -55,7 +55,7 @@ def _assign(images: torch.Tensor, targets: torch.Tensor, confidence: torch.Tenso
 
 @torch.no_grad()
 def ot_matching(x: torch.Tensor, y: torch.Tensor, eps: float = 0.05, rho: float | None = 0.5, min_mass: float = 0.5,
-                block: int = 8192, seed: int = 0) -> Matching:
+                min_certainty: float = 0.0, block: int = 8192, seed: int = 0) -> Matching:
     """Pseudo-pairs from an entropic plan between the images x (n, d) and the distinct texts of y (m, d),
     both L2-normalised; text weights are their copy counts.
 
@@ -64,6 +64,14 @@ def ot_matching(x: torch.Tensor, y: torch.Tensor, eps: float = 0.05, rho: float 
     partner among the texts keeps little mass rather than being forced onto one, whereas the mass of
     an image with a partner may spread over several paraphrases of it (a share of the argmax alone
     would reject those). Kept when m_i >= `min_mass`. With balanced OT (rho None) every m_i is 1.
+
+    `min_certainty` also asks that the argmax text hold that share of what the image transports,
+    c_i = P_ij* / (P 1)_i, the plan's conditional probability of its pick. Where every text is distinct
+    (no paraphrases), c_i ranks pairs far better than m_i: in the linear setup (5000 + 5000 points, after
+    the paired stage, eps 0.05) the 2000 images of largest c_i had precision 0.86, of largest m_i 0.66; and
+    wrong pseudo-pairs feed themselves (the next plan is computed from an encoder trained on them). Off
+    by default: where a text has paraphrases (class captions from templates), its images' mass spreads
+    over all of them and c_i is at most about one over their number.
     Pools larger than `block` are matched block by block (random blocks of images against their most
     similar distinct texts) and assigned one-to-one overall.
     """
@@ -82,7 +90,8 @@ def ot_matching(x: torch.Tensor, y: torch.Tensor, eps: float = 0.05, rho: float 
         plan = entropic_ot(cosine_cost(x[rows], distinct[cols]), b=b, eps=eps, rho=rho, tol=1e-4, max_iter=5000).plan
         j = plan.argmax(dim=1)
         share = plan.sum(1) * len(rows)  # a_i = 1 / len(rows)
-        keep = share >= min_mass
+        certainty = plan.gather(1, j[:, None]).squeeze(1) / plan.sum(1).clamp_min(1e-30)
+        keep = (share >= min_mass) & (certainty >= min_certainty)
         images.append(rows[keep].cpu())
         targets.append(cols[j[keep]].cpu())
         confidence.append(share[keep].cpu())

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import numpy as np
@@ -93,7 +93,7 @@ class Trainer:
         self.contrastive = ContrastiveLoss()
         self.reg_spec = lookup(config.reg)
         self.reg_options = RegularizerOptions(config.ot_eps, config.ot_rho, config.debiased, config.loop_lambda,
-                                              config.match_rho, config.match_min_mass)
+                                              config.match_rho, config.match_min_mass, config.match_min_certainty)
         self.regularizer = self.reg_spec.build(self.reg_options) if self.reg_spec else None
         if self.reg_spec and self.reg_spec.needs_pairs and not self.train_corpus.pairs:
             raise ValueError(f"--reg {config.reg} needs pairs (its anchors); {config.corpus} has none")
@@ -271,9 +271,12 @@ class Trainer:
         except Exception as exc:  # cut short by a full disk or a copy, or not ours: say so, keep the file
             raise ValueError(f"{last}: cannot resume from it ({type(exc).__name__}: {str(exc)[:120]}); move it away "
                              "to start the run again, or resume from a copy") from None
-        if state["config"] != self.cfg.resume_fields():
-            now = self.cfg.resume_fields()
-            diff = sorted(k for k in {*state["config"], *now} if state["config"].get(k) != now.get(k))
+        now = self.cfg.resume_fields()
+        # a setting otclip gained after this run started reads as its default, which keeps the earlier behaviour
+        added = {f.name: f.default for f in fields(TrainConfig) if f.name in now and f.name not in state["config"]}
+        saved = {**added, **state["config"]}
+        if saved != now:
+            diff = sorted(k for k in {*saved, *now} if saved.get(k) != now.get(k))
             raise ValueError(f"{last}: a run with other settings ({', '.join(diff)}) is in this folder; use a new --out")
         self.loaded.model.load_state_dict(ckpt["state_dict"])
         self.optimizer.load_state_dict(state["optimizer"])

@@ -1,3 +1,5 @@
+import numpy as np
+import ot
 import pytest
 import torch
 import torch.nn.functional as F
@@ -145,6 +147,27 @@ def test_ot_matching_leaves_images_without_a_partner_out():
     correct = match.texts == match.images
     assert float(correct.float().mean()) > 0.85  # precision (0.5 if balanced OT forced a partner on every image)
     assert int(correct.sum()) > 90
+
+
+def test_ot_matching_min_certainty_keeps_the_images_whose_plan_picks_one_text():
+    """Images halfway between two texts (their plan row splits) are left out at --match-min-certainty 0.7 and
+    kept, half of them wrongly, at 0; the kept set is the one POT's unbalanced plan gives under the rule."""
+    y = unit(60, d=32, seed=11)
+    clear = F.normalize(y[:40] + 0.05 * unit(40, d=32, seed=12), dim=1)  # image i's partner is text i
+    halfway = F.normalize(y[40:50] + y[50:60], dim=1)  # images 40-49 between texts 40+k and 50+k
+    x = torch.cat([clear, halfway])
+    loose, strict = ot_matching(x, y, eps=0.05), ot_matching(x, y, eps=0.05, min_certainty=0.7)
+    assert (loose.images >= 40).sum() >= 8  # the ambiguous images are matched without the rule ...
+    assert sorted(strict.images.tolist()) == list(range(40))  # ... and left out with it
+    assert torch.equal(strict.texts, strict.images)
+    a, b = np.full(50, 1 / 50), np.full(60, 1 / 60)
+    C = (1 - x.double() @ y.double().T).numpy()
+    plan = ot.unbalanced.sinkhorn_unbalanced(a, b, C, 0.05, 0.5, stopThr=1e-14, numItermax=20000)
+    share, certainty = plan.sum(1) * 50, plan.max(1) / plan.sum(1)
+    for c in (0.4, 0.7):
+        expected = np.flatnonzero((share >= 0.5) & (certainty >= c))
+        got = ot_matching(x, y, eps=0.05, min_certainty=c).images
+        assert sorted(got.tolist()) == expected.tolist()
 
 
 def test_ot_matching_is_one_to_one_across_blocks():

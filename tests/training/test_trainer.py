@@ -186,6 +186,27 @@ def test_a_truncated_last_checkpoint_is_a_one_line_error(small_corpus, tmp_path)
     assert (run / "last.pt").read_bytes() == damaged
 
 
+def test_a_run_saved_before_a_setting_existed_resumes_with_its_default(small_corpus, tmp_path):
+    """A run started by an otclip without --match-min-certainty resumes (the setting reads as its default, 0,
+    the earlier behaviour); asking for another value than the default is still refused, naming it."""
+    from otclip.training.trainer import TrainConfig, Trainer
+
+    def config(**kw):
+        return TrainConfig(corpus=str(small_corpus), out=str(tmp_path / "run"), batch_size=32, unpaired_batch_size=64,
+                           reg="ot-match", eval_every=100, save_every=1, **kw)
+
+    Trainer(config(steps=2), progress=False).train()
+    last = tmp_path / "run" / "last.pt"
+    ckpt = torch.load(last, map_location="cpu", weights_only=True)
+    del ckpt["train_state"]["config"]["match_min_certainty"]  # what an older otclip saved
+    torch.save(ckpt, last)
+    trainer = Trainer(config(steps=4), progress=False)
+    trainer.try_resume()
+    assert trainer.step == 2
+    with pytest.raises(ValueError, match=r"other settings \(match_min_certainty\)"):
+        Trainer(config(steps=4, match_min_certainty=0.3), progress=False).try_resume()
+
+
 def test_a_resumed_ot_match_run_is_the_uninterrupted_run(small_corpus, tmp_path, monkeypatch):
     """#13 item 8: killed after its checkpoint at step 20 and resumed, an ot-match run ends with the weights of the
     run that was never interrupted (its pseudo-pairs, computed at step 15, are restored, not recomputed at 20),
