@@ -64,7 +64,7 @@ def test_runs_side_by_side_give_the_runs_of_one_process_in_order(monkeypatch):
     monkeypatch.syspath_prepend(str(SCRIPT.parent))  # spawned workers import the script as a module
     import partial_pairs as pp
 
-    args = argparse.Namespace(unpaired=[0, 200], linear_steps=30, n_test=1000, seeds=[0, 1])
+    args = argparse.Namespace(unpaired=[0, 200], linear_steps=(10, 20), n_test=1000, seeds=[0, 1])
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
