@@ -68,6 +68,9 @@ class TrainConfig:
                 raise ValueError(f"--{name.replace('_', '-')} {value}: must be positive (leave it out for balanced OT)")
         if self.ot_eps <= 0:
             raise ValueError(f"--ot-eps {self.ot_eps}: must be positive")
+        for name in ("match_min_mass", "match_min_certainty"):  # shares: above 1 nothing would ever be kept
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be a share, from 0 to 1")
         for name in ("steps", "batch_size", "unpaired_batch_size", "accum", "eval_every", "save_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1")

@@ -92,8 +92,9 @@ class Trainer:
         self.trainable = TrainableModel(self.loaded, config.unlock_image, config.unlock_text)
         self.contrastive = ContrastiveLoss()
         self.reg_spec = lookup(config.reg)
-        self.reg_options = RegularizerOptions(config.ot_eps, config.ot_rho, config.debiased, config.loop_lambda,
-                                              config.match_rho, config.match_min_mass, config.match_min_certainty)
+        self.reg_options = RegularizerOptions(
+            eps=config.ot_eps, rho=config.ot_rho, debiased=config.debiased, loop_lambda=config.loop_lambda,
+            match_rho=config.match_rho, match_min_mass=config.match_min_mass, match_min_certainty=config.match_min_certainty)
         self.regularizer = self.reg_spec.build(self.reg_options) if self.reg_spec else None
         if self.reg_spec and self.reg_spec.needs_pairs and not self.train_corpus.pairs:
             raise ValueError(f"--reg {config.reg} needs pairs (its anchors); {config.corpus} has none")

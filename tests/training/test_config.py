@@ -6,7 +6,9 @@ from otclip.training.trainer import TrainConfig
 
 
 @pytest.mark.parametrize("field,value,flag", [("ot_rho", -1.0, "--ot-rho"), ("match_rho", 0.0, "--match-rho"),
-                                              ("ot_eps", 0.0, "--ot-eps"), ("reg", "mmcl-pseudo", "--reg")])
+                                              ("ot_eps", 0.0, "--ot-eps"), ("reg", "mmcl-pseudo", "--reg"),
+                                              ("match_min_certainty", 1.5, "--match-min-certainty"),
+                                              ("match_min_mass", -0.1, "--match-min-mass")])
 def test_bad_settings_name_their_flag(field, value, flag):
     with pytest.raises(ValueError, match=flag):
         TrainConfig(corpus="c", out="o", **{field: value})
