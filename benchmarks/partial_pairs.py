@@ -46,6 +46,7 @@ import torch.nn.functional as F
 
 from otclip.engine.atomic_files import write_json_atomically, write_lines_atomically
 from otclip.training.losses import REGISTRY, RegularizerOptions, StepEmbeddings, clip_loss, in_first_stage, step_total
+from otclip.training.matching import PoolFeatures
 from otclip.training.trainer import TrainConfig
 
 METHODS = ["paired-only", *REGISTRY]
@@ -125,6 +126,7 @@ class FashionRunner:
         self.unseen = args.unseen.split(",")
 
     def __call__(self, job: tuple) -> dict:
+        from otclip.engine import fashion_mnist
         from otclip.training.corpus import load_corpus
         from otclip.training.trainer import Trainer
         from otclip.training.wise_ft import interpolate_states
@@ -137,7 +139,8 @@ class FashionRunner:
         cfg = TrainConfig(corpus=str(c), out=str(Path(args.work) / "fashion" / "runs" / f"{protocol}-{method}-{fraction}-{seed}"),
                           reg=reg, alpha=alpha, ot_eps=eps, steps=args.steps, eval_every=10**9,
                           positives=args.positives, save_checkpoints=False, seed=seed, batch_size=64,
-                          unpaired_batch_size=args.unpaired_batch, match_every=max(1, args.steps // 4))
+                          unpaired_batch_size=args.unpaired_batch, match_every=max(1, args.steps // 4),
+                          match_clusters=len(fashion_mnist.SHORT_NAMES))
         trainer = Trainer(cfg, progress=False, loaded=loaded)
         if method != "zero-shot":  # zero-shot: the untrained default, evaluated as it loads
             trainer.train()
@@ -336,7 +339,8 @@ def linear_run(method: str, n_unpaired: int, seed: int, half: bool, settings: di
             if spec.pairing is not None:
                 if matching is None or step % match_every == 0:
                     with torch.no_grad():
-                        matching = spec.pairing(F.normalize(f(ux), dim=1), F.normalize(h(uy), dim=1), options, seed + step)
+                        matching = spec.pairing(F.normalize(f(ux), dim=1), F.normalize(h(uy), dim=1), options, seed + step,
+                                                PoolFeatures(ux, uy, px, py))
                 if len(matching.images) >= 2:
                     mi = torch.randint(0, len(matching.images), (batch,), generator=gen)
                     e.match_images = F.normalize(f(ux[matching.images[mi]]), dim=1)
@@ -353,7 +357,7 @@ def linear_run(method: str, n_unpaired: int, seed: int, half: bool, settings: di
     return {"val_top1": val, "test_top1": test}
 
 
-LINEAR_METHODS = [*METHODS, THEIR_SETTING]
+LINEAR_METHODS = [*(m for m in METHODS if m == "paired-only" or not REGISTRY[m].needs_clusters), THEIR_SETTING]  # no categories
 
 
 def linear_runner(args):

@@ -19,6 +19,8 @@ class RegularizerOptions:
     match_rho: float | None = 0.5  # --match-rho: unbalanced pool matching, so items without a partner stay out
     match_min_mass: float = 0.5  # --match-min-mass: the share of an image's mass the plan must transport
     match_min_certainty: float = 0.0  # --match-min-certainty: the share of that mass its argmax text must hold
+    match_clusters: int = 0  # --match-clusters: ot-cluster's number of categories (clusters a modality)
+    match_structure: float = 0.5  # --match-structure: ot-cluster's weight of the clusters' layouts against the joint space
 
 
 POSITIVES = ("pair", "label")
@@ -38,6 +40,8 @@ class TrainConfig:
     match_rho: float | None = RegularizerOptions.match_rho  # ot-match's unbalanced pool matching
     match_min_mass: float = RegularizerOptions.match_min_mass  # ot-match: share of an image's mass transported
     match_min_certainty: float = RegularizerOptions.match_min_certainty  # ot-match: share held by the argmax text
+    match_clusters: int = RegularizerOptions.match_clusters  # ot-cluster: categories in the unpaired data
+    match_structure: float = RegularizerOptions.match_structure  # ot-cluster: layouts' weight, 0 to 1
     positives: str = "pair"  # contrastive positives: pair (row i only) or label (every pair of the same class)
     steps: int = 300
     batch_size: int = 64
@@ -61,14 +65,17 @@ class TrainConfig:
             raise ValueError(f"--positives {self.positives!r}: expected one of {', '.join(POSITIVES)}")
         from .losses import lookup
 
-        lookup(self.reg)  # a one-line error naming the choices
+        spec = lookup(self.reg)  # a one-line error naming the choices
+        if spec is not None and spec.needs_clusters and self.match_clusters < 2:
+            raise ValueError(f"--reg {self.reg} needs --match-clusters K: the number of categories in the unpaired data "
+                             "(2 or more)")
         for name in ("ot_rho", "match_rho"):
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} {value}: must be positive (leave it out for balanced OT)")
         if self.ot_eps <= 0:
             raise ValueError(f"--ot-eps {self.ot_eps}: must be positive")
-        for name in ("match_min_mass", "match_min_certainty"):  # shares: above 1 nothing would ever be kept
+        for name in ("match_min_mass", "match_min_certainty", "match_structure"):  # shares, from 0 to 1
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be a share, from 0 to 1")
         for name in ("steps", "batch_size", "unpaired_batch_size", "accum", "eval_every", "save_every"):

@@ -22,9 +22,21 @@ class Matching:
     images: torch.Tensor  # (p,) indices into the unpaired images
     texts: torch.Tensor  # (p,) indices into the unpaired texts; each at most once
     weights: torch.Tensor  # (p,) in (0, 1]
+    groups: torch.Tensor | None = None  # (p,) pairs of one group are positives of each other; None: each pair alone
 
 
-def _distinct_texts(y: torch.Tensor) -> tuple[torch.Tensor, list[list[int]]]:
+@dataclass
+class PoolFeatures:
+    """What a pairing may read besides the current embeddings: the frozen towers' features of the unpaired items
+    and of the pairs (where training caches them; else their current embeddings). No pairs: None."""
+
+    images: torch.Tensor
+    texts: torch.Tensor
+    pair_images: torch.Tensor | None = None
+    pair_texts: torch.Tensor | None = None
+
+
+def distinct_texts(y: torch.Tensor) -> tuple[torch.Tensor, list[list[int]]]:
     """(k, d) distinct rows of y and, for each, the rows that hold it (in row order)."""
     distinct, inverse = torch.unique(y, dim=0, return_inverse=True)
     copies: list[list[int]] = [[] for _ in range(len(distinct))]
@@ -33,7 +45,7 @@ def _distinct_texts(y: torch.Tensor) -> tuple[torch.Tensor, list[list[int]]]:
     return distinct, copies
 
 
-def _assign(images: torch.Tensor, targets: torch.Tensor, confidence: torch.Tensor, copies: list[list[int]]) -> Matching:
+def assign_one_to_one(images: torch.Tensor, targets: torch.Tensor, confidence: torch.Tensor, copies: list[list[int]]) -> Matching:
     """Candidate (image, distinct text) pairs -> pairs over text rows, most confident first, each image
     once and each text row once (a distinct text takes as many images as it has copies)."""
     used_images: set[int] = set()
@@ -75,7 +87,7 @@ def ot_matching(x: torch.Tensor, y: torch.Tensor, eps: float = 0.05, rho: float 
     Pools larger than `block` are matched block by block (random blocks of images against their most
     similar distinct texts) and assigned one-to-one overall.
     """
-    distinct, copies = _distinct_texts(y)
+    distinct, copies = distinct_texts(y)
     counts = torch.tensor([len(c) for c in copies], dtype=x.dtype, device=x.device)
     n = len(x)
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)) if n > block else torch.arange(n)
@@ -95,16 +107,16 @@ def ot_matching(x: torch.Tensor, y: torch.Tensor, eps: float = 0.05, rho: float 
         images.append(rows[keep].cpu())
         targets.append(cols[j[keep]].cpu())
         confidence.append(share[keep].cpu())
-    return _assign(torch.cat(images), torch.cat(targets), torch.cat(confidence), copies)
+    return assign_one_to_one(torch.cat(images), torch.cat(targets), torch.cat(confidence), copies)
 
 
 @torch.no_grad()
 def nearest_text_pairs(x: torch.Tensor, y: torch.Tensor, chunk: int = 4096) -> Matching:
     """Pairs (i, j) where text j is image i's most similar distinct text and i is among the c_j images
     most similar to j of those whose nearest text j is (c_j its copies). Weights 1."""
-    distinct, copies = _distinct_texts(y)
+    distinct, copies = distinct_texts(y)
     best_text = torch.cat([(x[s : s + chunk] @ distinct.T).argmax(1) for s in range(0, len(x), chunk)])
     similarity = (x * distinct[best_text]).sum(1)
-    pairs = _assign(torch.arange(len(x)), best_text.cpu(), similarity.cpu(), copies)
+    pairs = assign_one_to_one(torch.arange(len(x)), best_text.cpu(), similarity.cpu(), copies)
     pairs.weights = torch.ones(len(pairs.images))
     return pairs

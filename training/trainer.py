@@ -31,6 +31,7 @@ from .config import POSITIVES, RegularizerOptions, TrainConfig  # noqa: F401 (PO
 from .corpus import PartiallyPairedCorpus, load_corpus
 from .feature_cache import FeatureCache
 from .losses import ContrastiveLoss, StepEmbeddings, in_first_stage, lookup, step_total, uniformity
+from .matching import Matching, PoolFeatures
 from .trainable import TrainableModel
 
 
@@ -94,7 +95,8 @@ class Trainer:
         self.reg_spec = lookup(config.reg)
         self.reg_options = RegularizerOptions(
             eps=config.ot_eps, rho=config.ot_rho, debiased=config.debiased, loop_lambda=config.loop_lambda,
-            match_rho=config.match_rho, match_min_mass=config.match_min_mass, match_min_certainty=config.match_min_certainty)
+            match_rho=config.match_rho, match_min_mass=config.match_min_mass, match_min_certainty=config.match_min_certainty,
+            match_clusters=config.match_clusters, match_structure=config.match_structure)
         self.regularizer = self.reg_spec.build(self.reg_options) if self.reg_spec else None
         if self.reg_spec and self.reg_spec.needs_pairs and not self.train_corpus.pairs:
             raise ValueError(f"--reg {config.reg} needs pairs (its anchors); {config.corpus} has none")
@@ -173,10 +175,14 @@ class Trainer:
             ti = self._draw(len(self.unp_txt), cfg.unpaired_batch_size, gen)
             e.images, e.texts = g(t.image_head(self.unp_img[ii])), g(t.text_head(self.unp_txt[ti]))
         if self.matching is not None and len(self.matching.images) >= 2:
-            mi = self._draw(len(self.matching.images), cfg.batch_size, gen)
+            batch = self._draw_global(len(self.matching.images), cfg.batch_size, gen)
+            mi = batch[rank::world]
             e.match_images = g(t.image_head(self.unp_img[self.matching.images[mi]]))
             e.match_texts = g(t.text_head(self.unp_txt[self.matching.texts[mi]]))
             e.match_weights = g(self.matching.weights[mi].to(self.device))
+            if self.matching.groups is not None:  # in the gathered rows' order, as the pairs' keys
+                groups = self.matching.groups[torch.cat([batch[r::world] for r in range(world)])]
+                e.match_positives = (groups[:, None] == groups[None, :]).to(self.device)
         return e
 
     def in_first_stage(self) -> bool:
@@ -195,7 +201,16 @@ class Trainer:
     @torch.no_grad()
     def _refresh_matching(self) -> None:
         x, y = self.embed(self.unp_img, self.unp_txt)
-        self.matching = self.reg_spec.pairing(x, y, self.reg_options, self.cfg.seed + self.step)
+        self.matching = self.reg_spec.pairing(x, y, self.reg_options, self.cfg.seed + self.step, self._pool_features(x, y))
+
+    def _pool_features(self, x: torch.Tensor, y: torch.Tensor) -> PoolFeatures:
+        """The frozen towers' features of the unpaired items and the pairs where they are cached, else the current
+        embeddings (x, y: the unpaired items')."""
+        t, px, py = self.trainable, self.pair_img, self.pair_txt
+        if px is not None and not (t.cache_images and t.cache_texts):
+            pair_x, pair_y = self.embed(px, py)
+            px, py = (px if t.cache_images else pair_x), (py if t.cache_texts else pair_y)
+        return PoolFeatures(self.unp_img if t.cache_images else x, self.unp_txt if t.cache_texts else y, px, py)
 
     # --- evaluation ----------------------------------------------------------------------------
     @torch.no_grad()
@@ -254,8 +269,7 @@ class Trainer:
         state = {"step": self.step, "best": self.best, "config": self.cfg.resume_fields(),
                  "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
         if self.matching is not None:
-            state["matching"] = {"images": self.matching.images, "texts": self.matching.texts,
-                                 "weights": self.matching.weights}
+            state["matching"] = {k: v for k, v in vars(self.matching).items() if v is not None}
         return state
 
     def save(self, name: str, with_state: bool) -> Path:
@@ -284,8 +298,6 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.step, self.best = state["step"], state["best"]
         if "matching" in state:
-            from .matching import Matching
-
             self.matching = Matching(**state["matching"])
         self._forget_log_after(self.step)
         return True

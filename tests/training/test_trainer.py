@@ -40,12 +40,14 @@ def test_training_lowers_val_loss_and_raises_recall_over_the_untrained_default(s
 
 @pytest.mark.parametrize("reg", list(REGISTRY))
 def test_no_regularizer_collapses(small_corpus, tmp_path, reg):
-    summary = train(small_corpus, tmp_path / reg, reg=reg, alpha=0.5, match_every=20)
+    clusters = {"match_clusters": 8} if REGISTRY[reg].needs_clusters else {}  # the corpus's 8 classes (2 unseen)
+    summary = train(small_corpus, tmp_path / reg, reg=reg, alpha=0.5, match_every=20, **clusters)
     log = read_log(tmp_path / reg)
     before = next(r for r in log if r.get("step") == 0 and "val_loss" in r)
     named = {k for r in log for k in r}
     expected = {"ot-pairwise": "ot_pairwise", "ot-loop": "ot_loop_consistency", "ot-barycenter": "ot_barycenter",
-                "ot-match": "ot_match", "mmcl-nakada": "mmcl_nakada", "mmcl-pool": "mmcl_pool"}[reg]
+                "ot-match": "ot_match", "ot-cluster": "ot_cluster", "mmcl-nakada": "mmcl_nakada",
+                "mmcl-pool": "mmcl_pool"}[reg]
     assert expected in named  # each term is logged by name
     assert summary["val_uniformity"] < -1.0  # spread kept: a collapsed embedding has uniformity near 0
     assert summary["val_mean_recall"] > before["val_mean_recall"]
@@ -207,15 +209,16 @@ def test_a_run_saved_before_a_setting_existed_resumes_with_its_default(small_cor
         Trainer(config(steps=4, match_min_certainty=0.3), progress=False).try_resume()
 
 
-def test_a_resumed_ot_match_run_is_the_uninterrupted_run(small_corpus, tmp_path, monkeypatch):
-    """#13 item 8: killed after its checkpoint at step 20 and resumed, an ot-match run ends with the weights of the
-    run that was never interrupted (its pseudo-pairs, computed at step 15, are restored, not recomputed at 20),
-    and the log has one record per step."""
+@pytest.mark.parametrize("reg, settings", [("ot-match", {}), ("ot-cluster", {"match_clusters": 8})])
+def test_a_resumed_pool_pairing_run_is_the_uninterrupted_run(small_corpus, tmp_path, monkeypatch, reg, settings):
+    """#13 item 8: killed after its checkpoint at step 20 and resumed, a run with pool-level pseudo-pairs ends with
+    the weights of the run that was never interrupted (its pseudo-pairs, computed at step 15, are restored with
+    their groups, not recomputed at 20), and the log has one record per step."""
     from otclip.training.trainer import TrainConfig, Trainer
 
     def config(out):
-        return TrainConfig(corpus=str(small_corpus), out=str(out), reg="ot-match", steps=40, save_every=10,
-                           eval_every=1000, match_every=15, pseudo_warmup=0.2, batch_size=32, unpaired_batch_size=64)
+        return TrainConfig(corpus=str(small_corpus), out=str(out), reg=reg, steps=40, save_every=10, eval_every=1000,
+                           match_every=15, pseudo_warmup=0.2, batch_size=32, unpaired_batch_size=64, **settings)
 
     Trainer(config(tmp_path / "whole"), progress=False).train()
 
