@@ -16,6 +16,8 @@ their class over three k-means seeds (74% is what clusters of that purity allow)
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import ot
 import torch
@@ -54,27 +56,26 @@ def _cross_cost(x: torch.Tensor, distinct: torch.Tensor, counts: torch.Tensor, i
     return torch.where(votes > 0, 1 - anchors / votes.clamp_min(1), joint)
 
 
-@torch.no_grad()
-def cluster_matching(x: torch.Tensor, y: torch.Tensor, features: PoolFeatures, clusters: int, structure: float = 0.5,
-                     seed: int = 0) -> Matching:
-    """Pseudo-pairs between the images x (n, d) and texts y (m, d) (current embeddings, L2-normalised) through
-    clusters of their frozen features (`features`).
+@dataclass
+class ClusterProblem:
+    """The cluster-level matching problem of `cluster_matching`: K image clusters against K text groups."""
 
-    Images are split into K = `clusters` groups by k-means on their features, the distinct texts into K groups
-    (weighted by their copies); each pair's image and caption fall in the nearest cluster and group, and
-    A_cg counts the pairs that link cluster c with group g. With a_c, b_g the groups' shares of the images and
-    of the text rows, the cross cost M (`_cross_cost`: from A where cluster c has pairs, else from the joint
-    space), and the layouts C1_cc' = 1 - <f̄_c, f̄_c'> of the image clusters' mean features, C2_gg' likewise
-    for the texts (each scaled to [0, 1]),
-        P = argmin_{P in U(a, b)} (1 - s) <M, P> + s sum_{c,c',g,g'} (C1_cc' - C2_gg')^2 P_cg P_c'g',
-    the fused Gromov-Wasserstein plan (Vayer et al., ICML 2019; POT's conditional-gradient solver), s =
-    `structure`: 0 matches by M alone, 1 by the layouts alone. Cluster c takes the text group g*(c) =
-    argmax_g P_cg; its images are paired with that group's text rows, one row each, the images closest to
-    the group's mean embedding first (a group runs out when it has fewer rows than its images).
-    `Matching.groups` holds g*, so the images of one group are positives of each other.
-    """
-    if not 0 <= structure <= 1:
-        raise ValueError(f"--match-structure {structure}: must be from 0 to 1")
+    image_group: torch.Tensor  # (n,) each unpaired image's cluster
+    text_group: torch.Tensor  # (D,) each distinct text's group
+    distinct: torch.Tensor  # (D, d) the distinct texts' current embeddings (float64)
+    copies: list[list[int]]  # rows of y holding each distinct text
+    counts: torch.Tensor  # (D,) float64 copies of each
+    cross: np.ndarray  # (K, K) M: cross-modal cost, in [0, 1]
+    layouts: tuple[np.ndarray, np.ndarray]  # C1 (K, K) image clusters', C2 text groups', each in [0, 1]
+    a: np.ndarray  # (K,) the clusters' shares of the images
+    b: np.ndarray  # (K,) the groups' shares of the text rows
+
+
+@torch.no_grad()
+def cluster_problem(x: torch.Tensor, y: torch.Tensor, features: PoolFeatures, clusters: int, seed: int = 0) -> ClusterProblem:
+    """k-means of the frozen features a side (texts: distinct ones, weighted by copies), the pairs' votes A_cg
+    (pairs whose image falls in cluster c and caption in group g), and from them M, C1, C2, a, b of
+    `cluster_matching`'s plan."""
     distinct, copies = distinct_texts(y)
     if len(x) < clusters or len(distinct) < clusters:
         raise ValueError(f"--match-clusters {clusters}: more than the {len(x)} unpaired images or "
@@ -95,12 +96,39 @@ def cluster_matching(x: torch.Tensor, y: torch.Tensor, features: PoolFeatures, c
     cross = _cross_cost(xs, ds, counts, image_group, text_group, clusters, anchors)
     a = np.bincount(image_group.numpy(), minlength=clusters) / len(x)
     b = np.bincount(text_group.numpy(), weights=counts.numpy(), minlength=clusters) / counts.sum().item()
-    layout = [_relative_cost(_centroids(torch.from_numpy(f), g, clusters, w))
-              for f, g, w in ((fx, image_group, None), (fy, text_group, counts))]
-    plan = ot.gromov.fused_gromov_wasserstein(cross.numpy(), *layout, a, b, alpha=structure)
-    partner_group = torch.from_numpy(plan.argmax(1)).long()[image_group]  # (n,) each image's text group
-    closeness = (xs * _centroids(ds, text_group, clusters, counts)[partner_group]).sum(1)
-    rows = [[row for d in torch.nonzero(text_group == g).flatten().tolist() for row in copies[d]] for g in range(clusters)]
+    layouts = tuple(_relative_cost(_centroids(torch.from_numpy(f), g, clusters, w))
+                    for f, g, w in ((fx, image_group, None), (fy, text_group, counts)))
+    return ClusterProblem(image_group, text_group, ds, copies, counts, cross.numpy(), layouts, a, b)
+
+
+@torch.no_grad()
+def cluster_matching(x: torch.Tensor, y: torch.Tensor, features: PoolFeatures, clusters: int, structure: float = 0.5,
+                     seed: int = 0) -> Matching:
+    """Pseudo-pairs between the images x (n, d) and texts y (m, d) (current embeddings, L2-normalised) through
+    clusters of their frozen features (`features`).
+
+    Images are split into K = `clusters` groups by k-means on their features, the distinct texts into K groups
+    (weighted by their copies); each pair's image and caption fall in the nearest cluster and group, and
+    A_cg counts the pairs that link cluster c with group g. With a_c, b_g the groups' shares of the images and
+    of the text rows, the cross cost M (`_cross_cost`: from A where cluster c has pairs, else from the joint
+    space), and the layouts C1_cc' = 1 - <f̄_c, f̄_c'> of the image clusters' mean features, C2_gg' likewise
+    for the texts (each scaled to [0, 1]) (`cluster_problem`),
+        P = argmin_{P in U(a, b)} (1 - s) <M, P> + s sum_{c,c',g,g'} (C1_cc' - C2_gg')^2 P_cg P_c'g',
+    the fused Gromov-Wasserstein plan (Vayer et al., ICML 2019; POT's conditional-gradient solver), s =
+    `structure`: 0 matches by M alone, 1 by the layouts alone. Cluster c takes the text group g*(c) =
+    argmax_g P_cg; its images are paired with that group's text rows, one row each, the images closest to
+    the group's mean embedding first (a group runs out when it has fewer rows than its images).
+    `Matching.groups` holds g*, so the images of one group are positives of each other.
+    """
+    if not 0 <= structure <= 1:
+        raise ValueError(f"--match-structure {structure}: must be from 0 to 1")
+    pb = cluster_problem(x, y, features, clusters, seed)
+    plan = ot.gromov.fused_gromov_wasserstein(pb.cross, *pb.layouts, pb.a, pb.b, alpha=structure)
+    partner_group = torch.from_numpy(plan.argmax(1)).long()[pb.image_group]  # (n,) each image's text group
+    xs = x.detach().double().cpu()
+    closeness = (xs * _centroids(pb.distinct, pb.text_group, clusters, pb.counts)[partner_group]).sum(1)
+    rows = [[row for d in torch.nonzero(pb.text_group == g).flatten().tolist() for row in pb.copies[d]]
+            for g in range(clusters)]
     pairs = assign_one_to_one(torch.arange(len(x)), partner_group, closeness.float(), rows)
     pairs.weights = torch.ones(len(pairs.images))
     pairs.groups = partner_group[pairs.images]
