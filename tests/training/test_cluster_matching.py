@@ -85,6 +85,22 @@ def test_pairs_say_which_text_group_their_images_cluster_belongs_to():
     assert precision(m, image_cat, text_cat) == 1.0 and len(m.images) == len(x)
 
 
+def test_a_stray_pair_does_not_send_a_cluster_without_pairs_to_its_group():
+    """Every image of categories 0-2 has a pair (one a pool image); category 3 has none, but one pair of category 1
+    whose image k-means puts among category 3's images (a stray: clusters are not pure). One vote where a cluster
+    of its size would hold 15 must not outweigh the joint space, which places category 3 right (structure 0: the
+    cross cost alone; its joint cost to group 1 is 0.29 of the matrix's range). Text group 1 has room for both
+    clusters, so a cost that trusted the vote would send all of category 3 there."""
+    x, y, fx, fy, image_cat, text_cat = pool((30, 60, 25, 15), wrong_joint=False)
+    pair_images = [int(i) for c in range(3) for i in torch.nonzero(image_cat == c)]
+    pair_texts = [int(t) for c, n in enumerate(IMAGES_PER_CATEGORY[:3]) for t in torch.nonzero(text_cat == c)[:n]]
+    pair_images.append(int(torch.nonzero(image_cat == 3)[0]))  # the stray: an image among category 3's...
+    pair_texts.append(int(torch.nonzero(text_cat == 1)[-1]))  # ...with a caption of category 1
+    features = PoolFeatures(fx, fy, fx[pair_images], fy[pair_texts])
+    m = cluster_matching(x, y, features, K, structure=0.0)
+    assert precision(m, image_cat, text_cat) == 1.0 and len(m.images) == len(x)
+
+
 def test_pairs_are_one_to_one_grouped_and_closest_first_where_texts_run_short():
     short = (10, 20, 25, 15)  # category 0: 30 images, 10 text rows
     x, y, fx, fy, image_cat, text_cat = pool(short, wrong_joint=False)
