@@ -8,8 +8,9 @@ for 31%). What the frozen towers do know is the layout of each modality on its o
 category cluster in the image backbone's features, descriptions of one category in the text
 encoder's. Matching the two sets of clusters by their cross-modal cost AND by how each cluster sits
 among the others (a cluster of bags is far from all the shoe clusters; so is the text "bag") lifts
-that to 52% there (k-means on the frozen features, 10 clusters a side). Where a few pairs exist they
-say outright which text group a cluster of their images belongs to, and the layouts place the
+that to 41-45% there over three seeds (k-means on the frozen features, 10 clusters a side; the clusters' purity
+allows 74%: `benchmarks/cluster_matching_limits.py` shows that these signals do not single out the right
+map). Where a few pairs exist they say outright which text group a cluster of their images belongs to, and the layouts place the
 clusters no pair reaches: with 21 pairs of 7 seen classes (1%), 62-74% of the images get a caption of
 their class over three k-means seeds (74% is what clusters of that purity allow).
 """
