@@ -40,7 +40,8 @@ def test_new_changed_and_removed_photos_reach_a_running_searcher(tmp_path, sampl
         assert runs[0].total == 2 and not top_of("a cat").endswith("chelsea.jpg")
         for i in range(3):  # a burst: one re-index after it settles
             shutil.copy(sample_dir / "chelsea.jpg", photos / f"chelsea-{i}.jpg")
-        wait_for(lambda: top_of("a cat").endswith(".jpg") and "chelsea" in top_of("a cat"))
+        # the searcher sees a run's index as soon as it is published, before the run reports: wait for both
+        wait_for(lambda: "chelsea" in top_of("a cat") and any(r.embedded for r in runs[1:]))
         # an event that arrives while a run is under way (a late close of a copied file) brings one more run,
         # which finds nothing to do: the burst's work is one run all the same
         working = [r for r in runs[1:] if r.embedded or r.duplicates or r.removed]
@@ -48,7 +49,7 @@ def test_new_changed_and_removed_photos_reach_a_running_searcher(tmp_path, sampl
         done = len(runs)
         for i in range(3):
             (photos / f"chelsea-{i}.jpg").unlink()
-        wait_for(lambda: "chelsea" not in top_of("a cat"))
+        wait_for(lambda: "chelsea" not in top_of("a cat") and any(r.removed for r in runs[done:]))
         working = [r for r in runs[done:] if r.embedded or r.duplicates or r.removed]
         assert len(working) == 1 and working[0].removed == 3 and working[0].total == 2
         time.sleep(1.5)  # quiet: any late run has come
