@@ -26,7 +26,6 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
-import torch
 from scipy.optimize import linear_sum_assignment
 
 from otclip.engine.atomic_files import write_json_atomically
@@ -65,10 +64,10 @@ def fused_values(pb: ClusterProblem, maps: np.ndarray, structure: float) -> np.n
     return out
 
 
-def one_seed(work: Path, seed: int, maps: np.ndarray) -> dict:
+def one_seed(work: Path, seed: int, maps: np.ndarray, loaded) -> dict:
     from partial_pairs import fashion_corpus  # the experiment's own corpora (this folder is on the path)
 
-    from otclip.engine import fashion_mnist, load_model
+    from otclip.engine import fashion_mnist
     from otclip.training.config import TrainConfig
     from otclip.training.corpus import load_corpus
     from otclip.training.trainer import Trainer
@@ -78,7 +77,7 @@ def one_seed(work: Path, seed: int, maps: np.ndarray) -> dict:
     k = len(fashion_mnist.SHORT_NAMES)
     cfg = TrainConfig(corpus=str(corpus), out=str(work / "limits-run"), reg="ot-cluster", steps=1, seed=seed,
                       save_checkpoints=False, eval_every=10**9, match_clusters=k)
-    trainer = Trainer(cfg, progress=False, loaded=load_model("effnet-minilm"))
+    trainer = Trainer(cfg, progress=False, loaded=loaded)
     rows = load_corpus(corpus / "train.jsonl", require_pairs=False)
     image_labels = np.array([r.label for r in rows.images])
     text_labels = np.array([r.label for r in rows.texts])
@@ -102,9 +101,7 @@ def one_seed(work: Path, seed: int, maps: np.ndarray) -> dict:
         values = fused_values(pb, maps, s)
         out[f"exhaustive_s{s}"] = map_share(overlap, maps[np.argmin(values)].astype(np.int64))
         out[f"truth_rank_s{s}"] = int((values < values[true_row][0]).sum()) + 1
-    centroids = torch.nn.functional.normalize(torch.zeros(k, pb.distinct.shape[1], dtype=torch.float64)
-                                              .index_add_(0, pb.text_group, pb.distinct * pb.counts[:, None]), dim=1)
-    nearest = (x.double() @ centroids.T).argmax(1).numpy()
+    nearest = (x.double() @ pb.text_centroids().T).argmax(1).numpy()
     votes = np.zeros((k, k))
     np.add.at(votes, (clusters, nearest), 1)
     out["zero_shot_votes"] = map_share(overlap, best_map(votes))
@@ -119,7 +116,10 @@ def main() -> None:
     args = ap.parse_args()
     t0 = time.time()
     maps = np.array(list(itertools.permutations(range(10))), dtype=np.int8)
-    rows = [one_seed(args.work, seed, maps) for seed in args.seeds]
+    from otclip.engine import load_model
+
+    loaded = load_model("effnet-minilm")  # once for every seed
+    rows = [one_seed(args.work, seed, maps, loaded) for seed in args.seeds]
     keys = [k for k in rows[0] if k not in ("seed", "images", "distinct_texts")]
     print(f"{'seed':<24}" + "".join(f"{r['seed']:>8}" for r in rows) + f"{'mean':>8}")
     for key in keys:

@@ -51,7 +51,7 @@ def _cross_cost(x: torch.Tensor, distinct: torch.Tensor, counts: torch.Tensor, i
     """(k, k) cross-modal cost between image clusters and text groups, in [0, 1]:
         M_cg = t_c (1 - A_cg / A_c) + (1 - t_c) J_cg,    t_c = min(1, 2 A_c / (r n_c)),
     A_cg the pairs linking cluster c with group g, A_c = sum_g A_cg, n_c the cluster's unpaired images, r the
-    median of A_c / n_c over the clusters that pairs reach (pairs an image where a class has pairs), J the joint
+    (lower) median of A_c / n_c over the clusters that pairs reach (pairs an image where a class has pairs), J the joint
     space's 1 - <x̄_c, ȳ_g> rescaled to [0, 1] (x̄, ȳ: normalised mean embeddings). t_c is how far the cluster's
     pairs vouch for it: a cluster with at least half the usual share of pairs (room for the counting noise of a
     few pairs) follows them, one with none the joint space; a cluster of a class without pairs that a stray pair
@@ -82,6 +82,10 @@ class ClusterProblem:
     layouts: tuple[np.ndarray, np.ndarray]  # C1 (K, K) image clusters', C2 text groups', each in [0, 1]
     a: np.ndarray  # (K,) the clusters' shares of the images
     b: np.ndarray  # (K,) the groups' shares of the text rows
+
+    def text_centroids(self) -> torch.Tensor:
+        """(K, d) each text group's normalised mean current embedding (distinct texts weighted by their copies)."""
+        return _centroids(self.distinct, self.text_group, len(self.a), self.counts)
 
 
 @torch.no_grad()
@@ -139,7 +143,7 @@ def cluster_matching(x: torch.Tensor, y: torch.Tensor, features: PoolFeatures, c
     plan = ot.gromov.fused_gromov_wasserstein(pb.cross, *pb.layouts, pb.a, pb.b, alpha=structure)
     partner_group = torch.from_numpy(plan.argmax(1)).long()[pb.image_group]  # (n,) each image's text group
     xs = x.detach().double().cpu()
-    closeness = (xs * _centroids(pb.distinct, pb.text_group, clusters, pb.counts)[partner_group]).sum(1)
+    closeness = (xs * pb.text_centroids()[partner_group]).sum(1)
     rows = [[row for d in torch.nonzero(pb.text_group == g).flatten().tolist() for row in pb.copies[d]]
             for g in range(clusters)]
     pairs = assign_one_to_one(torch.arange(len(x)), partner_group, closeness.float(), rows)

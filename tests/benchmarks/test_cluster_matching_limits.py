@@ -1,5 +1,5 @@
 """The no-pairs diagnosis scores cluster maps with the fused Gromov-Wasserstein objective: checked against
-POT's own loss of the map's plan, and its best map against a brute force over the plans."""
+POT's own loss of the map's plan; its map share, best map and purity on a hand-computed case."""
 
 import importlib.util
 import itertools
