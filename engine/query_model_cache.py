@@ -10,7 +10,8 @@ from pathlib import Path
 from .atomic_files import publish_file_set, read_file_set
 from .cache_dir import cache_dir
 
-EXPORT_VERSION = 1  # raise when what an export holds changes: older cached sets are then not used
+# raise when what an export holds changes: older cached sets are then not used (2: text exports take a length axis)
+EXPORT_VERSION = 2
 
 
 def _folder(checksum: str) -> Path:

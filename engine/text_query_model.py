@@ -9,6 +9,10 @@ imports torch.
 Token ids are [bos] + body[: L - 2] + [eos], padded with `pad` to the context length L: both
 open_clip's SimpleTokenizer and its Hugging Face tokenizers (with truncation) produce that layout;
 the export only ships a tokenizer whose ids it has compared with the model's own on probe texts.
+Where the export was checked to give the same vectors without the padding (`trim` in its settings: a
+text tower that masks padding, such as the default model's MiniLM), a batch is padded only to its
+longest text: "a cat" is 4 tokens of 77, and its forward 1.7 ms instead of 15 here. A batch of a
+corpus then holds texts of similar length (ordered by characters), so that it pads little.
 """
 
 from __future__ import annotations
@@ -51,12 +55,15 @@ class QueryTokenizer:
 
         self.bos, self.eos, self.pad = info["bos"], info["eos"], info["pad"]
         self.context_length = info["context_length"]
+        self.trim = bool(info.get("trim", False))  # exports made before trimming existed pad to L
 
     def __call__(self, texts: list[str]) -> np.ndarray:
-        out = np.full((len(texts), self.context_length), self.pad, dtype=np.int64)
+        """(n, L) ids, or (n, the longest text's length) where the export is trimmed."""
         bodies = self.tokenizer.encode_batch([self.clean(t) for t in texts], add_special_tokens=False)
-        for row, body in zip(out, bodies):
-            ids = [self.bos, *body.ids[: self.context_length - 2], self.eos]
+        rows = [[self.bos, *body.ids[: self.context_length - 2], self.eos] for body in bodies]
+        width = max(map(len, rows), default=2) if self.trim else self.context_length
+        out = np.full((len(texts), width), self.pad, dtype=np.int64)
+        for row, ids in zip(out, rows):
             row[: len(ids)] = ids
         return out
 
@@ -80,10 +87,15 @@ class TextQueryModel:
         if not texts:
             return np.zeros((0, self.session.get_outputs()[0].shape[-1]), np.float32)
         size = batch_size or len(texts)
+        order = np.argsort([len(t) for t in texts], kind="stable") if self.tokenize.trim and size < len(texts) else None
+        batched = texts if order is None else [texts[i] for i in order]
         starts = range(0, len(texts), size)
         if progress or (progress is None and len(starts) > 8):
             from tqdm import tqdm
 
             starts = tqdm(starts, desc="encode texts", unit="batch")
-        return np.concatenate([self.session.run(None, {self.input_name: self.tokenize(texts[i : i + size])})[0]
-                               for i in starts]).astype(np.float32, copy=False)
+        out = np.concatenate([self.session.run(None, {self.input_name: self.tokenize(batched[i : i + size])})[0]
+                              for i in starts]).astype(np.float32, copy=False)
+        if order is not None:
+            out[order] = out.copy()
+        return out

@@ -101,3 +101,46 @@ def test_cli_search_answers_without_torch(demo_index, default_model):
     assert [r["path"] for r in results] == [r.path for r in expected]
     np.testing.assert_allclose([r["score"] for r in results], [r.score for r in expected], atol=1e-4)
 
+
+
+def test_queries_are_padded_only_to_their_longest_text(exported, encoder):
+    """The default model's MiniLM masks padding, so its export is kept trimmed: "a cat" runs as 4 tokens, not 77,
+    and corpora are batched by length; the vectors are still the torch model's on ids padded to 77."""
+    from otclip.engine.text_query_model import TextQueryModel
+
+    files, info = exported.query_model_files("text")
+    assert info["trim"] is True
+    model = TextQueryModel(files["text.onnx"], files["tokenizer.json"], info, threads=1)
+    assert model.tokenize(["a cat"]).shape == (1, 4)
+    assert model.tokenize(["a cat", "a photo of a cat on a mat"]).shape[1] < 77
+    texts = _texts(seed=3, n=60)
+    want = encoder.encode_texts(texts)
+    for batch_size in (1, 7, None):  # alone, in batches of similar length (put back in order), all at once
+        got = model.encode_texts(texts, batch_size=batch_size)
+        assert np.abs(got - want).max() < 1e-4, batch_size
+
+
+def test_a_tower_that_needs_every_position_keeps_the_full_length(tmp_path):
+    """open_clip's own text transformer adds all 77 positional embeddings: its export is kept untrimmed
+    (trimmed ids do not even run) and still embeds as the torch model does."""
+    import open_clip
+    import torch
+
+    from otclip.engine.model_loading import LoadedModel
+    from otclip.engine.text_query_model import TextQueryModel
+
+    torch.manual_seed(0)
+    model = open_clip.CLIP(16, open_clip.model.CLIPVisionCfg(layers=1, width=32, head_width=16, patch_size=16, image_size=32),
+                           open_clip.model.CLIPTextCfg(width=32, heads=2, layers=2)).eval()
+    loaded = LoadedModel(model, open_clip.get_tokenizer("ViT-B-32"), lambda image: None, ModelIdentity("tiny", "1" * 64), 16)
+    directory = IndexDirectory(tmp_path / "index")
+    directory.open_for_model("tiny", loaded.identity, loaded.embed_dim)
+    assert export_text_query_model(loaded, directory) is None
+    files, info = directory.query_model_files("text")
+    assert info["trim"] is False
+    exported = TextQueryModel(files["text.onnx"], files["tokenizer.json"], info, threads=1)
+    assert exported.tokenize(["a cat"]).shape == (1, 77)
+    texts = _texts(seed=4, n=20)
+    with torch.no_grad():
+        want = torch.nn.functional.normalize(model.encode_text(loaded.tokenizer(texts)), dim=-1).numpy()
+    assert np.abs(exported.encode_texts(texts, batch_size=6) - want).max() < 1e-4
