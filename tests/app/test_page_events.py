@@ -13,6 +13,7 @@ from PIL import Image
 from otclip.app.inline_gallery import inline_gallery, jpeg_data_uri
 
 SETTINGS = [3, -1.0, "", "", "", "", "", "", "any", "score", 0]  # k, min score, filters, order, collapse
+SHOWN = None  # the text search's last input, a state: the page sends null (Gradio passes the session's value)
 
 
 def page_event(url: str, button: str) -> dict:
@@ -23,10 +24,10 @@ def page_event(url: str, button: str) -> dict:
     return {"fn_index": event["id"], "trigger_id": trigger, "queue": event.get("queue")}
 
 
-def run(url: str, event: dict, data: list) -> list:
+def run(url: str, event: dict, data: list, session: str | None = None) -> list:
     """The event's outputs, called as the page calls it: unqueued, one POST to run/predict; queued, queue/join
-    and then the session's event stream."""
-    session = uuid.uuid4().hex[:11]
+    and then the session's event stream (a new session unless one is given)."""
+    session = session or uuid.uuid4().hex[:11]
     body = {"data": data, "event_data": None, "fn_index": event["fn_index"], "trigger_id": event["trigger_id"],
             "session_hash": session}
     if event["queue"] is False:
@@ -52,7 +53,7 @@ def decoded(uri: str) -> bytes:
 def test_the_page_gets_its_tiles_inline_as_the_kept_thumbnails(live_app, demo_index):
     event = page_event(live_app, "search")
     assert event["queue"] is False  # one request, no queue round trip
-    gallery, status = run(live_app, event, ["index", "a cat", *SETTINGS])[:2]
+    gallery, status = run(live_app, event, ["index", "a cat", *SETTINGS, SHOWN])[:2]
     assert status == "3 results" and "a tabby cat" in gallery[0]["caption"]
     kept = {p.read_bytes() for p in (demo_index / "index" / "thumbnails").glob("*/*.jpg")}
     for tile in gallery:
@@ -66,11 +67,30 @@ def test_the_page_search_still_checks_its_inputs(live_app, bad, index, message):
     """k beyond the slider, a collection or an orientation that is not a choice: refused by the component's
     own check, which runs in the event's thread (the event skips Gradio's per-input preprocessing); the
     error is the status line (the page shows no message for an unqueued event's error), nothing else changes."""
-    data = ["index", "a cat", *SETTINGS]
+    data = ["index", "a cat", *SETTINGS, SHOWN]
     data[index] = bad
     outputs = run(live_app, page_event(live_app, "search"), data)
     assert outputs[1].startswith("**Error:**") and message in outputs[1], outputs[1]
     assert outputs[0] == {"__type__": "update"}  # the gallery left as it was
+
+
+def test_the_page_buttons_are_updated_only_when_they_change(live_app):
+    """"More results" and the CSV button: shown by the first search of a session, left alone by the next (no
+    update: Gradio rebuilds a component for each), whose CSV is sent as the button's plain value and holds its
+    own results; a search that finds nothing hides the CSV button, the next one that finds shows it again."""
+    event, session = page_event(live_app, "search"), uuid.uuid4().hex[:11]
+    more, csv = run(live_app, event, ["index", "a cat", *SETTINGS, SHOWN], session)[4:6]
+    assert more == {"visible": True, "__type__": "update"} and csv["visible"] is True
+    first = httpx.get(live_app + "gradio_api/file=" + csv["value"]["path"], timeout=30).text
+    more, csv = run(live_app, event, ["index", "a rocket", *SETTINGS, SHOWN], session)[4:6]
+    assert more == {"__type__": "update"} and "__type__" not in csv
+    second = httpx.get(live_app + "gradio_api/file=" + csv["path"], timeout=30).text
+    assert first.splitlines()[0] == second.splitlines()[0] and "cat" in first and "rocket" in second and first != second
+    nothing = ["index", "a cat", 3, 1.0, *SETTINGS[2:], SHOWN]  # minimum score 1: no result
+    more, csv = run(live_app, event, nothing, session)[4:6]
+    assert more == {"visible": False, "__type__": "update"} and csv == {"visible": False, "value": None, "__type__": "update"}
+    more, csv = run(live_app, event, ["index", "a cat", *SETTINGS, SHOWN], session)[4:6]
+    assert more["visible"] is True and csv["visible"] is True and csv["value"]["path"].endswith(".csv")
 
 
 def test_image_to_image_page_tiles_are_inline(live_app, demo_index):
