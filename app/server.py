@@ -94,6 +94,8 @@ def serve(index_dirs: str | Path | list[str | Path], host: str = "127.0.0.1", po
     instance = new_instance()
     ui.app.mount(API_MOUNT, build_api(apps, MAX_UPLOAD_PIXELS, instance))  # the HTTP JSON API, beside the UI
     record = _record(host, ui.server_port, instance, {name: app.searcher.directory.root for name, app in apps.items()})
+    if record is not None:
+        _forget_on_close(ui, record)
     if block:
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # `kill` stops it as Ctrl-C does: record removed
         try:
@@ -102,6 +104,19 @@ def serve(index_dirs: str | Path | list[str | Path], host: str = "127.0.0.1", po
             if record is not None:
                 forget_server(record)
     return ui
+
+
+def _forget_on_close(ui: gr.Blocks, record: Path) -> None:
+    """A server closed in a process that goes on (`serve(block=False)`, then `close()`) stops being offered to
+    `otclip search` at once, not when the process ends: its record would name a port nothing answers on, ahead
+    of a live server's. Replaced on the instance, as `inline_gallery` does (no Blocks subclass)."""
+    close = ui.close
+
+    def close_and_forget(*args, **kwargs):
+        forget_server(record)
+        return close(*args, **kwargs)
+
+    ui.close = close_and_forget
 
 
 def _record(host: str, port: int, instance: str, collections: dict[str, Path]) -> Path | None:

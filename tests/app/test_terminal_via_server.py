@@ -71,6 +71,21 @@ def test_a_server_that_cannot_answer_is_passed_over(live_app, demo_index, tmp_pa
     assert json.loads(capsys.readouterr().out)[0]["path"].endswith("chelsea.jpg")
 
 
+def test_a_server_closed_in_a_running_process_is_no_longer_offered(live_app, demo_index, default_model):
+    """serve(block=False) then close(): the record goes with the server, so the terminal finds the one still up
+    (a closed server's record had come first and sent every search to a port nothing answered on)."""
+    from otclip.app.server import serve
+
+    index = demo_index / "index"
+    port = free_port()
+    ui = serve(index, "127.0.0.1", port, block=False, searcher=IndexSearcher(index, model=default_model))
+    record = servers_dir() / f"{os.getpid()}-{port}.json"
+    assert record.exists()
+    ui.close()
+    assert not record.exists()
+    assert server_for(index).api == f"{live_app}api"
+
+
 def test_records_of_servers_that_died_are_removed(tmp_path):
     ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     dead_pid = int(ended.stdout)
