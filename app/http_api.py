@@ -110,7 +110,8 @@ def build_api(apps: dict[str, SearchApp], max_upload_pixels: int, instance: str 
                       image_weight: float = Query(1.0, description="its weight in the query (negative excludes)"),
                       params: SearchParams = Depends()) -> Response:
         app = pick(params.collection)
-        decoded = load_image(image.file.read(), name=image.filename or "upload", max_pixels=max_upload_pixels)
+        decoded = load_image(image.file.read(), name=image.filename or "upload", draft=app.searcher.image_draft,
+                             max_pixels=max_upload_pixels)
         return run(params, app, [*query_terms(app, params.q), Term("image", decoded, image_weight)])
 
     @api.get("/items/{item_id}", summary="an item's metadata")

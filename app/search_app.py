@@ -71,7 +71,7 @@ class SearchApp:
             raise gr.Error("no image: upload or paste an image, or pick one from the results")
         try:
             return load_image(image if not isinstance(image, str) else Path(image), name="upload",
-                              max_pixels=MAX_UPLOAD_PIXELS)
+                              draft=self.searcher.image_draft, max_pixels=MAX_UPLOAD_PIXELS)
         except ImageDecodeError as exc:
             raise gr.Error(f"{exc}") from None
 

@@ -95,3 +95,25 @@ def test_serving_several_index_directories_loads_each_model_once(demo_index, tmp
     finally:
         for searcher in searchers:
             searcher.close()
+
+
+def test_a_large_uploaded_photo_is_decoded_as_indexed_photos_are(api, live_app, demo_index, default_model, tmp_path):
+    """An upload is decoded at the reduced JPEG scale the model needs (draft), as `otclip index` and the
+    terminal decode files: the page and the HTTP API score a large photo exactly as the in-process searcher
+    scores the same file (a full decode resized by the model gives other vectors), and the page's decode is
+    smaller than the photo."""
+    from PIL import Image
+
+    from otclip.app.search_app import SearchApp
+    from otclip.engine.search import IndexSearcher
+
+    big = tmp_path / "big.jpg"
+    with Image.open(demo_index / "data" / "photos" / "rocket.jpg") as photo:
+        photo.convert("RGB").resize((2400, 1800), Image.Resampling.BICUBIC).save(big, quality=92)
+    searcher = IndexSearcher(demo_index / "index", model=default_model)
+    want = searcher.search_image(str(big), k=5)
+    got = api.post("/search", params={"k": 5}, files={"image": ("big.jpg", big.read_bytes(), "image/jpeg")}).json()
+    assert [r["path"] for r in got["results"]] == [r.path for r in want]
+    assert max(abs(r["score"] - w.score) for r, w in zip(got["results"], want)) < 1e-5
+    decoded = SearchApp(searcher).check_image(str(big))
+    assert 224 <= min(decoded.size) and decoded.size[0] < 2400
