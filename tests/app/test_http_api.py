@@ -97,7 +97,7 @@ def test_serving_several_index_directories_loads_each_model_once(demo_index, tmp
             searcher.close()
 
 
-def test_a_large_uploaded_photo_is_decoded_as_indexed_photos_are(api, live_app, demo_index, default_model, tmp_path):
+def test_a_large_uploaded_photo_is_decoded_as_indexed_photos_are(api, demo_index, default_model, tmp_path):
     """An upload is decoded at the reduced JPEG scale the model needs (draft), as `otclip index` and the
     terminal decode files: the page and the HTTP API score a large photo exactly as the in-process searcher
     scores the same file (a full decode resized by the model gives other vectors), and the page's decode is
@@ -105,6 +105,7 @@ def test_a_large_uploaded_photo_is_decoded_as_indexed_photos_are(api, live_app, 
     from PIL import Image
 
     from otclip.app.search_app import SearchApp
+    from otclip.engine.query_language import Term
     from otclip.engine.search import IndexSearcher
 
     big = tmp_path / "big.jpg"
@@ -115,5 +116,8 @@ def test_a_large_uploaded_photo_is_decoded_as_indexed_photos_are(api, live_app, 
     got = api.post("/search", params={"k": 5}, files={"image": ("big.jpg", big.read_bytes(), "image/jpeg")}).json()
     assert [r["path"] for r in got["results"]] == [r.path for r in want]
     assert max(abs(r["score"] - w.score) for r, w in zip(got["results"], want)) < 1e-5
-    decoded = SearchApp(searcher).check_image(str(big))
+    app = SearchApp(searcher)
+    decoded = app.check_image(str(big))  # what the page's searches do with an upload's path
     assert 224 <= min(decoded.size) and decoded.size[0] < 2400
+    page = app.search([Term("image", decoded)], k=5).results
+    assert max(abs(r.score - w.score) for r, w in zip(page, want)) < 1e-5
