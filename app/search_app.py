@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import tempfile
 import threading
+import time
 from collections import deque
 from pathlib import Path
 
@@ -24,7 +25,10 @@ from otclip.engine.search import IndexSearcher
 from otclip.engine.search_results import SearchPage, SearchResult
 
 MAX_UPLOAD_PIXELS = 40_000_000
-CSV_FILES_KEPT = 64  # the latest result lists written for download; older ones are deleted
+# a page's "Results as CSV" stays downloadable this long after its search, unless CSV_FILES_KEPT newer ones were
+# written since (a few kB each): a long-running server does not fill the disk with them
+CSV_KEEP_SECONDS = 3600
+CSV_FILES_KEPT = 4096
 
 
 def _caption(r: SearchResult) -> str:
@@ -34,12 +38,14 @@ def _caption(r: SearchResult) -> str:
 
 class SearchApp:
     def __init__(self, searcher: IndexSearcher, name: str = "", model_calls: threading.Lock | None = None,
-                 max_batch: int = 16) -> None:
+                 max_batch: int = 16, csv_dir: Path | None = None) -> None:
+        """`csv_dir`: where result lists are written for download (default: the temp directory)."""
         self.searcher, self.name = searcher, name or searcher.directory.root.name
         model_calls = model_calls or threading.Lock()  # texts and images alike: one forward at a time
         self.texts = MicroBatcher(searcher.encode_texts, max_batch, model_calls, "text")
         self.images = MicroBatcher(searcher.encode_images, max_batch, model_calls, "image")
-        self._csv_files: deque[str] = deque()
+        self.csv_dir = csv_dir
+        self._csv_files: deque[tuple[float, str]] = deque()  # (when written, path), oldest first
         self._csv_lock = threading.Lock()
 
     # --- the engine's search, batched ----------------------------------------------------------
@@ -99,15 +105,17 @@ class SearchApp:
         return tiles, status, ids
 
     def csv_file(self, results: list[SearchResult]) -> str:
-        """The results as a CSV file in the temp directory (Gradio copies it into its cache to serve it). Only
-        the latest CSV_FILES_KEPT are kept: a long-running server does not fill the disk with them."""
+        """The results as a CSV file in `csv_dir` under a random name (`otclip serve` has Gradio serve that
+        folder where it is, rather than copy each file into its cache). Files older than CSV_KEEP_SECONDS, or
+        beyond the latest CSV_FILES_KEPT, are deleted."""
         with tempfile.NamedTemporaryFile("w", suffix=".csv", prefix="otclip-results-", delete=False,
-                                         encoding="utf-8") as f:
+                                         encoding="utf-8", dir=self.csv_dir) as f:
             f.write(results_csv(results))
+        now = time.time()
         with self._csv_lock:
-            self._csv_files.append(f.name)
-            while len(self._csv_files) > CSV_FILES_KEPT:
-                Path(self._csv_files.popleft()).unlink(missing_ok=True)
+            self._csv_files.append((now, f.name))
+            while len(self._csv_files) > CSV_FILES_KEPT or self._csv_files[0][0] < now - CSV_KEEP_SECONDS:
+                Path(self._csv_files.popleft()[1]).unlink(missing_ok=True)
         return f.name
 
     # --- the named Gradio endpoints (stable signatures for gradio_client) --------------------------

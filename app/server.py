@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import atexit
 import os
+import shutil
 import signal
 import sys
+import tempfile
 import threading
 from pathlib import Path
 
@@ -73,22 +75,24 @@ def serve(index_dirs: str | Path | list[str | Path], host: str = "127.0.0.1", po
     for opened in searchers:
         opened.prepare_queries()
     model_calls = threading.Lock()  # every collection's model calls: one at a time on the whole budget
-    apps = {name: SearchApp(s, name, model_calls) for name, s in zip(collection_names(searchers), searchers)}
+    results_dir = _results_dir()
+    apps = {name: SearchApp(s, name, model_calls, csv_dir=results_dir)
+            for name, s in zip(collection_names(searchers), searchers)}
     ui = build_ui(apps, report)
     # Gradio's queue recomputes a monitoring summary (a pandas frame of up to 10,000 past events) after every
     # event unless told otherwise: 3 ms a request at first, 8 ms after 10,000, for a dashboard otclip never
     # enables. Read when the queue is made; a user's own setting stays.
     os.environ.setdefault("GRADIO_ANALYTICS_CACHE_FREQUENCY", str(10**12))
     ui.queue(default_concurrency_limit=CONCURRENT_REQUESTS, max_size=64)
-    # Gradio may serve files from the thumbnails folders only (the tiles). Static: served where they are, not
-    # copied into Gradio's cache per request (12 tiles: 50 -> 29 ms a request). set_static_paths is per
-    # process: a second server in one process has its tiles copied instead.
+    # Gradio may serve files from the thumbnails folders (the tiles) and the results folder (the pages' CSVs)
+    # only. Static: served where they are, not copied into Gradio's cache per request (12 tiles: 50 -> 29 ms a
+    # request; a page's CSV 1.5 ms, and Gradio's cache kept every copy).
     thumbnails = [str(s.directory.thumbnails_dir) for s in searchers]
-    gr.set_static_paths(thumbnails)
+    gr.set_static_paths([*thumbnails, str(results_dir)])
     # max_threads: Gradio's bound on its worker threads, what bounds the page's unqueued searches (ui.PAGE_EVENT)
     ui.launch(server_name=host, server_port=port, max_file_size=MAX_UPLOAD, prevent_thread_lock=True,
               max_threads=CONCURRENT_REQUESTS,
-              show_error=True, quiet=not block, allowed_paths=thumbnails,
+              show_error=True, quiet=not block, allowed_paths=[*thumbnails, str(results_dir)],
               app_kwargs={"middleware": [Middleware(BodyLimit, max_bytes=MAX_BODY),
                                          Middleware(ImmutableTiles, folders=thumbnails)]})
     instance = new_instance()
@@ -104,6 +108,13 @@ def serve(index_dirs: str | Path | list[str | Path], host: str = "127.0.0.1", po
             if record is not None:
                 forget_server(record)
     return ui
+
+
+def _results_dir() -> Path:
+    """A folder of this server's own for the pages' CSVs, removed when the process ends."""
+    folder = Path(tempfile.mkdtemp(prefix="otclip-results-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return folder
 
 
 def _forget_on_close(ui: gr.Blocks, record: Path) -> None:

@@ -8,6 +8,7 @@ import datetime
 from pathlib import Path
 
 import gradio as gr
+from gradio.data_classes import GradioModel, GradioRootModel
 
 from otclip.engine.filters import Filters, filters_from_strings
 from otclip.engine.images import ImageDecodeError, thumbnail
@@ -25,7 +26,7 @@ ORIGINAL_ROUTE = API_MOUNT + API_ORIGINAL  # an indexed image's original file, b
 # launch(max_threads=...); model calls are batched either way (MicroBatcher). The named endpoints (hidden
 # buttons) stay queued, as gradio_client expects; so does a click on a result (Gradio passes its event data
 # only to a function whose own signature asks for it).
-PAGE_EVENT = {"api_name": False, "queue": False, "preprocess": False}  # with _unqueued (below)
+PAGE_EVENT = {"api_name": False, "queue": False, "preprocess": False, "postprocess": False}  # with _unqueued (below)
 EXAMPLE_QUERIES = ["a cat", "a cup of coffee", "a rocket", "galaxies in deep space", "a sneaker", "a dress",
                    "2:a cat - an animal"]
 
@@ -193,14 +194,16 @@ def build_ui(apps: dict[str, SearchApp], report: Path | None = None) -> gr.Block
 
 def _unqueued(fn, inputs: list, outputs: list, status: gr.Markdown):
     """A search of the page as an unqueued event (PAGE_EVENT): `fn` with its inputs checked and converted by
-    their components' own `preprocess` in the calling thread (Gradio would run each in a worker thread of its
-    own: 13 thread hops for a text search, ~2 ms at one user), and a gr.Error shown in the status line, the
-    other outputs left as they were (Gradio's page shows an unqueued event's error as a bare "Error")."""
+    their components' own `preprocess`, and its outputs by their `postprocess`, in the calling thread (Gradio
+    would run each in a worker thread of its own: 13 thread hops for a text search's inputs, ~2 ms at one user,
+    and 3 more for its outputs, ~0.5 ms), and a gr.Error shown in the status line, the other outputs left as
+    they were (Gradio's page shows an unqueued event's error as a bare "Error")."""
     def run(*payloads):
         try:
-            return fn(*(_preprocessed(c, payload) for c, payload in zip(inputs, payloads)))
+            values = fn(*(_preprocessed(c, payload) for c, payload in zip(inputs, payloads)))
         except gr.Error as exc:
-            return [f"**Error:** {exc.message}" if o is status else gr.skip() for o in outputs]
+            values = [f"**Error:** {exc.message}" if o is status else gr.skip() for o in outputs]
+        return [_postprocessed(o, value) for o, value in zip(outputs, values)]
 
     run.__name__ = fn.__name__
     return run
@@ -220,6 +223,18 @@ def _preprocessed(component, payload):
         raise
     except Exception as exc:  # e.g. an upload PIL cannot read: a one-line error naming the input
         raise gr.Error(f"{component.label or 'input'}: {exc}") from None
+
+
+def _postprocessed(component, value):
+    """What Gradio's `Blocks.postprocess_data` makes of an output before it serializes it, without its thread
+    hop: a state's value, and a property update (`gr.update`, `gr.skip`), as they are, an update's new value
+    through the component's `postprocess`; any other value through `postprocess`, as plain data."""
+    if component.stateful:
+        return value
+    if isinstance(value, dict) and value.get("__type__") == "update":
+        return {**value, "value": _postprocessed(component, value["value"])} if "value" in value else value
+    value = component.postprocess(value)
+    return value.model_dump() if isinstance(value, GradioModel | GradioRootModel) else value
 
 
 def _buttons(more: bool, csv: str | None, sent: tuple[bool, bool]) -> tuple:

@@ -5,6 +5,7 @@ as the kept thumbnails' bytes, and the inputs are still checked by their compone
 import base64
 import json
 import uuid
+from pathlib import Path
 
 import httpx
 import pytest
@@ -77,11 +78,15 @@ def test_the_page_search_still_checks_its_inputs(live_app, bad, index, message):
 def test_the_page_buttons_are_updated_only_when_they_change(live_app):
     """"More results" and the CSV button: shown by the first search of a session, left alone by the next (no
     update: Gradio rebuilds a component for each), whose CSV is sent as the button's plain value and holds its
-    own results; a search that finds nothing hides the CSV button, the next one that finds shows it again."""
+    own results; a search that finds nothing hides the CSV button, the next one that finds shows it again.
+    The CSV is served from the server's own results folder, where it was written, not copied into Gradio's
+    cache (1.5 ms a search, and the cache kept every copy)."""
     event, session = page_event(live_app, "search"), uuid.uuid4().hex[:11]
     more, csv = run(live_app, event, ["index", "a cat", *SETTINGS, SHOWN], session)[4:6]
     assert more == {"visible": True, "__type__": "update"} and csv["visible"] is True
     first = httpx.get(live_app + "gradio_api/file=" + csv["value"]["path"], timeout=30).text
+    written = Path(csv["value"]["path"])
+    assert written.parent.name.startswith("otclip-results-") and written.read_text(encoding="utf-8") == first
     more, csv = run(live_app, event, ["index", "a rocket", *SETTINGS, SHOWN], session)[4:6]
     assert more == {"__type__": "update"} and "__type__" not in csv
     second = httpx.get(live_app + "gradio_api/file=" + csv["path"], timeout=30).text
@@ -141,3 +146,25 @@ def test_an_unqueued_image_search_takes_only_uploads(live_app, demo_index, butto
                 "session_hash": uuid.uuid4().hex[:11]}
         answer = httpx.post(live_app + "gradio_api/run/predict", json=body, timeout=60)
         assert answer.status_code != 200 and "upload" in answer.text and "tabby" not in answer.text, answer.text[:300]
+
+
+def test_page_csvs_are_kept_an_hour_and_bounded_in_number(tmp_path, monkeypatch, demo_index, default_model):
+    """A page's CSV stays downloadable for CSV_KEEP_SECONDS after its search, unless CSV_FILES_KEPT newer ones
+    were written since: only then is it deleted."""
+    from otclip.app import search_app
+    from otclip.engine.search import IndexSearcher
+
+    app = search_app.SearchApp(IndexSearcher(demo_index / "index", model=default_model), csv_dir=tmp_path)
+    results = app.searcher.search_text("a cat", k=2)
+    clock = [1000.0]
+    monkeypatch.setattr(search_app.time, "time", lambda: clock[0])
+    monkeypatch.setattr(search_app, "CSV_FILES_KEPT", 3)
+    first = Path(app.csv_file(results))
+    clock[0] += search_app.CSV_KEEP_SECONDS - 1
+    second = Path(app.csv_file(results))
+    assert first.exists() and second.exists()  # younger than an hour
+    clock[0] += 2
+    third = Path(app.csv_file(results))
+    assert not first.exists() and second.exists() and third.exists() and "tabby" in third.read_text(encoding="utf-8")
+    latest = [Path(app.csv_file(results)) for _ in range(3)]
+    assert sorted(tmp_path.iterdir()) == sorted(latest)  # the three newest only
