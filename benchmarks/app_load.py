@@ -12,6 +12,10 @@ the named endpoints with gradio_client instead (new connections for every tile i
 The bare API, two ways: the searcher called in this process before the server starts (idle, one call at a
 time), and the server's HTTP JSON API (`/api/search`, no tiles) under the same number of users.
 
+Gradio's floor: a page event that does nothing (a query box in, an empty gallery out; the text page's event
+settings and the server's launch settings) in a Gradio server of its own, under the same users: what any
+Gradio page costs on this machine before otclip searches anything.
+
   python benchmarks/app_load.py [--index demo-index] [--users 1 4 16] [--seconds 30] [--client rest|gradio_client]
 Builds the demo index first when --index does not exist. Writes benchmarks/results/app_load.json
 (app_load-gradio_client.json with that client).
@@ -63,10 +67,14 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=30.0)
     ap.add_argument("--client", choices=["rest", "gradio_client"], default="rest")
     ap.add_argument("--generate", help=argparse.SUPPRESS)  # internal: run the users against this URL, print JSON
-    ap.add_argument("--target", choices=["app", "api"], default="app", help=argparse.SUPPRESS)
+    ap.add_argument("--target", choices=["app", "api", "floor"], default="app", help=argparse.SUPPRESS)
+    ap.add_argument("--floor-server", type=int, help=argparse.SUPPRESS)  # internal: serve the floor page on this port
     ap.add_argument("--photo", help=argparse.SUPPRESS)
     ap.add_argument("--collection", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.floor_server:
+        serve_floor(args.floor_server)
+        return
     if args.generate:
         print(json.dumps(generate(args.generate, args.target, args.client, args.users[0], args.seconds, args.photo,
                                   args.collection)))
@@ -90,6 +98,8 @@ def main() -> None:
     finally:
         server.terminate()
         server.wait(30)
+    if args.client == "rest":
+        gradio_floor(levels, args, bare)
     out = Path(__file__).parent / "results" / ("app_load.json" if args.client == "rest" else f"app_load-{args.client}.json")
     out.write_text(json.dumps({"seconds": args.seconds, "client": args.client, "cores": os.cpu_count(),
                                "separate_processes": True, "levels": levels, "round_trip": round_trip}, indent=2))
@@ -152,15 +162,17 @@ def gradio_round_trip(url: str, collection: str, bare: dict) -> dict:
     return row
 
 
+def generated(url: str, target: str, users: int, args, photo: str, collection: str) -> dict:
+    """`users` users on `target` for --seconds, from a generator process of its own."""
+    command = [sys.executable, __file__, "--generate", url, "--target", target, "--client", args.client,
+               "--users", str(users), "--seconds", str(args.seconds), "--photo", photo, "--collection", collection]
+    done = subprocess.run(command, capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def run_level(url: str, users: int, args, photo: str, collection: str, bare: dict) -> dict:
-    """The app and the HTTP API, each under `users` users from a generator process of its own."""
-    measured = {}
-    for target in ("app", "api"):
-        command = [sys.executable, __file__, "--generate", url, "--target", target, "--client", args.client,
-                   "--users", str(users), "--seconds", str(args.seconds), "--photo", photo, "--collection", collection]
-        done = subprocess.run(command, capture_output=True, text=True, check=True)
-        measured[target] = json.loads(done.stdout.strip().splitlines()[-1])
-    app, api = measured["app"], measured["api"]
+    """The app and the HTTP API, each under `users` users."""
+    app, api = (generated(url, target, users, args, photo, collection) for target in ("app", "api"))
     rows = {}
     for name in ENDPOINTS:
         loaded, results = app["loaded"][name], app["results"][name]
@@ -180,6 +192,56 @@ def run_level(url: str, users: int, args, photo: str, collection: str, bare: dic
     for e in errors[:5]:
         print("error:", e)
     return {"errors": len(errors), "error_samples": errors[:5], "endpoints": rows}
+
+
+def serve_floor(port: int) -> None:
+    """The floor page (module docstring): served until the process is terminated."""
+    import gradio as gr
+
+    from otclip.app.server import CONCURRENT_REQUESTS
+    from otclip.app.ui import PAGE_EVENT
+
+    with gr.Blocks() as page:
+        query = gr.Textbox(elem_id="query")
+        gallery = gr.Gallery()
+        for button in UI_BUTTONS.values():  # the page script's three search buttons, each doing nothing
+            gr.Button(elem_id=button).click(lambda q: [], query, gallery, **PAGE_EVENT)
+    page.queue(default_concurrency_limit=CONCURRENT_REQUESTS, max_size=64)
+    page.launch(server_name="127.0.0.1", server_port=port, max_threads=CONCURRENT_REQUESTS, quiet=True)
+
+
+def gradio_floor(levels: dict, args, bare: dict) -> None:
+    """Each level's text page beside the floor page under the same users (rows gain `gradio_floor_p50_ms`)."""
+    import httpx
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/"
+    server = subprocess.Popen([sys.executable, __file__, "--floor-server", str(port)], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                if httpx.get(url + "config", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.time() > deadline or server.poll() is not None:
+                raise SystemExit("the floor page did not start")
+            time.sleep(0.5)
+        print(f"\nGradio's floor (a page event that does nothing, {args.seconds:.0f}s a level) against the text page")
+        print(f"{'users':>5}{'floor p50':>11}{'page p50':>10}{'bare p50':>10}{'page - floor':>14}  (ms)")
+        for users, level in levels.items():
+            floor = generated(url, "floor", users, args, "", "")
+            row = level["endpoints"]["text_to_image"]
+            row["gradio_floor_p50_ms"] = pct(floor["loaded"]["text_to_image"], 50)
+            row["gradio_floor_p99_ms"] = pct(floor["loaded"]["text_to_image"], 99)
+            level["errors"] += len(floor["errors"])
+            print(f"{users:>5}{row['gradio_floor_p50_ms']:>11.1f}{row['app_p50_ms']:>10.1f}{row['bare_p50_ms']:>10.1f}"
+                  f"{row['app_p50_ms'] - row['gradio_floor_p50_ms']:>14.1f}")
+    finally:
+        server.terminate()
+        server.wait(30)
 
 
 # --- the load generator (its own process) ---------------------------------------------------------------------
@@ -319,10 +381,10 @@ async def _browser_users(url: str, target: str, users: int, seconds: float, phot
     async def user(u: int) -> None:
         limits = httpx.Limits(max_connections=BROWSER_CONNECTIONS, max_keepalive_connections=BROWSER_CONNECTIONS)
         async with httpx.AsyncClient(timeout=120, limits=limits) as http:
-            agent = (BrowserUser if target == "app" else ApiUser)(http, url, collection, events)
+            agent = (ApiUser if target == "api" else BrowserUser)(http, url, collection, events)
             i = u
             while time.time() < deadline:
-                name = ENDPOINTS[i % 3]
+                name = "text_to_image" if target == "floor" else ENDPOINTS[i % 3]  # the floor page: a text query
                 try:
                     got, done = await agent.predict(name, QUERIES[i % len(QUERIES)], photo)
                     if i >= u + 3:  # each user's first three requests open connections and sessions
