@@ -63,3 +63,23 @@ def test_checkpoint_round_trip(default_model, encoder, tmp_path):
 
     img = sample_photo("coffee")
     np.testing.assert_allclose(Encoder(reloaded).encode_image(img), encoder.encode_image(img), atol=1e-5)
+
+
+def test_class_prompts_run_at_their_own_length_as_if_padded(default_model):
+    """The default model's class prompts are encoded in batches of similar length, each cut to its longest
+    row: every vector equals MiniLM's on the same ids padded to the context length (and put back in the
+    prompts' order, here with batches of 7 over prompts of mixed lengths)."""
+    import torch.nn.functional as F
+
+    from otclip.engine.effnet_minilm import embed_by_length
+    from otclip.engine.imagenet_classes import class_prompts, imagenet_class_synonyms
+
+    text = default_model.model.text
+    prompts = [p for syns in imagenet_class_synonyms()[::40] for p in class_prompts(syns)]
+    ids = default_model.tokenizer(prompts)
+    lengths = (ids != text.config.pad_token_id).sum(dim=1)
+    assert lengths.max() > 2 * lengths.min() and lengths.max() < ids.shape[1]  # mixed, all shorter than padded
+    with torch.no_grad():
+        padded = F.normalize(text(ids), dim=-1)
+    got = embed_by_length(text, ids, text.config.pad_token_id, "test", batch=7)
+    assert (got - padded).abs().max() < 1e-5
