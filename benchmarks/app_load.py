@@ -99,7 +99,7 @@ def main() -> None:
         server.terminate()
         server.wait(30)
     if args.client == "rest":
-        gradio_floor(levels, args, bare)
+        gradio_floor(levels, args)
     out = Path(__file__).parent / "results" / ("app_load.json" if args.client == "rest" else f"app_load-{args.client}.json")
     out.write_text(json.dumps({"seconds": args.seconds, "client": args.client, "cores": os.cpu_count(),
                                "separate_processes": True, "levels": levels, "round_trip": round_trip}, indent=2))
@@ -210,7 +210,7 @@ def serve_floor(port: int) -> None:
     page.launch(server_name="127.0.0.1", server_port=port, max_threads=CONCURRENT_REQUESTS, quiet=True)
 
 
-def gradio_floor(levels: dict, args, bare: dict) -> None:
+def gradio_floor(levels: dict, args) -> None:
     """Each level's text page beside the floor page under the same users (rows gain `gradio_floor_p50_ms`)."""
     import httpx
 
