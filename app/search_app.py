@@ -37,6 +37,8 @@ def _caption(r: SearchResult) -> str:
 
 
 class SearchApp:
+    _clock = staticmethod(time.time)  # when a CSV was written (a test sets its own)
+
     def __init__(self, searcher: IndexSearcher, name: str = "", model_calls: threading.Lock | None = None,
                  max_batch: int = 16, csv_dir: Path | None = None) -> None:
         """`csv_dir`: where result lists are written for download (default: the temp directory)."""
@@ -111,7 +113,7 @@ class SearchApp:
         with tempfile.NamedTemporaryFile("w", suffix=".csv", prefix="otclip-results-", delete=False,
                                          encoding="utf-8", dir=self.csv_dir) as f:
             f.write(results_csv(results))
-        now = time.time()
+        now = self._clock()
         with self._csv_lock:
             self._csv_files.append((now, f.name))
             while len(self._csv_files) > CSV_FILES_KEPT or self._csv_files[0][0] < now - CSV_KEEP_SECONDS:

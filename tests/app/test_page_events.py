@@ -157,7 +157,7 @@ def test_page_csvs_are_kept_an_hour_and_bounded_in_number(tmp_path, monkeypatch,
     app = search_app.SearchApp(IndexSearcher(demo_index / "index", model=default_model), csv_dir=tmp_path)
     results = app.searcher.search_text("a cat", k=2)
     clock = [1000.0]
-    monkeypatch.setattr(search_app.time, "time", lambda: clock[0])
+    monkeypatch.setattr(app, "_clock", lambda: clock[0])  # this app's clock only: live servers share the process
     monkeypatch.setattr(search_app, "CSV_FILES_KEPT", 3)
     first = Path(app.csv_file(results))
     clock[0] += search_app.CSV_KEEP_SECONDS - 1
