@@ -9,6 +9,7 @@ from pathlib import Path
 
 import gradio as gr
 from gradio.data_classes import GradioModel, GradioRootModel
+from gradio.utils import is_prop_update
 
 from otclip.engine.filters import Filters, filters_from_strings
 from otclip.engine.images import ImageDecodeError, thumbnail
@@ -231,7 +232,7 @@ def _postprocessed(component, value):
     through the component's `postprocess`; any other value through `postprocess`, as plain data."""
     if component.stateful:
         return value
-    if isinstance(value, dict) and value.get("__type__") == "update":
+    if is_prop_update(value):
         return {**value, "value": _postprocessed(component, value["value"])} if "value" in value else value
     value = component.postprocess(value)
     return value.model_dump() if isinstance(value, GradioModel | GradioRootModel) else value

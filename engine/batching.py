@@ -50,3 +50,10 @@ class MicroBatcher:
             self.batches.append(len(items))
             for f, row in zip(futures, out):
                 f.set_result(row)
+
+
+def length_batches(lengths: Sequence[int], size: int) -> list[np.ndarray]:
+    """Positions 0..n-1 in batches of `size`, shortest first (ties in their order): a batch padded to its
+    longest row then pads little. Writing each batch's outputs at its positions puts them back in order."""
+    order = np.argsort(np.asarray(lengths), kind="stable")
+    return [order[start : start + size] for start in range(0, len(order), size)]

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .batching import length_batches
 from .cache_dir import cache_dir
 from .checksums import memoised_file_sha256
 from .effnet_minilm_config import BridgeConfig, efficientnet_weights_path, minilm_path
@@ -145,11 +146,10 @@ def embed_by_length(text_tower: nn.Module, ids: torch.Tensor, pad_id: int, label
     from tqdm import tqdm
 
     lengths = (ids != pad_id).sum(dim=1)
-    order = torch.argsort(lengths, stable=True)
     out = torch.empty(len(ids), text_tower.output_dim)
     with torch.no_grad():
-        for start in tqdm(range(0, len(ids), batch), desc=label, unit="batch", disable=None, leave=False):
-            rows = order[start : start + batch]
+        for rows in tqdm(length_batches(lengths.tolist(), batch), desc=label, unit="batch", disable=None, leave=False):
+            rows = torch.from_numpy(rows)
             out[rows] = F.normalize(text_tower(ids[rows, : int(lengths[rows].max())]), dim=-1)
     return out
 

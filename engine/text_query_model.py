@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .batching import length_batches
 from .onnx_sessions import cpu_session
 
 
@@ -87,15 +88,15 @@ class TextQueryModel:
         if not texts:
             return np.zeros((0, self.session.get_outputs()[0].shape[-1]), np.float32)
         size = batch_size or len(texts)
-        order = np.argsort([len(t) for t in texts], kind="stable") if self.tokenize.trim and size < len(texts) else None
-        batched = texts if order is None else [texts[i] for i in order]
-        starts = range(0, len(texts), size)
-        if progress or (progress is None and len(starts) > 8):
+        by_length = self.tokenize.trim and size < len(texts)  # a corpus: batches of similar length
+        batches = length_batches([len(t) for t in texts] if by_length else [0] * len(texts), size)
+        if progress or (progress is None and len(batches) > 8):
             from tqdm import tqdm
 
-            starts = tqdm(starts, desc="encode texts", unit="batch")
-        out = np.concatenate([self.session.run(None, {self.input_name: self.tokenize(batched[i : i + size])})[0]
-                              for i in starts]).astype(np.float32, copy=False)
-        if order is not None:
-            out[order] = out.copy()
+            batches = tqdm(batches, desc="encode texts", unit="batch")
+        parts = [(rows, self.session.run(None, {self.input_name: self.tokenize([texts[i] for i in rows])})[0])
+                 for rows in batches]
+        out = np.empty((len(texts), parts[0][1].shape[1]), np.float32)
+        for rows, part in parts:
+            out[rows] = part
         return out
