@@ -20,13 +20,18 @@ def write_atomically(path: str | Path, write: Callable[[str], None]) -> Path:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         write(str(tmp))
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
+        sync_file(tmp)
         os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
     return path
+
+
+def sync_file(path: str | Path) -> None:
+    """Put the file's written pages on the disk (also those written through a memory mapping)."""
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
 
 
 def write_json_atomically(path: str | Path, data) -> Path:

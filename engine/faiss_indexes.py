@@ -3,8 +3,13 @@ use inner product, so scores are cosine similarities."""
 
 from __future__ import annotations
 
+import ctypes
 import math
-from collections.abc import Iterable
+import os
+import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import faiss
@@ -224,37 +229,95 @@ def train_index(vectors: np.ndarray, factory: str = "auto", seed: int = 0,
 def add_rows(index: faiss.Index, vectors: np.ndarray, start: int = 0, stop: int | None = None,
              progress: bool = False) -> faiss.Index:
     """`index` (trained) with rows [start, stop) of `vectors` added ADD_BLOCK at a time (on the GPU when FAISS
-    sees one), as positions 0, 1, ... after what it holds: `merge_shards` offsets a shard's positions.
-    An HNSW quantizer looks for each vector's list with ADD_EF_SEARCH candidates: with FAISS's default of 16,
-    16.5% of 10M clustered 512-d vectors went to another list than their nearest centroid's (1.6% at 64, 0.3%
-    at 128), and a search probing the right lists missed them (recall@10 0.886 at nprobe 256)."""
+    sees one). An IVF index stores each row under its own position (start, start + 1, ...), so shards of
+    consecutive rows merge without offsets (`merge_shard_files`); flat codes are positions after what the index
+    holds (a shard's are appended in order). An HNSW quantizer looks for each vector's list with ADD_EF_SEARCH
+    candidates: with FAISS's default of 16, 16.5% of 10M clustered 512-d vectors went to another list than their
+    nearest centroid's (1.6% at 64, 0.3% at 128), and a search probing the right lists missed them (recall@10
+    0.886 at nprobe 256)."""
     stop = len(vectors) if stop is None else stop
     _quantizer_ef(index, ADD_EF_SEARCH)
+    with_ids = _lists_at_top(index) is not None
     work = _to_gpu(index)
     blocks = range(start, stop, ADD_BLOCK)
     for first in tqdm(blocks, desc="adding", unit="block", disable=not progress or len(blocks) < 5):
-        work.add(np.ascontiguousarray(vectors[first : min(first + ADD_BLOCK, stop)], dtype=np.float32))
+        last = min(first + ADD_BLOCK, stop)
+        block = np.ascontiguousarray(vectors[first:last], dtype=np.float32)
+        if with_ids:
+            work.add_with_ids(block, np.arange(first, last, dtype=np.int64))
+        else:
+            work.add(block)
     return configure_search(_to_cpu(work))
 
 
-def mergeable(index: faiss.Index) -> bool:
-    """Whether shards of this index merge with FAISS's `merge_from` (inverted lists and flat codes do; an HNSW
-    graph does not: its shards would have to be built again as one)."""
+def _lists_at_top(index: faiss.Index):
+    """The IVF index whose inverted lists are the whole of `index`'s data (itself, or behind a pre-transform such
+    as OPQ), or None: a refine wrapper keeps vectors of its own, an IVFPQR re-ranking codes, neither in lists."""
     kind = faiss.downcast_index(index)
-    return _ivf_of(index) is not None or (isinstance(kind, faiss.IndexFlatCodes) and kind.is_trained)
+    if isinstance(kind, faiss.IndexPreTransform):
+        kind = faiss.downcast_index(kind.index)
+    return kind if isinstance(kind, faiss.IndexIVF) and not isinstance(kind, faiss.IndexIVFPQR) else None
 
 
-def merge_shards(shards: Iterable[faiss.Index]) -> faiss.Index:
-    """One index from shards that hold consecutive rows (each added from position 0, `add_rows`), in order:
-    FAISS's `merge_from` moves each shard's inverted lists into the first, its ids offset by the rows before it
-    (flat codes are appended: their positions follow by themselves). Shards are taken one at a time: from a
-    generator, RAM holds the merged index and one shard."""
-    shards = iter(shards)
-    merged = next(shards)
-    offset_ids = _ivf_of(merged) is not None
-    for shard in shards:
-        merged.merge_from(shard, merged.ntotal if offset_ids else 0)
-    return configure_search(merged)
+def mergeable(index: faiss.Index) -> bool:
+    """Whether shards of this index merge (`merge_shard_files`): plain inverted lists and flat codes do; an HNSW
+    graph does not (its shards would have to be built again as one), nor an index that keeps data beside its
+    lists, nor fast-scan's packed blocks."""
+    kind, ivf = faiss.downcast_index(index), _lists_at_top(index)
+    if ivf is not None:
+        return isinstance(faiss.downcast_InvertedLists(ivf.invlists), faiss.ArrayInvertedLists)
+    return isinstance(kind, faiss.IndexFlatCodes) and kind.is_trained
+
+
+def merge_shard_files(trained: faiss.Index, shards: list[Path], lists_path: Path) -> faiss.Index:
+    """One index from shard files holding consecutive rows in order (`add_rows` into copies of `trained`, empty).
+
+    Inverted lists are merged on disk, as FAISS's `contrib.ondisk.merge_ondisk` does: the shards are read
+    memory-mapped (IO_FLAG_MMAP) and their lists copied, list by list, into `lists_path`, an OnDiskInvertedLists
+    file that the returned index reads memory-mapped; neither the shards nor the merged lists need RAM. Each list
+    holds its entries in shard order, the order one process adds them in. (FAISS's helper disowns the shards'
+    lists, keeping every shard mapped until the process exits; here they are released after the merge.)
+    Flat codes are appended in memory, a shard at a time: the merged index is their concatenation."""
+    ivf = _lists_at_top(trained)
+    if ivf is None:  # the first shard, then the others appended (as read from files: FAISS merges only one type)
+        merged = load_index(shards[0], use_gpu=False)
+        for path in shards[1:]:
+            merged.merge_from(load_index(path, use_gpu=False), 0)
+        return configure_search(merged)
+    if trained.ntotal:
+        raise ValueError(f"merging shards into an index that holds {trained.ntotal} vectors: it must be empty")
+    parts = [faiss.read_index(str(path), faiss.IO_FLAG_MMAP) for path in shards]  # referenced until merged
+    sources = faiss.InvertedListsPtrVector()
+    for part in parts:
+        sources.push_back(faiss.extract_index_ivf(part).invlists)
+    lists = faiss.OnDiskInvertedLists(ivf.nlist, ivf.code_size, str(lists_path))
+    with _quiet_stdout():  # FAISS prints "resizing FILE to N bytes"
+        total = lists.merge_from_multiple(sources.data(), sources.size(), False)
+    del sources, parts
+    ivf.replace_invlists(lists, True)
+    lists.this.disown()  # the index owns it now
+    trained.ntotal = ivf.ntotal = total
+    return configure_search(trained)
+
+
+_STDOUT = threading.Lock()  # one redirection at a time: two interleaved would leave standard output closed
+
+
+@contextmanager
+def _quiet_stdout() -> Iterator[None]:
+    """Standard output closed at the file-descriptor level: FAISS's on-disk lists `printf` on every resize and
+    every relocated open, which would land in the middle of `otclip search --json`'s output."""
+    with _STDOUT:
+        sys.stdout.flush()
+        saved, devnull = os.dup(1), os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 1)
+        try:
+            yield
+        finally:
+            ctypes.CDLL(None).fflush(None)  # C's buffered stdout goes to /dev/null, not to the restored descriptor
+            os.dup2(saved, 1)
+            os.close(saved)
+            os.close(devnull)
 
 
 def _train_in_two_levels(index: faiss.Index, sample: np.ndarray, seed: int) -> None:
@@ -286,11 +349,34 @@ def save_index(index: faiss.Index, path: str | Path) -> Path:
 
 def load_index(path: str | Path, use_gpu: bool = True, mmap: bool = False) -> faiss.Index:
     """Read an index; `mmap`: its vectors or codes stay in the file, memory-mapped (FAISS's IO_FLAG_MMAP_IFC:
-    opening a GB-sized index takes milliseconds, and pages come in as queries touch them). A GPU copy is
-    made from RAM, never mapped."""
-    mapped = mmap and not (use_gpu and gpu_count())
-    index = configure_search(faiss.read_index(str(path), faiss.IO_FLAG_MMAP_IFC if mapped else 0))
+    opening a GB-sized index takes milliseconds, and pages come in as queries touch them). An index whose lists
+    live in a file of their own (`merge_shard_files`: the index's name with .ivfdata) reads them memory-mapped
+    and read-only from beside it, wherever the folder was moved or copied to (never from the path written at
+    build time), once their size was checked. A GPU copy is made from RAM, never mapped."""
+    path = Path(path)
+    beside = path.with_suffix(".ivfdata")
+    if beside.exists():
+        with _quiet_stdout():  # FAISS prints "IO_FLAG_ONDISK_SAME_DIR: updating ondisk filename ..."
+            index = faiss.read_index(str(path), faiss.IO_FLAG_READ_ONLY | faiss.IO_FLAG_ONDISK_SAME_DIR)
+    else:
+        mapped = mmap and not (use_gpu and gpu_count())
+        index = faiss.read_index(str(path), faiss.IO_FLAG_READ_ONLY | (faiss.IO_FLAG_MMAP_IFC if mapped else 0))
+    lists = on_disk_lists(index)
+    if lists is not None and Path(lists.filename) != beside:
+        raise ValueError(f"{beside}: missing (the index's lists)")
+    if lists is not None and beside.stat().st_size < lists.totsize:  # read past its end, the process would crash
+        raise ValueError(f"{beside}: cut short ({beside.stat().st_size} of {lists.totsize} bytes)")
+    if lists is not None:  # FAISS's default starts 32 threads a search to read the lists ahead: 0.6 ms a query
+        lists.prefetch_nthread = 0  # (0.81 -> 0.21 ms at 200k x 128-d, warm); the kernel reads ahead of the faults
+    index = configure_search(index)
     return _to_gpu(index) if use_gpu else index
+
+
+def on_disk_lists(index: faiss.Index):
+    """The index's OnDiskInvertedLists (`.filename`, `.totsize`), or None when its lists live in the index."""
+    ivf = _ivf_of(index)
+    lists = faiss.downcast_InvertedLists(ivf.invlists) if ivf is not None else None
+    return lists if isinstance(lists, faiss.OnDiskInvertedLists) else None
 
 
 def index_description(index: faiss.Index) -> str:

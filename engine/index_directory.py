@@ -10,6 +10,8 @@
   INDEX_DIR/{side}-{gen}.ids.npy FAISS position -> SQLite id
   INDEX_DIR/{side}-{gen}.vectors.npy  the side's vectors in FAISS position order, memory-mapped: exact scores
                                  for filtered search whatever the index keeps (IVF lists, PQ codes)
+  INDEX_DIR/{side}-{gen}.ivfdata the inverted lists of an index that torchrun ranks built as shards, merged on
+                                 disk (FAISS OnDiskInvertedLists; the .faiss names it and reads it memory-mapped)
   INDEX_DIR/errors.jsonl         files skipped by the last run, with reasons
   INDEX_DIR/thumbnails/ab/{sha256}.jpg  a display copy of each distinct image content (app result tiles)
   INDEX_DIR/query/text.onnx      the model's text tower for torch-free text queries (text_query_model),
@@ -23,7 +25,6 @@
 from __future__ import annotations
 
 import fcntl
-import itertools
 import json
 import os
 import sqlite3
@@ -40,6 +41,7 @@ import numpy as np
 from .atomic_files import (
     publish_file_set,
     read_file_set,
+    sync_file,
     write_atomically,
     write_json_atomically,
     write_npy_atomically,
@@ -51,9 +53,10 @@ from .faiss_indexes import (
     add_rows,
     index_description,
     load_index,
-    merge_shards,
+    merge_shard_files,
     mergeable,
     new_index,
+    on_disk_lists,
     rerank_factor,
     save_index,
     train_index,
@@ -67,7 +70,7 @@ MANIFEST = "manifest.json"
 METRIC = "inner_product"
 
 
-SIDE_FILES = (".faiss", ".ids.npy", ".vectors.npy")  # what `publish` writes for a side, per generation
+SIDE_FILES = (".faiss", ".ids.npy", ".vectors.npy", ".ivfdata")  # what `publish` writes for a side, per generation
 TRAINED_SUFFIX = ".trained.faiss"  # a sharded build's trained empty index, beside its ranks' `.shard-R.faiss`
 
 
@@ -444,8 +447,9 @@ class IndexDirectory:
         memory-mapped: RAM holds the index and one block, not every vector.
 
         Under torchrun every rank calls it (`ranks`): rank 0 copies the vectors and trains the index; each rank
-        adds its consecutive share of the rows to a copy (the others write theirs as shard files); rank 0 merges
-        the shards in rank order (`merge_shards`), commits, and returns the side's entry (other ranks: None). An index
+        adds its consecutive share of the rows to a copy of it and writes it as a shard file; rank 0 merges the
+        shards in rank order (`merge_shard_files`: an IVF index's lists on disk, into `{side}-{gen}.ivfdata`, so
+        rank 0's RAM never holds the index), commits, and returns the side's entry (other ranks: None). An index
         whose shards cannot merge (HNSW) is filled by rank 0 alone."""
         ranks = ranks or Ranks()
         if not ranks.is_main:
@@ -478,7 +482,10 @@ class IndexDirectory:
             index = self._add_shard(side, generation, ranks, progress)
         else:
             index = add_rows(index, vectors, progress=progress)
-        index_path = save_index(index, self._generation_file(side, generation, ".faiss"))
+        save_index(index, self._generation_file(side, generation, ".faiss"))
+        lists = on_disk_lists(index)
+        if lists is not None:  # written through a mapping: on the disk before the manifest names it
+            sync_file(lists.filename)
         write_npy_atomically(self._generation_file(side, generation, ".ids.npy"), ids)
         manifest["sides"][side] = {
             "factory": used,
@@ -488,7 +495,8 @@ class IndexDirectory:
             "generation": generation,
             "updated": time.time(),
             "max_index_memory": budget if factory == "auto" else None,  # the budget `auto` kept to
-            "index_bytes": index_path.stat().st_size,
+            "index_bytes": self._index_bytes(side, generation),
+            "lists_on_disk": lists is not None,  # the lists are the .ivfdata file, always memory-mapped
             "ranks": ranks.world_size if shared else 1,  # torchrun ranks that added rows as shards, merged in order
         }
         manifest["max_index_memory"] = budget
@@ -502,36 +510,46 @@ class IndexDirectory:
 
     def _add_shard(self, side: str, generation: int, ranks: Ranks, progress: bool = False) -> faiss.Index | None:
         """This rank's share of a sharded build (`publish`): rows [rank n / W, (rank + 1) n / W) of the
-        generation's vectors file added to the trained index. The other ranks write theirs as shard files; rank 0
-        keeps its own in memory, merges the others into it in rank order and returns the index (the others
-        return None)."""
+        generation's vectors file added to the trained index and written as the rank's shard file. Rank 0 then
+        merges the shards in rank order (`merge_shard_files`) and returns the index (the others return None)."""
         trained = self._generation_file(side, generation, TRAINED_SUFFIX)
         vectors = np.load(self._generation_file(side, generation, ".vectors.npy"), mmap_mode="r")
         start, stop = (len(vectors) * r // ranks.world_size for r in (ranks.rank, ranks.rank + 1))
         shard = add_rows(load_index(trained, use_gpu=False), vectors, start, stop, progress=progress)
-        if not ranks.is_main:
-            save_index(shard, self._generation_file(side, generation, f".shard-{ranks.rank}.faiss"))
-            del shard
+        save_index(shard, self._generation_file(side, generation, f".shard-{ranks.rank}.faiss"))
+        del shard
         ranks.barrier()  # every shard written
         if not ranks.is_main:
             return None
-        paths = [self._generation_file(side, generation, f".shard-{r}.faiss") for r in range(1, ranks.world_size)]
-        merged = merge_shards(itertools.chain([shard], (load_index(path, use_gpu=False) for path in paths)))
+        paths = [self._generation_file(side, generation, f".shard-{r}.faiss") for r in range(ranks.world_size)]
+        merged = merge_shard_files(load_index(trained, use_gpu=False), paths,
+                                   self._generation_file(side, generation, ".ivfdata"))
         for path in [trained, *paths]:
             path.unlink()
         return merged
 
     def _generations_on_disk(self, side: str) -> set[int]:
+        """Generations with an index or lists file (a killed sharded build may leave only the lists)."""
         found = set()
-        for path in self.root.glob(f"{side}-*.faiss"):
-            number = path.name[len(side) + 1 : -len(".faiss")]
-            if number.isdigit():
-                found.add(int(number))
+        for suffix in (".faiss", ".ivfdata"):
+            for path in self.root.glob(f"{side}-*{suffix}"):
+                number = path.name[len(side) + 1 : -len(suffix)]
+                if number.isdigit():
+                    found.add(int(number))
         return found
 
     def side_file(self, side: str, suffix: str) -> Path:
         """A file of the published generation of a side (SIDE_FILES)."""
         return self._generation_file(side, self.manifest()["sides"][side]["generation"], suffix)
+
+    def index_bytes(self, side: str) -> int:
+        """Bytes of the published index of a side: its .faiss file and, when built as merged shards, its lists."""
+        return self._index_bytes(side, self.manifest()["sides"][side]["generation"])
+
+    def _index_bytes(self, side: str, generation: int) -> int:
+        lists = self._generation_file(side, generation, ".ivfdata")
+        index = self._generation_file(side, generation, ".faiss")
+        return index.stat().st_size + (lists.stat().st_size if lists.exists() else 0)
 
     def _generation_file(self, side: str, generation: int, suffix: str) -> Path:
         return self.root / f"{side}-{generation}{suffix}"

@@ -305,10 +305,12 @@ def _info(args: argparse.Namespace) -> int:
     print(f"dim       {info['dim']} ({info['metric']})")
     for side, s in info["sides"].items():
         when = datetime.datetime.fromtimestamp(s["updated"]).isoformat(timespec="seconds")
-        built = f", added by {s['ranks']} torchrun ranks and merged" if s.get("ranks", 1) > 1 else ""
+        merged = " on disk" if s.get("lists_on_disk") else ""
+        built = f", added by {s['ranks']} torchrun ranks and merged{merged}" if s.get("ranks", 1) > 1 else ""
         print(f"{side:<9} {s['items']} items, {s['vectors']} vectors, {s['factory']} ({s['index_type']}), updated "
               f"{when}{built}")
         kind = "exact vectors" if s["exact"] else "codes re-ranked from .vectors.npy" if s["reranked"] else "codes"
+        kind += ", lists memory-mapped from .ivfdata" if s.get("lists_on_disk") else ""
         recall = f", recall@10 {s['recall@10']:.3f} ({s.get('recall_queries')} held-out queries)" if "recall@10" in s else ""
         print(f"{'':<9} index {size_text(s['index_bytes'])} ({kind}){recall}")
     if info["max_index_memory"]:

@@ -492,23 +492,38 @@ def _index_texts(source, directory: IndexDirectory, models: _ModelOnDemand, fact
 
 def reindex(index_dir: str | Path, factory: str = "auto", max_index_memory: int | None = None) -> list[dict]:
     """Rebuild every side's FAISS index with another factory string (or `auto` within another memory budget)
-    from the stored embeddings."""
-    directory = IndexDirectory(index_dir)
+    from the stored embeddings. Under torchrun every rank adds a share of each side's rows and rank 0 merges
+    them (`IndexDirectory.publish`); rank 0 returns the sides' entries, the other ranks an empty list."""
+    ranks = init_from_env()
+    try:
+        directory = IndexDirectory(index_dir)
+        if ranks.is_main:
+            directory.manifest()  # not an index: said before the writer lock would create the folder
+        with directory.writing() if ranks.is_main else nullcontext():
+            sides = ranks.gather(_sides_to_rebuild(directory, factory, max_index_memory) if ranks.is_main else None)[0]
+            rebuilt = [directory.publish(side, factory, progress=ranks.is_main, max_index_memory=max_index_memory,
+                                         ranks=ranks) for side in sides]
+        return [side for side in rebuilt if side is not None]
+    finally:
+        ranks.close()
+
+
+def _sides_to_rebuild(directory: IndexDirectory, factory: str, max_index_memory: int | None) -> list[str]:
+    """The published sides, once the factory string, the budget and the stored embeddings were checked (under
+    the writer lock): a bad factory, a budget no side fits or a damaged chunk is refused before anything is
+    rebuilt."""
     manifest = directory.manifest()
     if factory != "auto":
         new_index(factory, manifest["dim"])
-    elif max_index_memory:  # a budget no side fits is refused before any side is rebuilt
+    elif max_index_memory:
         for side in manifest["sides"].values():
             auto_factory(side["vectors"], manifest["dim"], max_index_memory)
-    with directory.writing():
-        directory.ingest_pending()
-        damaged = directory.damaged_chunks()
-        if damaged:
-            shard, reason = next(iter(damaged.items()))
-            raise IndexDirectoryError(
-                f"{directory.embeddings_dir / shard}.npy: {reason} ({len(damaged)} damaged chunk(s)); nothing was "
-                f"changed. Run `otclip index SOURCE --out {directory.root}` (and `index-texts` for texts): it embeds "
-                "their items again")
-        return [directory.publish(side, factory, progress=True, max_index_memory=max_index_memory)
-                for side in directory.manifest()["sides"]]
-
+    directory.ingest_pending()
+    damaged = directory.damaged_chunks()
+    if damaged:
+        shard, reason = next(iter(damaged.items()))
+        raise IndexDirectoryError(
+            f"{directory.embeddings_dir / shard}.npy: {reason} ({len(damaged)} damaged chunk(s)); nothing was "
+            f"changed. Run `otclip index SOURCE --out {directory.root}` (and `index-texts` for texts): it embeds "
+            "their items again")
+    return list(directory.manifest()["sides"])

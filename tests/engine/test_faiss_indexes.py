@@ -1,3 +1,6 @@
+import ctypes
+import shutil
+
 import faiss
 import numpy as np
 import pytest
@@ -9,12 +12,14 @@ from otclip.engine.faiss_indexes import (
     auto_factory,
     best_k,
     build_index,
+    configure_search,
     default_nprobe,
     estimated_bytes,
     load_index,
-    merge_shards,
+    merge_shard_files,
     mergeable,
     new_index,
+    on_disk_lists,
     probe_search,
     rerank_factor,
     save_index,
@@ -139,22 +144,84 @@ def test_exact_index_equals_brute_force(tmp_path):
     np.testing.assert_allclose(scores, np.take_along_axis(q @ x.T, expected, axis=1), rtol=1e-5)
 
 
+def c_stdout(capfd) -> str:
+    """What reached standard output, C's buffered printf included (flushed first: a pipe's buffer is not)."""
+    ctypes.CDLL(None).fflush(None)
+    return capfd.readouterr().out
+
+
+def contents(index):
+    """What an index holds, list by list (ids and codes) for an IVF index, else its serialised bytes."""
+    try:
+        ivf = faiss.extract_index_ivf(index)
+    except RuntimeError:
+        return bytes(faiss.serialize_index(index))
+    return [tuple(part.tobytes() for part in get_invlist(ivf.invlists, i)) for i in range(ivf.nlist)]
+
+
 @pytest.mark.parametrize("factory", ["Flat", "SQ8", "IVF32,Flat", "OPQ8,IVF32,PQ8", "IVF32_HNSW8,SQ8"])
-def test_shards_added_apart_and_merged_are_the_index_built_at_once(factory):
-    """What torchrun ranks write (`publish`): each adds its consecutive rows to a copy of the trained index;
-    merged in order they are byte for byte the index one process fills, so every search answers alike."""
+def test_shard_files_merged_are_the_index_built_at_once(factory, tmp_path, capfd):
+    """What torchrun ranks write (`publish`): each adds its consecutive rows to a copy of the trained index and
+    saves it; merged in order (IVF lists on disk) they hold what FAISS's own `add` of every row puts in one index,
+    list by list, so every search answers alike."""
     x = clustered(3000)
     trained, _ = train_index(x, factory)
-    whole = add_rows(faiss.clone_index(trained), x)  # as `build_index` fills it
+    reference = configure_search(faiss.clone_index(trained))  # the search parameters `add_rows` sets
+    reference.add(x)  # FAISS numbers rows 0, 1, ... itself
+    assert bytes(faiss.serialize_index(add_rows(faiss.clone_index(trained), x))) == bytes(
+        faiss.serialize_index(reference))
     cuts = [0, 1000, 1001, 3000]  # uneven shares, one of a single row
-    shards = (add_rows(faiss.clone_index(trained), x, a, b) for a, b in zip(cuts, cuts[1:]))
-    merged = merge_shards(shards)
-    assert mergeable(trained) and merged.ntotal == 3000
-    assert bytes(faiss.serialize_index(merged)) == bytes(faiss.serialize_index(whole))
+    paths = [save_index(add_rows(faiss.clone_index(trained), x, a, b), tmp_path / f"shard-{i}.faiss")
+             for i, (a, b) in enumerate(zip(cuts, cuts[1:]))]
+    assert mergeable(trained)
+    merged = merge_shard_files(trained, paths, tmp_path / "m.ivfdata")
+    assert merged.ntotal == 3000
+    on_disk = "IVF" in factory
+    assert (on_disk_lists(merged) is not None) == on_disk == (tmp_path / "m.ivfdata").exists()
+    loaded = load_index(save_index(merged, tmp_path / "m.faiss"), use_gpu=False)
+    assert contents(loaded) == contents(reference)
+    for index in (loaded, reference):
+        if on_disk:
+            faiss.extract_index_ivf(index).nprobe = 32  # every list
+    np.testing.assert_array_equal(loaded.search(x[:200], 10)[1], reference.search(x[:200], 10)[1])
+    assert c_stdout(capfd) == ""  # FAISS's "resizing FILE to N bytes" is not the user's output
 
 
-def test_an_hnsw_graph_does_not_merge():
-    assert not mergeable(train_index(clustered(100), "HNSW16")[0])
+def test_merged_lists_are_read_beside_their_index_and_checked(tmp_path, capfd):
+    """A folder moved or copied still reads its own lists file (not the path written at build time, even while
+    that one exists); a lists file cut short is refused (reading it would crash the process with SIGBUS)."""
+    x = clustered(2000)
+    trained, _ = train_index(x, "IVF16,Flat")
+    built = tmp_path / "built"
+    built.mkdir()
+    paths = [save_index(add_rows(faiss.clone_index(trained), x, a, b), built / f"s{a}.faiss")
+             for a, b in ((0, 700), (700, 2000))]
+    save_index(merge_shard_files(trained, paths, built / "i.ivfdata"), built / "i.faiss")
+    expected = load_index(built / "i.faiss", use_gpu=False).search(x[:50], 5)
+    assert on_disk_lists(load_index(built / "i.faiss", use_gpu=False)).filename == str(built / "i.ivfdata")
+    copy = tmp_path / "copy"
+    shutil.copytree(built, copy)
+    loaded = load_index(copy / "i.faiss", use_gpu=False, mmap=True)
+    assert on_disk_lists(loaded).filename == str(copy / "i.ivfdata")
+    shutil.rmtree(built)
+    for found, wanted in zip(loaded.search(x[:50], 5), expected):
+        np.testing.assert_array_equal(found, wanted)
+    assert c_stdout(capfd) == ""  # nor is FAISS's "IO_FLAG_ONDISK_SAME_DIR: updating ondisk filename"
+    del loaded  # a file cut short under a live mapping would crash this process (as it would a server)
+    size = (copy / "i.ivfdata").stat().st_size
+    with open(copy / "i.ivfdata", "r+b") as f:
+        f.truncate(size // 2)
+    with pytest.raises(ValueError, match="i.ivfdata: cut short"):
+        load_index(copy / "i.faiss", use_gpu=False)
+    (copy / "i.ivfdata").unlink()
+    with pytest.raises((ValueError, RuntimeError), match="i.ivfdata"):
+        load_index(copy / "i.faiss", use_gpu=False)
+
+
+@pytest.mark.parametrize("factory", ["HNSW16", "IVF16,Flat,RFlat", "IVF16,PQ8x4fs"])
+def test_indexes_that_keep_data_outside_plain_lists_do_not_merge(factory):
+    """An HNSW graph, a refine wrapper's own vectors, fast-scan's packed blocks: filled by one process instead."""
+    assert not mergeable(train_index(clustered(1000), factory)[0])
     assert mergeable(train_index(clustered(300), "SQ8")[0])
 
 

@@ -166,19 +166,32 @@ def test_kill_and_resume(tmp_path, sample_dir):
     assert "60 indexed" in output and f"{60 - committed} embedded" in output
 
 
+def list_contents(index):
+    """An IVF index's lists, list by list: (ids, codes)."""
+    from faiss.contrib.inspect_tools import get_invlist
+
+    ivf = faiss.extract_index_ivf(index)
+    return [tuple(part.tobytes() for part in get_invlist(ivf.invlists, i)) for i in range(ivf.nlist)]
+
+
+def torchrun(*args):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+           "-m", "otclip", *args]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
 @pytest.mark.slow
 def test_two_process_gloo_equals_single_process(gallery, tmp_path, default_model, capsys):
-    """Under torchrun each rank embeds a share of the images, then adds its share of the rows to the trained index;
-    rank 0 merges the shard files (FAISS `merge_from`): byte for byte the index one process builds from the same
-    vectors."""
+    """Under torchrun each rank embeds a share of the images, then adds its share of the rows to the trained index
+    and writes it as a shard; rank 0 merges the shards' lists on disk (.ivfdata): list by list what one process
+    builds from the same vectors. `otclip reindex` under torchrun does the same; a lists file cut short is named
+    by `otclip check` and rebuilt by `otclip repair`."""
     single = tmp_path / "single"
     build(gallery, single, default_model)
     sharded = tmp_path / "sharded"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
-           "-m", "otclip", "index", str(gallery), "--out", str(sharded), "--workers", "0", "--no-progress",
-           "--factory", "IVF4,Flat"]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert done.returncode == 0, done.stderr[-3000:]
+    torchrun("index", str(gallery), "--out", str(sharded), "--workers", "0", "--no-progress", "--factory", "IVF4,Flat")
     a, b = IndexDirectory(single), IndexDirectory(sharded)
     ids_a, vec_a = a.unique_embeddings("images")
     ids_b, vec_b = b.unique_embeddings("images")
@@ -191,16 +204,33 @@ def test_two_process_gloo_equals_single_process(gallery, tmp_path, default_model
     assert shards == {"0", "1"}  # both ranks embedded a share
 
     entry = b.manifest()["sides"]["images"]
-    assert entry["ranks"] == 2 and entry["factory"] == "IVF4,Flat"
+    assert entry["ranks"] == 2 and entry["factory"] == "IVF4,Flat" and entry["lists_on_disk"]
+    assert b.side_file("images", ".ivfdata").exists()
+    assert entry["index_bytes"] == b.index_bytes("images") > b.side_file("images", ".ivfdata").stat().st_size
     assert not list(sharded.glob("*.shard-*")) and not list(sharded.glob("*.trained.faiss"))  # merged, removed
-    assert main(["info", str(sharded)]) == 0 and "added by 2 torchrun ranks and merged" in capsys.readouterr().out
+    assert main(["info", str(sharded)]) == 0
+    assert "added by 2 torchrun ranks and merged on disk" in capsys.readouterr().out
     rebuilt = tmp_path / "rebuilt"
     shutil.copytree(sharded, rebuilt)
     assert reindex(rebuilt, "IVF4,Flat")[0]["ranks"] == 1  # one process, the same stored vectors
     c = IndexDirectory(rebuilt)
-    merged, whole = (faiss.serialize_index(d.load_side("images", use_gpu=False).index) for d in (b, c))
-    assert bytes(merged) == bytes(whole)
+    assert not c.manifest()["sides"]["images"]["lists_on_disk"] and not list(rebuilt.glob("*.ivfdata"))
+    merged, whole = (d.load_side("images", use_gpu=False).index for d in (b, c))
+    assert list_contents(merged) == list_contents(whole)
     assert np.load(b.side_file("images", ".ids.npy")).tolist() == np.load(c.side_file("images", ".ids.npy")).tolist()
+
+    torchrun("reindex", str(rebuilt), "--factory", "IVF8,Flat")  # under torchrun: sharded and merged on disk
+    entry = c.manifest()["sides"]["images"]
+    assert entry["ranks"] == 2 and entry["factory"] == "IVF8,Flat" and entry["lists_on_disk"]
+    assert sorted(p.name for p in rebuilt.glob("images-*")) == [f"images-{entry['generation']}{suffix}" for suffix in
+                                                                  (".faiss", ".ids.npy", ".ivfdata", ".vectors.npy")]
+    lists = c.side_file("images", ".ivfdata")
+    with open(lists, "r+b") as f:
+        f.truncate(lists.stat().st_size - 1)
+    assert main(["check", str(rebuilt)]) == 1
+    assert f"{lists}: cut short" in capsys.readouterr().out
+    assert main(["repair", str(rebuilt)]) == 0 and main(["check", str(rebuilt)]) == 0
+    assert IndexSearcher(rebuilt).search("a photo", k=3).results
 
 
 def test_parquet_and_csv_manifests(tmp_path, sample_dir, default_model):
