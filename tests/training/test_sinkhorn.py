@@ -49,6 +49,32 @@ def test_unbalanced_plan_matches_pot():
     assert float(ours.plan.sum()) < 1.0  # mass is allowed to leave
 
 
+def _generalised_kl(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    return (torch.xlogy(p, p) - p * torch.log(q) - p + q).sum()
+
+
+@pytest.mark.parametrize("rho", [None, 0.5])
+def test_value_is_the_primal_objective_of_pots_plan(rho):
+    """OT_eps = <P, C> + eps KL(P | a b^T) (+ rho KL(P 1 | a) + rho KL(P^T 1 | b)), written out by hand (float64)
+    on POT's plan, with non-uniform marginals: the value is read from the potentials, not from this sum."""
+    x, y = clouds(seed=5)
+    C = cosine_cost(x, y)
+    a = torch.rand(len(x), generator=torch.Generator().manual_seed(0), dtype=C.dtype) + 0.1
+    a, b = a / a.sum(), uniform(len(y), C)
+    eps = 0.05
+    if rho is None:
+        P = ot.sinkhorn(a, b, C, eps, method="sinkhorn_log", stopThr=1e-14, numItermax=50000)
+    else:
+        P = ot.unbalanced.sinkhorn_unbalanced(a, b, C, eps, rho, stopThr=1e-15, numItermax=50000)
+    objective = (P * C).sum() + eps * _generalised_kl(P, a[:, None] * b[None, :])
+    if rho is not None:
+        objective = objective + rho * (_generalised_kl(P.sum(1), a) + _generalised_kl(P.sum(0), b))
+    ours = entropic_ot(C, a=a, eps=eps, rho=rho, tol=1e-13, max_iter=50000)
+    assert float(ours.value) == pytest.approx(float(objective), abs=1e-9)
+    batch = entropic_ot(torch.stack([C, C]), a=a, eps=eps, rho=rho, tol=1e-13, max_iter=50000).value
+    assert batch.shape == (2,) and torch.allclose(batch, ours.value.expand(2), atol=1e-12)
+
+
 def test_non_uniform_marginals_are_respected():
     x, y = clouds(seed=2)
     C = cosine_cost(x, y)
