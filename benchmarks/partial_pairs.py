@@ -21,7 +21,7 @@ only (seed 0), never on test.
    notebook's second stage: `THEIR_RECIPE`); every other method draws image and text batches independently.
 Headline per method: the fraction of the paired-only -> oracle gap it closes.
 
-  python benchmarks/partial_pairs.py                      # full run (20 min on a 2-core CPU, caches warm; ~28 from nothing)
+  python benchmarks/partial_pairs.py                      # full run (20 min on a 2-core CPU, caches warm; 25 from nothing)
   python benchmarks/partial_pairs.py --quick              # smoke run for CI
   python benchmarks/partial_pairs.py --from-json R.json   # rebuild a saved run's report and plots
 Writes benchmarks/results/partial_pairs.json, partial_pairs.md and partial_pairs-*.png
