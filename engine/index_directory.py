@@ -566,6 +566,9 @@ class IndexDirectory:
         gen = info["generation"]  # one manifest read for the three files
         path = self._generation_file(side, gen, ".faiss")
         try:
+            lists = self._generation_file(side, gen, ".ivfdata")
+            if info.get("lists_on_disk") and not lists.exists():  # else FAISS's multi-line error about its open
+                raise ValueError(f"{lists}: missing (the index's inverted lists)")
             index = load_index(path, use_gpu=use_gpu, mmap=mmap)
             path = self._generation_file(side, gen, ".ids.npy")
             ids = np.load(path)

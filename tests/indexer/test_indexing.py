@@ -231,6 +231,13 @@ def test_two_process_gloo_equals_single_process(gallery, tmp_path, default_model
     assert f"{lists}: cut short" in capsys.readouterr().out
     assert main(["repair", str(rebuilt)]) == 0 and main(["check", str(rebuilt)]) == 0
     assert IndexSearcher(rebuilt).search("a photo", k=3).results
+    torchrun("reindex", str(rebuilt), "--factory", "IVF8,Flat")
+    lists = c.side_file("images", ".ivfdata")
+    lists.unlink()
+    capsys.readouterr()
+    assert main(["check", str(rebuilt)]) == 1
+    assert f"{lists}: missing (the index's inverted lists)" in capsys.readouterr().out  # one line, naming the file
+    assert main(["repair", str(rebuilt)]) == 0 and main(["check", str(rebuilt)]) == 0
 
 
 def test_parquet_and_csv_manifests(tmp_path, sample_dir, default_model):
