@@ -52,7 +52,8 @@ def measure(n: int, args, device: torch.device) -> dict:
         return run
 
     base = bench(step(lambda x, y: clip_loss(x, y, scale)), args.repeat, device)
-    row = {"batch": n, "contrastive_ms": base}
+    # one (n x d) @ (d x n) product: the unit of the regularizers' floor (a cost matrix forward, one side backward)
+    row = {"batch": n, "contrastive_ms": base, "matmul_ms": bench(lambda: x0 @ y0.T, args.repeat * 4, device)}
     for name in REGISTRY:  # pool-pairing terms get a batch of n // 4 pseudo-pairs (the pairing itself runs rarely)
         reg = build_regularizer(name, eps=args.eps)
 
@@ -125,6 +126,7 @@ def main() -> None:
         cells = "".join(f"{r[n + '_ms']:>8.1f} ({r[n + '_ratio']:.1f}x)" for n in names)
         print(f"{r['batch']:>6}{r['contrastive_ms']:>8.1f}{cells}"
               f"{r['our_sinkhorn_ms']:>8.1f}{r['pot_sinkhorn2_log_ms']:>9.1f}{r['pot_over_ours']:>9.1f}")
+        print(f"       one {r['batch']} x {args.dim} x {r['batch']} matrix product {r['matmul_ms']:.1f} ms")
         print(f"       plan L1 error vs converged POT: ours {r['our_plan_rel_error']:.2e} ({r['our_iterations']} it), "
               f"POT log-domain at the same tolerance {r['pot_plan_rel_error']:.2e}")
     steps = None if args.no_train_steps else training_steps()
