@@ -269,6 +269,13 @@ def mergeable(index: faiss.Index) -> bool:
     return isinstance(kind, faiss.IndexFlatCodes) and kind.is_trained
 
 
+def list_entry_bytes(index: faiss.Index) -> int | None:
+    """The bytes each added vector takes in an index's inverted lists (its code and its 8-byte id) when those lists
+    hold all its data and merge on disk (`merge_shard_files`); None otherwise (flat codes, HNSW, refine)."""
+    ivf = _lists_at_top(index)
+    return ivf.code_size + 8 if ivf is not None and mergeable(index) else None
+
+
 def merge_shard_files(trained: faiss.Index, shards: list[Path], lists_path: Path) -> faiss.Index:
     """One index from shard files holding consecutive rows in order (`add_rows` into copies of `trained`, empty).
 

@@ -37,6 +37,7 @@ from typing import NamedTuple
 
 import faiss
 import numpy as np
+from tqdm import tqdm
 
 from .atomic_files import (
     publish_file_set,
@@ -52,6 +53,7 @@ from .faiss_indexes import (
     ADD_BLOCK,
     add_rows,
     index_description,
+    list_entry_bytes,
     load_index,
     merge_shard_files,
     mergeable,
@@ -72,6 +74,7 @@ METRIC = "inner_product"
 
 SIDE_FILES = (".faiss", ".ids.npy", ".vectors.npy", ".ivfdata")  # what `publish` writes for a side, per generation
 TRAINED_SUFFIX = ".trained.faiss"  # a sharded build's trained empty index, beside its ranks' `.shard-R.faiss`
+PART_BYTES = 1 << 30  # one process adds an IVF index's rows in parts of at most this many bytes of lists
 
 
 class LoadedSide(NamedTuple):
@@ -481,7 +484,7 @@ class IndexDirectory:
         if shared:
             index = self._add_shard(side, generation, ranks, progress)
         else:
-            index = add_rows(index, vectors, progress=progress)
+            index = self._add_in_parts(side, generation, index, vectors, progress)
         save_index(index, self._generation_file(side, generation, ".faiss"))
         lists = on_disk_lists(index)
         if lists is not None:  # written through a mapping: on the disk before the manifest names it
@@ -512,16 +515,38 @@ class IndexDirectory:
         """This rank's share of a sharded build (`publish`): rows [rank n / W, (rank + 1) n / W) of the
         generation's vectors file added to the trained index and written as the rank's shard file. Rank 0 then
         merges the shards in rank order (`merge_shard_files`) and returns the index (the others return None)."""
-        trained = self._generation_file(side, generation, TRAINED_SUFFIX)
         vectors = np.load(self._generation_file(side, generation, ".vectors.npy"), mmap_mode="r")
-        start, stop = (len(vectors) * r // ranks.world_size for r in (ranks.rank, ranks.rank + 1))
-        shard = add_rows(load_index(trained, use_gpu=False), vectors, start, stop, progress=progress)
-        save_index(shard, self._generation_file(side, generation, f".shard-{ranks.rank}.faiss"))
-        del shard
+        self._write_shard(side, generation, vectors, ranks.rank, ranks.world_size, progress)
         ranks.barrier()  # every shard written
-        if not ranks.is_main:
-            return None
-        paths = [self._generation_file(side, generation, f".shard-{r}.faiss") for r in range(ranks.world_size)]
+        return self._merge_shards(side, generation, ranks.world_size) if ranks.is_main else None
+
+    def _add_in_parts(self, side: str, generation: int, index: faiss.Index, vectors: np.ndarray,
+                      progress: bool) -> faiss.Index:
+        """The rows added to the trained `index` in one process. An IVF index whose lists would pass PART_BYTES
+        gets them as a sharded build does, one part of consecutive rows after another, each written as a shard
+        file and all merged on disk into `{side}-{gen}.ivfdata`: RAM holds one part's lists, not the index's
+        (which is then served memory-mapped); the lists are those of one `add` of every row."""
+        entry = list_entry_bytes(index)
+        parts = 1 if entry is None else -(-len(vectors) * entry // PART_BYTES)
+        if parts <= 1:
+            return add_rows(index, vectors, progress=progress)
+        save_index(index, self._generation_file(side, generation, TRAINED_SUFFIX))
+        for part in tqdm(range(parts), desc="adding in parts", unit="part", disable=not progress):
+            self._write_shard(side, generation, vectors, part, parts)
+        return self._merge_shards(side, generation, parts)
+
+    def _write_shard(self, side: str, generation: int, vectors: np.ndarray, part: int, parts: int,
+                     progress: bool = False) -> None:
+        """Rows [part n / parts, (part + 1) n / parts) added to a copy of the trained index, saved as shard `part`."""
+        start, stop = (len(vectors) * r // parts for r in (part, part + 1))
+        trained = load_index(self._generation_file(side, generation, TRAINED_SUFFIX), use_gpu=False)
+        shard = add_rows(trained, vectors, start, stop, progress=progress)
+        save_index(shard, self._generation_file(side, generation, f".shard-{part}.faiss"))
+
+    def _merge_shards(self, side: str, generation: int, parts: int) -> faiss.Index:
+        """The shard files merged in order (`merge_shard_files`), then removed with the trained index."""
+        trained = self._generation_file(side, generation, TRAINED_SUFFIX)
+        paths = [self._generation_file(side, generation, f".shard-{part}.faiss") for part in range(parts)]
         merged = merge_shard_files(load_index(trained, use_gpu=False), paths,
                                    self._generation_file(side, generation, ".ivfdata"))
         for path in [trained, *paths]:

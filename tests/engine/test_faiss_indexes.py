@@ -284,3 +284,30 @@ def test_probe_search_scans_fewer_lists_than_a_search():
     probe = set(probe_search(index, query, 200)[1][0].tolist())
     full = set(index.search(query, 200)[1][0].tolist())
     assert 0 < len(probe & exact) < len(full & exact)
+
+
+def test_one_process_adds_a_large_ivf_index_in_parts_merged_on_disk(tmp_path, monkeypatch):
+    """Past PART_BYTES of lists, `publish` in one process adds the rows a part at a time (each part a shard file)
+    and merges the parts on disk: the .ivfdata lists hold, list by list, what one `add` of every row gives, the
+    index is served from them memory-mapped, and no part or trained file is left."""
+    from synthetic_index import DIM, make_index
+    from synthetic_index import clustered as unit_vectors
+
+    from otclip.engine import index_directory
+
+    x = unit_vectors(3000, seed=4)
+    whole = make_index(tmp_path / "whole", x, "IVF16,Flat")
+    added = []
+    monkeypatch.setattr(index_directory, "add_rows", lambda index, v, start=0, stop=None, progress=False:
+                        added.append((start, stop)) or add_rows(index, v, start, stop, progress))
+    monkeypatch.setattr(index_directory, "PART_BYTES", 1100 * (DIM * 4 + 8))  # three parts of 1,000 rows
+    parts = make_index(tmp_path / "parts", x, "IVF16,Flat")
+    assert added == [(0, 1000), (1000, 2000), (2000, 3000)]
+    assert parts.manifest()["sides"]["images"]["lists_on_disk"] and parts.side_file("images", ".ivfdata").exists()
+    assert not whole.manifest()["sides"]["images"]["lists_on_disk"]
+    assert not list((tmp_path / "parts").glob("*.shard-*")) and not list((tmp_path / "parts").glob("*.trained.*"))
+    a, b = (d.load_side("images", use_gpu=False).index for d in (whole, parts))
+    assert on_disk_lists(b) is not None and contents(a) == contents(b)
+    for index in (a, b):
+        faiss.extract_index_ivf(index).nprobe = 16
+    np.testing.assert_array_equal(a.search(x[:100], 10)[1], b.search(x[:100], 10)[1])
