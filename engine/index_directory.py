@@ -447,7 +447,8 @@ class IndexDirectory:
         stays within the index's memory budget: `max_index_memory` bytes when given (0: none), else the one the
         manifest keeps; a new budget is kept only once an index was built within it. The vectors are copied from
         the chunks into the new `.vectors.npy` a block at a time, and the index is built from that file,
-        memory-mapped: RAM holds the index and one block, not every vector.
+        memory-mapped: RAM holds the index and one block, not every vector (an IVF index whose lists pass
+        PART_BYTES: one part of its lists, `_add_in_parts`).
 
         Under torchrun every rank calls it (`ranks`): rank 0 copies the vectors and trains the index; each rank
         adds its consecutive share of the rows to a copy of it and writes it as a shard file; rank 0 merges the
