@@ -136,10 +136,17 @@ def _relax(old: torch.Tensor, new: torch.Tensor, theta: float) -> torch.Tensor:
 
 @torch.no_grad()
 def _scale(C, a, b, eps, tau, max_iter, tol, check_every, overrelax) -> _Scaling:
-    """Sinkhorn's scaling iterations, absorbed into the log-potentials when they grow (Schmitzer 2019), finished in
-    the log domain when the kernel under- or overflows. The marginal error of the plan diag(u) K diag(v) is read
-    from the products K v and K^T u that the next and the last update need anyway, so a check costs no extra pass
-    over K."""
+    """Sinkhorn's scaling iterations for the entropic (un)balanced problem (tau = rho / (rho + eps), 1 when
+    balanced), absorbed into the log-potentials when they grow (Schmitzer 2019), finished in the log domain when
+    the kernel under- or overflows.
+
+    Balanced: the error is the L1 distance of the plan's row marginal to `a` plus its column marginal's to `b`
+    (over-relaxed updates leave both inexact), read from the products K v and K^T u that the next and the last
+    update need anyway, so a check costs no extra pass over K. Unbalanced: the largest relative change of the
+    scalings. C may hold a batch of problems (..., n, m), solved together until the worst one is within `tol`:
+    one set of kernel launches for all (what a GPU step needs), the same flops. overrelax: a factor in (0, 2)
+    (balanced problems only), or "auto": plain for the first AUTO_PLAIN_ITERATIONS, then the factor their
+    convergence rate suggests (`_auto_overrelax`). A check every `check_every` iterations (`_default_check_every`)."""
     f = C.amin(dim=-1)  # a shift that keeps the first kernel from underflowing
     g = C.new_zeros(C.shape[:-2] + C.shape[-1:])
     u, v = torch.ones_like(f), torch.ones_like(g)
@@ -188,28 +195,6 @@ def _default_check_every(C: torch.Tensor) -> int:
     """Every 3rd iteration on the CPU (a check is a dozen small vector operations, a quarter of an iteration's time at
     1024 x 256); every 5th on a GPU, where each is a host synchronisation."""
     return 5 if C.is_cuda else 3
-
-
-@torch.no_grad()
-def sinkhorn_potentials(
-    C: torch.Tensor, a: torch.Tensor, b: torch.Tensor, eps: float, rho: float | None = None,
-    max_iter: int = 1000, tol: float = 1e-6, check_every: int | None = None, overrelax: float | str = 1.0,
-) -> tuple[torch.Tensor, torch.Tensor, int, float]:
-    """Optimal log-potentials (f, g) of the entropic (un)balanced problem; also iterations and error.
-
-    Balanced: the error is the L1 distance of the plan's row marginal to `a` plus its column
-    marginal's to `b` (over-relaxed updates leave both inexact). Unbalanced: the largest relative
-    change of the scalings. Falls back to log-domain iterations if the scaling form leaves the
-    floating-point range. C may hold a batch of problems (..., n, m), solved together until the worst
-    one is within `tol`: one set of kernel launches for all (what a GPU step needs), the same flops.
-    overrelax: a factor in (0, 2) (balanced problems only), or "auto": plain for the first
-    AUTO_PLAIN_ITERATIONS, then the factor their convergence rate suggests (`_auto_overrelax`).
-    check_every: None = every 3rd iteration on the CPU, every 5th on a GPU.
-    """
-    tau = 1.0 if rho is None else rho / (rho + eps)
-    s = _scale(C, a, b, eps, tau, max_iter, tol, check_every or _default_check_every(C), overrelax)
-    f, g = s.potentials(eps)
-    return f, g, s.iterations, s.error
 
 
 CG_TOL = 1e-9  # relative residual of the implicit-gradient solve in float64
@@ -340,10 +325,10 @@ def entropic_ot(
     """Entropic OT between uniform (default) or given marginals.
 
     C: (n, m) cost, may require grad; solved in float32 at least, whatever autocast is active. A batch
-    (..., n, m) of problems is solved together (`sinkhorn_potentials`); `value` then has one entry a problem.
+    (..., n, m) of problems is solved together (`_scale`); `value` then has one entry a problem.
     eps: entropic regularisation. rho: None for balanced OT, else the KL marginal relaxation
     strength (unbalanced OT, for sets whose class mix differs). overrelax: the over-relaxation
-    factor (1.5 takes fewer iterations to the same solution), or "auto" (`sinkhorn_potentials`). Warns when `max_iter` is reached
+    factor (1.5 takes fewer iterations to the same solution), or "auto" (`_scale`). Warns when `max_iter` is reached
     with the marginal error above `tol`. Gradients: `value` by the envelope theorem, `plan`
     through `ImplicitPlan`.
     """
