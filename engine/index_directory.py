@@ -130,6 +130,21 @@ class IndexDirectory:
         for pattern in (f"*-*{TRAINED_SUFFIX}", "*-*.shard-*.faiss"):  # a sharded build that was killed
             for leftover in self.root.glob(pattern):
                 leftover.unlink(missing_ok=True)
+        self._remove_unpublished_generations()
+
+    def _remove_unpublished_generations(self) -> None:
+        """The files of a side's generations newer than the published one: a build killed before its commit (up to
+        the whole index, its vectors and its lists on disk). No manifest ever named them, so no reader holds them,
+        and the next build may take the number again. Where the manifest names no generation of a side (a first
+        build, or a rebuilt manifest: a server may still hold older files), they stay until the next `publish`."""
+        try:
+            published = {side: entry["generation"] for side, entry in self.manifest()["sides"].items()}
+        except IndexDirectoryError:
+            return
+        for side, generation in published.items():
+            for number, path in self._generation_paths(side, SIDE_FILES):
+                if number > generation:
+                    path.unlink(missing_ok=True)
 
     # --- manifest ----------------------------------------------------------------------------
     @property
@@ -556,13 +571,15 @@ class IndexDirectory:
 
     def _generations_on_disk(self, side: str) -> set[int]:
         """Generations with an index or lists file (a killed sharded build may leave only the lists)."""
-        found = set()
-        for suffix in (".faiss", ".ivfdata"):
+        return {number for number, _ in self._generation_paths(side, (".faiss", ".ivfdata"))}
+
+    def _generation_paths(self, side: str, suffixes: tuple[str, ...]) -> Iterator[tuple[int, Path]]:
+        """(generation, path) of each `{side}-{gen}{suffix}` file in the directory."""
+        for suffix in suffixes:
             for path in self.root.glob(f"{side}-*{suffix}"):
                 number = path.name[len(side) + 1 : -len(suffix)]
                 if number.isdigit():
-                    found.add(int(number))
-        return found
+                    yield int(number), path
 
     def side_file(self, side: str, suffix: str) -> Path:
         """A file of the published generation of a side (SIDE_FILES)."""

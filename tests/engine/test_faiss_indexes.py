@@ -311,3 +311,51 @@ def test_one_process_adds_a_large_ivf_index_in_parts_merged_on_disk(tmp_path, mo
     for index in (a, b):
         faiss.extract_index_ivf(index).nprobe = 16
     np.testing.assert_array_equal(a.search(x[:100], 10)[1], b.search(x[:100], 10)[1])
+
+
+def test_a_build_killed_before_its_commit_leaves_nothing_once_the_next_writer_holds_the_lock(tmp_path):
+    """A `publish` killed (SIGKILL) after it wrote a new generation's vectors, index and on-disk lists but before
+    the manifest named them: the next writer removes those files and only those; the published generation still
+    serves, and the next build takes the number again. Where the manifest names no generation of the side (a
+    rebuilt manifest), nothing is removed: a server may hold those files."""
+    import json
+    import subprocess
+    import sys
+
+    from synthetic_index import DIM, make_index
+    from synthetic_index import clustered as unit_vectors
+
+    from otclip.engine.index_directory import IndexDirectory
+
+    x = unit_vectors(3000, seed=5)
+    root = tmp_path / "ix"
+    directory = make_index(root, x, "IVF16,Flat")
+    published = directory.manifest()["sides"]["images"]["generation"]
+    before = sorted(p.name for p in root.glob("images-*"))
+    served = directory.load_side("images", use_gpu=False).index.search(x[:50], 10)[1]
+    kill = ("import os, signal\nfrom otclip.engine import index_directory\n"
+            f"index_directory.PART_BYTES = {1100 * (DIM * 4 + 8)}\n"  # added in parts: lists merged into .ivfdata
+            "index_directory.write_npy_atomically = lambda path, array: os.kill(os.getpid(), signal.SIGKILL)\n"
+            f"directory = index_directory.IndexDirectory({str(root)!r})\n"
+            "with directory.writing():\n    directory.publish('images', 'IVF16,Flat')\n")
+    assert subprocess.run([sys.executable, "-c", kill]).returncode == -9
+    unpublished = {p.name for p in root.glob("images-*")} - set(before)
+    assert unpublished == {f"images-{published + 1}{suffix}" for suffix in (".faiss", ".ivfdata", ".vectors.npy")}
+
+    manifest = json.loads((root / "manifest.json").read_text())
+    rebuilt = dict(manifest, sides={})  # as `rebuild_manifest` writes it: no side named
+    (root / "manifest.json").write_text(json.dumps(rebuilt))
+    with IndexDirectory(root).writing():
+        pass
+    assert unpublished <= {p.name for p in root.glob("images-*")}
+    (root / "manifest.json").write_text(json.dumps(manifest))
+
+    with IndexDirectory(root).writing():
+        pass
+    assert sorted(p.name for p in root.glob("images-*")) == before
+    index = IndexDirectory(root).load_side("images", use_gpu=False).index
+    assert index.ntotal == 3000 and np.array_equal(index.search(x[:50], 10)[1], served)
+    with directory.writing():
+        assert directory.publish("images", "IVF16,Flat")["generation"] == published + 1
+    assert sorted(p.name for p in root.glob("images-*")) == [f"images-{published + 1}{suffix}" for suffix in
+                                                              (".faiss", ".ids.npy", ".vectors.npy")]
