@@ -77,6 +77,17 @@ TRAINED_SUFFIX = ".trained.faiss"  # a sharded build's trained empty index, besi
 PART_BYTES = 1 << 30  # one process adds an IVF index's rows in parts of at most this many bytes of lists
 
 
+def _damaged_side_entry(sides: object) -> str | None:
+    """The first entry of a manifest's "sides" that `load_side` could not read (the whole field if not a mapping)."""
+    if not isinstance(sides, dict):
+        return "sides"
+    for side, entry in sides.items():
+        if not (side in SIDES and isinstance(entry, dict) and type(entry.get("generation")) is int
+                and isinstance(entry.get("factory"), str)):
+            return side
+    return None
+
+
 class LoadedSide(NamedTuple):
     index: faiss.Index
     ids: np.ndarray  # FAISS position -> SQLite item id
@@ -138,12 +149,12 @@ class IndexDirectory:
         and the next build may take the number again. Where the manifest names no generation of a side (a first
         build, or a rebuilt manifest: a server may still hold older files), they stay until the next `publish`."""
         try:
-            published = {side: entry["generation"] for side, entry in self.manifest()["sides"].items()}
-        except IndexDirectoryError:
+            sides = self.manifest()["sides"]
+        except IndexDirectoryError:  # `repair` holds the lock too: a damaged manifest must not stop it
             return
-        for side, generation in published.items():
+        for side, entry in sides.items():
             for number, path in self._generation_paths(side, SIDE_FILES):
-                if number > generation:
+                if number > entry["generation"]:
                     path.unlink(missing_ok=True)
 
     # --- manifest ----------------------------------------------------------------------------
@@ -170,6 +181,10 @@ class IndexDirectory:
                                       f"run `otclip repair {self.root}`")
         if data.get("format_version", 0) > FORMAT_VERSION:
             raise IndexDirectoryError(f"{self.root}: index format {data['format_version']} is newer than this otclip")
+        damaged = _damaged_side_entry(data["sides"])
+        if damaged:
+            raise IndexDirectoryError(f"{self.manifest_path}: side entry {damaged!r} damaged (not {' or '.join(SIDES)} with "
+                                      f"a generation and a factory); run `otclip repair {self.root}`")
         return data
 
     def model_identity(self) -> ModelIdentity:

@@ -343,11 +343,11 @@ def test_a_build_killed_before_its_commit_leaves_nothing_once_the_next_writer_ho
     assert unpublished == {f"images-{published + 1}{suffix}" for suffix in (".faiss", ".ivfdata", ".vectors.npy")}
 
     manifest = json.loads((root / "manifest.json").read_text())
-    rebuilt = dict(manifest, sides={})  # as `rebuild_manifest` writes it: no side named
-    (root / "manifest.json").write_text(json.dumps(rebuilt))
-    with IndexDirectory(root).writing():
-        pass
-    assert unpublished <= {p.name for p in root.glob("images-*")}
+    for damaged in ("{", json.dumps(dict(manifest, sides={})), json.dumps(dict(manifest, sides={"images": "x"}))):
+        (root / "manifest.json").write_text(damaged)  # unreadable; rebuilt (no side named); a side entry damaged
+        with IndexDirectory(root).writing():  # the lock `repair` takes still holds
+            pass
+        assert unpublished <= {p.name for p in root.glob("images-*")}
     (root / "manifest.json").write_text(json.dumps(manifest))
 
     with IndexDirectory(root).writing():

@@ -96,7 +96,9 @@ def test_damaged_index_files_and_manifests_are_one_line_errors(gallery, tmp_path
     assert code == 0 and "chelsea.jpg" in stdout
 
     manifest = out / "manifest.json"
-    for garbage, expected in (("{not json", "unreadable"), ("[1, 2]", "not an otclip manifest"), ("", "unreadable")):
+    damaged_side = json.dumps({**json.loads(manifest.read_text()), "sides": {"images": "x"}})
+    for garbage, expected in (("{not json", "unreadable"), ("[1, 2]", "not an otclip manifest"), ("", "unreadable"),
+                              (damaged_side, "side entry 'images' damaged")):
         manifest.write_text(garbage)
         code, _, stderr = otclip("info", out)
         assert code == 2 and f"{manifest}:" in stderr and expected in stderr and "Traceback" not in stderr

@@ -3,6 +3,7 @@ from what the index keeps: the chunks' records files, replayed in order, and the
 
 from __future__ import annotations
 
+import json
 import shutil
 import sqlite3
 from pathlib import Path
@@ -120,6 +121,11 @@ def test_damage_to_the_store_manifest_faiss_and_records_is_named_then_repaired(h
     faiss_file.write_bytes(faiss_file.read_bytes()[:64])
     code, out, _ = cli(capsys, "check", history)
     assert code == 1 and f"{faiss_file}: damaged" in out
+    assert cli(capsys, "repair", history)[0] == 0 and cli(capsys, "check", history)[0] == 0
+    assert answers(history, default_model) == found
+    manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "sides": {"images": {"generation": "2"}}}))
+    code, out, _ = cli(capsys, "check", history)
+    assert code == 1 and f"{manifest}: side entry 'images' damaged" in out
     assert cli(capsys, "repair", history)[0] == 0 and cli(capsys, "check", history)[0] == 0
     assert answers(history, default_model) == found
     identity = IndexSearcher(history).manifest["model"]
