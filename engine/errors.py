@@ -15,6 +15,10 @@ class IndexDirectoryError(RuntimeError):
     """An index directory that is missing, unreadable, or built with another model."""
 
 
+class NewerIndexFormatError(IndexDirectoryError):
+    """An index written by a newer otclip: not damaged, so `check` and `repair` must not rewrite it."""
+
+
 def disk_full(exc: BaseException) -> bool:
     """Whether `exc` is a write that found no space (OSError ENOSPC/EDQUOT, SQLite's "database or disk is
     full", FAISS's failed fwrite): the user's to fix, and every write is atomic, so nothing is half-written."""

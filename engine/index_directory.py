@@ -48,7 +48,7 @@ from .atomic_files import (
     write_npy_atomically,
 )
 from .distributed import Ranks
-from .errors import IndexDirectoryError
+from .errors import IndexDirectoryError, NewerIndexFormatError
 from .faiss_indexes import (
     ADD_BLOCK,
     add_rows,
@@ -77,14 +77,24 @@ TRAINED_SUFFIX = ".trained.faiss"  # a sharded build's trained empty index, besi
 PART_BYTES = 1 << 30  # one process adds an IVF index's rows in parts of at most this many bytes of lists
 
 
-def _damaged_side_entry(sides: object) -> str | None:
-    """The first entry of a manifest's "sides" that `load_side` could not read (the whole field if not a mapping)."""
+def _manifest_problem(data: object) -> str | None:
+    """What in a parsed manifest.json the readers could not use (None: nothing): every field they index is checked
+    here, so a damaged one is one line naming the file, which `repair` then writes again."""
+    if not isinstance(data, dict) or not {"model", "dim", "sides"} <= set(data):
+        return "not an otclip manifest (no model, dim and sides)"
+    model, sides = data["model"], data["sides"]
+    if not (isinstance(model, dict) and all(isinstance(model.get(key), str) for key in ("spec", "name", "checksum"))):
+        return "its model entry is damaged (no spec, name and checksum)"
+    numbers = {key: data[key] for key in ("dim", "format_version", "max_index_memory") if key in data}
+    for key, value in numbers.items():
+        if type(value) is not int or (value < 1 and key != "format_version"):
+            return f"its {key} is damaged (not a positive integer)"
     if not isinstance(sides, dict):
-        return "sides"
+        return "its sides entry is damaged (not a mapping)"
     for side, entry in sides.items():
         if not (side in SIDES and isinstance(entry, dict) and type(entry.get("generation")) is int
                 and isinstance(entry.get("factory"), str)):
-            return side
+            return f"side entry {side!r} damaged (not {' or '.join(SIDES)} with a generation and a factory)"
     return None
 
 
@@ -176,15 +186,13 @@ class IndexDirectory:
         except (ValueError, OSError) as exc:
             raise IndexDirectoryError(f"{self.manifest_path}: unreadable ({type(exc).__name__}: {exc}); run "
                                       f"`otclip repair {self.root}`") from None
-        if not isinstance(data, dict) or not {"model", "dim", "sides"} <= set(data):
-            raise IndexDirectoryError(f"{self.manifest_path}: not an otclip manifest (no model, dim and sides); "
-                                      f"run `otclip repair {self.root}`")
-        if data.get("format_version", 0) > FORMAT_VERSION:
-            raise IndexDirectoryError(f"{self.root}: index format {data['format_version']} is newer than this otclip")
-        damaged = _damaged_side_entry(data["sides"])
-        if damaged:
-            raise IndexDirectoryError(f"{self.manifest_path}: side entry {damaged!r} damaged (not {' or '.join(SIDES)} with "
-                                      f"a generation and a factory); run `otclip repair {self.root}`")
+        version = data.get("format_version", 0) if isinstance(data, dict) else 0
+        if type(version) is int and version > FORMAT_VERSION:  # a newer layout: not judged by this one's rules
+            raise NewerIndexFormatError(f"{self.root}: index format {version} is newer than this otclip (nothing was "
+                                        "changed; use a newer otclip)")
+        problem = _manifest_problem(data)
+        if problem:
+            raise IndexDirectoryError(f"{self.manifest_path}: {problem}; run `otclip repair {self.root}`")
         return data
 
     def model_identity(self) -> ModelIdentity:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .errors import IndexDirectoryError
+from .errors import IndexDirectoryError, NewerIndexFormatError
 from .images import THUMBNAIL_SIDE, ImageDecodeError, load_image, thumbnail_jpeg
 from .index_directory import IndexDirectory
 from .metadata_store import SIDES
@@ -32,6 +32,8 @@ def find_problems(directory: IndexDirectory) -> list[Problem]:
     repair = f"otclip repair {directory.root}"
     try:
         manifest = directory.manifest()
+    except NewerIndexFormatError:
+        raise  # not damaged: a newer otclip's
     except IndexDirectoryError as exc:
         if not directory.exists() and not any(directory.embeddings_dir.glob("*.npy")):
             raise  # not an index at all
@@ -76,6 +78,8 @@ def repair(directory: IndexDirectory, factory: str | None = None) -> list[str]:
         rebuild: set[str] = set()  # the sides whose FAISS index is built again
         try:
             directory.manifest()
+        except NewerIndexFormatError:
+            raise
         except IndexDirectoryError:
             model = directory.rebuild_manifest()
             done.append(f"{directory.manifest_path}: written again (model {model['name']})")
