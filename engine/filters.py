@@ -99,6 +99,11 @@ def parse_where(items: list[str]) -> dict[str, str | tuple[str | None, str | Non
         column, sep, value = item.partition("=")
         if not sep or not column.strip():
             raise ValueError(f"--where {item!r}: expected COLUMN=VALUE or COLUMN=LO..HI")
+        operator, name = column.rstrip()[-1], column.rstrip()[:-1].strip()
+        if operator in "<>!":  # `width>=500` would filter on a column named "width>", matching nothing
+            ranges = {">": f"{name}={value.strip()}..", "<": f"{name}=..{value.strip()}"}
+            raise ValueError(f"--where {item!r}: not a comparison otclip knows; a range is COLUMN=LO..HI, an end may be "
+                             f"left out" + (f" ({ranges[operator]})" if operator in ranges else ""))
         if ".." in value:
             lo, _, hi = value.partition("..")
             out[column.strip()] = (lo or None, hi or None)

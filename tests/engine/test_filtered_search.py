@@ -159,7 +159,9 @@ def test_near_duplicates_collapse_into_the_best_one(tmp_path):
 
 
 def test_bad_filters_are_one_line():
-    for kwargs, message in ((dict(where=["year"]), "COLUMN=VALUE"), (dict(after="June"), "--after 'June'"),
+    for kwargs, message in ((dict(where=["year"]), "COLUMN=VALUE"), (dict(where=["width>=500"]), r"\(width=500\.\.\)"),
+                            (dict(where=["year <= 2019"]), r"\(year=\.\.2019\)"), (dict(where=["a!=1"]), "COLUMN=LO"),
+                            (dict(after="June"), "--after 'June'"),
                             (dict(orientation="diagonal"), "orientation")):
         with pytest.raises(ValueError, match=message):
             filters_from_strings(**kwargs)
