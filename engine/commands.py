@@ -25,12 +25,18 @@ def run_rank(args: argparse.Namespace) -> int:
     from .model_loading import load_model
     from .sample_photos import write_sample_photos
 
+    if args.k < 1:
+        raise ValueError(f"-k {args.k}: must be at least 1")
+    if not all(query.strip() for query in args.queries):
+        raise ValueError("empty query: type some words to rank the images by")
     if args.images is None:
         paths = write_sample_photos(Path(tempfile.gettempdir()) / "otclip-sample-photos")
     else:
         if not args.images.is_dir():
             raise FileNotFoundError(f"{args.images}: not a folder")
         paths = sorted(p for p in args.images.rglob("*") if is_image_path(p))
+        if not paths:
+            raise FileNotFoundError(f"{args.images}: no images in it or its subfolders")
     encoder = Encoder(load_model(args.model))
     images = encoder.encode_images(paths)
     for query, q in zip(args.queries, encoder.encode_texts(args.queries)):

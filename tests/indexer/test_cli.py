@@ -41,9 +41,17 @@ def test_cli_errors_are_one_line(tmp_path):
     assert code == 2 and "not a valid FAISS index description" in stderr
 
 
-def test_cli_rank_over_a_folder(gallery):
+def test_cli_rank_over_a_folder(gallery, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
     code, stdout, _ = otclip("rank", "a cat", "--images", gallery, "-k", "2")
-    assert code == 0 and stdout.splitlines()[1].strip().endswith("chelsea.jpg")
+    assert code == 0 and stdout.splitlines()[1].strip().endswith("chelsea.jpg") and len(stdout.splitlines()) == 3
+    for args, message in ((["a cat", "-k", "-3", "--images", gallery], "-k -3: must be at least 1"),
+                          (["a cat", "-k", "0", "--images", gallery], "-k 0: must be at least 1"),
+                          (["a cat", "--images", empty], f"{empty}: no images"),
+                          (["a cat", " ", "--images", gallery], "empty query")):
+        code, stdout, stderr = otclip("rank", *args)
+        assert code == 2 and message in stderr and not stdout, (args, stderr)
 
 
 def test_an_unchanged_folder_is_reindexed_without_the_model(gallery, tmp_path, default_model):
