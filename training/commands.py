@@ -12,19 +12,20 @@ from otclip.engine.model_identity import DEFAULT_MODEL_NAME
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("data", help="build a partially-paired corpus from real data")
-    p.add_argument("dataset", choices=["fashion-mnist"])
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--pair-fraction", type=float, default=0.05)
+    p.add_argument("dataset", choices=["fashion-mnist"], help="the dataset (Debian's dataset-fashion-mnist)")
+    p.add_argument("--out", type=Path, required=True, help="corpus folder to write (train/val/test.jsonl, images)")
+    p.add_argument("--pair-fraction", type=float, default=0.05,
+                   help="share of the seen-class training images that keep their caption (default: %(default)s)")
     p.add_argument("--unseen", default="", help='classes held out of training, e.g. "sandal,bag,ankle boot"')
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--train-size", type=int, default=10_000)
-    p.add_argument("--val-size", type=int, default=1_000)
+    p.add_argument("--seed", type=int, default=0, help="which images are drawn and paired (default: %(default)s)")
+    p.add_argument("--train-size", type=int, default=10_000, help="training images (default: %(default)s)")
+    p.add_argument("--val-size", type=int, default=1_000, help="validation pairs (default: %(default)s)")
     p.add_argument("--open-world", action="store_true",
                    help="unseen classes get no pairs but appear among the unpaired images and texts")
-    p.add_argument("--test-size", type=int, default=2_000)
+    p.add_argument("--test-size", type=int, default=2_000, help="test pairs (default: %(default)s)")
     p.set_defaults(func=_data)
 
-    from .config import POSITIVES, TrainConfig
+    from .config import FLAG_HELP, POSITIVES, TrainConfig
 
     CHOICES = {"positives": list(POSITIVES)}  # --reg is checked by TrainConfig against the registry
 
@@ -37,10 +38,11 @@ def register(sub: argparse._SubParsersAction) -> None:
             continue
         flag = "--" + name.replace("_", "-")
         if isinstance(value, bool):
-            p.add_argument(flag, action="store_true")
+            p.add_argument(flag, action="store_true", help=FLAG_HELP[name])
         else:
             kind = float if name == "ot_rho" else type(value)
-            p.add_argument(flag, type=kind, default=value, choices=CHOICES.get(name))
+            p.add_argument(flag, type=kind, default=value, choices=CHOICES.get(name),
+                           help=f"{FLAG_HELP[name]} (default: %(default)s)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_train)
 

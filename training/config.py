@@ -75,12 +75,19 @@ class TrainConfig:
                 raise ValueError(f"--{name.replace('_', '-')} {value}: must be positive (leave it out for balanced OT)")
         if self.ot_eps <= 0:
             raise ValueError(f"--ot-eps {self.ot_eps}: must be positive")
-        for name in ("match_min_mass", "match_min_certainty", "match_structure"):  # shares, from 0 to 1
+        if self.lr <= 0:
+            raise ValueError(f"--lr {self.lr}: must be positive")
+        for name in ("match_min_mass", "match_min_certainty", "match_structure", "pseudo_warmup"):  # shares
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be a share, from 0 to 1")
-        for name in ("steps", "batch_size", "unpaired_batch_size", "accum", "eval_every", "save_every"):
+        for name in ("steps", "batch_size", "unpaired_batch_size", "accum", "eval_every", "save_every", "match_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+        # negative values would be read as something else: a slice from the end (val_size, unlock_text), ascent
+        for name in ("alpha", "loop_lambda", "weight_decay", "warmup", "unlock_image", "unlock_text", "val_size",
+                     "match_clusters"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)}: must not be negative")
 
     def resume_fields(self) -> dict:
         """What must match for a run directory to be resumed (steps and eval cadence may change)."""
@@ -90,3 +97,35 @@ class TrainConfig:
         return d
 
 
+
+
+FLAG_HELP = {  # `otclip train --help`: what each TrainConfig field's flag does
+    "model": "model spec or checkpoint to fine-tune",
+    "reg": "the unpaired-data term: none or a registered regularizer (README's table; a wrong name lists them)",
+    "alpha": "weight of the regularizer's terms against the contrastive loss",
+    "ot_eps": "entropic regularisation of the OT terms (cosine cost in [0, 2])",
+    "ot_rho": "unbalanced OT's marginal penalty (left out: balanced)",
+    "debiased": "ot-pairwise: the debiased Sinkhorn divergence instead of OT_eps",
+    "loop_lambda": "ot-loop: weight of the loop-consistency term",
+    "match_rho": "ot-match: the pool matching's marginal penalty (unbalanced: items without a partner stay out)",
+    "match_min_mass": "ot-match: share of an image's mass the plan must transport for a pseudo-pair",
+    "match_min_certainty": "ot-match: share of that mass its best text must hold",
+    "match_clusters": "ot-cluster: the number of categories in the unpaired data",
+    "match_structure": "ot-cluster: weight of the clusters' layouts against the joint space, 0 to 1",
+    "positives": "contrastive positives: pair (row i only) or label (every pair of the same class)",
+    "steps": "optimizer steps",
+    "batch_size": "pairs per step",
+    "unpaired_batch_size": "unpaired images and texts per step",
+    "lr": "peak learning rate (AdamW, warm-up then cosine decay)",
+    "weight_decay": "AdamW weight decay",
+    "warmup": "linear learning-rate warm-up, in steps",
+    "accum": "batches accumulated per optimizer step",
+    "eval_every": "steps between validations (best.pt is the best validation)",
+    "save_every": "steps between checkpoints (last.pt: a killed run resumes from it)",
+    "match_every": "steps between pool matchings (ot-match, ot-cluster, mmcl-pool)",
+    "pseudo_warmup": "share of the steps trained on pairs alone (after-pairs and two-stage schedules)",
+    "unlock_image": "unfreeze the image tower's last N blocks (0: the tower stays frozen)",
+    "unlock_text": "unfreeze the text tower's last N layers (0: the tower stays frozen)",
+    "seed": "random seed (batches, initialisation)",
+    "val_size": "validation pairs used, at most",
+}

@@ -54,6 +54,9 @@ def build_fashion_mnist_corpus(out: str | Path, pair_fraction: float = 0.05, uns
     experiments can vary the pairing over one set of images."""
     if not 0 <= pair_fraction <= 1:
         raise ValueError(f"--pair-fraction {pair_fraction}: must be in [0, 1]")
+    for flag, size in (("--train-size", train_size), ("--val-size", val_size), ("--test-size", test_size)):
+        if size < 0:  # a negative size would slice from the end: every image but that many
+            raise ValueError(f"{flag} {size}: must not be negative")
     out = Path(out)
     pool_rng, rng = random.Random(seed if pool_seed is None else pool_seed), random.Random(seed)
     unseen_ids = parse_unseen(unseen)

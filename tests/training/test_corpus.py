@@ -52,3 +52,6 @@ def test_fashion_mnist_corpus_holds_unseen_classes_out(tmp_path):
     assert len(corpus.pairs) == 20
     with pytest.raises(ValueError, match="unknown classes"):
         build_fashion_mnist_corpus(tmp_path / "x", 0.1, "spaceship")
+    with pytest.raises(ValueError, match="--val-size -5: must not be negative"):
+        build_fashion_mnist_corpus(tmp_path / "y", 0.1, val_size=-5)
+    assert not (tmp_path / "y").exists()
