@@ -121,3 +121,22 @@ def test_a_large_uploaded_photo_is_decoded_as_indexed_photos_are(api, demo_index
     assert 224 <= min(decoded.size) and decoded.size[0] < 2400
     page = app.search([Term("image", decoded)], k=5).results
     assert max(abs(r.score - w.score) for r, w in zip(page, want)) < 1e-5
+
+
+def test_serve_refuses_in_one_line_where_it_could_not_listen(live_app, demo_index, capsys):
+    """A port a server already listens on, a host that is not this machine's, an out-of-range port, a missing
+    index: each one line (exit 2) before Gradio or a model loads, not Gradio's traceback after the loading."""
+    from urllib.parse import urlsplit
+
+    from otclip.main import main
+
+    index, taken = demo_index / "index", urlsplit(live_app).port
+    for args, message in ((["--port", str(taken)], f"--port {taken}: in use on 127.0.0.1"),
+                          (["--host", "192.0.2.1", "--port", "7999"], "--host 192.0.2.1: cannot listen on"),
+                          ([demo_index / "missing"], "missing: not an otclip index")):
+        assert main(["serve", str(index), *map(str, args)]) == 2
+        out, err = capsys.readouterr()
+        assert message in err and len(err.splitlines()) == 1 and not out, (out, err)
+    with pytest.raises(SystemExit):
+        main(["serve", str(index), "--port", "70000"])
+    assert "a TCP port is a number from 1 to 65535" in capsys.readouterr().err
