@@ -349,6 +349,7 @@ def _index_images(source, directory: IndexDirectory, models: _ModelOnDemand, ran
     if not ranks.is_main:
         models.open_index()  # checks the identity: every rank embeds with the index's model
     items = read_collection(source)
+    _refuse_to_empty(source, directory, "images", len(items))
     plan = _plan(items, directory, ranks)
     summary = IndexingSummary("images", unchanged=plan.unchanged, repaired=repaired)
     writer = _ChunkWriter(directory, "images", ranks, chunk_size)
@@ -459,11 +460,25 @@ def index_texts(
     return summary
 
 
+class EmptySourceError(IndexDirectoryError):
+    """A source with nothing in it, for an index that holds items of that side (`_refuse_to_empty`)."""
+
+
+def _refuse_to_empty(source, directory: IndexDirectory, side: str, found: int) -> None:
+    """A source with nothing in it would remove every item of the side (the index mirrors its source): most often a
+    drive not mounted or a wrong path, and the items would have to be embedded again. Refused in one line."""
+    held = directory.store.count(side) if not found else 0
+    if held:
+        raise EmptySourceError(f"{source}: no {side} in it, but the index holds {held}; nothing was removed (a drive "
+                               f"not mounted, or another path?). To start over, delete {directory.root}")
+
+
 def _index_texts(source, directory: IndexDirectory, models: _ModelOnDemand, factory: str, batch_size: int,
                  chunk_size: int, progress: bool, query_models: bool,
                  max_index_memory: int | None) -> IndexingSummary:
     ingested, repaired = _prepare(directory, models, factory)
     texts = read_texts(source)
+    _refuse_to_empty(source, directory, "texts", len(texts))
     stored = directory.store.stats("texts")
     wanted: dict[str, object] = {}
     for t in texts:

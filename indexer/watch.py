@@ -9,6 +9,7 @@ inside the index directory itself (when it lives in the watched folder) are igno
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -17,7 +18,7 @@ from typing import TYPE_CHECKING
 
 from otclip.engine.image_paths import is_image_path
 
-from .pipeline import IndexingSummary, index_images
+from .pipeline import EmptySourceError, IndexingSummary, index_images
 
 if TYPE_CHECKING:
     from otclip.engine import LoadedModel
@@ -57,12 +58,16 @@ def watch(folder: str | Path, index_dir: str | Path, model: str | LoadedModel, s
     runs = 0
     try:
         while True:
-            summary = index_images(folder, index_dir, model, **index_options)
-            if report is not None:
-                report(summary)
+            try:
+                summary = index_images(folder, index_dir, model, **index_options)
+            except EmptySourceError as exc:  # a drive unmounted, or every photo moved out: the index waits for them
+                print(f"otclip watch: {exc}", file=sys.stderr, flush=True)
             else:
-                print(summary.line(), flush=True)
-            runs += 1
+                if report is not None:
+                    report(summary)
+                else:
+                    print(summary.line(), flush=True)
+                runs += 1
             while not changed.wait(0.2):
                 if stop.is_set():
                     return runs

@@ -379,3 +379,31 @@ def test_bad_settings_fail_before_anything_is_embedded(gallery, tmp_path, defaul
     (tmp_path / "file").write_text("not a folder")
     with pytest.raises(IndexDirectoryError, match="is a file"):
         index_images(gallery, tmp_path / "file", default_model, progress=False)
+
+
+def test_an_empty_source_does_not_empty_the_index(gallery, tmp_path, default_model):
+    """The index mirrors its source, so a source with nothing in it (a drive not mounted, a wrong path) would
+    remove every item and cost their embeddings: refused in one line, nothing removed; a new index may start
+    empty."""
+    import pytest
+
+    from otclip.engine.errors import IndexDirectoryError
+    from otclip.engine.search import IndexSearcher
+    from otclip.indexer.pipeline import index_images, index_texts
+
+    out, empty = tmp_path / "ix", tmp_path / "unmounted"
+    empty.mkdir()
+    index_images(gallery, out, default_model, progress=False, workers=0, query_models=False, thumbnails=False)
+    captions = tmp_path / "captions.txt"
+    captions.write_text("a tabby cat\na rocket\n")
+    index_texts(captions, out, default_model, progress=False, query_models=False)
+    blank = tmp_path / "blank.txt"
+    blank.write_text("\n\n")
+    for run, message in ((lambda: index_images(empty, out, default_model, progress=False, workers=0), "no images"),
+                         (lambda: index_texts(blank, out, default_model, progress=False), "no texts")):
+        with pytest.raises(IndexDirectoryError, match=f"{message} in it, but the index holds (20|2); nothing was removed"):
+            run()
+    searcher = IndexSearcher(out, model=default_model)
+    assert len(searcher.search("a cat", k=50).results) == 20
+    assert len(searcher.search("a cat", k=50, target="texts").results) == 2
+    assert index_images(empty, tmp_path / "new", default_model, progress=False, workers=0).total == 0

@@ -20,7 +20,7 @@ def wait_for(condition, seconds: float = 60.0) -> None:
         time.sleep(0.2)
 
 
-def test_new_changed_and_removed_photos_reach_a_running_searcher(tmp_path, sample_dir, default_model):
+def test_new_changed_and_removed_photos_reach_a_running_searcher(tmp_path, sample_dir, default_model, capfd):
     photos, index = tmp_path / "photos", tmp_path / "photos" / ".index"  # the index inside the watched folder
     photos.mkdir()
     for name in ("rocket", "coffee"):
@@ -57,6 +57,12 @@ def test_new_changed_and_removed_photos_reach_a_running_searcher(tmp_path, sampl
         (photos / "notes.txt").write_text("not a photo")  # not a change to the collection
         time.sleep(1.5)
         assert len(runs) == done
+        for name in ("rocket", "coffee"):  # every photo gone (a drive unmounted): refused, the watcher goes on
+            (photos / f"{name}.jpg").unlink()
+        wait_for(lambda: "no images in it, but the index holds 2; nothing was removed" in capfd.readouterr().err)
+        assert len(runs) == done and len(searcher.search("a rocket", k=5).results) == 2 and watcher.is_alive()
+        shutil.copy(sample_dir / "rocket.jpg", photos / "rocket.jpg")  # back: the next run mirrors the folder
+        wait_for(lambda: len(runs) > done and runs[-1].total == 1 and runs[-1].removed == 1)
     finally:
         stop.set()
         watcher.join(30)
