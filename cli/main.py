@@ -38,6 +38,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        if not _stdout_reader_gone():
+            raise  # another pipe's (a socket's)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
+        return 141  # 128 + SIGPIPE: what a shell reports for a command a pipe stopped, as `cat` does
     except Exception as exc:
         from otclip.engine.errors import USER_ERRORS, disk_full
 
@@ -52,6 +57,18 @@ def main(argv: list[str] | None = None) -> int:
             print(f"otclip {args.command}: {exc}", file=sys.stderr)
             return 2
         raise
+
+
+def _stdout_reader_gone() -> bool:
+    """Whether stdout is a pipe whose reader closed it (`otclip search ... | head`): poll reports an error on it."""
+    import select
+
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (AttributeError, OSError, ValueError):  # no poll (Windows), or stdout is not a file
+        return False
 
 
 if __name__ == "__main__":

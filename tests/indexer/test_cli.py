@@ -172,3 +172,16 @@ def test_damaged_embedding_chunks_are_found_and_their_items_embedded_again(galle
 
     ids, vectors = IndexDirectory(out).unique_embeddings("images")
     assert len(ids) == 20 and np.allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-4)
+
+
+def test_output_cut_short_by_a_pipe_ends_quietly(tmp_path):
+    """`otclip info DIR | head -1`: a reader that closes stdout first stops the command quietly with 141 (128 +
+    SIGPIPE, as cat does), not a BrokenPipeError traceback."""
+    from synthetic_index import clustered, make_index
+
+    make_index(tmp_path / "ix", clustered(50, seed=0), "Flat")
+    command = subprocess.Popen([sys.executable, "-m", "otclip", "info", str(tmp_path / "ix")], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE)
+    command.stdout.close()  # before it writes a line
+    assert command.wait(60) == 141
+    assert command.stderr.read() == b""
