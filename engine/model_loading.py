@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import zipfile
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -199,8 +200,11 @@ def _probe_dim(model: nn.Module, open_clip, arch: str) -> int:
 def _from_checkpoint(path: Path) -> LoadedModel:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise ModelLoadError(f"{path}: cannot read as a checkpoint ({type(exc).__name__}: {exc})") from None
+    except Exception as exc:  # torch's own message runs to paragraphs: its first line, or what the file is not
+        reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:200]}" if str(exc).strip() else repr(exc)
+        if not zipfile.is_zipfile(path):  # what torch.save writes
+            reason = "not a file torch.save wrote"
+        raise ModelLoadError(f"{path}: cannot read as a checkpoint ({reason})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise ModelLoadError(
             f"{path}: not an otclip checkpoint; for open_clip weights pass ARCH:{path} (e.g. ViT-B-32:{path})"

@@ -14,10 +14,14 @@ import torch
 from otclip.engine import LoadedModel, load_model, save_checkpoint
 
 
-def interpolate_states(start: dict, end: dict, alpha: float, what: str = "the two state dicts") -> dict:
-    """(1 - alpha) start + alpha end for floating-point tensors; other tensors come from `end`."""
+def _check_alpha(alpha: float) -> None:
     if not 0 <= alpha <= 1:
         raise ValueError(f"--alpha {alpha}: must be in [0, 1]")
+
+
+def interpolate_states(start: dict, end: dict, alpha: float, what: str = "the two state dicts") -> dict:
+    """(1 - alpha) start + alpha end for floating-point tensors; other tensors come from `end`."""
+    _check_alpha(alpha)
     if start.keys() != end.keys() or any(start[k].shape != end[k].shape for k in end):
         raise ValueError(f"{what} have different architectures: "
                          "interpolate a run's checkpoint with the model it was trained from")
@@ -35,6 +39,7 @@ def interpolate(zero_shot: LoadedModel, fine_tuned: LoadedModel, alpha: float) -
 def wise_ft(fine_tuned: str | Path, alpha: float, out: str | Path, zero_shot: str | None = None) -> Path:
     """Write the interpolated checkpoint to `out`. The zero-shot model defaults to the one the
     training run recorded (`train_config.model` in the checkpoint)."""
+    _check_alpha(alpha)  # before loading two models
     tuned = load_model(str(fine_tuned), device="cpu")  # a clear error for anything but a checkpoint
     if zero_shot is None:
         ckpt = torch.load(fine_tuned, map_location="cpu", weights_only=True)

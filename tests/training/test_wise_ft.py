@@ -50,4 +50,8 @@ def test_cli_writes_a_checkpoint_between_the_run_and_its_starting_model(small_co
     assert load_model(str(out)).identity.name.startswith("effnet-minilm-wise0.25@")
     bad = subprocess.run([sys.executable, "-m", "otclip", "wise-ft", str(small_corpus / "train.jsonl"), "--out",
                           str(tmp_path / "x.pt")], capture_output=True, text=True, timeout=300)
-    assert bad.returncode == 2 and "train.jsonl: cannot read as a checkpoint" in bad.stderr and "Traceback" not in bad.stderr
+    assert bad.returncode == 2 and "train.jsonl: cannot read as a checkpoint (not a file torch.save wrote)" in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1  # not torch's paragraphs, nor a traceback
+    bad = subprocess.run([sys.executable, "-m", "otclip", "wise-ft", str(run / "missing.pt"), "--alpha", "1.5", "--out",
+                          str(tmp_path / "x.pt")], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and bad.stderr.strip() == "otclip wise-ft: --alpha 1.5: must be in [0, 1]"
