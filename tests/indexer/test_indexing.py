@@ -123,12 +123,13 @@ def test_text_side_and_reindex(gallery, tmp_path, default_model):
 
 def test_manifest_with_captions(tmp_path, sample_dir, default_model):
     manifest = tmp_path / "m.jsonl"
-    rows = [{"path": str(sample_dir / "chelsea.jpg"), "caption": "my cat", "label": "pet", "owner": "ann"},
-            {"path": str(sample_dir / "rocket.jpg"), "caption": "launch"}]
+    rows = [{"path": str(sample_dir / "chelsea.jpg"), "caption": "an old caption", "owner": "bob"},
+            {"path": str(sample_dir / "chelsea.jpg"), "caption": "my cat", "label": "pet", "owner": "ann"},
+            {"path": str(sample_dir / "rocket.jpg"), "caption": "launch"}]  # a path on two rows: the last is kept
     manifest.write_text("\n".join(json.dumps(r) for r in rows))
     build(manifest, tmp_path / "ix", default_model)
-    r = IndexSearcher(tmp_path / "ix", model=default_model).search_text("a cat", k=1)[0]
-    assert (r.text, r.label, r.extra) == ("my cat", "pet", {"owner": "ann"})
+    results = IndexSearcher(tmp_path / "ix", model=default_model).search_text("a cat", k=5)
+    assert len(results) == 2 and (results[0].text, results[0].label, results[0].extra) == ("my cat", "pet", {"owner": "ann"})
 
 
 def _run_index(gallery, out, env=None):
