@@ -134,3 +134,27 @@ print(json.dumps({{"torch": "torch" in sys.modules, "loaded": s.model_loaded, "e
     for text, (vector, label) in theirs.items():
         np.testing.assert_allclose(ours[text][0], vector, rtol=0, atol=1e-4, err_msg=text)
         assert ours[text][1] == label
+
+
+def test_a_models_first_index_on_the_cpu_exports_the_image_tower_first_and_embeds_through_it(default_model, tmp_path,
+                                                                                             monkeypatch):
+    """No export cached yet (a model's first index): on the CPU the image tower is exported and checked before the
+    photos are embedded, and ONNX Runtime embeds them (5x torch's forward for EfficientNet-lite0 here), writing what
+    torch would have, within the export's checked tolerance."""
+    import pytest
+
+    from otclip.engine import encoding
+    from otclip.indexer import pipeline
+    from otclip.indexer.pipeline import index_images
+
+    photos = _gallery(tmp_path / "photos")
+    torch_run = index_images(photos, tmp_path / "torch", default_model, progress=False, workers=0, query_models=False)
+    monkeypatch.setattr(pipeline, "cached_query_model", lambda tower, checksum: None)  # as on a first use
+    monkeypatch.setattr(encoding.Encoder, "iter_image_batches", lambda *a, **k: pytest.fail("torch's forward embedded"))
+    first = index_images(photos, tmp_path / "first", "effnet-minilm", progress=False, workers=0)
+    assert first.model_loaded and first.embedded == torch_run.embedded and not first.torch_queries
+    ours, theirs = _contents(tmp_path / "first"), _contents(tmp_path / "torch")
+    assert sorted(ours) == sorted(theirs) and len(ours) >= 12
+    for name, (vector, *facts) in theirs.items():
+        np.testing.assert_allclose(ours[name][0], vector, rtol=0, atol=1e-4, err_msg=name)
+        assert ours[name][1:] == tuple(facts), name
