@@ -137,8 +137,7 @@ class _ModelOnDemand:
 
     def _export_at_hand(self, tower: str, exports: bool) -> tuple[dict, dict] | None:
         """The model's checked ONNX export of `tower` (kept in the index or cached from an earlier index of the
-        model), when neither a loaded model, a GPU nor torchrun ranks call for torch; else None.
-        `exports`: False (--no-query-export) keeps everything on torch."""
+        model), where exports may embed (`_may_use_exports`); else None."""
         if not self._may_use_exports(exports):
             return None
         return self.directory.query_model_files(tower) or cached_query_model(
@@ -365,8 +364,8 @@ def _index_images(source, directory: IndexDirectory, models: _ModelOnDemand, ran
     if not ranks.is_main:
         models.open_index()  # checks the identity: every rank embeds with the index's model
     items = read_collection(source)
-    _refuse_to_empty(source, directory, "images", len(items))
     plan = _plan(items, directory, ranks)
+    _refuse_to_empty(source, directory, "images", len(items) - len(plan.errors), len(items))
     summary = IndexingSummary("images", unchanged=plan.unchanged, repaired=repaired)
     writer = _ChunkWriter(directory, "images", ranks, chunk_size)
     if ranks.is_main:  # known content under a new path, or new metadata: no embedding needed
@@ -480,13 +479,15 @@ class EmptySourceError(IndexDirectoryError):
     """A source with nothing in it, for an index that holds items of that side (`_refuse_to_empty`)."""
 
 
-def _refuse_to_empty(source, directory: IndexDirectory, side: str, found: int) -> None:
-    """A source with nothing in it would remove every item of the side (the index mirrors its source): most often a
-    drive not mounted or a wrong path, and the items would have to be embedded again. Refused in one line."""
+def _refuse_to_empty(source, directory: IndexDirectory, side: str, found: int, listed: int) -> None:
+    """A source with nothing in it that can be read (`found` of `listed`) would remove every item of the side (the
+    index mirrors its source): most often a drive not mounted (a folder left empty, a manifest whose files are all
+    missing) or a wrong path, and the items would have to be embedded again. Refused in one line."""
     held = directory.store.count(side) if not found else 0
     if held:
-        raise EmptySourceError(f"{source}: no {side} in it, but the index holds {held}; nothing was removed (a drive "
-                               f"not mounted, or another path?). To start over, delete {directory.root}")
+        what = f"none of the {listed} {side} it lists can be read" if listed else f"no {side} in it"
+        raise EmptySourceError(f"{source}: {what}, but the index holds {held}; nothing was removed (a drive not "
+                               f"mounted, or another path?). To start over, delete {directory.root}")
 
 
 def _index_texts(source, directory: IndexDirectory, models: _ModelOnDemand, factory: str, batch_size: int,
@@ -494,7 +495,7 @@ def _index_texts(source, directory: IndexDirectory, models: _ModelOnDemand, fact
                  max_index_memory: int | None) -> IndexingSummary:
     ingested, repaired = _prepare(directory, models, factory)
     texts = read_texts(source)
-    _refuse_to_empty(source, directory, "texts", len(texts))
+    _refuse_to_empty(source, directory, "texts", len(texts), len(texts))
     stored = directory.store.stats("texts")
     wanted: dict[str, object] = {}
     for t in texts:

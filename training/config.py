@@ -97,8 +97,6 @@ class TrainConfig:
         return d
 
 
-
-
 FLAG_HELP = {  # `otclip train --help`: what each TrainConfig field's flag does
     "model": "model spec or checkpoint to fine-tune",
     "reg": "the unpaired-data term: none or a registered regularizer (README's table; a wrong name lists them)",

@@ -398,12 +398,14 @@ def test_an_empty_source_does_not_empty_the_index(gallery, tmp_path, default_mod
     captions = tmp_path / "captions.txt"
     captions.write_text("a tabby cat\na rocket\n")
     index_texts(captions, out, default_model, progress=False, query_models=False)
-    blank = tmp_path / "blank.txt"
+    blank, moved = tmp_path / "blank.txt", tmp_path / "moved.csv"
     blank.write_text("\n\n")
-    for run, message in ((lambda: index_images(empty, out, default_model, progress=False, workers=0), "no images"),
-                         (lambda: index_texts(blank, out, default_model, progress=False), "no texts")):
-        with pytest.raises(IndexDirectoryError, match=f"{message} in it, but the index holds (20|2); nothing was removed"):
-            run()
+    moved.write_text("path\n/mnt/unmounted/a.jpg\n/mnt/unmounted/b.jpg\n")  # a manifest of a drive not mounted
+    for source, message in ((empty, "no images in it"), (moved, "none of the 2 images it lists can be read"),
+                            (blank, "no texts in it")):
+        run = index_texts if source == blank else index_images
+        with pytest.raises(IndexDirectoryError, match=f"{message}, but the index holds (20|2); nothing was removed"):
+            run(source, out, default_model, progress=False)
     searcher = IndexSearcher(out, model=default_model)
     assert len(searcher.search("a cat", k=50).results) == 20
     assert len(searcher.search("a cat", k=50, target="texts").results) == 2
