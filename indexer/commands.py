@@ -55,7 +55,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("index_dir", type=Path)
     p.add_argument("query", nargs="?", help='texts and images with weights and exclusions: "a beach" + ./ref.jpg - '
                    "people, 2:cat + dog (see README)")
-    p.add_argument("--image", type=Path, help="add this image to the query (or query by it alone)")
+    p.add_argument("--image", help="add this image file to the query (or query by it alone)")
     p.add_argument("--target", choices=["images", "texts"], default="images", help="what to return")
     p.add_argument("-k", type=int, default=10)
     p.add_argument("--offset", type=int, default=0, help="skip the first N results (the next page)")
@@ -190,13 +190,15 @@ def _reindex(args: argparse.Namespace) -> int:
 
 def _search(args: argparse.Namespace) -> int:
     from otclip.engine.filters import filters_from_strings
-    from otclip.engine.query_language import Term, parse_query
+    from otclip.engine.query_language import URL, Term, parse_query, url_refusal
     from otclip.engine.result_export import export_images, results_csv, results_json
     from otclip.engine.threads import thread_budget
 
     terms = parse_query(args.query) if args.query is not None else []
     if args.image is not None:
-        terms.append(Term("image", str(args.image.expanduser().resolve())))
+        if URL.match(args.image):
+            raise ValueError(f"--image: {url_refusal(args.image)}")
+        terms.append(Term("image", str(Path(args.image).expanduser().resolve())))
     if not terms:
         raise ValueError('give a query (e.g. "a beach" + ./ref.jpg - people) or --image PATH')
     filters = filters_from_strings(args.under, args.glob, args.label, args.where, args.after, args.before,

@@ -28,7 +28,7 @@ def test_texts_images_weights_and_exclusions(ref):
 @pytest.mark.parametrize("query,message", [
     ("", "empty query"), ("   ", "empty query"), ("cat + ", r"'\+' with no term"), ("cat + - dog", "with no term"),
     ('"a beach + dog', "quote is not closed"), ("0:cat", "must be positive"), ("./nope.jpg + cat", "no such file"),
-    ("- cat", "only exclusions"), ('""', "empty quoted term"),
+    ("- cat", "only exclusions"), ('""', "empty quoted term"), ("https://example.com/a.jpg", "is a URL"),
 ])
 def test_malformed_queries_are_one_line(query, message, ref):
     with pytest.raises(QueryError, match=message) as caught:

@@ -94,7 +94,8 @@ def test_export_links_or_copies_the_results(photos_index, tmp_path, capsys):
 @pytest.mark.parametrize("args,message", [
     (["a cat + "], "with no term"), (["./missing.jpg + cat"], "no such file"), (["a cat", "--where", "trip"], "COLUMN="),
     (["a cat", "--after", "yesterday"], "--after 'yesterday'"), (["a cat", "--collapse", "2"], "collapse"),
-    ([], "give a query"),
+    ([], "give a query"), (["--image", "https://example.com/cat.jpg"], "is a URL: otclip reads images from files"),
+    (["HTTPS://example.com/cat.jpg + a cat"], "is a URL"),
 ])
 def test_bad_searches_are_one_line(photos_index, capsys, args, message):
     code, _, err = run(capsys, "search", photos_index / "ix", *args)
