@@ -207,8 +207,10 @@ def _schur_solve(P: torch.Tensor, u: torch.Tensor, v: torch.Tensor, tau: float, 
     through the Schur complement on the columns: S w2 = v - tau P^T (u / alpha), S = diag beta - tau^2 P^T diag(1/alpha) P,
     then w1 = (u - tau P w2) / alpha. S is never formed: conjugate gradients with S's diagonal as preconditioner,
     two matrix-vector products with P an iteration: on the CPU a (m x m) float64 factorisation took half an
-    ot-loop step at batch 1024 (218 ms a step with it, 171 with CG, which converges in 7-25 iterations there,
-    40-60 at eps 0.005). On a GPU the dense float64 solve is the faster one (H100: 50 ms a step against 71:
+    ot-loop step at batch 1024 (218 ms a step with it, 171 with CG). With the float32 first try (CG_TOL_FLOAT32)
+    an ot-loop step's systems take 8 iterations (1024 x 1024) and 40-60 (the two 1024 x 256 plans, solved on
+    their 256 side); even there a dense float64 solve was no faster (4.1-5.0 ms against CG's 3.9-5.4).
+    On a GPU the dense float64 solve is the faster one (H100: 50 ms a step against 71:
     CG's many small kernels and checks), so it is used there, and wherever CG stalls (None if CG stalls and
     `dense_fallback` is off). Balanced (tau = 1), S is singular along 1 (f + t, g - t is the same plan) and the
     right-hand side orthogonal to it: S + 1 1^T is solved instead (Luise et al. 2018)."""
