@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
         return 141  # 128 + SIGPIPE: what a shell reports for a command a pipe stopped, as `cat` does
     except Exception as exc:
-        from otclip.engine.errors import USER_ERRORS, disk_full
+        from otclip.engine.errors import USER_ERRORS, disk_full, not_permitted
 
         if os.environ.get("OTCLIP_DEBUG"):  # OTCLIP_DEBUG=1: full traceback
             raise
@@ -52,6 +52,10 @@ def main(argv: list[str] | None = None) -> int:
             where = f" writing {exc.filename}" if getattr(exc, "filename", None) else ""
             print(f"otclip {args.command}: no space left on the disk{where}; free some and run the command again "
                   "(what it committed is kept)", file=sys.stderr)
+            return 2
+        if not_permitted(exc):  # e.g. "otclip index: read-only file system: IX/.writer.lock"
+            where = f": {exc.filename}" if exc.filename else ""
+            print(f"otclip {args.command}: {exc.strerror.lower()}{where}", file=sys.stderr)
             return 2
         if isinstance(exc, USER_ERRORS):
             print(f"otclip {args.command}: {exc}", file=sys.stderr)

@@ -27,6 +27,12 @@ def disk_full(exc: BaseException) -> bool:
     return any(text in str(exc) for text in ("No space left on device", "database or disk is full"))
 
 
+def not_permitted(exc: BaseException) -> bool:
+    """Whether `exc` is the file system refusing access (a read-only mount, a folder or file the user may not
+    write or read): the user's to fix, like a full disk, and nothing is half-written."""
+    return isinstance(exc, OSError) and exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM)
+
+
 USER_ERRORS: tuple[type[BaseException], ...] = (
     ModelLoadError,
     ImageDecodeError,

@@ -144,6 +144,38 @@ def test_a_full_disk_is_one_line_and_the_next_run_completes(gallery, tmp_path):
         subprocess.run(["umount", str(disk)])
 
 
+def test_an_index_on_a_read_only_mount_is_searched_and_writes_are_one_line(gallery, tmp_path, default_model):
+    """An index shared read-only (a read-only bind mount as root, else a folder without write permission) answers
+    `search` and `check`; `index`, `reindex` and `repair` stop in one line naming the file they could not write."""
+    import os
+
+    from otclip.indexer.pipeline import index_images
+
+    built, out = tmp_path / "built", tmp_path / "ro"
+    index_images(gallery, built, default_model, progress=False, workers=0, query_models=False)
+    if os.geteuid() == 0:
+        out.mkdir()
+        subprocess.run(["mount", "--bind", str(built), str(out)], check=True)
+        subprocess.run(["mount", "-o", "remount,ro,bind", str(out)], check=True)
+    else:
+        out = built
+        out.chmod(0o555)
+    try:
+        code, stdout, _ = otclip("search", out, "a cat", "-k", "1")
+        assert code == 0 and "chelsea.jpg" in stdout
+        assert otclip("check", out)[0] == 0
+        for args in (("index", gallery, "--out", out, "--no-progress"), ("reindex", out, "--factory", "Flat"),
+                     ("repair", out)):
+            code, _, stderr = otclip(*args)
+            assert code == 2 and "Traceback" not in stderr and len(stderr.strip().splitlines()) == 1, stderr
+            assert f"{out / '.writer.lock'}" in stderr and ("read-only file system" in stderr
+                                                             or "permission denied" in stderr), stderr
+    finally:
+        if out != built:
+            subprocess.run(["umount", str(out)])
+        built.chmod(0o755)
+
+
 def test_damaged_embedding_chunks_are_found_and_their_items_embedded_again(gallery, tmp_path, default_model):
     """#13 item 5: a lost or truncated chunk is reported by `otclip check`, `reindex` refuses in one line, search
     keeps working, and `otclip index` of the same folder embeds exactly the affected items again."""
