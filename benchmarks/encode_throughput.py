@@ -23,7 +23,6 @@ import numpy as np
 import torch
 
 from otclip.engine import Encoder, device_decoding, load_model
-from otclip.engine.devices import autocast_for
 from otclip.engine.image_batches import default_num_workers
 from otclip.engine.images import load_image
 from otclip.engine.sample_photos import SAMPLE_PHOTOS, write_sample_photos
@@ -94,12 +93,10 @@ def main() -> None:
         files = [photos[i % len(photos)] for i in range(args.images)]
         tensors = torch.stack([loaded.preprocess(load_image(p, draft=loaded.image_size)) for p in files[: 4 * args.batch_size]])
 
-        @torch.no_grad()
         def forward_only(tensors=tensors):  # as many images as the pipeline's, cycling through 4 batches' worth
             for start in range(0, args.images, args.batch_size):
-                begin = start % len(tensors)
-                with autocast_for(encoder.device):
-                    loaded.model.encode_image(tensors[begin : begin + args.batch_size].to(encoder.device))
+                begin = start % len(tensors)  # the model called as the pipeline calls it (`Encoder.forward`)
+                encoder.forward(loaded.model.encode_image, tensors[begin : begin + args.batch_size])
 
         forward_only()  # warm-up (CUDA kernels, allocator, oneDNN primitives)
         for mode, enc in encoders.items():

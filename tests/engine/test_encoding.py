@@ -97,3 +97,28 @@ def test_cuda_encoding_matches_cpu(default_model, encoder):
     img = sample_photo("chelsea")
     cpu_emb, gpu_emb = encoder.encode_image(img), gpu.encode_image(img)
     assert float(cpu_emb @ gpu_emb) > 0.99  # bf16 autocast on CUDA: close, not bit-equal
+
+
+def test_on_the_cpu_the_model_takes_a_batch_in_sub_batches_in_order(default_model, photo_paths, monkeypatch):
+    """`Encoder.forward`: a 19-image (and a 19-text) batch reaches the model as calls of at most CPU_FORWARD_ROWS
+    rows, and the vectors, in input order, are those of one call of the model on the whole batch."""
+    import torch.nn.functional as F
+
+    from otclip.engine import Encoder, encoding
+    from otclip.engine.images import load_image
+
+    model, paths = default_model.model, [photo_paths[i % len(photo_paths)] for i in range(19)]
+    texts = [f"{SAMPLE_PHOTOS[i % len(SAMPLE_PHOTOS)].caption} {i}" for i in range(19)]
+    with torch.no_grad():
+        pixels = torch.stack([default_model.preprocess(load_image(p, draft=default_model.image_size)) for p in paths])
+        whole_images = F.normalize(model.encode_image(pixels), dim=-1).numpy()
+        whole_texts = F.normalize(model.encode_text(default_model.tokenizer(texts)), dim=-1).numpy()
+    calls = []
+    for name in ("encode_image", "encode_text"):
+        original = getattr(model, name)
+        monkeypatch.setattr(model, name, lambda x, original=original: calls.append(len(x)) or original(x))
+    encoder = Encoder(default_model, batch_size=19)
+    np.testing.assert_allclose(encoder.encode_images(paths), whole_images, atol=1e-5)
+    np.testing.assert_allclose(encoder.encode_texts(texts), whole_texts, atol=1e-5)
+    rows = encoding.CPU_FORWARD_ROWS
+    assert calls == [rows, rows, 19 - 2 * rows] * 2
