@@ -83,9 +83,12 @@ def evaluate(loaded: LoadedModel, manifest: str | Path, relevance: str = "pair",
         if unseen:
             predictions = np.argmax(images @ prompts.T, axis=1)
             is_unseen = np.array([lbl in unseen for lbl in labels])
-            seen_acc = float(np.mean(predictions[~is_unseen] == y[~is_unseen])) if (~is_unseen).any() else 0.0
-            unseen_acc = float(np.mean(predictions[is_unseen] == y[is_unseen])) if is_unseen.any() else 0.0
-            zs.update({"seen": seen_acc, "unseen": unseen_acc, "harmonic_mean": harmonic_mean(seen_acc, unseen_acc),
+            # None where the test set has no image of that part (not an accuracy of 0)
+            seen_acc = float(np.mean(predictions[~is_unseen] == y[~is_unseen])) if (~is_unseen).any() else None
+            unseen_acc = float(np.mean(predictions[is_unseen] == y[is_unseen])) if is_unseen.any() else None
+            both = seen_acc is not None and unseen_acc is not None
+            zs.update({"seen": seen_acc, "unseen": unseen_acc,
+                       "harmonic_mean": harmonic_mean(seen_acc, unseen_acc) if both else None,
                        "unseen_classes": sorted(unseen)})
         report["zero_shot"] = zs
     return report
@@ -122,8 +125,10 @@ def format_report(report: dict) -> str:
             lines.append(f"| {key.replace('_', ' ')} | {r['R@1']:.3f} | {r['R@5']:.3f} | {r['R@10']:.3f} | "
                          f"{r['mean_rank']:.1f} | {r['median_rank']:.1f} |")
     zs = report.get("zero_shot")
-    if zs:
+    if zs and "unseen_classes" in zs:  # a seen / unseen split; "-" where the test set has no image of a part
+        cells = " | ".join("-" if zs[key] is None else f"{zs[key]:.3f}" for key in ("seen", "unseen", "harmonic_mean"))
         lines += ["", "| zero-shot | accuracy | seen | unseen | harmonic mean |", "|---|---|---|---|---|",
-                  f"| {zs['classes']} classes | {zs['accuracy']:.3f} | {zs.get('seen', float('nan')):.3f} | "
-                  f"{zs.get('unseen', float('nan')):.3f} | {zs.get('harmonic_mean', float('nan')):.3f} |"]
+                  f"| {zs['classes']} classes | {zs['accuracy']:.3f} | {cells} |"]
+    elif zs:
+        lines += ["", "| zero-shot | accuracy |", "|---|---|", f"| {zs['classes']} classes | {zs['accuracy']:.3f} |"]
     return "\n".join(lines)

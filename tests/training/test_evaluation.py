@@ -5,7 +5,7 @@ import sys
 import pytest
 
 from otclip.engine.sample_photos import SAMPLE_PHOTOS, write_sample_photos
-from otclip.training.evaluation import eval_data, evaluate
+from otclip.training.evaluation import eval_data, evaluate, format_report
 
 
 @pytest.fixture(scope="module")
@@ -30,8 +30,13 @@ def test_report_on_the_default_model(photo_corpus, default_model):
     assert report["text_to_image"]["R@1"] >= 0.7 and report["image_to_text"]["R@1"] >= 0.4
     assert report["text_to_image"]["R@10"] >= report["text_to_image"]["R@5"] >= report["text_to_image"]["R@1"]
     assert report["zero_shot"]["classes"] == len(SAMPLE_PHOTOS)
-    split = evaluate(default_model, photo_corpus, unseen=["chelsea", "coffee"], progress=False)["zero_shot"]
-    assert {"seen", "unseen", "harmonic_mean"} <= set(split)
+    assert "nan" not in format_report(report) and "seen" not in format_report(report)  # no split: accuracy alone
+    split = evaluate(default_model, photo_corpus, unseen=["chelsea", "coffee"], progress=False)
+    assert {"seen", "unseen", "harmonic_mean"} <= set(split["zero_shot"]) and "nan" not in format_report(split)
+    every = evaluate(default_model, photo_corpus, unseen=[s.name for s in SAMPLE_PHOTOS], progress=False)
+    zs = every["zero_shot"]  # no seen image: seen and the harmonic mean are not measured, not 0
+    assert zs["seen"] is None and zs["harmonic_mean"] is None and zs["unseen"] == pytest.approx(zs["accuracy"])
+    assert f"| {zs['accuracy']:.3f} | - | {zs['unseen']:.3f} | - |" in format_report(every)
 
 
 def test_index_path_matches_direct_scores(photo_corpus, default_model, tmp_path):
