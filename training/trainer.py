@@ -172,8 +172,9 @@ class Trainer:
                 e.pair_positives = (keys[:, None] == keys[None, :]).to(self.device)
         if self.regularizer is not None and self.unp_img is not None and self.unp_txt is not None:
             ii = self._draw(len(self.unp_img), cfg.unpaired_batch_size, gen)
-            ti = self._draw(len(self.unp_txt), cfg.unpaired_batch_size, gen)
-            e.images, e.texts = g(t.image_head(self.unp_img[ii])), g(t.text_head(self.unp_txt[ti]))
+            ti = self._draw(len(self.unp_txt), cfg.unpaired_batch_size, gen)  # drawn either way: the same run
+            if self.reg_spec.reads_unpaired_batch:
+                e.images, e.texts = g(t.image_head(self.unp_img[ii])), g(t.text_head(self.unp_txt[ti]))
         if self.matching is not None and len(self.matching.images) >= 2:
             batch = self._draw_global(len(self.matching.images), cfg.batch_size, gen)
             mi = batch[rank::world]
@@ -192,7 +193,10 @@ class Trainer:
 
     def losses(self, e: StepEmbeddings) -> dict[str, torch.Tensor]:
         terms = self.contrastive(e)
-        reg_terms = self.regularizer(e) if self.regularizer is not None and len(e.images) > 1 else {}
+        reg_terms = {}
+        unpaired = self.unp_img is not None and self.unp_txt is not None
+        if self.regularizer is not None and unpaired and (len(e.images) > 1 or not self.reg_spec.reads_unpaired_batch):
+            reg_terms = self.regularizer(e)
         terms.update(reg_terms)
         schedule = self.reg_spec.schedule if self.reg_spec else "joint"
         terms["total"] = step_total(terms["contrastive_loss"], reg_terms, self.cfg.alpha, schedule, self.in_first_stage())
@@ -359,9 +363,11 @@ class Trainer:
             self.step += 1
             bar.update(1)
             if main:
-                spread_of = e.pair_images if len(e.pair_images) > 1 else e.images
-                record = {"step": self.step, "lr": self.scheduler.get_last_lr()[0], **logged,
-                          "uniformity_images": float(uniformity(spread_of.detach()))}
+                record = {"step": self.step, "lr": self.scheduler.get_last_lr()[0], **logged}
+                spread_of = next((x for x in (e.pair_images, e.images, e.match_images) if x is not None and len(x) > 1),
+                                 None)
+                if spread_of is not None:
+                    record["uniformity_images"] = float(uniformity(spread_of.detach()))
                 if self.matching is not None:
                     record["matched_pairs"] = int(len(self.matching.images))
                 if self.step % cfg.eval_every == 0 or self.step == cfg.steps:

@@ -248,3 +248,39 @@ def test_a_resumed_pool_pairing_run_is_the_uninterrupted_run(small_corpus, tmp_p
         torch.testing.assert_close(resumed[name], whole[name], rtol=0, atol=1e-6, msg=name)
     steps = [r["step"] for r in read_log(tmp_path / "resumed") if "total" in r]
     assert steps == sorted(set(steps)) and steps[-1] == 40
+
+
+@pytest.mark.parametrize("reg", [name for name, spec in REGISTRY.items() if not spec.reads_unpaired_batch])
+def test_pool_pairing_terms_do_not_embed_the_unpaired_batch_and_train_the_same(small_corpus, tmp_path, monkeypatch, reg):
+    """A term that reads only its pseudo-pairs: the step's unpaired batch (48 rows here) never reaches the towers'
+    heads (with an unlocked tower each would be a full forward pass), and the run ends with the weights of a run
+    that embeds it (its indices are still drawn, so every later draw is the same)."""
+    from dataclasses import replace
+
+    from otclip.training import losses, trainer
+    from otclip.training.trainer import TrainConfig, Trainer
+
+    settings = {"match_clusters": 8} if REGISTRY[reg].needs_clusters else {}
+
+    def run(out):
+        cfg = TrainConfig(corpus=str(small_corpus), out=str(out), reg=reg, steps=20, eval_every=1000, match_every=10,
+                          pseudo_warmup=0.2, batch_size=32, unpaired_batch_size=48, **settings)
+        t = Trainer(cfg, progress=False)
+        rows = []
+        for head in ("image_head", "text_head"):
+            original = getattr(t.trainable, head)
+            monkeypatch.setattr(t.trainable, head, lambda x, original=original: rows.append(len(x)) or original(x))
+        t.train()
+        return torch.load(out / "last.pt", weights_only=True)["state_dict"], rows
+
+    skipping, rows = run(tmp_path / "skipping")
+    assert 48 not in rows and 32 in rows
+    embedding_spec = replace(REGISTRY[reg], reads_unpaired_batch=True)  # what every term did before
+    monkeypatch.setitem(losses.REGISTRY, reg, embedding_spec)
+    monkeypatch.setattr(trainer, "lookup", lambda name: embedding_spec)
+    embedding, rows = run(tmp_path / "embedding")
+    assert 48 in rows
+    for name in skipping:
+        torch.testing.assert_close(skipping[name], embedding[name], rtol=0, atol=1e-6, msg=name)
+    terms = [r for r in read_log(tmp_path / "skipping") if REGISTRY[reg].name.replace("-", "_") in r]
+    assert terms and any(r[reg.replace("-", "_")] != 0 for r in terms)  # the term was computed and logged
