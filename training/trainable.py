@@ -3,7 +3,7 @@
 LiT-style: with the towers locked, only the heads train, so the frozen towers' outputs are
 computed once per image/text and cached on disk; each step then costs only the heads and the
 losses. `--unlock-image N` / `--unlock-text N` unfreeze the towers' last N blocks, and then the
-features are the raw inputs (pixels, tokens) and the towers run every step.
+features are the raw inputs (pixels, uint8 where they can be, and tokens) and the towers run every step.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from otclip.engine import DEFAULT_MODEL_NAME, LoadedModel
+from otclip.engine.encoding import pixel_finisher
 
 
 class TrainableModel(nn.Module):
@@ -25,6 +26,7 @@ class TrainableModel(nn.Module):
         self.bridge = loaded.recipe.get("kind") == DEFAULT_MODEL_NAME
         self.cache_images = self.bridge and unlock_image == 0
         self.cache_texts = self.bridge and unlock_text == 0
+        self.finish_pixels = pixel_finisher(loaded.preprocess)  # image inputs kept as uint8 (`Encoder.pixels`)
         for p in self.model.parameters():
             p.requires_grad = False
         if self.bridge:
@@ -64,7 +66,10 @@ class TrainableModel(nn.Module):
 
     # --- trainable parts (features -> L2-normalised embeddings) ------------------------------
     def image_head(self, features: torch.Tensor) -> torch.Tensor:
-        out = self.model.visual.head(features) if self.cache_images else self.model.encode_image(features)
+        if self.cache_images:
+            out = self.model.visual.head(features)
+        else:
+            out = self.model.encode_image(self.finish_pixels(features))
         return F.normalize(out.float(), dim=-1)
 
     def text_head(self, features: torch.Tensor) -> torch.Tensor:

@@ -111,10 +111,10 @@ class Trainer:
 
     # --- data ----------------------------------------------------------------------------------
     def _image_inputs(self, cache: FeatureCache, paths: list[str]) -> torch.Tensor:
+        """Cached frozen features, or (an image tower that runs every step) the pixels, uint8 where they can be."""
         if self.trainable.cache_images:
             return cache.images(paths)
-        batches = cache.encoder.iter_image_batches(paths, encode=lambda x: x, normalize=False, progress=self.progress)
-        return torch.cat([torch.from_numpy(b.embeddings) for b in batches])
+        return cache.encoder.pixels(paths, progress=self.progress)
 
     def _text_inputs(self, cache: FeatureCache, texts: list[str]) -> torch.Tensor:
         return cache.texts(texts) if self.trainable.cache_texts else self.loaded.tokenizer(texts)

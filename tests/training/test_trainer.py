@@ -6,6 +6,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -163,6 +164,17 @@ def test_unlocked_towers_train_their_last_blocks(small_corpus, tmp_path):
                       unlock_image=2, unlock_text=1, val_size=16, save_checkpoints=False)  # 2: head + last block
     trainer = Trainer(cfg, progress=False)
     assert not trainer.trainable.cache_images and not trainer.trainable.cache_texts
+    # the image inputs are kept as uint8 pixels, and the tower embeds them as it embeds the files through the model's
+    # own torchvision preprocessing (float pixels, normalised)
+    from otclip.engine.images import load_image
+
+    assert trainer.pair_img.dtype == trainer.unp_img.dtype == torch.uint8 and len(trainer.val_img) == 16
+    loaded = trainer.loaded
+    with torch.no_grad():
+        heads = trainer.trainable.image_head(trainer.val_img[:6]).numpy()
+        pixels = torch.stack([loaded.preprocess(load_image(p, draft=loaded.image_size)) for p in trainer.val_images[:6]])
+        reference = torch.nn.functional.normalize(loaded.model.encode_image(pixels), dim=-1).numpy()
+    np.testing.assert_allclose(heads, reference, atol=1e-5)
     model = trainer.loaded.model
     last_block = next(model.visual.trunk.blocks[-1].parameters())
     first_block = next(model.visual.trunk.blocks[0].parameters())
@@ -284,3 +296,22 @@ def test_pool_pairing_terms_do_not_embed_the_unpaired_batch_and_train_the_same(s
         torch.testing.assert_close(skipping[name], embedding[name], rtol=0, atol=1e-6, msg=name)
     terms = [r for r in read_log(tmp_path / "skipping") if REGISTRY[reg].name.replace("-", "_") in r]
     assert terms and any(r[reg.replace("-", "_")] != 0 for r in terms)  # the term was computed and logged
+
+
+def test_an_unreadable_image_in_an_unlocked_run_is_named_not_skipped(small_corpus, tmp_path):
+    """With an unlocked image tower the pixels are kept, not features: an image that cannot be decoded stops the
+    run in one line naming it (it used to be dropped from the pixels, so every later image sat beside another
+    row's caption)."""
+    import shutil
+
+    from otclip.engine import ImageDecodeError
+    from otclip.training.trainer import TrainConfig, Trainer
+
+    corpus = tmp_path / "corpus"
+    shutil.copytree(small_corpus, corpus)
+    first = json.loads((corpus / "train.jsonl").read_text().splitlines()[0])
+    (corpus / first["image"]).write_bytes(b"not a png")
+    cfg = TrainConfig(corpus=str(corpus), out=str(tmp_path / "run"), steps=1, batch_size=8, unlock_image=1,
+                      val_size=16, save_checkpoints=False)
+    with pytest.raises(ImageDecodeError, match=first["image"].split("/")[-1]):
+        Trainer(cfg, progress=False)
