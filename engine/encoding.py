@@ -19,7 +19,15 @@ from tqdm import tqdm
 
 from .device_decoding import DeviceJpegDecoder, decoded_ahead, device_preprocess_steps, pack_jpegs, read_for_device
 from .devices import autocast_for
-from .image_batches import DecodedImage, ImageBatch, decode_for_model, default_num_workers, embeddings_or_error, unfilled_batch
+from .image_batches import (
+    DecodedImage,
+    ImageBatch,
+    decode_for_model,
+    default_num_workers,
+    embeddings_or_error,
+    refuse_failures,
+    unfilled_batch,
+)
 from .images import ImageInput
 from .model_loading import LoadedModel
 
@@ -173,7 +181,7 @@ class Encoder:
         show = progress if progress is not None else len(images) > 4 * self.batch_size
         with tqdm(total=len(images), desc="decode images", unit="img", disable=not show) as bar:
             for tensors, batch in self._decoded(images, self.batch_size, None, False):
-                embeddings_or_error([batch], images, self.loaded.embed_dim)  # raises on the batch's first failure
+                refuse_failures(batch, images)
                 parts.append(tensors.cpu())
                 bar.update(len(batch.indices))
         side = self.loaded.image_size

@@ -65,14 +65,19 @@ def unfilled_batch(decoded: list[tuple[int, DecodedImage | str]], dim: int,
     return [d.pixels for _, d in ok], batch
 
 
+def refuse_failures(batch: ImageBatch, images: Sequence[ImageInput]) -> None:
+    """ImageDecodeError naming the batch's first input that could not be decoded, if any."""
+    if batch.failures:
+        index, reason = batch.failures[0]
+        item = images[index]
+        raise ImageDecodeError(str(item) if isinstance(item, (str, Path)) else f"image #{index}", reason)
+
+
 def embeddings_or_error(batches: Iterable[ImageBatch], images: Sequence[ImageInput], dim: int) -> np.ndarray:
     """All batches' (n, d) embeddings in input order; ImageDecodeError naming the first failed input."""
     parts = [np.zeros((0, dim), np.float32)]
     for batch in batches:
-        if batch.failures:
-            index, reason = batch.failures[0]
-            item = images[index]
-            raise ImageDecodeError(str(item) if isinstance(item, (str, Path)) else f"image #{index}", reason)
+        refuse_failures(batch, images)
         parts.append(batch.embeddings)
     return np.concatenate(parts)
 

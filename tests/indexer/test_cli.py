@@ -41,7 +41,9 @@ def test_cli_errors_are_one_line(tmp_path):
     assert code == 2 and "not a valid FAISS index description" in stderr
 
 
-def test_cli_rank_over_a_folder(gallery, tmp_path):
+def test_cli_rank_over_a_folder(gallery, tmp_path, capsys):
+    from otclip.main import main
+
     empty = tmp_path / "empty"
     empty.mkdir()
     code, stdout, _ = otclip("rank", "a cat", "--images", gallery, "-k", "2")
@@ -50,7 +52,8 @@ def test_cli_rank_over_a_folder(gallery, tmp_path):
                           (["a cat", "-k", "0", "--images", gallery], "-k 0: must be at least 1"),
                           (["a cat", "--images", empty], f"{empty}: no images"),
                           (["a cat", " ", "--images", gallery], "empty query")):
-        code, stdout, stderr = otclip("rank", *args)
+        code = main(["rank", *map(str, args)])  # in this process: refused before any model loads
+        stdout, stderr = capsys.readouterr()
         assert code == 2 and message in stderr and not stdout, (args, stderr)
 
 
