@@ -28,6 +28,29 @@ def write_atomically(path: str | Path, write: Callable[[str], None]) -> Path:
     return path
 
 
+def remove_dead_writers_files(folder: str | Path) -> int:
+    """Delete the temporary files (`.NAME.tmpPID`, as `write_atomically` and `save_checkpoint` name them) whose
+    writer is gone: a run killed before its rename, which nothing will finish (a checkpoint's is 100+ MB). A file
+    of a live process is kept, so no lock is needed. Returns how many were deleted."""
+    removed = 0
+    for tmp in Path(folder).glob(".*.tmp*"):
+        pid = tmp.name.rpartition(".tmp")[2]
+        if pid.isdigit() and not _process_exists(int(pid)):
+            tmp.unlink(missing_ok=True)
+            removed += 1
+    return removed
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 def sync_file(path: str | Path) -> None:
     """Put the file's written pages on the disk (also those written through a memory mapping)."""
     with open(path, "rb") as f:

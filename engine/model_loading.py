@@ -25,6 +25,7 @@ from urllib.parse import urlparse
 import torch
 from torch import nn
 
+from .atomic_files import write_atomically
 from .checksums import memoised_file_sha256, state_dict_sha256
 from .devices import select_device
 from .effnet_minilm import build_effnet_minilm, build_tokenizer
@@ -258,8 +259,6 @@ def _open_clip_hub(spec: str) -> LoadedModel:
 
 def save_checkpoint(loaded: LoadedModel, path: str | Path, name: str | None = None, extra: dict | None = None) -> Path:
     """Write `loaded`'s weights as an otclip checkpoint (atomically) that `load_model(path)` accepts."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "format": CHECKPOINT_FORMAT,
         "version": CHECKPOINT_VERSION,
@@ -268,7 +267,4 @@ def save_checkpoint(loaded: LoadedModel, path: str | Path, name: str | None = No
         "state_dict": {k: v.detach().cpu() for k, v in loaded.model.state_dict().items()},
         **(extra or {}),
     }
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
-    return path
+    return write_atomically(path, lambda tmp: torch.save(payload, tmp))  # a full disk leaves no half file

@@ -22,7 +22,7 @@ import torch
 from tqdm import tqdm
 
 from otclip.engine import LoadedModel, load_model, save_checkpoint
-from otclip.engine.atomic_files import write_lines_atomically
+from otclip.engine.atomic_files import remove_dead_writers_files, write_lines_atomically
 from otclip.engine.devices import autocast_for
 from otclip.engine.distributed import init_from_env
 from otclip.engine.metrics import recall_at_k
@@ -327,6 +327,8 @@ class Trainer:
     def train(self) -> dict:
         cfg, main = self.cfg, self.ranks.rank == 0
         self.out.mkdir(parents=True, exist_ok=True)
+        if main:
+            remove_dead_writers_files(self.out)  # a killed run's half-written checkpoint
         resumed = self.try_resume()
         log = open(self.out / "log.jsonl", "a", encoding="utf-8") if main else None
         if main:

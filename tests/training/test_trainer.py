@@ -76,8 +76,10 @@ def test_checkpoint_loads_in_the_engine_and_indexes(small_corpus, tmp_path):
 
 
 def test_resume_after_kill(small_corpus, tmp_path):
+    """Killed after a checkpoint, the same command resumes from it; the half-written checkpoint a kill leaves
+    (`.last.pt.tmpPID`, 100+ MB) is removed, and a temporary file of a live process is kept."""
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "otclip", "train", "--corpus", str(small_corpus), "--out", str(run), "--steps", "600",
+    cmd = [sys.executable, "-m", "otclip", "train", "--corpus", str(small_corpus), "--out", str(run), "--steps", "200",
            "--save-every", "10", "--eval-every", "1000", "--batch-size", "32", "--unpaired-batch-size", "64",
            "--reg", "ot-pairwise", "--no-progress"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -87,12 +89,16 @@ def test_resume_after_kill(small_corpus, tmp_path):
     time.sleep(0.5)
     proc.kill()
     proc.wait()
+    half_written, live = run / f".last.pt.tmp{proc.pid}", run / f".best.pt.tmp{os.getpid()}"
+    half_written.write_bytes(b"PK\x03\x04 cut short by the kill")  # whether or not the kill fell mid-save
+    live.write_bytes(b"being written")
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout + done.stderr
+    assert not half_written.exists() and live.exists()
     log = read_log(run)
     assert [r["event"] for r in log if "event" in r][:2] == ["start", "resume"]
     end = log[-1]
-    assert end["event"] == "end" and end["steps"] == 600 and 0 < end["trained_steps"] < 600
+    assert end["event"] == "end" and end["steps"] == 200 and 0 < end["trained_steps"] < 200
     resumed_at = next(r["step"] for r in log if r.get("event") == "resume")
     assert resumed_at % 10 == 0 and resumed_at > 0
 
