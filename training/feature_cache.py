@@ -19,7 +19,7 @@ import torch
 from filelock import FileLock
 
 from otclip.engine import Encoder
-from otclip.engine.atomic_files import write_json_atomically, write_npy_atomically
+from otclip.engine.atomic_files import remove_dead_writers_files, write_json_atomically, write_npy_atomically
 from otclip.engine.cache_dir import cache_dir
 from otclip.engine.checksums import sha256_file
 
@@ -44,6 +44,7 @@ class FeatureCache:
         folder = self.root / self.trainable.feature_key(side)
         folder.mkdir(parents=True, exist_ok=True)
         with FileLock(folder / f"{side}.lock"):
+            remove_dead_writers_files(folder)  # a killed process's half-written generation
             yield folder
 
     @staticmethod

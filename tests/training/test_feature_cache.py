@@ -31,3 +31,22 @@ def test_a_process_completing_a_side_holds_its_lock_and_the_waiting_one_gets_tru
     assert len(got) == 1  # ... then reads or computes, and every text gets its own features
     torch.testing.assert_close(got[0], torch.from_numpy(expected), rtol=0, atol=1e-5)
     torch.testing.assert_close(cache.texts(texts[::-1]), torch.from_numpy(expected[::-1].copy()), rtol=0, atol=1e-5)
+
+
+def test_a_killed_writers_half_written_features_are_removed(default_model, tmp_path):
+    """A process killed while writing a side's next generation leaves `.texts-N.npy.tmpPID`; the next process to hold
+    the side's lock removes it (its writer is gone), and keeps a live writer's."""
+    import os
+    import subprocess
+    import sys
+
+    trainable = TrainableModel(default_model)
+    cache = FeatureCache(trainable, cache_dir=tmp_path, progress=False)
+    folder = tmp_path / trainable.feature_key("texts")
+    folder.mkdir(parents=True)
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead, live = folder / f".texts-1.npy.tmp{int(gone.stdout)}", folder / f".texts-7.npy.tmp{os.getpid()}"
+    dead.write_bytes(b"\x93NUMPY cut short")
+    live.write_bytes(b"\x93NUMPY being written")
+    cache.texts(["a tabby cat"])
+    assert not dead.exists() and live.exists()
