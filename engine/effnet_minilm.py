@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .atomic_files import write_npy_atomically
 from .batching import length_batches
 from .cache_dir import cache_dir
 from .checksums import memoised_file_sha256
@@ -163,10 +163,7 @@ def _class_embeddings_cached(text_tower: nn.Module, tokenizer, weights_digest: s
     if path.exists():
         return torch.from_numpy(np.load(path))
     embeddings = encode_class_prompts(text_tower, tokenizer)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}.npy")
-    np.save(tmp, embeddings.numpy())
-    os.replace(tmp, path)
+    write_npy_atomically(path, embeddings.numpy())
     return embeddings
 
 
