@@ -9,6 +9,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .processes import process_exists
+
 if TYPE_CHECKING:
     import numpy as np
 
@@ -35,20 +37,11 @@ def remove_dead_writers_files(folder: str | Path) -> int:
     removed = 0
     for tmp in Path(folder).glob(".*.tmp*"):
         pid = tmp.name.rpartition(".tmp")[2]
-        if pid.isdigit() and not _process_exists(int(pid)):
+        if pid.isdigit() and not process_exists(int(pid)):
             tmp.unlink(missing_ok=True)
             removed += 1
     return removed
 
-
-def _process_exists(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
 
 
 def sync_file(path: str | Path) -> None:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .cache_dir import cache_dir
+from .processes import process_exists
 
 INSTANCE_HEADER = "X-Otclip-Server"  # a server's search responses carry its instance: a record whose port
 # another server took over since is not trusted
@@ -58,7 +59,7 @@ def server_for(index_dir: str | Path) -> RunningServer | None:
             pid, api, instance, collections = data["pid"], data["api"], data["instance"], data["collections"]
         except (OSError, ValueError, KeyError, TypeError):
             continue
-        if not _alive(pid):
+        if not process_exists(pid):
             forget_server(record)
             continue
         for name, root in collections.items():
@@ -66,12 +67,3 @@ def server_for(index_dir: str | Path) -> RunningServer | None:
                 return RunningServer(api, instance, name)
     return None
 
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process holds the pid
-        return True
-    return True
