@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         if not_permitted(exc):  # e.g. "otclip index: read-only file system: IX/.writer.lock"
             where = f": {exc.filename}" if exc.filename else ""
-            print(f"otclip {args.command}: {exc.strerror.lower()}{where}", file=sys.stderr)
+            print(f"otclip {args.command}: {(exc.strerror or os.strerror(exc.errno)).lower()}{where}", file=sys.stderr)
             return 2
         if isinstance(exc, USER_ERRORS):
             print(f"otclip {args.command}: {exc}", file=sys.stderr)

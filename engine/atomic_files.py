@@ -43,7 +43,6 @@ def remove_dead_writers_files(folder: str | Path) -> int:
     return removed
 
 
-
 def sync_file(path: str | Path) -> None:
     """Put the file's written pages on the disk (also those written through a memory mapping)."""
     with open(path, "rb") as f:
