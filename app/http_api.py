@@ -62,6 +62,14 @@ class SearchParams:
     format: Literal["json", "csv"] = "json"
 
 
+def _still_there(item_id: int, path: str) -> str:
+    """`path`, or a 404 saying that the indexed file has gone since (not that the item does not exist)."""
+    if not Path(path).is_file():
+        raise HTTPException(404, f"item {item_id}'s file {path} is no longer there (moved or deleted since it was "
+                                 "indexed: index its folder again)")
+    return path
+
+
 def build_api(apps: dict[str, SearchApp], max_upload_pixels: int, instance: str = "") -> FastAPI:
     """`instance`: this server's id (`running_servers`), sent with every search so that `otclip search`
     knows it asked the server it recorded."""
@@ -130,14 +138,14 @@ def build_api(apps: dict[str, SearchApp], max_upload_pixels: int, instance: str 
         kept = searcher.thumbnail_file(found["sha256"])
         if kept is not None:
             return FileResponse(kept, media_type="image/jpeg")
-        return Response(thumbnail_jpeg(thumbnail(found["key"])), media_type="image/jpeg")
+        return Response(thumbnail_jpeg(thumbnail(_still_there(item_id, found["key"]))), media_type="image/jpeg")
 
     @api.get(ORIGINAL, summary="an indexed image's file")
     def item_original(item_id: int, collection: str | None = None) -> Response:
         path = pick(collection).searcher.indexed_image(item_id)
-        if path is None or not Path(path).is_file():
+        if path is None:
             raise HTTPException(404, f"no indexed image has id {item_id}")
-        return FileResponse(path)
+        return FileResponse(_still_there(item_id, path))
 
     @api.get("/info", summary="the index: model, sides, counts")
     def info(collection: str | None = None) -> dict:

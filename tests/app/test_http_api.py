@@ -140,3 +140,38 @@ def test_serve_refuses_in_one_line_where_it_could_not_listen(live_app, demo_inde
     with pytest.raises(SystemExit):
         main(["serve", str(index), "--port", "70000"])
     assert "a TCP port is a number from 1 to 65535" in capsys.readouterr().err
+
+
+def test_an_item_whose_file_has_gone_is_a_404_that_says_so(tmp_path, default_model):
+    """An indexed photo moved or deleted since: its original (and, where no display copy was kept, its thumbnail)
+    is a 404 naming the file, not "no indexed image has id N" (the item is still in the index)."""
+    import shutil
+
+    from fastapi.testclient import TestClient
+
+    from otclip.app.http_api import build_api
+    from otclip.app.search_app import SearchApp
+    from otclip.engine.sample_photos import write_sample_photos
+    from otclip.engine.search import IndexSearcher
+    from otclip.indexer.pipeline import index_images
+
+    gallery = write_sample_photos(tmp_path / "gallery")[0].parent
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for name in ("chelsea.jpg", "rocket.jpg"):
+        shutil.copy(gallery / name, photos / name)
+    index_images(photos, tmp_path / "ix", default_model, progress=False, workers=0, query_models=False,
+                 thumbnails=False)
+    searcher = IndexSearcher(tmp_path / "ix", model=default_model)
+    try:
+        client = TestClient(build_api({"ix": SearchApp(searcher)}, 10**8))
+        top = client.get("/search", params={"q": "a cat", "k": 1}).json()["results"][0]
+        assert client.get(f"/items/{top['id']}/original").status_code == 200
+        (photos / "chelsea.jpg").unlink()
+        for route in ("original", "thumbnail"):
+            gone = client.get(f"/items/{top['id']}/{route}")
+            assert gone.status_code == 404 and f"{photos / 'chelsea.jpg'} is no longer there" in gone.json()["detail"]
+        missing = client.get("/items/999/original")
+        assert missing.status_code == 404 and missing.json()["detail"] == "no indexed image has id 999"
+    finally:
+        searcher.close()
