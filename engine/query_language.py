@@ -77,8 +77,7 @@ def _term(raw: str, sign: float, query: str, allowed_image: Callable[[str], bool
     if not value:
         raise QueryError(f"query {query!r}: an empty quoted term")
     if not quoted and _looks_like_path(value):
-        if URL.match(value):
-            raise QueryError(f"query {query!r}: {url_refusal(value)}")
+        refuse_url(value, f"query {query!r}")
         if allowed_image is not None:
             if not allowed_image(value):
                 raise QueryError(f"query {query!r}: image {value!r} is not in the index (give the full path of "
@@ -112,13 +111,15 @@ def format_query(terms: Sequence[Term]) -> str | None:
     return query if same else None
 
 
-URL = re.compile(r"[a-z][a-z0-9+.-]*://", re.IGNORECASE)
+_URL = re.compile(r"[a-z][a-z0-9+.-]*://", re.IGNORECASE)
 
 
-def url_refusal(value: str) -> str:
-    """Why an image given as a URL is refused: otclip reads images from files and never fetches (a path is
-    what the index and a query both keep)."""
-    return f"image {value!r} is a URL: otclip reads images from files; download it and give its path"
+def refuse_url(value: str, where: str) -> None:
+    """QueryError if an image given `where` (the query, --image) is a URL: otclip reads images from files and never
+    fetches (a path is what the index and a query both keep)."""
+    if _URL.match(value):
+        raise QueryError(f"{where}: image {value!r} is a URL: otclip reads images from files; download it and give "
+                         "its path")
 
 
 def _looks_like_path(value: str) -> bool:

@@ -190,14 +190,13 @@ def _reindex(args: argparse.Namespace) -> int:
 
 def _search(args: argparse.Namespace) -> int:
     from otclip.engine.filters import filters_from_strings
-    from otclip.engine.query_language import URL, Term, parse_query, url_refusal
+    from otclip.engine.query_language import Term, parse_query, refuse_url
     from otclip.engine.result_export import export_images, results_csv, results_json
     from otclip.engine.threads import thread_budget
 
     terms = parse_query(args.query) if args.query is not None else []
     if args.image is not None:
-        if URL.match(args.image):
-            raise ValueError(f"--image: {url_refusal(args.image)}")
+        refuse_url(args.image, "--image")
         terms.append(Term("image", str(Path(args.image).expanduser().resolve())))
     if not terms:
         raise ValueError('give a query (e.g. "a beach" + ./ref.jpg - people) or --image PATH')
