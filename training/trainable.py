@@ -1,9 +1,10 @@
 """How training sees a model: frozen feature extractors (run once, cached) and trainable heads.
 
-LiT-style: with the towers locked, only the heads train, so the frozen towers' outputs are
-computed once per image/text and cached on disk; each step then costs only the heads and the
-losses. `--unlock-image N` / `--unlock-text N` unfreeze the towers' last N blocks, and then the
-features are the raw inputs (pixels, uint8 where they can be, and tokens) and the towers run every step.
+LiT-style: with the towers locked, only each tower's last projection (`tower_split`) and the logit scale train, so
+the frozen parts' outputs are computed once per image/text and cached on disk; each step then costs only the heads
+and the losses, for the default model and any open_clip architecture alike. `--unlock-image N` / `--unlock-text N`
+unfreeze the towers' last N blocks, and then that side's features are the raw inputs (pixels, uint8 where they can
+be, and tokens) and its tower runs every step.
 """
 
 from __future__ import annotations
@@ -14,8 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from otclip.engine import DEFAULT_MODEL_NAME, LoadedModel
+from otclip.engine import LoadedModel
 from otclip.engine.encoding import pixel_finisher
+
+from .tower_split import image_split, text_split
 
 
 class TrainableModel(nn.Module):
@@ -23,57 +26,51 @@ class TrainableModel(nn.Module):
         super().__init__()
         self.loaded = loaded
         self.model = loaded.model
-        self.bridge = loaded.recipe.get("kind") == DEFAULT_MODEL_NAME
-        self.cache_images = self.bridge and unlock_image == 0
-        self.cache_texts = self.bridge and unlock_text == 0
+        self.image_split, self.text_split = image_split(self.model), text_split(self.model)
+        self.cache_images, self.cache_texts = unlock_image == 0, unlock_text == 0
         self.finish_pixels = pixel_finisher(loaded.preprocess)  # image inputs kept as uint8 (`Encoder.pixels`)
         for p in self.model.parameters():
             p.requires_grad = False
-        if self.bridge:
-            self.model.visual.lock(unlocked_groups=unlock_image, freeze_bn_stats=True)
-            for p in (*self.model.visual.proj.parameters(), self.model.visual.class_embeddings,
-                      *self.model.text.proj.parameters(), self.model.logit_scale):
+        self.model.visual.lock(unlocked_groups=unlock_image, freeze_bn_stats=True)
+        if unlock_text:
+            self._unlock_text(unlock_text)
+        for p in (*self.image_split.head_parameters, *self.text_split.head_parameters, self.model.logit_scale):
+            p.requires_grad = True
+
+    def _unlock_text(self, layers: int) -> None:
+        text = getattr(self.model, "text", None)
+        bert_layers = getattr(getattr(getattr(text, "transformer", None), "encoder", None), "layer", None)
+        if bert_layers is None:
+            self.model.lock_text_tower(unlocked_layers=layers, freeze_layer_norm=True)
+            return
+        for layer in bert_layers[-layers:]:  # open_clip's HFTextEncoder.lock lacks BERT's layer names
+            for p in layer.parameters():
                 p.requires_grad = True
-            if unlock_text:  # open_clip's HFTextEncoder.lock lacks BERT's layer names: unfreeze them here
-                for layer in self.model.text.transformer.encoder.layer[-unlock_text:]:
-                    for p in layer.parameters():
-                        p.requires_grad = True
-        else:  # open_clip architectures: unlock the last N groups/layers, always train the projections
-            for p in self.model.parameters():
-                p.requires_grad = True
-            self.model.lock_image_tower(unlocked_groups=unlock_image, freeze_bn_stats=True)
-            self.model.lock_text_tower(unlocked_layers=unlock_text, freeze_layer_norm=True)
-            for name, p in self.model.named_parameters():
-                if name in ("logit_scale", "text_projection", "visual.proj") or name.endswith(".proj.weight"):
-                    p.requires_grad = True
 
     def feature_key(self, side: str) -> str:
-        """Identity of the frozen extractor whose outputs the cache holds (model weights + side)."""
-        return hashlib.sha256(f"{self.loaded.identity.checksum}:{side}:v1".encode()).hexdigest()[:16]
+        """Identity of the frozen extractor whose outputs the cache holds (model weights, side, where it is cut)."""
+        kind = (self.image_split if side == "images" else self.text_split).kind
+        return hashlib.sha256(f"{self.loaded.identity.checksum}:{side}:{kind}:v2".encode()).hexdigest()[:16]
 
     # --- frozen parts (inputs -> cacheable features) -------------------------------------------
     @torch.no_grad()
     def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.model.visual.trunk(pixels).float() if self.cache_images else pixels
+        return self.image_split.features(pixels).float() if self.cache_images else pixels
 
     @torch.no_grad()
     def text_features(self, tokens: torch.Tensor) -> torch.Tensor:
-        if not self.cache_texts:
-            return tokens
-        text = self.model.text
-        mask = (tokens != text.config.pad_token_id).long()
-        return text.pooler(text.transformer(input_ids=tokens, attention_mask=mask), mask).float()
+        return self.text_split.features(tokens).float() if self.cache_texts else tokens
 
     # --- trainable parts (features -> L2-normalised embeddings) ------------------------------
     def image_head(self, features: torch.Tensor) -> torch.Tensor:
         if self.cache_images:
-            out = self.model.visual.head(features)
+            out = self.image_split.head(features)
         else:
-            out = self.model.encode_image(self.finish_pixels(features))
+            out = self.model.encode_image(self.finish_pixels(features), normalize=False)
         return F.normalize(out.float(), dim=-1)
 
     def text_head(self, features: torch.Tensor) -> torch.Tensor:
-        out = self.model.text.proj(features) if self.cache_texts else self.model.encode_text(features)
+        out = self.text_split.head(features) if self.cache_texts else self.model.encode_text(features, normalize=False)
         return F.normalize(out.float(), dim=-1)
 
     @property
