@@ -122,8 +122,8 @@ FLAG_HELP = {  # `otclip train --help`: what each TrainConfig field's flag does
     "save_every": "steps between checkpoints (last.pt: a killed run resumes from it)",
     "match_every": "steps between pool matchings (ot-match, ot-cluster, mmcl-pool)",
     "pseudo_warmup": "share of the steps trained on pairs alone (after-pairs and two-stage schedules)",
-    "unlock_image": "unfreeze the image tower's last N blocks (0: the tower stays frozen)",
-    "unlock_text": "unfreeze the text tower's last N layers (0: the tower stays frozen)",
+    "unlock_image": "unfreeze the image tower's last N groups as open_clip counts them (a ViT's last: its projection)",
+    "unlock_text": "unfreeze the text tower's last N layers as open_clip counts them (CLIP's last: its projection)",
     "seed": "random seed (batches, initialisation)",
     "val_size": "validation pairs used, at most",
 }

@@ -29,23 +29,45 @@ class TrainableModel(nn.Module):
         self.image_split, self.text_split = image_split(self.model), text_split(self.model)
         self.cache_images, self.cache_texts = unlock_image == 0, unlock_text == 0
         self.finish_pixels = pixel_finisher(loaded.preprocess)  # image inputs kept as uint8 (`Encoder.pixels`)
+        # open_clip's locks freeze what is locked and leave the rest as it was (a timm tower's), so: all on, then the
+        # towers' locks, then off whatever lies outside the towers (a SigLIP logit bias, CoCa's decoder)
         for p in self.model.parameters():
-            p.requires_grad = False
-        self.model.visual.lock(unlocked_groups=unlock_image, freeze_bn_stats=True)
-        if unlock_text:
-            self._unlock_text(unlock_text)
+            p.requires_grad = True
+        self._lock_image(unlock_image)
+        self._lock_text(unlock_text)
+        in_towers = self._tower_parameters()
+        for p in self.model.parameters():
+            p.requires_grad = p.requires_grad and id(p) in in_towers
         for p in (*self.image_split.head_parameters, *self.text_split.head_parameters, self.model.logit_scale):
             p.requires_grad = True
 
-    def _unlock_text(self, layers: int) -> None:
+    def _lock_image(self, groups: int) -> None:
+        visual = self.model.visual
+        try:
+            visual.lock(unlocked_groups=groups, freeze_bn_stats=True)
+        except AssertionError as exc:  # open_clip's ModifiedResNet (RN50, ...) locks all or nothing
+            raise ValueError(f"--unlock-image {groups}: {type(visual).__name__} towers cannot be partly unlocked "
+                             f"({exc}): use 0") from None
+
+    def _lock_text(self, layers: int) -> None:
         text = getattr(self.model, "text", None)
         bert_layers = getattr(getattr(getattr(text, "transformer", None), "encoder", None), "layer", None)
         if bert_layers is None:
             self.model.lock_text_tower(unlocked_layers=layers, freeze_layer_norm=True)
             return
-        for layer in bert_layers[-layers:]:  # open_clip's HFTextEncoder.lock lacks BERT's layer names
+        self.model.lock_text_tower(unlocked_layers=0, freeze_layer_norm=True)
+        for layer in bert_layers[len(bert_layers) - layers :]:  # open_clip's HFTextEncoder.lock lacks BERT's names
             for p in layer.parameters():
                 p.requires_grad = True
+
+    def _tower_parameters(self) -> set[int]:
+        """ids of the towers' parameters: the image tower's and the text tower's (in a CLIP without a `text` module,
+        all the rest but the logit scale and bias)."""
+        towers = {id(p) for p in self.model.visual.parameters()}
+        text = getattr(self.model, "text", None)
+        if isinstance(text, nn.Module):
+            return towers | {id(p) for p in text.parameters()}
+        return towers | {id(p) for name, p in self.model.named_parameters() if not name.startswith(("visual.", "logit_"))}
 
     def feature_key(self, side: str) -> str:
         """Identity of the frozen extractor whose outputs the cache holds (model weights, side, where it is cut)."""

@@ -46,6 +46,31 @@ def test_cached_features_through_the_heads_are_the_towers_outputs(spec):
             assert p.grad is not None and float(p.grad.abs().sum()) > 0, name
 
 
+@pytest.mark.parametrize(("spec", "unlock_image", "unlock_text", "trains", "frozen"), [
+    ("ViT-S-32", 2, 2, ["visual.transformer.resblocks.11.", "visual.ln_post.", "visual.proj", "transformer.resblocks.11.",
+                        "ln_final.", "text_projection"],
+     ["visual.transformer.resblocks.10.", "visual.conv1.", "transformer.resblocks.10.", "token_embedding."]),
+    ("convnext_tiny", 2, 0, ["visual.trunk.stages.3.", "visual.trunk.head.norm.", "visual.head.proj.", "text_projection"],
+     ["visual.trunk.stages.2.", "visual.trunk.stem.", "transformer."]),
+])
+def test_unlocking_trains_the_last_groups_and_runs_that_tower_every_step(spec, unlock_image, unlock_text, trains, frozen):
+    """open_clip's groups (a ViT's last group is its projection, a timm trunk's its head's norm): a timm tower's lock
+    only freezes, so the unlocked groups must be trainable before it runs."""
+    loaded = load_model(spec)
+    trainable = TrainableModel(loaded, unlock_image=unlock_image, unlock_text=unlock_text)
+    names = [name for name, p in loaded.model.named_parameters() if p.requires_grad]
+    for prefix in trains:
+        assert any(name.startswith(prefix) for name in names), prefix
+    for prefix in frozen:
+        assert not any(name.startswith(prefix) for name in names), prefix
+    assert trainable.cache_images == (unlock_image == 0) and trainable.cache_texts == (unlock_text == 0)
+
+
+def test_a_tower_that_cannot_be_partly_unlocked_is_a_one_line_error():
+    with pytest.raises(ValueError, match=r"--unlock-image 1: ModifiedResNet towers cannot be partly unlocked"):
+        TrainableModel(load_model("RN50"), unlock_image=1)
+
+
 def test_a_run_on_cached_features_trains_what_running_the_towers_every_step_trains(small_corpus, tmp_path, monkeypatch):
     """ViT-S-32: the cache holds the pooled features before each projection (width 384), and two steps of `ot-pairwise` on them
     leave the projections where two steps that run the whole towers on the pixels and tokens leave them."""
