@@ -172,18 +172,24 @@ class Encoder:
         yield from self._encoded(self._decoded(images, bs, num_workers, thumbnails), len(images), bs, progress, encode,
                                  normalize)
 
-    def pixels(self, images: Sequence[ImageInput], progress: bool | None = None) -> torch.Tensor:
+    def pixels(self, images: Sequence[ImageInput], progress: bool | None = None,
+               failures: list[tuple[int, str]] | None = None) -> torch.Tensor:
         """(n, C, H, W) the model's input pixels of `images`, in input order, on the CPU: for training with an unlocked
         image tower, which runs on them every step. uint8 where the preprocessing ends in ToTensor + Normalize (a
         quarter of float32's memory: 147 kB a 224 x 224 image against 588), to be finished by `pixel_finisher` batch by
-        batch; float32 otherwise. ImageDecodeError naming the first input that cannot be read."""
+        batch; float32 otherwise. An input that cannot be read: ImageDecodeError naming the first, or, given `failures`,
+        left out (the rows are the readable inputs', in order) and recorded there as (index, reason)."""
         parts = []
         show = progress if progress is not None else len(images) > 4 * self.batch_size
         with tqdm(total=len(images), desc="decode images", unit="img", disable=not show) as bar:
             for tensors, batch in self._decoded(images, self.batch_size, None, False):
-                refuse_failures(batch, images)
-                parts.append(tensors.cpu())
-                bar.update(len(batch.indices))
+                if failures is None:
+                    refuse_failures(batch, images)
+                else:
+                    failures.extend(batch.failures)
+                if tensors is not None:
+                    parts.append(tensors.cpu())
+                bar.update(len(batch.indices) + len(batch.failures))
         side = self.loaded.image_size
         return torch.cat(parts) if parts else torch.zeros((0, 3, side, side), dtype=torch.uint8)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import sys
 from pathlib import Path
 
 from otclip.engine.model_identity import DEFAULT_MODEL_NAME
@@ -103,7 +104,11 @@ def _train(args: argparse.Namespace) -> int:
     from .trainer import TrainConfig, Trainer
 
     fields = {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__}
-    summary = Trainer(TrainConfig(**fields), progress=not args.no_progress).train()
+    trainer = Trainer(TrainConfig(**fields), progress=not args.no_progress)
+    if trainer.unreadable and trainer.ranks.rank == 0:
+        print(f"otclip train: skipped the rows of {len(trainer.unreadable)} unreadable image(s), listed in "
+              f"{Path(args.out) / 'errors.jsonl'}", file=sys.stderr)
+    summary = trainer.train()
     if summary:
         print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items() if k != "event"))
     return 0

@@ -61,34 +61,43 @@ class FeatureCache:
         write_json_atomically(folder / f"{side}.json", {"generation": old + 1, "rows": rows})
         (folder / f"{side}-{old}.npy").unlink(missing_ok=True)
 
-    def images(self, paths: list[str]) -> torch.Tensor:
-        """(n, f) frozen image features, computed for the images not cached yet."""
+    def images(self, paths: list[str], failures: list[tuple[int, str]] | None = None) -> torch.Tensor:
+        """(n, f) frozen image features, computed for the images not cached yet. An image that cannot be read:
+        ValueError naming the first, or, given `failures`, left out (the rows are the readable images', in order) and
+        recorded there as (index, reason); it is not cached, so a repaired file is read the next time."""
         if not self.trainable.cache_images:
             raise RuntimeError("image features are not cacheable with an unlocked image tower")
         digests = [sha256_file(p) for p in paths]
         with self._locked("images") as folder:
-            return self._images(folder, paths, digests)
+            return self._images(folder, paths, digests, failures)
 
-    def _images(self, folder: Path, paths: list[str], digests: list[str]) -> torch.Tensor:
+    def _images(self, folder: Path, paths: list[str], digests: list[str],
+                failures: list[tuple[int, str]] | None) -> torch.Tensor:
         rows, array = self._load(folder, "images")
         missing = sorted({d: p for d, p in zip(digests, paths) if d not in rows}.items())
+        unreadable: dict[str, str] = {}
         if missing:
             new_rows, parts = dict(rows), [array] if array is not None else []
             batches = self.encoder.iter_image_batches([p for _, p in missing], encode=self.trainable.image_features,
                                                       normalize=False, progress=self.progress)
             offset = 0 if array is None else len(array)
             for batch in batches:
-                if batch.failures:
+                if batch.failures and failures is None:
                     i, reason = batch.failures[0]
                     raise ValueError(f"{missing[i][1]}: {reason}")
+                unreadable.update((missing[i][0], reason) for i, reason in batch.failures)
                 for j, i in enumerate(batch.indices):
                     new_rows[missing[i][0]] = offset + j
                 offset += len(batch.indices)
-                parts.append(batch.embeddings)
-            array = np.concatenate(parts)
-            rows = new_rows
-            self._store(folder, "images", rows, array)
-        return torch.from_numpy(np.ascontiguousarray(array[[rows[d] for d in digests]]))
+                if batch.indices:
+                    parts.append(batch.embeddings)
+            if len(new_rows) > len(rows):
+                array, rows = np.concatenate(parts), new_rows
+                self._store(folder, "images", rows, array)
+        if failures is not None:
+            failures.extend((k, unreadable[d]) for k, d in enumerate(digests) if d in unreadable)
+        readable = [rows[d] for d in digests if d not in unreadable]
+        return torch.from_numpy(np.ascontiguousarray(array[readable])) if readable else torch.zeros((0, 0))
 
     def texts(self, texts: list[str]) -> torch.Tensor:
         """(n, f) frozen text features (pooled MiniLM outputs), cached by text."""

@@ -28,7 +28,7 @@ from otclip.engine.distributed import init_from_env
 from otclip.engine.metrics import recall_at_k
 
 from .config import POSITIVES, RegularizerOptions, TrainConfig  # noqa: F401 (POSITIVES: re-exported)
-from .corpus import PartiallyPairedCorpus, load_corpus
+from .corpus import CorpusRow, PartiallyPairedCorpus, load_corpus
 from .feature_cache import FeatureCache
 from .losses import ContrastiveLoss, StepEmbeddings, in_first_stage, lookup, step_total, uniformity
 from .matching import Matching, PoolFeatures
@@ -110,11 +110,28 @@ class Trainer:
             self.optimizer, lambda s: _cosine_lr(s, config.steps, config.warmup))
 
     # --- data ----------------------------------------------------------------------------------
-    def _image_inputs(self, cache: FeatureCache, paths: list[str]) -> torch.Tensor:
-        """Cached frozen features, or (an image tower that runs every step) the pixels, uint8 where they can be."""
+    def _image_inputs(self, cache: FeatureCache, paths: list[str],
+                      failures: list[tuple[int, str]] | None = None) -> torch.Tensor:
+        """Cached frozen features, or (an image tower that runs every step) the pixels, uint8 where they can be; an
+        unreadable image raises, or is left out and recorded in `failures`."""
         if self.trainable.cache_images:
-            return cache.images(paths)
-        return cache.encoder.pixels(paths, progress=self.progress)
+            return cache.images(paths, failures)
+        return cache.encoder.pixels(paths, progress=self.progress, failures=failures)
+
+    def _readable(self, cache: FeatureCache, rows: list[CorpusRow]) -> tuple[list[CorpusRow], torch.Tensor | None]:
+        """The rows whose image can be read, and their image inputs (None if no row is left); the others are skipped
+        and reported (`self.unreadable`, RUN/errors.jsonl), as indexing does, with their captions, so that every
+        image input stays beside its own row's."""
+        if not rows:
+            return rows, None
+        failures: list[tuple[int, str]] = []
+        inputs = self._image_inputs(cache, [r.image for r in rows], failures)
+        for i, reason in failures:  # listed once, also where a file is in two parts of the corpus
+            if all(e["path"] != rows[i].image for e in self.unreadable):
+                self.unreadable.append({"path": rows[i].image, "reason": reason})
+        left_out = {i for i, _ in failures}
+        kept = [r for i, r in enumerate(rows) if i not in left_out]
+        return kept, inputs.to(self.device) if kept else None
 
     def _text_inputs(self, cache: FeatureCache, texts: list[str]) -> torch.Tensor:
         return cache.texts(texts) if self.trainable.cache_texts else self.loaded.tokenizer(texts)
@@ -122,15 +139,19 @@ class Trainer:
     def _load_features(self) -> None:
         cache = FeatureCache(self.trainable, progress=self.progress and self.ranks.rank == 0)
         c, v = self.train_corpus, self.val_corpus
-        val_pairs = v.pairs[: self.cfg.val_size]
         t0 = time.time()
         to = self.device
-        self.pair_img = self._image_inputs(cache, [r.image for r in c.pairs]).to(to) if c.pairs else None
+        self.unreadable: list[dict] = []
+        c.pairs, self.pair_img = self._readable(cache, c.pairs)
+        c.images, self.unp_img = self._readable(cache, c.images)
+        val_pairs, self.val_img = self._readable(cache, v.pairs[: self.cfg.val_size])
+        if self.unreadable and not c.pairs and (self.cfg.reg == "none" or self.reg_spec.needs_pairs):
+            first = self.unreadable[0]
+            raise ValueError(f"{self.cfg.corpus}: no pair has an image that can be read ({len(self.unreadable)} "
+                             f"unreadable, the first {first['path']}: {first['reason']})")
         self.pair_txt = self._text_inputs(cache, [r.text for r in c.pairs]).to(to) if c.pairs else None
         self.pair_keys = self._positive_keys(c.pairs)
-        self.unp_img = self._image_inputs(cache, [r.image for r in c.images]).to(to) if c.images else None
         self.unp_txt = self._text_inputs(cache, [r.text for r in c.texts]).to(to) if c.texts else None
-        self.val_img = self._image_inputs(cache, [r.image for r in val_pairs]).to(to) if val_pairs else None
         self.val_txt = self._text_inputs(cache, [r.text for r in val_pairs]).to(to) if val_pairs else None
         self.val_labels = [r.label for r in val_pairs]
         self.val_texts = [r.text for r in val_pairs]
@@ -333,8 +354,10 @@ class Trainer:
         log = open(self.out / "log.jsonl", "a", encoding="utf-8") if main else None
         if main:
             (self.out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+            write_lines_atomically(self.out / "errors.jsonl", [json.dumps(e, ensure_ascii=False) for e in self.unreadable])
             log.write(json.dumps({"event": "resume" if resumed else "start", "step": self.step,
-                                  "corpus": self.train_corpus.summary(), "feature_seconds": self.feature_seconds}) + "\n")
+                                  "corpus": self.train_corpus.summary(), "feature_seconds": self.feature_seconds,
+                                  "skipped": len(self.unreadable)}) + "\n")
         start, t0 = self.step, time.time()
         if main and not resumed:
             log.write(json.dumps({"step": 0, **self.validate()}) + "\n")
@@ -389,7 +412,8 @@ class Trainer:
             if cfg.save_checkpoints and not (self.out / "best.pt").exists():
                 self.save("best.pt", with_state=False)
             summary = {"event": "end", "steps": self.step, "trained_steps": self.step - start,
-                       "seconds": time.time() - t0, "best_val_mean_recall": self.best, **last_val}
+                       "seconds": time.time() - t0, "skipped": len(self.unreadable), "best_val_mean_recall": self.best,
+                       **last_val}
             log.write(json.dumps(summary) + "\n")
             log.close()
             return summary

@@ -304,20 +304,58 @@ def test_pool_pairing_terms_do_not_embed_the_unpaired_batch_and_train_the_same(s
     assert terms and any(r[reg.replace("-", "_")] != 0 for r in terms)  # the term was computed and logged
 
 
-def test_an_unreadable_image_in_an_unlocked_run_is_named_not_skipped(small_corpus, tmp_path):
-    """With an unlocked image tower the pixels are kept, not features: an image that cannot be decoded stops the
-    run in one line naming it (it used to be dropped from the pixels, so every later image sat beside another
-    row's caption)."""
+@pytest.mark.parametrize("unlock_image", [0, 1])
+def test_unreadable_images_are_skipped_with_their_rows_and_reported(small_corpus, tmp_path, unlock_image):
+    """A pair's image, an unpaired image and a validation image that cannot be decoded are left out with their rows
+    and listed in RUN/errors.jsonl; every image input left stays beside its own row's caption (with an unlocked tower
+    the unreadable image used to be dropped from the pixels alone, so every later image sat beside another row's
+    caption): checked against the model's own encoding of the files and captions."""
     import shutil
 
-    from otclip.engine import ImageDecodeError
+    from otclip.engine.images import load_image
     from otclip.training.trainer import TrainConfig, Trainer
 
     corpus = tmp_path / "corpus"
     shutil.copytree(small_corpus, corpus)
-    first = json.loads((corpus / "train.jsonl").read_text().splitlines()[0])
-    (corpus / first["image"]).write_bytes(b"not a png")
-    cfg = TrainConfig(corpus=str(corpus), out=str(tmp_path / "run"), steps=1, batch_size=8, unlock_image=1,
-                      val_size=16, save_checkpoints=False)
-    with pytest.raises(ImageDecodeError, match=first["image"].split("/")[-1]):
-        Trainer(cfg, progress=False)
+    train_rows = [json.loads(line) for line in (corpus / "train.jsonl").read_text().splitlines()]
+    pair = next(r for r in train_rows if r.get("image") and r.get("text"))
+    unpaired = next(r for r in train_rows if r.get("image") and not r.get("text"))
+    val = json.loads((corpus / "val.jsonl").read_text().splitlines()[1])
+    for row in (pair, unpaired, val):
+        (corpus / row["image"]).write_bytes(b"not a png")
+    cfg = TrainConfig(corpus=str(corpus), out=str(tmp_path / "run"), reg="ot-pairwise", steps=1, eval_every=1,
+                      batch_size=8, unpaired_batch_size=8, unlock_image=unlock_image, val_size=16,
+                      save_checkpoints=False)
+    trainer = Trainer(cfg, progress=False)
+    bad = {str(corpus / r["image"]) for r in (pair, unpaired, val)}
+    assert {e["path"] for e in trainer.unreadable} == bad and all(e["reason"] for e in trainer.unreadable)
+    pairs = trainer.train_corpus.pairs
+    n_pairs = sum(1 for r in train_rows if r.get("image") and r.get("text"))
+    assert len(pairs) == len(trainer.pair_img) == len(trainer.pair_txt) == n_pairs - 1
+    assert len(trainer.val_img) == len(trainer.val_txt) == len(trainer.val_images) == 15
+    assert not bad & {r.image for r in pairs} and not bad & set(trainer.val_images)
+    loaded, heads = trainer.loaded, trainer.trainable
+    val_rows = list(zip(trainer.val_images, trainer.val_texts))
+    with torch.no_grad():
+        for inputs, texts, rows in ((trainer.pair_img, trainer.pair_txt, [(r.image, r.text) for r in pairs]),
+                                    (trainer.val_img, trainer.val_txt, val_rows)):
+            some = list(range(0, len(rows), max(1, len(rows) // 6)))
+            pixels = torch.stack([loaded.preprocess(load_image(rows[k][0], draft=loaded.image_size)) for k in some])
+            images = torch.nn.functional.normalize(loaded.model.encode_image(pixels), dim=-1)
+            captions = loaded.model.encode_text(loaded.tokenizer([rows[k][1] for k in some]))
+            np.testing.assert_allclose(heads.image_head(inputs[some]).numpy(), images.numpy(), atol=1e-5)
+            np.testing.assert_allclose(heads.text_head(texts[some]).numpy(),
+                                       torch.nn.functional.normalize(captions, dim=-1).numpy(), atol=1e-5)
+    summary = trainer.train()
+    assert summary["skipped"] == 3 and summary["steps"] == 1
+    listed = [json.loads(line) for line in (tmp_path / "run" / "errors.jsonl").read_text().splitlines()]
+    assert {e["path"] for e in listed} == bad
+
+
+def test_a_corpus_whose_pairs_all_cannot_be_read_is_a_one_line_error(tmp_path):
+    from otclip.training.trainer import TrainConfig, Trainer
+
+    (tmp_path / "a.png").write_bytes(b"not a png")
+    (tmp_path / "train.jsonl").write_text(json.dumps({"image": "a.png", "text": "a red square"}) + "\n")
+    with pytest.raises(ValueError, match=r"no pair has an image that can be read \(1 unreadable, the first .*a\.png"):
+        Trainer(TrainConfig(corpus=str(tmp_path), out=str(tmp_path / "r")), progress=False)
