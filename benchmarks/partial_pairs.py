@@ -609,7 +609,7 @@ def main() -> None:
         return
     args.unseen = "sandal,bag,ankle boot"
     if args.quick:
-        args.train, args.val, args.test, args.steps, args.unpaired_batch = 300, 60, 100, 20, 64
+        args.train, args.val, args.test, args.steps, args.unpaired_batch = 200, 40, 60, 20, 64
         args.fractions, args.classic_fractions, args.seeds = [0.0, 0.1], [0.1], [0]
         args.unpaired, args.linear_steps, args.n_test = [0, 200], (10, 20), 1000
         GRID["alpha"], GRID["ot_eps"] = [0.5], [0.05]
