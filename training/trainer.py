@@ -126,8 +126,10 @@ class Trainer:
             return rows, None
         failures: list[tuple[int, str]] = []
         inputs = self._image_inputs(cache, [r.image for r in rows], failures)
+        listed = {e["path"] for e in self.unreadable}
         for i, reason in failures:  # listed once, also where a file is in two parts of the corpus
-            if all(e["path"] != rows[i].image for e in self.unreadable):
+            if rows[i].image not in listed:
+                listed.add(rows[i].image)
                 self.unreadable.append({"path": rows[i].image, "reason": reason})
         left_out = {i for i, _ in failures}
         kept = [r for i, r in enumerate(rows) if i not in left_out]
@@ -291,11 +293,18 @@ class Trainer:
     def _train_state(self) -> dict:
         """What resuming needs to continue exactly as the uninterrupted run: with the pool's pseudo-pairs as they
         were (recomputing them at the resume step, from later weights, changed the run: #13 item 8)."""
-        state = {"step": self.step, "best": self.best, "config": self.cfg.resume_fields(),
+        state = {"step": self.step, "best": self.best, "config": self.cfg.resume_fields(), "corpus": self._corpus_shape(),
                  "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
         if self.matching is not None:
             state["matching"] = {k: v for k, v in vars(self.matching).items() if v is not None}
         return state
+
+    def _corpus_shape(self) -> dict:
+        """What the saved state's row indices (the pool's pseudo-pairs, the batches' draws) refer to: the rows
+        trained on, after the unreadable images' rows were skipped."""
+        c = self.train_corpus
+        return {"pairs": len(c.pairs), "images": len(c.images), "texts": len(c.texts),
+                "skipped": sorted(e["path"] for e in self.unreadable)}
 
     def save(self, name: str, with_state: bool) -> Path:
         extra = {"train_state": self._train_state()} if with_state else {"train_config": asdict(self.cfg)}
@@ -318,6 +327,15 @@ class Trainer:
         if saved != now:
             diff = sorted(k for k in {*saved, *now} if saved.get(k) != now.get(k))
             raise ValueError(f"{last}: a run with other settings ({', '.join(diff)}) is in this folder; use a new --out")
+        shape = self._corpus_shape()
+        was = state.get("corpus", shape)  # a checkpoint from before otclip saved it: taken as the same
+        if was != shape:
+            names = {"pairs": "pairs", "images": "unpaired images", "texts": "unpaired texts"}
+            changed = [f"{name} {was.get(k)} -> {shape[k]}" for k, name in names.items() if was.get(k) != shape[k]]
+            if was.get("skipped") != shape["skipped"]:
+                changed.append(f"unreadable images {len(was.get('skipped') or [])} -> {len(shape['skipped'])}")
+            raise ValueError(f"{last}: the corpus changed since this run started ({', '.join(changed)}); the saved "
+                             "state's rows would point at other ones: use a new --out")
         self.loaded.model.load_state_dict(ckpt["state_dict"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])

@@ -359,3 +359,24 @@ def test_a_corpus_whose_pairs_all_cannot_be_read_is_a_one_line_error(tmp_path):
     (tmp_path / "train.jsonl").write_text(json.dumps({"image": "a.png", "text": "a red square"}) + "\n")
     with pytest.raises(ValueError, match=r"no pair has an image that can be read \(1 unreadable, the first .*a\.png"):
         Trainer(TrainConfig(corpus=str(tmp_path), out=str(tmp_path / "r")), progress=False)
+
+
+def test_a_run_resumed_on_a_changed_corpus_is_a_one_line_error(small_corpus, tmp_path):
+    """The saved state's row indices (pool pseudo-pairs) refer to the rows trained on: a resume after an image became
+    unreadable (its row now skipped) would pair other rows, so it is refused, naming what changed."""
+    import shutil
+
+    from otclip.training.trainer import TrainConfig, Trainer
+
+    corpus = tmp_path / "corpus"
+    shutil.copytree(small_corpus, corpus)
+    cfg = TrainConfig(corpus=str(corpus), out=str(tmp_path / "run"), reg="ot-match", steps=1, batch_size=8,
+                      val_size=8)
+    Trainer(cfg, progress=False).train()
+    assert Trainer(cfg, progress=False).train()["trained_steps"] == 0  # the same corpus resumes (nothing left to do)
+    unpaired = next(json.loads(line) for line in (corpus / "train.jsonl").read_text().splitlines()
+                    if json.loads(line).get("image") and not json.loads(line).get("text"))
+    (corpus / unpaired["image"]).write_bytes(b"not a png")
+    with pytest.raises(ValueError, match=r"last\.pt: the corpus changed since this run started \(unpaired images "
+                                         r"(\d+) -> (\d+), unreadable images 0 -> 1\); .* use a new --out"):
+        Trainer(cfg, progress=False).train()
