@@ -39,10 +39,10 @@ def register(sub: argparse._SubParsersAction) -> None:
             continue
         flag = "--" + name.replace("_", "-")
         if isinstance(value, bool):
-            p.add_argument(flag, action="store_true", help=FLAG_HELP[name])
+            p.add_argument(flag, action=_GivenFlag, help=FLAG_HELP[name])
         else:
             kind = float if name == "ot_rho" else type(value)
-            p.add_argument(flag, type=kind, default=value, choices=CHOICES.get(name),
+            p.add_argument(flag, type=kind, default=value, choices=CHOICES.get(name), action=_Given,
                            help=f"{FLAG_HELP[name]} (default: %(default)s)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_train)
@@ -64,6 +64,24 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--md", type=Path, default=None, help="write the report as Markdown")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_eval)
+
+
+class _Given(argparse.Action):
+    """Stores the value and notes that the flag was given: `otclip train` refuses a flag its --reg does not read."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        setattr(namespace, self.dest, values)
+        namespace.given = {*getattr(namespace, "given", ()), self.dest}
+
+
+class _GivenFlag(_Given):
+    """A flag without a value (store_true), noted like `_Given`."""
+
+    def __init__(self, option_strings, dest, **kwargs) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=False, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        super().__call__(parser, namespace, True, option_string)
 
 
 def _eval(args: argparse.Namespace) -> int:
@@ -101,9 +119,17 @@ def _data(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from .config import settings_unread_by
     from .trainer import TrainConfig, Trainer
 
     fields = {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__}
+    unread = settings_unread_by(args.reg, getattr(args, "given", ()))
+    if unread:
+        flags = ", ".join("--" + name.replace("_", "-") for name in unread)
+        one = len(unread) == 1
+        raise ValueError(f"--reg {args.reg} does not read {flags} ({'it' if one else 'they'} would change nothing): "
+                         f"leave {'it' if one else 'them'} out, or choose the regularizer {'it is' if one else 'they are'} "
+                         "for (`otclip train --help`)")
     trainer = Trainer(TrainConfig(**fields), progress=not args.no_progress)
     if trainer.unreadable and trainer.ranks.rank == 0:
         print(f"otclip train: skipped the rows of {len(trainer.unreadable)} unreadable image(s), listed in "

@@ -3,7 +3,8 @@ importing the training stack (so every other command starts fast)."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, fields
 
 from otclip.engine.model_identity import DEFAULT_MODEL_NAME
 
@@ -95,6 +96,26 @@ class TrainConfig:
         for k in ("steps", "eval_every", "save_every"):
             d.pop(k)
         return d
+
+
+OPTION_SETTINGS = {"eps": "ot_eps", "rho": "ot_rho"}  # RegularizerOptions fields whose TrainConfig setting is renamed
+SCHEDULE_SETTINGS = ("alpha", "unpaired_batch_size", "match_every", "pseudo_warmup")  # read per regularizer, below
+
+
+def settings_unread_by(reg: str, names: Iterable[str]) -> list[str]:
+    """The TrainConfig settings among `names` that `--reg reg` does not read (given on the command line, they would
+    change nothing): another regularizer's options (`Regularizer.reads`), `--alpha` and `--unpaired-batch-size`
+    without a regularizer, `--match-every` without a pool pairing, `--pseudo-warmup` on the joint schedule."""
+    from .losses import lookup
+
+    spec = lookup(reg)
+    reads = {OPTION_SETTINGS.get(o, o) for o in (spec.reads if spec else ())}
+    if spec is not None:
+        reads |= {"alpha", "unpaired_batch_size"}
+        reads |= {"match_every"} if spec.pairing is not None else set()
+        reads |= {"pseudo_warmup"} if spec.schedule != "joint" else set()
+    per_regularizer = {OPTION_SETTINGS.get(f.name, f.name) for f in fields(RegularizerOptions)} | set(SCHEDULE_SETTINGS)
+    return sorted(n for n in set(names) if n in per_regularizer and n not in reads)
 
 
 FLAG_HELP = {  # `otclip train --help`: what each TrainConfig field's flag does

@@ -260,12 +260,18 @@ class Regularizer:
     schedule: str = "joint"
     # pool-level pseudo-pairs: (images, texts, options, seed, matching.PoolFeatures) -> Matching
     pairing: Callable[..., Matching] | None = None
-    uses_eps: bool = True  # whether --ot-eps changes it (the experiment's grid skips eps otherwise)
+    # the RegularizerOptions it reads: a flag for another one is refused on the command line (`settings_unread_by`)
+    reads: tuple[str, ...] = ()
     needs_pairs: bool = False  # whether it cannot work without paired anchors
     needs_clusters: bool = False  # whether it needs --match-clusters (data made of categories)
     # whether it reads the step's unpaired batch (StepEmbeddings.images / .texts); pool-pairing terms read only
     # their pseudo-pairs, so the trainer does not embed that batch for them (with an unlocked tower, 256 forwards)
     reads_unpaired_batch: bool = True
+
+    @property
+    def uses_eps(self) -> bool:
+        """Whether --ot-eps changes it (the experiment's grid skips eps otherwise)."""
+        return "eps" in self.reads
 
 
 REGISTRY: dict[str, Regularizer] = {}
@@ -277,20 +283,21 @@ def register(reg: Regularizer) -> None:
     REGISTRY[reg.name] = reg
 
 
-register(Regularizer("ot-pairwise", lambda o: PairwiseOT(o.eps, o.rho, o.debiased)))
-register(Regularizer("ot-loop", lambda o: LoopOT(o.eps, o.rho, o.loop_lambda), needs_pairs=True))
-register(Regularizer("ot-barycenter", lambda o: BarycenterOT(o.eps)))
+register(Regularizer("ot-pairwise", lambda o: PairwiseOT(o.eps, o.rho, o.debiased), reads=("eps", "rho", "debiased")))
+register(Regularizer("ot-loop", lambda o: LoopOT(o.eps, o.rho, o.loop_lambda), reads=("eps", "rho", "loop_lambda"),
+                     needs_pairs=True))
+register(Regularizer("ot-barycenter", lambda o: BarycenterOT(o.eps), reads=("eps",)))
 register(Regularizer("ot-match", lambda o: PseudoPairContrastive("ot_match"), schedule="after-pairs",
-                     reads_unpaired_batch=False,
+                     reads=("eps", "match_rho", "match_min_mass", "match_min_certainty"), reads_unpaired_batch=False,
                      pairing=lambda x, y, o, seed, _: ot_matching(x, y, o.eps, o.match_rho, o.match_min_mass,
                                                                     o.match_min_certainty, seed=seed)))
 # joint: the clusters' match needs no trained joint space, and a pairs-only first stage spoils it (Fashion-MNIST open
 # world, 1%: precision 0.76 from the untrained model, 0.29 after the pairs of 7 classes pulled every image to them)
 register(Regularizer("ot-cluster", lambda o: PseudoPairContrastive("ot_cluster"),
                      pairing=lambda x, y, o, seed, f: cluster_matching(x, y, f, o.match_clusters, o.match_structure, seed),
-                     uses_eps=False, needs_clusters=True, reads_unpaired_batch=False))
-register(Regularizer("mmcl-nakada", lambda o: NakadaPseudoPairs(), schedule="two-stage", uses_eps=False))
-register(Regularizer("mmcl-pool", lambda o: PoolPseudoPairs(), schedule="two-stage", uses_eps=False,
+                     reads=("match_clusters", "match_structure"), needs_clusters=True, reads_unpaired_batch=False))
+register(Regularizer("mmcl-nakada", lambda o: NakadaPseudoPairs(), schedule="two-stage"))
+register(Regularizer("mmcl-pool", lambda o: PoolPseudoPairs(), schedule="two-stage",
                      pairing=lambda x, y, o, seed, _: nearest_text_pairs(x, y), reads_unpaired_batch=False))
 
 REGULARIZERS = ("none", *REGISTRY)
