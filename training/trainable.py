@@ -3,8 +3,8 @@
 LiT-style: with the towers locked, only each tower's last projection (`tower_split`) and the logit scale train, so
 the frozen parts' outputs are computed once per image/text and cached on disk; each step then costs only the heads
 and the losses, for the default model and any open_clip architecture alike. `--unlock-image N` / `--unlock-text N`
-unfreeze the towers' last N blocks, and then that side's features are the raw inputs (pixels, uint8 where they can
-be, and tokens) and its tower runs every step.
+unfreeze the towers' last N blocks (open_clip's groups), and where anything before the head then trains, that side's
+features are the raw inputs (pixels, uint8 where they can be, and tokens) and its tower runs every step.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from torch import nn
 from otclip.engine import LoadedModel
 from otclip.engine.encoding import pixel_finisher
 
-from .tower_split import image_split, text_split
+from .tower_split import TowerSplit, image_split, text_split
 
 
 class TrainableModel(nn.Module):
@@ -27,7 +27,6 @@ class TrainableModel(nn.Module):
         self.loaded = loaded
         self.model = loaded.model
         self.image_split, self.text_split = image_split(self.model), text_split(self.model)
-        self.cache_images, self.cache_texts = unlock_image == 0, unlock_text == 0
         self.finish_pixels = pixel_finisher(loaded.preprocess)  # image inputs kept as uint8 (`Encoder.pixels`)
         # open_clip's locks freeze what is locked and leave the rest as it was (a timm tower's), so: all on, then the
         # towers' locks, then off whatever lies outside the towers (a SigLIP logit bias, CoCa's decoder)
@@ -40,6 +39,9 @@ class TrainableModel(nn.Module):
             p.requires_grad = p.requires_grad and id(p) in in_towers
         for p in (*self.image_split.head_parameters, *self.text_split.head_parameters, self.model.logit_scale):
             p.requires_grad = True
+        # a side is cached where nothing before its head trains (`--unlock-image 1` on a ViT opens only its projection)
+        self.cache_images = self._frozen_before_head(self.model.visual.parameters(), self.image_split)
+        self.cache_texts = self._frozen_before_head(self._text_parameters(), self.text_split)
 
     def _lock_image(self, groups: int) -> None:
         visual = self.model.visual
@@ -60,14 +62,22 @@ class TrainableModel(nn.Module):
             for p in layer.parameters():
                 p.requires_grad = True
 
-    def _tower_parameters(self) -> set[int]:
-        """ids of the towers' parameters: the image tower's and the text tower's (in a CLIP without a `text` module,
-        all the rest but the logit scale and bias)."""
-        towers = {id(p) for p in self.model.visual.parameters()}
+    def _text_parameters(self) -> list[nn.Parameter]:
+        """The text tower's parameters (in a CLIP without a `text` module, all but the image tower's and the logit
+        scale and bias)."""
         text = getattr(self.model, "text", None)
         if isinstance(text, nn.Module):
-            return towers | {id(p) for p in text.parameters()}
-        return towers | {id(p) for name, p in self.model.named_parameters() if not name.startswith(("visual.", "logit_"))}
+            return list(text.parameters())
+        return [p for name, p in self.model.named_parameters() if not name.startswith(("visual.", "logit_"))]
+
+    def _tower_parameters(self) -> set[int]:
+        """ids of the towers' parameters."""
+        return {id(p) for p in (*self.model.visual.parameters(), *self._text_parameters())}
+
+    @staticmethod
+    def _frozen_before_head(tower, split: TowerSplit) -> bool:
+        head = {id(p) for p in split.head_parameters}
+        return not any(p.requires_grad and id(p) not in head for p in tower)
 
     def feature_key(self, side: str) -> str:
         """Identity of the frozen extractor whose outputs the cache holds (model weights, side, where it is cut)."""
