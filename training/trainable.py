@@ -10,6 +10,7 @@ features are the raw inputs (pixels, uint8 where they can be, and tokens) and it
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
@@ -75,7 +76,8 @@ class TrainableModel(nn.Module):
         return {id(p) for p in (*self.model.visual.parameters(), *self._text_parameters())}
 
     @staticmethod
-    def _frozen_before_head(tower, split: TowerSplit) -> bool:
+    def _frozen_before_head(tower: Iterable[nn.Parameter], split: TowerSplit) -> bool:
+        """Whether nothing of the tower but its head trains, so that its features before the head can be cached."""
         head = {id(p) for p in split.head_parameters}
         return not any(p.requires_grad and id(p) not in head for p in tower)
 
