@@ -22,6 +22,7 @@ from otclip.engine import Encoder
 from otclip.engine.atomic_files import remove_dead_writers_files, write_json_atomically, write_npy_atomically
 from otclip.engine.cache_dir import cache_dir
 from otclip.engine.checksums import sha256_file
+from otclip.engine.image_batches import refuse_failures
 
 from .trainable import TrainableModel
 
@@ -63,8 +64,9 @@ class FeatureCache:
 
     def images(self, paths: list[str], failures: list[tuple[int, str]] | None = None) -> torch.Tensor:
         """(n, f) frozen image features, computed for the images not cached yet. An image that cannot be read:
-        ValueError naming the first, or, given `failures`, left out (the rows are the readable images', in order) and
-        recorded there as (index, reason); it is not cached, so a repaired file is read the next time."""
+        ImageDecodeError (a ValueError) naming the first, or, given `failures`, left out (the rows are the readable
+        images', in order) and recorded there as (index, reason); it is not cached, so a repaired file is read the
+        next time."""
         if not self.trainable.cache_images:
             raise RuntimeError("image features are not cacheable with an unlocked image tower")
         digests = [sha256_file(p) for p in paths]
@@ -78,13 +80,13 @@ class FeatureCache:
         unreadable: dict[str, str] = {}
         if missing:
             new_rows, parts = dict(rows), [array] if array is not None else []
-            batches = self.encoder.iter_image_batches([p for _, p in missing], encode=self.trainable.image_features,
+            missing_paths = [p for _, p in missing]
+            batches = self.encoder.iter_image_batches(missing_paths, encode=self.trainable.image_features,
                                                       normalize=False, progress=self.progress)
             offset = 0 if array is None else len(array)
             for batch in batches:
-                if batch.failures and failures is None:
-                    i, reason = batch.failures[0]
-                    raise ValueError(f"{missing[i][1]}: {reason}")
+                if failures is None:
+                    refuse_failures(batch, missing_paths)
                 unreadable.update((missing[i][0], reason) for i, reason in batch.failures)
                 for j, i in enumerate(batch.indices):
                     new_rows[missing[i][0]] = offset + j
