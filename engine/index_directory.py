@@ -75,6 +75,7 @@ METRIC = "inner_product"
 SIDE_FILES = (".faiss", ".ids.npy", ".vectors.npy", ".ivfdata")  # what `publish` writes for a side, per generation
 TRAINED_SUFFIX = ".trained.faiss"  # a sharded build's trained empty index, beside its ranks' `.shard-R.faiss`
 PART_BYTES = 1 << 30  # one process adds an IVF index's rows in parts of at most this many bytes of lists
+RETIRED_DAYS = 30  # how long the embedding and thumbnail of a removed image's content are kept for its return
 
 
 def _manifest_problem(data: object) -> str | None:
@@ -321,10 +322,20 @@ class IndexDirectory:
         self._drop_unused(live)
         return ingested
 
-    def remove_items(self, side: str, keys: list[str]) -> None:
-        """Forget these items: a removal records file first (a rebuild must not bring them back), then SQLite."""
+    def remove_items(self, side: str, keys: list[str], retire: bool = False) -> None:
+        """Forget these items: a removal records file first (a rebuild must not bring them back), then SQLite.
+        `retire`: keep the embeddings (and thumbnails) of contents no item holds any more for RETIRED_DAYS, so a
+        file that comes back (a drive mounted again, a folder moved out and back) is not embedded again."""
         if keys:
-            self.store.delete_keys(side, keys, removal=self.records.write_removal(side, keys))
+            self.store.delete_keys(side, keys, removal=self.records.write_removal(side, keys), retire=retire)
+
+    def expire_retired(self, now: float | None = None) -> int:
+        """Forget retired contents older than RETIRED_DAYS and delete their thumbnails (their embedding chunks go
+        at the next `ingest_pending`, when no item uses them either). Returns how many."""
+        expired = self.store.forget_retired(before=(now or time.time()) - RETIRED_DAYS * 86400)
+        if expired:
+            self.prune_thumbnails()
+        return expired
 
     def _write_records_of_unheld_rows(self) -> int:
         """Records files for the rows no kept records file holds (an index built before records were kept,
@@ -414,9 +425,13 @@ class IndexDirectory:
         """Embedding chunks the metadata store relies on that are missing, unreadable, of another dimension or
         cut short: chunk name -> what is wrong. Searching still works (FAISS keeps its own copy); rebuilding
         would fail, so `index` drops and re-embeds their items and `reindex` refuses."""
+        return self._damaged(self.store.rows_needed())
+
+    def _damaged(self, rows_needed: dict[str, int]) -> dict[str, str]:
+        """Of these chunks (shard -> rows needed), the missing, unreadable, of another dimension or cut short."""
         dim = self.manifest()["dim"]
         damaged = {}
-        for shard, rows in self.store.rows_needed().items():
+        for shard, rows in rows_needed.items():
             path = self.embeddings_dir / f"{shard}.npy"
             try:
                 array = np.load(path, mmap_mode="r")
@@ -434,13 +449,15 @@ class IndexDirectory:
 
     def drop_damaged_chunks(self) -> dict[str, list[str]]:
         """Forget the items of damaged chunks (side -> their keys) and delete the chunks: the next `index` /
-        `index-texts` of the same source embeds exactly these items again."""
+        `index-texts` of the same source embeds exactly these items again. Retired contents whose embedding cannot
+        be read are forgotten too (a cache: such a content is embedded again if it comes back)."""
         damaged = self.damaged_chunks()
         dropped = self.store.keys_in_shards(damaged)
         for side, keys in dropped.items():
             self.remove_items(side, keys)
         for shard in damaged:
             (self.embeddings_dir / f"{shard}.npy").unlink(missing_ok=True)
+        self.store.forget_retired(shards=self._damaged(self.store.rows_needed("retired")))
         return dropped
 
     def unique_embeddings(self, side: str) -> tuple[np.ndarray, np.ndarray]:
@@ -680,10 +697,10 @@ class IndexDirectory:
         return damaged
 
     def prune_thumbnails(self) -> int:
-        """Delete the thumbnails of content no indexed image holds any more; returns how many."""
+        """Delete the thumbnails of content no indexed image holds any more (nor keeps retired); returns how many."""
         if not self.thumbnails_dir.exists():
             return 0
-        keep = set(self.store.hash_locations("images"))
+        keep = set(self.store.hash_locations("images")) | set(self.store.retired("images"))
         removed = 0
         for path in self.thumbnails_dir.glob("*/*.jpg"):
             if path.stem not in keep:

@@ -13,6 +13,9 @@ Schema (version 1), table `items`:
 Table `chunks` records every ingested embedding chunk by name, which makes ingesting idempotent.
 Table `removals` (version 2) names the kept removal records files (their loss is found by `otclip check`).
 Version 3 adds `exif_time` (EXIF DateTimeOriginal, Unix seconds) and the indexes that filters use.
+Table `retired` (version 4): where the embedding of a removed image's content lives (with its width, height,
+EXIF time and when it was removed), while no item holds that content: a file that comes back is not embedded again.
+It is a cache: a store rebuilt from the records files starts without it.
 Table `meta` carries schema_version; `migrate` upgrades older files in place.
 
 A damaged file (truncated, overwritten) raises IndexDirectoryError naming it, never sqlite3's traceback.
@@ -34,7 +37,7 @@ import numpy as np
 from .errors import IndexDirectoryError
 from .filters import Filters
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 ID_BATCH = 10_000  # ids per statement (`_by_ids`)
 SIDES = ("images", "texts")
 
@@ -63,6 +66,13 @@ _MIGRATIONS: dict[int, str] = {
     ALTER TABLE items ADD COLUMN exif_time REAL;
     CREATE INDEX items_by_label ON items (side, label);
     CREATE INDEX items_by_taken ON items (side, COALESCE(exif_time, mtime_ns / 1e9));
+    """,
+    4: """
+    CREATE TABLE retired (
+        side TEXT NOT NULL, sha256 TEXT NOT NULL, shard TEXT NOT NULL, row INTEGER NOT NULL,
+        width INTEGER, height INTEGER, exif_time REAL, retired_at REAL NOT NULL,
+        PRIMARY KEY (side, sha256)
+    );
     """,
 }
 
@@ -208,6 +218,7 @@ class MetadataStore:
         with self._transaction():
             if self._db.execute("SELECT 1 FROM chunks WHERE name=?", (name,)).fetchone():
                 return 0
+            any_retired = self._db.execute("SELECT 1 FROM retired WHERE side=? LIMIT 1", (side,)).fetchone()
             for r in records:
                 self._db.execute(
                     """INSERT INTO items (side, key, sha256, size, mtime_ns, width, height, text, label, extra,
@@ -222,21 +233,44 @@ class MetadataStore:
                      json.dumps(r.extra) if r.extra else None, r.shard or name, r.row, now, name, r.exif_time),
                 )
                 count += 1
+                if any_retired:  # a content held again is no longer retired
+                    self._db.execute("DELETE FROM retired WHERE side=? AND sha256=?", (side, r.sha256))
             self._db.execute("INSERT INTO chunks VALUES (?,?,?)", (name, side, now))
         return count
 
-    def delete_keys(self, side: str, keys: Iterable[str], removal: str | None = None) -> int:
-        """Delete these items; `removal`: the name of the records file that keeps this removal."""
+    def delete_keys(self, side: str, keys: Iterable[str], removal: str | None = None, retire: bool = False) -> int:
+        """Delete these items; `removal`: the name of the records file that keeps this removal. `retire`: keep
+        where the embedding of each content no item holds any more lives (`retired`), so that the content is not
+        embedded again if it comes back (a drive mounted again)."""
         keys = list(keys)
+        now = time.time()
         with self._transaction():
             if removal is not None:
                 self._db.execute("INSERT OR IGNORE INTO removals VALUES (?)", (removal,))
             for start in range(0, len(keys), 500):
                 part = keys[start : start + 500]
-                self._db.execute(
-                    f"DELETE FROM items WHERE side=? AND key IN ({','.join('?' * len(part))})", (side, *part)
-                )
+                marks = ",".join("?" * len(part))
+                if retire:
+                    self._db.execute(
+                        f"""INSERT OR REPLACE INTO retired
+                            SELECT side, sha256, shard, row, width, height, exif_time, ? FROM items
+                            WHERE side=? AND key IN ({marks})""", (now, side, *part))
+                self._db.execute(f"DELETE FROM items WHERE side=? AND key IN ({marks})", (side, *part))
+            if retire:  # content another item still holds is not retired
+                self._db.execute("DELETE FROM retired WHERE side=? AND EXISTS (SELECT 1 FROM items WHERE "
+                                 "items.side=retired.side AND items.sha256=retired.sha256)", (side,))
         return len(keys)
+
+    def forget_retired(self, before: float | None = None, shards: Iterable[str] = ()) -> int:
+        """Forget retired contents retired before `before` (Unix seconds), or whose embedding lives in one of
+        `shards`; returns how many."""
+        with self._transaction():
+            count = 0
+            if before is not None:
+                count += self._db.execute("DELETE FROM retired WHERE retired_at < ?", (before,)).rowcount
+            for shard in shards:
+                count += self._db.execute("DELETE FROM retired WHERE shard=?", (shard,)).rowcount
+        return count
 
     def update_stats(self, side: str, stats: Iterable[tuple[str, int, int]]) -> None:
         """(key, size, mtime_ns) for items whose file was touched but whose content is unchanged."""
@@ -282,6 +316,19 @@ class MetadataStore:
         """key -> row (size, mtime_ns, sha256, text, label, extra, shard, row, ...) of every item of a side."""
         return {r["key"]: r for r in self._query("SELECT * FROM items WHERE side=?", (side,))}
 
+    def retired(self, side: str) -> dict[str, sqlite3.Row]:
+        """sha256 -> (shard, row, width, height, exif_time, retired_at) of each content of a side that no item holds
+        any more but whose embedding is kept (`delete_keys(retire=True)`)."""
+        return {r["sha256"]: r for r in self._query("SELECT * FROM retired WHERE side=?", (side,))}
+
+    def retired_count(self, side: str) -> int:
+        """How many contents of a side are kept retired; 0 for a store of an older schema opened read-only (not
+        migrated: it keeps none)."""
+        with self._lock:
+            if self._db.execute("SELECT 1 FROM sqlite_master WHERE name='retired'").fetchone() is None:
+                return 0
+        return self._query("SELECT COUNT(*) FROM retired WHERE side=?", (side,))[0][0]
+
     def hash_locations(self, side: str) -> dict[str, tuple[str, int]]:
         """sha256 -> (shard, row) of an existing embedding, so duplicates are never embedded twice."""
         rows = self._query("SELECT sha256, shard, row FROM items WHERE side=? ORDER BY id", (side,))
@@ -297,9 +344,12 @@ class MetadataStore:
         )
         return [(r["id"], r["shard"], r["row"]) for r in rows]
 
-    def rows_needed(self) -> dict[str, int]:
-        """shard -> how many rows its embedding chunk must hold (the largest row referenced, plus one)."""
-        return {r["shard"]: r["n"] for r in self._query("SELECT shard, MAX(row) + 1 AS n FROM items GROUP BY shard")}
+    def rows_needed(self, table: str = "items") -> dict[str, int]:
+        """shard -> how many rows its embedding chunk must hold for the items (or the "retired" contents): the largest
+        row referenced, plus one."""
+        if table not in ("items", "retired"):
+            raise ValueError(f"table {table!r}: expected items or retired")
+        return {r["shard"]: r["n"] for r in self._query(f"SELECT shard, MAX(row) + 1 AS n FROM {table} GROUP BY shard")}
 
     def keys_in_shards(self, shards: Iterable[str]) -> dict[str, list[str]]:
         """side -> keys of the items whose embedding lives in one of `shards`."""
@@ -312,7 +362,8 @@ class MetadataStore:
         return out
 
     def referenced_shards(self) -> set[str]:
-        return {r["shard"] for r in self._query("SELECT DISTINCT shard FROM items")}
+        """The embedding chunks that items or retired contents use."""
+        return {r["shard"] for r in self._query("SELECT shard FROM items UNION SELECT shard FROM retired")}
 
     def count(self, side: str) -> int:
         return self._query("SELECT COUNT(*) FROM items WHERE side=?", (side,))[0][0]

@@ -172,6 +172,7 @@ class IndexSearcher:
         sides = {
             side: {**self.manifest["sides"][side],  # index_type as published (no GPU copy made to name it)
                    "items": self._store.count(side),  # reads the store: a damaged one says so here
+                   "retired": self._store.retired_count(side),
                    "index_bytes": self.directory.index_bytes(side),
                    "exact": loaded.exact, "reranked": not loaded.exact and loaded.vectors is not None}
             for side, loaded in current.items()

@@ -290,6 +290,7 @@ def _info(args: argparse.Namespace) -> int:
     import datetime
 
     from otclip.engine.faiss_indexes import size_text
+    from otclip.engine.index_directory import RETIRED_DAYS
     from otclip.engine.search import IndexSearcher
 
     searcher = IndexSearcher(args.index_dir)
@@ -314,6 +315,9 @@ def _info(args: argparse.Namespace) -> int:
         kind += ", lists memory-mapped from .ivfdata" if s.get("lists_on_disk") else ""
         recall = f", recall@10 {s['recall@10']:.3f} ({s.get('recall_queries')} held-out queries)" if "recall@10" in s else ""
         print(f"{'':<9} index {size_text(s['index_bytes'])} ({kind}){recall}")
+        if s["retired"]:
+            print(f"{'':<9} {s['retired']} removed image content(s) keep their embedding and thumbnail for "
+                  f"{RETIRED_DAYS} days after removal (a file that comes back is not embedded again)")
     if info["max_index_memory"]:
         print(f"budget    --max-index-memory {size_text(info['max_index_memory'])} (auto keeps within it)")
     print(f"size      {size_text(info['size_bytes'])} on disk")

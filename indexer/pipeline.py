@@ -47,6 +47,7 @@ class IndexingSummary:
     embedded: int = 0
     unchanged: int = 0
     duplicates: int = 0
+    returned: int = 0  # files whose content an earlier run removed and kept (`IndexDirectory.remove_items`): not embedded
     removed: int = 0
     skipped: int = 0
     total: int = 0
@@ -58,8 +59,9 @@ class IndexingSummary:
     repaired: int = 0  # items of damaged embedding chunks, embedded again
 
     def line(self) -> str:
+        returned = f", {self.returned} back (kept embeddings)" if self.returned else ""
         s = (f"{self.side}: {self.total} indexed ({self.embedded} embedded, {self.unchanged} unchanged, "
-             f"{self.duplicates} duplicates), {self.removed} removed, {self.skipped} skipped")
+             f"{self.duplicates} duplicates{returned}), {self.removed} removed, {self.skipped} skipped")
         if self.skipped and self.errors_file:
             s += f" (reasons in {self.errors_file})"
         if self.repaired:
@@ -198,6 +200,7 @@ class _Plan:
     touched: list[tuple[str, int, int]] = field(default_factory=list)  # same content, new size/mtime
     unchanged: int = 0
     duplicates: int = 0  # new or changed files whose content is already embedded
+    returned: int = 0  # new files whose content was removed before and is kept retired
     errors: list[dict] = field(default_factory=list)
 
 
@@ -234,6 +237,7 @@ def _plan(items: list[CollectionItem], directory: IndexDirectory, ranks: Ranks) 
     stored = directory.store.stats("images")
     known = directory.store.hash_locations("images")
     known_facts = {row["sha256"]: (row["width"], row["height"], row["exif_time"]) for row in stored.values()}
+    retired = directory.store.retired("images")
     candidates: list[tuple[CollectionItem, int, int]] = []
     for item in items:
         stat = _stat(item)
@@ -267,6 +271,11 @@ def _plan(items: list[CollectionItem], directory: IndexDirectory, ranks: Ranks) 
             shard, r = known[digest]
             plan.duplicates += 1
             plan.reuse.append(_record(item, digest, r, size, mtime, shard, known_facts.get(digest, (None, None, None))))
+        elif digest in retired:
+            kept = retired[digest]
+            plan.returned += 1
+            plan.reuse.append(_record(item, digest, kept["row"], size, mtime, kept["shard"],
+                                      (kept["width"], kept["height"], kept["exif_time"])))
         else:
             plan.groups.setdefault(digest, []).append((item, size, mtime))
     return plan
@@ -370,7 +379,7 @@ def _index_images(source, directory: IndexDirectory, models: _ModelOnDemand, ran
     writer = _ChunkWriter(directory, "images", ranks, chunk_size)
     if ranks.is_main:  # known content under a new path, or new metadata: no embedding needed
         writer.write_reused(plan.reuse)
-        summary.duplicates = plan.duplicates
+        summary.duplicates, summary.returned = plan.duplicates, plan.returned
     groups = list(plan.groups.items())[ranks.rank :: ranks.world_size]
     summary.duplicates += sum(len(g) - 1 for _, g in groups)
     failed: list[dict] = []
@@ -398,7 +407,7 @@ def _index_images(source, directory: IndexDirectory, models: _ModelOnDemand, ran
         errors = plan.errors + failed
         present = {it.path for it in items} - {e["path"] for e in errors}
         gone = [k for k in directory.store.stats("images") if k not in present]
-        directory.remove_items("images", gone)
+        directory.remove_items("images", gone, retire=True)
         if gone:
             directory.prune_thumbnails()
         directory.store.update_stats("images", plan.touched)
@@ -423,6 +432,7 @@ def _prepare(directory: IndexDirectory, models: _ModelOnDemand, factory: str) ->
     models.open_index()
     if factory != "auto":
         new_index(factory, directory.manifest()["dim"])  # a bad factory string fails now, not after embedding
+    directory.expire_retired()  # before `ingest_pending`, which deletes the chunks nothing uses any more
     ingested = directory.ingest_pending()
     repaired = directory.drop_damaged_chunks()
     return ingested, sum(len(keys) for keys in repaired.values())

@@ -295,12 +295,13 @@ def test_a_running_searcher_follows_each_new_generation(gallery, tmp_path, defau
 
 
 def test_thumbnails_follow_the_indexed_contents(gallery, tmp_path, default_model):
-    """One JPEG display copy per distinct content, made while indexing, deleted with the last image holding it."""
+    """One JPEG display copy per distinct content, made while indexing, deleted RETIRED_DAYS after the last image
+    holding it is removed."""
     import numpy as np
     from PIL import Image
 
     from otclip.engine.images import load_image
-    from otclip.engine.index_directory import IndexDirectory
+    from otclip.engine.index_directory import RETIRED_DAYS, IndexDirectory
     from otclip.indexer.pipeline import index_images
 
     (gallery / "chelsea-copy.jpg").write_bytes((gallery / "chelsea.jpg").read_bytes())
@@ -324,6 +325,9 @@ def test_thumbnails_follow_the_indexed_contents(gallery, tmp_path, default_model
     directory.close()
     (gallery / "chelsea.jpg").unlink()  # its copy still holds the content
     (gallery / "rocket.jpg").unlink()  # the last image holding this content
+    index_images(gallery, out, "effnet-minilm", progress=False, workers=0)
+    assert directory.thumbnail_path(chelsea).exists() and directory.thumbnail_path(rocket).exists()  # kept: retired
+    _age_retired(out, RETIRED_DAYS + 1)
     index_images(gallery, out, "effnet-minilm", progress=False, workers=0)
     assert directory.thumbnail_path(chelsea).exists() and not directory.thumbnail_path(rocket).exists()
 
@@ -410,3 +414,123 @@ def test_an_empty_source_does_not_empty_the_index(gallery, tmp_path, default_mod
     assert len(searcher.search("a cat", k=50).results) == 20
     assert len(searcher.search("a cat", k=50, target="texts").results) == 2
     assert index_images(empty, tmp_path / "new", default_model, progress=False, workers=0).total == 0
+
+
+def _age_retired(out, days):
+    """As if the retired contents had been removed `days` days earlier."""
+    import sqlite3
+
+    with sqlite3.connect(out / "metadata.sqlite") as db:
+        db.execute("UPDATE retired SET retired_at = retired_at - ?", (days * 86400,))
+
+
+def test_photos_that_come_back_reuse_their_kept_embeddings(gallery, tmp_path, default_model, encoder):
+    """Photos that vanish (a drive not mounted, a folder moved out) leave the index, but their embeddings and
+    thumbnails are kept for RETIRED_DAYS: when they come back nothing is embedded (no model is even loaded), and
+    each gets its own content's embedding, size and thumbnail; after RETIRED_DAYS the kept ones are deleted."""
+    from otclip.engine.index_directory import RETIRED_DAYS
+    from otclip.engine.index_repair import find_problems
+
+    out, offline = tmp_path / "ix", tmp_path / "offline"
+    offline.mkdir()
+    late = ["rocket.jpg", "moon.jpg"]  # added by a later run: their own embedding chunk
+    for name in late:
+        shutil.move(gallery / name, offline / name)
+    index_images(gallery, out, default_model, progress=False, workers=0, query_models=False)
+    for name in late:
+        shutil.move(offline / name, gallery / name)
+    index_images(gallery, out, default_model, progress=False, workers=0, query_models=False)
+    chunks = sorted(p.name for p in (out / "embeddings").glob("*.npy"))
+    assert len(chunks) == 2
+
+    gone = sorted(p.name for p in gallery.iterdir())[::2] + late  # 12 of the 20, the late chunk's two among them
+    for name in set(gone):
+        shutil.move(gallery / name, offline / name)
+    s = index_images(gallery, out, "effnet-minilm", progress=False, workers=0, query_models=False)
+    assert (s.removed, s.total, s.embedded, s.model_loaded) == (len(set(gone)), 20 - len(set(gone)), 0, False)
+    assert not {r.path for r in IndexSearcher(out, model=default_model).search("a photo", k=20).results} & {
+        str(gallery / name) for name in gone}
+    assert sorted(p.name for p in (out / "embeddings").glob("*.npy")) == chunks  # kept for their return
+    directory = IndexDirectory(out)
+    assert len(directory.store.retired("images")) == len(set(gone)) and find_problems(directory) == []
+    directory.close()
+    assert f"{len(set(gone))} removed image content(s) keep their embedding" in subprocess.run(
+        [sys.executable, "-m", "otclip.main", "info", str(out)], capture_output=True, text=True).stdout
+
+    for name in set(gone):  # the drive is back
+        shutil.move(offline / name, gallery / name)
+    s = index_images(gallery, out, "effnet-minilm", progress=False, workers=0, query_models=False)
+    assert (s.returned, s.embedded, s.total, s.model_loaded) == (len(set(gone)), 0, 20, False)
+    assert "back (kept embeddings)" in s.line()
+    directory = IndexDirectory(out)
+    stats = directory.store.stats("images")
+    paths = [str(gallery / name) for name in sorted(set(gone))]
+    kept = directory.vectors_at([(stats[p]["shard"], stats[p]["row"]) for p in paths])
+    np.testing.assert_allclose(kept, encoder.encode_images(paths), atol=1e-4)  # each its own content's embedding
+    assert stats[str(gallery / "chelsea.jpg")]["width"] == 451
+    assert directory.store.retired("images") == {} and find_problems(directory) == []  # thumbnails all there
+    directory.close()
+    top = IndexSearcher(out, model=default_model).search_image(gallery / "chelsea.jpg", k=1)[0]
+    assert top.path.endswith("chelsea.jpg") and top.score == pytest.approx(1.0, abs=1e-4)
+
+    for name in late:  # removed again, and not back within RETIRED_DAYS
+        shutil.move(gallery / name, offline / name)
+    index_images(gallery, out, "effnet-minilm", progress=False, workers=0, query_models=False)
+    digests = list(IndexDirectory(out).store.retired("images"))
+    assert len(digests) == 2 and all(IndexDirectory(out).thumbnail_path(d).exists() for d in digests)
+    _age_retired(out, RETIRED_DAYS - 1)
+    index_images(gallery, out, "effnet-minilm", progress=False, workers=0, query_models=False)
+    assert len(IndexDirectory(out).store.retired("images")) == 2
+    _age_retired(out, 2)
+    index_images(gallery, out, "effnet-minilm", progress=False, workers=0, query_models=False)
+    directory = IndexDirectory(out)
+    assert directory.store.retired("images") == {}
+    assert not any(directory.thumbnail_path(d).exists() for d in digests)
+    assert len(list((out / "embeddings").glob("*.npy"))) == 1  # the late chunk is deleted
+    directory.close()
+    for name in late:
+        shutil.move(offline / name, gallery / name)
+    s = index_images(gallery, out, "effnet-minilm", progress=False, workers=0, query_models=False)
+    assert (s.returned, s.embedded, s.total) == (0, 2, 20)
+
+
+def test_a_kept_embedding_that_cannot_be_read_is_forgotten(gallery, tmp_path, default_model, encoder):
+    """A retired content's chunk cut short: the kept embedding is forgotten (nothing else is touched) and the photo,
+    when it comes back, is embedded again."""
+    out, offline = tmp_path / "ix", tmp_path / "offline"
+    offline.mkdir()
+    shutil.move(gallery / "rocket.jpg", offline / "rocket.jpg")
+    index_images(gallery, out, default_model, progress=False, workers=0, query_models=False)
+    shutil.move(offline / "rocket.jpg", gallery / "rocket.jpg")
+    index_images(gallery, out, default_model, progress=False, workers=0, query_models=False)
+    shutil.move(gallery / "rocket.jpg", offline / "rocket.jpg")
+    index_images(gallery, out, default_model, progress=False, workers=0, query_models=False)
+    (kept,) = IndexDirectory(out).store.retired("images").values()
+    chunk = out / "embeddings" / f"{kept['shard']}.npy"
+    chunk.write_bytes(chunk.read_bytes()[:100])
+    shutil.move(offline / "rocket.jpg", gallery / "rocket.jpg")
+    s = index_images(gallery, out, default_model, progress=False, workers=0, query_models=False)
+    assert (s.returned, s.embedded, s.total, s.repaired) == (0, 1, 20, 0)
+    directory = IndexDirectory(out)
+    row = directory.store.stats("images")[str(gallery / "rocket.jpg")]
+    np.testing.assert_allclose(directory.vectors_at([(row["shard"], row["row"])]),
+                               encoder.encode_images([str(gallery / "rocket.jpg")]), atol=1e-4)
+    assert not chunk.exists()
+
+
+def test_a_store_of_the_schema_before_retired_contents_reads_as_keeping_none(tmp_path):
+    """A searcher on a read-only disk does not migrate an older store: `info` must still read it."""
+    import sqlite3
+
+    from otclip.engine.metadata_store import MetadataStore
+
+    path = tmp_path / "metadata.sqlite"
+    MetadataStore(path).close()
+    with sqlite3.connect(path) as db:
+        db.executescript("DROP TABLE retired; UPDATE meta SET value='3' WHERE key='schema_version'")
+    reader = MetadataStore(path, readonly=True)
+    assert (reader.schema_version(), reader.retired_count("images")) == (3, 0)
+    reader.close()
+    migrated = MetadataStore(path)
+    assert (migrated.schema_version(), migrated.retired_count("images")) == (4, 0)
+    migrated.close()

@@ -144,6 +144,7 @@ def test_an_index_from_before_records_were_kept_gets_them(history, default_model
     with sqlite3.connect(history / "metadata.sqlite") as db:
         db.executescript("DROP INDEX items_by_label; DROP INDEX items_by_taken; ALTER TABLE items DROP COLUMN exif_time;"
                          "DROP INDEX items_by_chunk; ALTER TABLE items DROP COLUMN chunk; DROP TABLE removals;"
+                         "DROP TABLE retired;"
                          "UPDATE meta SET value='1' WHERE key='schema_version'")  # what schema 1 was
     before = [r[:-1] for r in rows_v1(history)]
     code, out, _ = cli(capsys, "search", history, "a cat", "--json", "--before", "2100-01-01")  # a new column
