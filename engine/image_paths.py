@@ -11,3 +11,19 @@ IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", 
 
 def is_image_path(path: str | Path) -> bool:
     return Path(path).suffix.lower() in IMAGE_EXTENSIONS
+
+
+def undecodable_name(path: str) -> str | None:
+    """Why a path (as `os.walk` gives it: bytes that are not UTF-8 as lone surrogates, PEP 383) cannot be indexed,
+    or None. The metadata store, the JSON files and the browser need UTF-8, so such a file is skipped and named
+    with `shown_path`: old archives and shares written with a Windows code page (cp1252, cp437) hold such names."""
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        return "file name is not UTF-8: rename it (`convmv -r -f cp1252 -t utf8 --notest FOLDER` converts a tree)"
+    return None
+
+
+def shown_path(path: str) -> str:
+    """The path with each byte that is not UTF-8 written as \\xNN (for messages and errors.jsonl)."""
+    return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")

@@ -29,6 +29,7 @@ from otclip.engine.distributed import Ranks, init_from_env
 from otclip.engine.errors import IndexDirectoryError
 from otclip.engine.faiss_indexes import auto_factory, new_index
 from otclip.engine.image_batches import ImageBatch
+from otclip.engine.image_paths import shown_path, undecodable_name
 from otclip.engine.index_directory import IndexDirectory
 from otclip.engine.metadata_store import ItemRecord
 from otclip.engine.model_identity import DEFAULT_MODEL_NAME, identity_without_loading
@@ -205,6 +206,8 @@ class _Plan:
 
 
 def _stat(item: CollectionItem) -> tuple[int, int] | str:
+    if reason := undecodable_name(item.path):
+        return reason
     try:
         st = os.stat(item.path)
     except FileNotFoundError:
@@ -242,7 +245,7 @@ def _plan(items: list[CollectionItem], directory: IndexDirectory, ranks: Ranks) 
     for item in items:
         stat = _stat(item)
         if isinstance(stat, str):
-            plan.errors.append({"path": item.path, "reason": stat})
+            plan.errors.append({"path": shown_path(item.path), "reason": stat})
             continue
         size, mtime = stat
         row = stored.get(item.path)

@@ -534,3 +534,15 @@ def test_a_store_of_the_schema_before_retired_contents_reads_as_keeping_none(tmp
     migrated = MetadataStore(path)
     assert (migrated.schema_version(), migrated.retired_count("images")) == (4, 0)
     migrated.close()
+
+
+def test_a_file_name_that_is_not_utf8_is_skipped_and_named(gallery, tmp_path, default_model):
+    """A name written in a Windows code page (bytes that are not UTF-8) cannot go into the store, the JSON files
+    or the browser: that file is skipped with the reason, named with its byte escaped; the others are indexed."""
+    os.rename(gallery / "coffee.jpg", os.fsencode(gallery) + b"/caf\xe9.jpg")
+    out = tmp_path / "ix"
+    s = index_images(gallery, out, default_model, progress=False, workers=0, query_models=False)
+    assert (s.total, s.skipped) == (19, 1)
+    (error,) = [json.loads(line) for line in (out / "errors.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert error["path"] == f"{gallery}/caf\\xe9.jpg" and "not UTF-8: rename it" in error["reason"]
+    assert index_images(gallery, out, default_model, progress=False, workers=0, query_models=False).skipped == 1
