@@ -430,14 +430,15 @@ def _index_images(source, directory: IndexDirectory, models: _ModelOnDemand, ran
 
 def _prepare(directory: IndexDirectory, models: _ModelOnDemand, factory: str) -> tuple[int, int]:
     """Before anything is embedded: open (or check) the index for the model, check the factory string, commit
-    what a killed run left and drop damaged chunks (their items are embedded again). Returns (records
-    ingested, items dropped)."""
+    what a killed run left, drop damaged chunks (their items are embedded again) and forget expired retired
+    contents (after the commit: a killed run's thumbnails belong to contents not yet in the store; the chunks they
+    leave unused go at the next `ingest_pending`). Returns (records ingested, items dropped)."""
     models.open_index()
     if factory != "auto":
         new_index(factory, directory.manifest()["dim"])  # a bad factory string fails now, not after embedding
-    directory.expire_retired()  # before `ingest_pending`, which deletes the chunks nothing uses any more
     ingested = directory.ingest_pending()
     repaired = directory.drop_damaged_chunks()
+    directory.expire_retired()
     return ingested, sum(len(keys) for keys in repaired.values())
 
 

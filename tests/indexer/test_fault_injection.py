@@ -174,3 +174,44 @@ def test_a_run_stopped_at_each_commit_point_resumes_to_the_same_index(pristine, 
             repair(IndexDirectory(index))
             assert items(index) == items(reference), (n, before)
     assert "manifest.json" in stopped_at and any(name.endswith(".faiss") for name in stopped_at)
+
+
+def test_a_run_stopped_at_each_commit_point_keeps_the_thumbnails_of_what_it_wrote(pristine, tmp_path, default_model,
+                                                                                 renames):
+    """Retired contents expire at the start of a run, which deletes their thumbnails: a killed run's written (not yet
+    committed) chunk must be committed first, or its new photo's thumbnail would go while its item stays."""
+    from otclip.engine.index_directory import RETIRED_DAYS, IndexDirectory
+    from otclip.engine.index_repair import find_problems
+
+    photos, offline = tmp_path / "photos", tmp_path / "offline"
+    photos.mkdir()
+    offline.mkdir()
+    first, second, new = sorted((pristine / "photos").glob("*.jpg"))[:3]
+    build = dict(model=default_model, progress=False, workers=0, query_models=False)
+    stopped = 0
+    for n in range(1, 20):
+        index = tmp_path / f"ix-{n}"
+        for path in (first, second):
+            shutil.copy(path, photos / path.name)
+        (photos / new.name).unlink(missing_ok=True)
+        index_images(photos, index, **build)
+        (photos / second.name).unlink()  # retired
+        index_images(photos, index, **build)
+        shutil.copy(new, photos / new.name)
+        renames(n)
+        try:
+            index_images(photos, index, **build)
+        except Died:
+            stopped += 1
+        finally:
+            renames.undo()
+        with sqlite3.connect(index / "metadata.sqlite") as db:  # the retired content expires before the next run
+            db.execute("UPDATE retired SET retired_at = retired_at - ?", ((RETIRED_DAYS + 1) * 86400,))
+        index_images(photos, index, **build)
+        directory = IndexDirectory(index)
+        assert find_problems(directory) == [] and directory.store.retired("images") == {}, n
+        assert sorted(Path(k).name for k in directory.store.stats("images")) == sorted([first.name, new.name])
+        directory.close()
+        if renames.count < n:  # the run finished before the n-th rename: every commit point was tried
+            break
+    assert stopped >= 5
