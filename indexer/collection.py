@@ -7,7 +7,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from otclip.engine.image_paths import is_image_path
+from otclip.engine.image_paths import is_image_path, shown_path
 from otclip.engine.manifests import MANIFEST_SUFFIXES, read_rows
 
 
@@ -32,12 +32,20 @@ def _is_index_directory(path: str) -> bool:
     return os.path.isfile(os.path.join(path, "manifest.json")) and os.path.isdir(os.path.join(path, "embeddings"))
 
 
-def walk_images(folder: Path) -> list[CollectionItem]:
+def walk_images(folder: Path, unreadable: list[dict] | None = None) -> list[CollectionItem]:
     """Image files below `folder`, recursively, following symlinked folders once (loops are cut). An otclip
-    index directory inside it (`--out PHOTOS/.otclip`) is skipped: its thumbnails are not photos."""
+    index directory inside it (`--out PHOTOS/.otclip`) is skipped: its thumbnails are not photos. A folder that
+    cannot be listed (permission denied, an I/O error) is appended to `unreadable` as {"path", "reason"}, not
+    passed over in silence as `os.walk` would."""
     seen_dirs: set[tuple[int, int]] = set()
     found: list[str] = []
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+
+    def failed(exc: OSError) -> None:
+        if unreadable is not None:
+            unreadable.append({"path": shown_path(str(exc.filename)),
+                               "reason": f"folder cannot be read ({exc.strerror}): the images in it are left out"})
+
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True, onerror=failed):
         st = os.stat(dirpath)
         if (st.st_dev, st.st_ino) in seen_dirs:
             dirnames[:] = []
@@ -74,11 +82,12 @@ def read_image_manifest(path: Path) -> list[CollectionItem]:
     return items
 
 
-def read_collection(source: str | Path) -> list[CollectionItem]:
-    """A folder (walked) or a manifest file, as a list of images in a stable order (no duplicate paths)."""
+def read_collection(source: str | Path, unreadable: list[dict] | None = None) -> list[CollectionItem]:
+    """A folder (walked; folders that cannot be listed go to `unreadable`) or a manifest file, as a list of images
+    in a stable order (no duplicate paths)."""
     source = Path(source)
     if source.is_dir():
-        return walk_images(source)
+        return walk_images(source, unreadable)
     if source.is_file() and source.suffix.lower() in MANIFEST_SUFFIXES:
         items = read_image_manifest(source)
         unique = {item.path: item for item in items}

@@ -375,9 +375,11 @@ def _index_images(source, directory: IndexDirectory, models: _ModelOnDemand, ran
     ranks.barrier()
     if not ranks.is_main:
         models.open_index()  # checks the identity: every rank embeds with the index's model
-    items = read_collection(source)
+    unreadable: list[dict] = []
+    items = read_collection(source, unreadable)
     plan = _plan(items, directory, ranks)
-    _refuse_to_empty(source, directory, "images", len(items) - len(plan.errors), len(items))
+    _refuse_to_empty(source, directory, "images", len(items) - len(plan.errors), len(items), unreadable)
+    plan.errors.extend(unreadable)  # reported with the files skipped
     summary = IndexingSummary("images", unchanged=plan.unchanged, repaired=repaired)
     writer = _ChunkWriter(directory, "images", ranks, chunk_size)
     if ranks.is_main:  # known content under a new path, or new metadata: no embedding needed
@@ -493,13 +495,17 @@ class EmptySourceError(IndexDirectoryError):
     """A source with nothing in it, for an index that holds items of that side (`_refuse_to_empty`)."""
 
 
-def _refuse_to_empty(source, directory: IndexDirectory, side: str, found: int, listed: int) -> None:
+def _refuse_to_empty(source, directory: IndexDirectory, side: str, found: int, listed: int,
+                     unreadable: list[dict] = ()) -> None:
     """A source with nothing in it that can be read (`found` of `listed`) would remove every item of the side (the
     index mirrors its source): most often a drive not mounted (a folder left empty, a manifest whose files are all
-    missing) or a wrong path, and the items would have to be embedded again. Refused in one line."""
+    missing) or a wrong path, and the items would have to be embedded again. Refused in one line, which names the
+    first folder that could not be listed, if any."""
     held = directory.store.count(side) if not found else 0
     if held:
         what = f"none of the {listed} {side} it lists can be read" if listed else f"no {side} in it"
+        if unreadable:
+            what += f" ({unreadable[0]['path']}: {unreadable[0]['reason'].split(':')[0]})"
         raise EmptySourceError(f"{source}: {what}, but the index holds {held}; nothing was removed (a drive not "
                                f"mounted, or another path?). To start over, delete {directory.root}")
 

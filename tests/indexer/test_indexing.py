@@ -546,3 +546,36 @@ def test_a_file_name_that_is_not_utf8_is_skipped_and_named(gallery, tmp_path, de
     (error,) = [json.loads(line) for line in (out / "errors.jsonl").read_text(encoding="utf-8").splitlines()]
     assert error["path"] == f"{gallery}/caf\\xe9.jpg" and "not UTF-8: rename it" in error["reason"]
     assert index_images(gallery, out, default_model, progress=False, workers=0, query_models=False).skipped == 1
+
+
+def test_a_folder_that_cannot_be_listed_is_reported(sample_dir, tmp_path):
+    """`os.walk` passes over a folder it cannot list in silence: its photos would vanish from the index unexplained.
+    It is skipped and listed in errors.jsonl; a source that cannot be listed at all is refused, naming it."""
+    photos, out = tmp_path / "photos", tmp_path / "ix"
+    locked = photos / "locked"
+    locked.mkdir(parents=True)
+    for name, folder in (("chelsea.jpg", photos), ("coffee.jpg", photos), ("rocket.jpg", locked)):
+        shutil.copy(sample_dir / name, folder / name)
+    drop = ["setpriv", "--bounding-set=-dac_override,-dac_read_search", "--inh-caps=-dac_override,-dac_read_search"]
+    as_user = drop if os.geteuid() == 0 else []  # root lists any folder: run without that capability
+
+    def index(source):
+        return subprocess.run([*as_user, sys.executable, "-m", "otclip.main", "index", str(source), "--out", str(out),
+                               "--no-progress", "--no-query-export"], capture_output=True, text=True, timeout=300)
+
+    locked.chmod(0)
+    try:
+        done = index(photos)
+        assert done.returncode == 0, done.stderr
+        assert "2 indexed" in done.stdout and "1 skipped" in done.stdout
+        (error,) = [json.loads(line) for line in (out / "errors.jsonl").read_text().splitlines()]
+        assert error == {"path": str(locked),
+                         "reason": "folder cannot be read (Permission denied): the images in it are left out"}
+        photos.chmod(0)
+        done = index(photos)
+        assert done.returncode == 2 and done.stderr.count("\n") == 1
+        assert f"no images in it ({photos}: folder cannot be read (Permission denied)), but the index holds 2" in done.stderr
+    finally:
+        photos.chmod(0o755)
+        locked.chmod(0o755)
+    assert sorted(os.path.basename(p) for p in paths_in(out)) == ["chelsea.jpg", "coffee.jpg"]
