@@ -21,6 +21,7 @@ def run_rank(args: argparse.Namespace) -> int:
     import tempfile
 
     from .encoding import Encoder
+    from .exclusions import Exclusions
     from .image_paths import is_image_path
     from .model_loading import load_model
     from .sample_photos import write_sample_photos
@@ -34,7 +35,9 @@ def run_rank(args: argparse.Namespace) -> int:
     else:
         if not args.images.is_dir():
             raise FileNotFoundError(f"{args.images}: not a folder")
-        paths = sorted(p for p in args.images.rglob("*") if is_image_path(p))
+        defaults = Exclusions()  # NAS thumbnails, trash and hidden files are left out, as `otclip index` does
+        paths = sorted(p for p in args.images.rglob("*")
+                       if is_image_path(p) and not defaults.covers(p.relative_to(args.images).as_posix()))
         if not paths:
             raise FileNotFoundError(f"{args.images}: no images in it or its subfolders")
     encoder = Encoder(load_model(args.model))

@@ -7,6 +7,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from otclip.engine.exclusions import Exclusions
 from otclip.engine.image_paths import is_image_path, shown_path
 from otclip.engine.manifests import MANIFEST_SUFFIXES, read_rows
 
@@ -32,13 +33,18 @@ def _is_index_directory(path: str) -> bool:
     return os.path.isfile(os.path.join(path, "manifest.json")) and os.path.isdir(os.path.join(path, "embeddings"))
 
 
-def walk_images(folder: Path, unreadable: list[dict] | None = None) -> list[CollectionItem]:
-    """Image files below `folder`, recursively, following symlinked folders once (loops are cut). An otclip
-    index directory inside it (`--out PHOTOS/.otclip`) is skipped: its thumbnails are not photos. A folder that
-    cannot be listed (permission denied, an I/O error) is appended to `unreadable` as {"path", "reason"}, not
-    passed over in silence as `os.walk` would."""
+def walk_images(folder: Path, unreadable: list[dict] | None = None,
+                exclusions: Exclusions = Exclusions()) -> list[CollectionItem]:
+    """Image files below `folder`, recursively, following symlinked folders once (loops are cut), less what
+    `exclusions` leaves out (NAS thumbnails, trash, hidden files). An otclip index directory inside it (`--out
+    PHOTOS/.otclip`) is skipped: its thumbnails are not photos. A folder that cannot be listed (permission denied,
+    an I/O error) is appended to `unreadable` as {"path", "reason"}, not passed over in silence as `os.walk`
+    would."""
     seen_dirs: set[tuple[int, int]] = set()
     found: list[str] = []
+
+    def kept(dirpath: str, name: str) -> bool:
+        return not exclusions.excludes(Path(os.path.relpath(os.path.join(dirpath, name), folder)).as_posix())
 
     def failed(exc: OSError) -> None:
         if unreadable is not None:
@@ -51,8 +57,8 @@ def walk_images(folder: Path, unreadable: list[dict] | None = None) -> list[Coll
             dirnames[:] = []
             continue
         seen_dirs.add((st.st_dev, st.st_ino))
-        dirnames[:] = sorted(d for d in dirnames if not _is_index_directory(os.path.join(dirpath, d)))
-        found.extend(os.path.join(dirpath, name) for name in filenames if is_image_path(name))
+        dirnames[:] = sorted(d for d in dirnames if kept(dirpath, d) and not _is_index_directory(os.path.join(dirpath, d)))
+        found.extend(os.path.join(dirpath, name) for name in filenames if is_image_path(name) and kept(dirpath, name))
     return [CollectionItem(os.path.abspath(p)) for p in sorted(found)]
 
 
@@ -82,13 +88,18 @@ def read_image_manifest(path: Path) -> list[CollectionItem]:
     return items
 
 
-def read_collection(source: str | Path, unreadable: list[dict] | None = None) -> list[CollectionItem]:
-    """A folder (walked; folders that cannot be listed go to `unreadable`) or a manifest file, as a list of images
-    in a stable order (no duplicate paths)."""
+def read_collection(source: str | Path, unreadable: list[dict] | None = None,
+                    exclusions: Exclusions = Exclusions()) -> list[CollectionItem]:
+    """A folder (walked, less `exclusions`; folders that cannot be listed go to `unreadable`) or a manifest file,
+    as a list of images in a stable order (no duplicate paths). A manifest lists what it means: given patterns
+    of exclusion are refused for it."""
     source = Path(source)
     if source.is_dir():
-        return walk_images(source, unreadable)
+        return walk_images(source, unreadable, exclusions)
     if source.is_file() and source.suffix.lower() in MANIFEST_SUFFIXES:
+        if exclusions != Exclusions():
+            raise ValueError(f"{source}: --exclude and --include-hidden apply to a folder, not to a manifest (it "
+                             "lists the images to index)")
         items = read_image_manifest(source)
         unique = {item.path: item for item in items}
         return [unique[p] for p in sorted(unique)]

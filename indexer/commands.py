@@ -23,6 +23,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--chunk-size", type=int, default=1024, help="embeddings committed per chunk")
     p.add_argument("--no-thumbnails", action="store_true",
                    help="keep no JPEG display copies (the app then makes its result tiles from the originals)")
+    _exclusion_flags(p)
     _speed_flags(p)
     p.set_defaults(func=_index)
 
@@ -33,6 +34,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     _factory_flags(p)
     p.add_argument("--settle", type=float, default=2.0, help="seconds without changes before re-indexing")
     p.add_argument("--no-thumbnails", action="store_true")
+    _exclusion_flags(p)
     _speed_flags(p)
     p.set_defaults(func=_watch)
 
@@ -110,6 +112,23 @@ def _factory_flags(p: argparse.ArgumentParser) -> None:
                    "later runs; 0 removes it)")
 
 
+def _exclusion_flags(p: argparse.ArgumentParser) -> None:
+    from otclip.engine.exclusions import DEFAULT_EXCLUDES
+
+    p.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
+                   help="leave out folders and files matching this shell pattern: a name anywhere ('Screenshots', "
+                   "'*.tmp.jpg') or, with a '/', a path below the folder ('2019/private'); repeatable. Always left "
+                   f"out: {', '.join(DEFAULT_EXCLUDES)}, and names starting with a dot")
+    p.add_argument("--include-hidden", action="store_true",
+                   help="index folders and files whose names start with a dot too")
+
+
+def _exclusions(args: argparse.Namespace):
+    from otclip.engine.exclusions import Exclusions
+
+    return Exclusions(tuple(args.exclude), args.include_hidden)
+
+
 def _user_value(parse):
     """An argparse type from a parser that raises ValueError with a one-line message (argparse prints it)."""
     def convert(text: str):
@@ -150,7 +169,8 @@ def _index(args: argparse.Namespace) -> int:
     apply_thread_budget(thread_budget(args.threads))
     summary = index_images(args.images, args.out, args.model, args.factory, args.batch_size, args.workers,
                            args.chunk_size, progress=not args.no_progress, query_models=not args.no_query_export,
-                           thumbnails=not args.no_thumbnails, max_index_memory=args.max_index_memory)
+                           thumbnails=not args.no_thumbnails, max_index_memory=args.max_index_memory,
+                           exclusions=_exclusions(args))
     print(summary.line())
     return 0
 
@@ -163,7 +183,7 @@ def _watch(args: argparse.Namespace) -> int:
     apply_thread_budget(thread_budget(args.threads))
     watch(args.images, args.out, args.model, settle=args.settle, factory=args.factory,
           max_index_memory=args.max_index_memory, progress=not args.no_progress,
-          query_models=not args.no_query_export, thumbnails=not args.no_thumbnails)
+          query_models=not args.no_query_export, thumbnails=not args.no_thumbnails, exclusions=_exclusions(args))
     return 0
 
 

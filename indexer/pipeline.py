@@ -39,6 +39,8 @@ from otclip.engine.query_model_cache import cache_query_model, cached_query_mode
 if TYPE_CHECKING:
     from otclip.engine import LoadedModel
 
+from otclip.engine.exclusions import Exclusions
+
 from .collection import CollectionItem, read_collection, read_texts
 
 
@@ -342,10 +344,12 @@ def index_images(
     query_models: bool = True,
     thumbnails: bool = True,
     max_index_memory: int | None = None,
+    exclusions: Exclusions = Exclusions(),
 ) -> IndexingSummary:
     """Index (or update the index of) an image folder or manifest. Returns the run's summary.
     `thumbnails`: keep a JPEG display copy of each new image content (the app's result tiles).
     `max_index_memory`: bytes the FAISS index may take (kept with the index for later runs; 0 removes it).
+    `exclusions`: what below a folder is not part of the collection (`exclusions.Exclusions`).
 
     The model is loaded only if there is something new to embed (or the text tower to export:
     `text_query_model`, kept for torch-free text queries); the FAISS index is rebuilt only if the
@@ -359,7 +363,7 @@ def index_images(
         with directory.writing() if ranks.is_main else nullcontext():  # one writer at a time (the main rank)
             summary = _index_images(source, directory, _ModelOnDemand(model, directory, ranks), ranks, factory,
                                     batch_size, workers, chunk_size, progress, query_models, thumbnails,
-                                    max_index_memory)
+                                    max_index_memory, exclusions)
     finally:
         ranks.close()
     summary.seconds = time.time() - start
@@ -368,7 +372,7 @@ def index_images(
 
 def _index_images(source, directory: IndexDirectory, models: _ModelOnDemand, ranks: Ranks, factory: str,
                   batch_size: int, workers: int | None, chunk_size: int, progress: bool, query_models: bool,
-                  thumbnails: bool, max_index_memory: int | None) -> IndexingSummary:
+                  thumbnails: bool, max_index_memory: int | None, exclusions: Exclusions) -> IndexingSummary:
     ingested = repaired = 0
     if ranks.is_main:
         ingested, repaired = _prepare(directory, models, factory)
@@ -376,7 +380,7 @@ def _index_images(source, directory: IndexDirectory, models: _ModelOnDemand, ran
     if not ranks.is_main:
         models.open_index()  # checks the identity: every rank embeds with the index's model
     unreadable: list[dict] = []
-    items = read_collection(source, unreadable)
+    items = read_collection(source, unreadable, exclusions)
     plan = _plan(items, directory, ranks)
     _refuse_to_empty(source, directory, "images", len(items) - len(plan.errors), len(items), unreadable)
     plan.errors.extend(unreadable)  # reported with the files skipped

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from otclip.engine.exclusions import Exclusions
 from otclip.engine.image_paths import is_image_path
 
 from .pipeline import EmptySourceError, IndexingSummary, index_images
@@ -33,6 +34,7 @@ def watch(folder: str | Path, index_dir: str | Path, model: str | LoadedModel, s
     from watchdog.observers import Observer
 
     folder, index_dir = Path(folder).resolve(), Path(index_dir).resolve()
+    exclusions = index_options.get("exclusions", Exclusions())
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: no such folder")
     stop = stop or threading.Event()
@@ -44,6 +46,11 @@ def watch(folder: str | Path, index_dir: str | Path, model: str | LoadedModel, s
                 return
             paths = [p for p in (event.src_path, getattr(event, "dest_path", "")) if p]
             if any(Path(p).is_relative_to(index_dir) for p in paths):
+                return
+            # NAS thumbnails written into @eaDir, a hidden file: not a change to the collection
+            paths = [p for p in paths if not (Path(p).is_relative_to(folder) and
+                                              exclusions.covers(Path(p).relative_to(folder).as_posix()))]
+            if not paths:
                 return
             if event.is_directory or any(is_image_path(p) for p in paths):
                 changed.set()

@@ -1,4 +1,5 @@
 import json
+import shutil
 import subprocess
 import sys
 
@@ -46,8 +47,11 @@ def test_cli_rank_over_a_folder(gallery, tmp_path, capsys):
 
     empty = tmp_path / "empty"
     empty.mkdir()
+    (gallery / "@eaDir" / "chelsea.jpg").mkdir(parents=True)  # a NAS's thumbnail of the cat: not a photo
+    shutil.copy(gallery / "chelsea.jpg", gallery / "@eaDir" / "chelsea.jpg" / "SYNOPHOTO_THUMB_XL.jpg")
     code, stdout, _ = otclip("rank", "a cat", "--images", gallery, "-k", "2")
     assert code == 0 and stdout.splitlines()[1].strip().endswith("chelsea.jpg") and len(stdout.splitlines()) == 3
+    assert "SYNOPHOTO" not in stdout
     for args, message in ((["a cat", "-k", "-3", "--images", gallery], "-k -3: must be at least 1"),
                           (["a cat", "-k", "0", "--images", gallery], "-k 0: must be at least 1"),
                           (["a cat", "--images", empty], f"{empty}: no images"),

@@ -579,3 +579,44 @@ def test_a_folder_that_cannot_be_listed_is_reported(sample_dir, tmp_path):
         photos.chmod(0o755)
         locked.chmod(0o755)
     assert sorted(os.path.basename(p) for p in paths_in(out)) == ["chelsea.jpg", "coffee.jpg"]
+
+
+def test_nas_thumbnails_trash_and_hidden_files_are_not_photos(sample_dir, tmp_path, default_model):
+    """A Synology share holds five thumbnails of each photo in @eaDir, macOS leaves a ._ file (not an image) beside
+    each photo it copies to a FAT or SMB drive: left out by default, with the user's --exclude patterns; hidden
+    ones come back with --include-hidden. A manifest lists what it means: patterns are refused for it."""
+    from otclip.engine.exclusions import Exclusions
+
+    photos = tmp_path / "photos"
+    layout = {"chelsea.jpg": "chelsea", "trip/rocket.jpg": "rocket", "trip/@eaDir/rocket.jpg/SYNOPHOTO_THUMB_XL.jpg":
+              "rocket", "#recycle/coffee.jpg": "coffee", ".thumbnails/moon.jpg": "moon", "2019/private/cat.jpg":
+              "chelsea", "2019/public/coffee.jpg": "coffee", "Screenshots/grass.jpg": "grass",
+              "$RECYCLE.BIN/S-1-5/brick.jpg": "brick", "trip/.@__thumb/rocket.jpg": "rocket"}
+    for relative, name in layout.items():
+        (photos / relative).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(sample_dir / f"{name}.jpg", photos / relative)
+    (photos / "trip" / "._rocket.jpg").write_bytes(b"\x00\x05\x16\x07" + bytes(4092))  # AppleDouble: not an image
+    out = tmp_path / "ix"
+
+    def indexed(exclusions):
+        s = index_images(photos, out, default_model, progress=False, workers=0, query_models=False,
+                         thumbnails=False, exclusions=exclusions)
+        errors = [json.loads(line)["path"] for line in (out / "errors.jsonl").read_text().splitlines()]
+        return sorted(os.path.relpath(p, photos) for p in paths_in(out)), [os.path.relpath(p, photos) for p in errors], s
+
+    kept, errors, _ = indexed(Exclusions(("Screenshots", "2019/private")))
+    assert kept == ["2019/public/coffee.jpg", "chelsea.jpg", "trip/rocket.jpg"] and errors == []
+    kept, errors, s = indexed(Exclusions(include_hidden=True))
+    assert kept == [".thumbnails/moon.jpg", "2019/private/cat.jpg", "2019/public/coffee.jpg", "Screenshots/grass.jpg",
+                    "chelsea.jpg", "trip/.@__thumb/rocket.jpg", "trip/rocket.jpg"]
+    assert errors == ["trip/._rocket.jpg"] and s.removed == 0
+    assert main(["index", str(photos), "--out", str(out), "--include-hidden", "--exclude", "Screenshots",
+                 "--exclude", "2019", "--no-progress", "--no-thumbnails"]) == 0  # the command's flags
+    assert sorted(os.path.relpath(p, photos) for p in paths_in(out)) == [
+        ".thumbnails/moon.jpg", "chelsea.jpg", "trip/.@__thumb/rocket.jpg", "trip/rocket.jpg"]
+    manifest = tmp_path / "m.csv"
+    manifest.write_text(f"path\n{photos / 'chelsea.jpg'}\n")
+    with pytest.raises(ValueError, match="--exclude and --include-hidden apply to a folder, not to a manifest"):
+        index_images(manifest, out, default_model, progress=False, exclusions=Exclusions(("x",)))
+    assert Exclusions(("*/Screenshots",)).covers("2020/Screenshots/a.jpg")
+    assert not Exclusions(("*/Screenshots",)).covers("Screenshots/a.jpg")  # a pattern with "/" is a relative path

@@ -55,6 +55,9 @@ def test_new_changed_and_removed_photos_reach_a_running_searcher(tmp_path, sampl
         time.sleep(1.5)  # quiet: any late run has come
         done = len(runs)
         (photos / "notes.txt").write_text("not a photo")  # not a change to the collection
+        thumbs = photos / "@eaDir" / "rocket.jpg"  # nor a NAS's thumbnails of a photo
+        thumbs.mkdir(parents=True)
+        shutil.copy(sample_dir / "rocket.jpg", thumbs / "SYNOPHOTO_THUMB_S.jpg")
         time.sleep(1.5)
         assert len(runs) == done
         for name in ("rocket", "coffee"):  # every photo gone (a drive unmounted): refused, the watcher goes on

@@ -1,0 +1,41 @@
+"""Which folders and files below an indexed folder are not part of the collection.
+
+NAS and operating systems keep their own thumbnails, trash and metadata beside the photos, under image names:
+Synology's `@eaDir/IMG_1.JPG/SYNOPHOTO_THUMB_XL.jpg` (five per photo), its `#recycle` and `#snapshot`, QNAP's
+`.@__thumb`, Windows' `$RECYCLE.BIN` and `System Volume Information`, macOS's AppleDouble `._IMG_1.JPG` beside each
+photo copied to a FAT, exFAT or SMB drive (not images: each would be reported as broken), `.Trashes`,
+`.thumbnails`. Indexed, they fill the results with copies of every photo. Skipped by default, as immich and rclip
+do (immich-app/immich#12566: `@eaDir`, `._*`; yurijmikhalevich/rclip#304: hidden files and folders, `System Volume
+Information`); `--exclude PATTERN` adds the user's own, `--include-hidden` keeps what starts with a dot.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
+from pathlib import PurePosixPath
+
+DEFAULT_EXCLUDES = ("@eaDir", "#recycle", "#snapshot", "$RECYCLE.BIN", "System Volume Information", "node_modules")
+
+
+@dataclass(frozen=True)
+class Exclusions:
+    """`patterns`: shell patterns (case-sensitive); one without "/" matches a folder's or a file's name anywhere
+    below the indexed folder, one with "/" the path relative to it (`2019/private`, `*/Screenshots`). Names that
+    start with a dot are excluded unless `include_hidden`."""
+
+    patterns: tuple[str, ...] = ()
+    include_hidden: bool = False
+
+    def excludes(self, relative: str) -> bool:
+        """Whether the folder or file at this path (relative to the indexed folder, "/"-separated) is left out
+        itself (what is below an excluded folder is left out with it: see `covers`)."""
+        name = PurePosixPath(relative).name
+        if name.startswith(".") and not self.include_hidden:
+            return True
+        return any(fnmatchcase(relative if "/" in p else name, p) for p in (*DEFAULT_EXCLUDES, *self.patterns))
+
+    def covers(self, relative: str) -> bool:
+        """Whether this path or a folder above it (below the indexed folder) is excluded."""
+        parts = PurePosixPath(relative).parts
+        return any(self.excludes("/".join(parts[: i + 1])) for i in range(len(parts)))
