@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import functools
 import io
+import math
 import warnings
 from pathlib import Path
 
@@ -90,13 +91,19 @@ def load_image(source: str | Path | bytes | Image.Image, name: str | None = None
             raise ImageDecodeError(label, f"cannot open ({exc.strerror or exc})") from None
         try:
             with warnings.catch_warnings():
-                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                # PIL's bomb limit is applied to the pixels decoded (below), not to the header: a 100-megapixel
+                # medium-format JPEG (11648 x 8736) decodes at an eighth of its side in draft mode. PIL itself still
+                # refuses a header beyond twice its limit.
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
                 with fp:
                     img = Image.open(fp)
                     check_size(img.size, label, max_pixels)  # the header only: nothing decoded yet
                     if draft and img.format == "JPEG":
                         img.info[_STORED_SIZE] = img.size  # the draft decode is smaller than the photo
                         img.draft("RGB", (draft, draft))
+                    if img.width * img.height > (Image.MAX_IMAGE_PIXELS or math.inf):  # what will be decoded
+                        raise ImageDecodeError(label, f"too large to decode safely ({img.width}x{img.height} pixels "
+                                                      f"to decode, beyond {Image.MAX_IMAGE_PIXELS:,})")
                     img.seek(0)
                     img.load()  # decode now: truncated files fail here, not later in a worker
         except ImageDecodeError:

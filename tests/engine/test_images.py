@@ -48,6 +48,27 @@ def test_decompression_bomb_is_refused(tmp_path, monkeypatch):
         load_image(path)
 
 
+def test_a_medium_format_jpeg_decodes_at_the_scale_the_model_needs(tmp_path, monkeypatch):
+    """PIL's bomb limit (89.5 megapixels) refused every 100-megapixel camera's photo from its header; the limit now
+    applies to what is decoded: a JPEG decoded at an eighth of its side in draft mode loads, and the index records
+    the photo's own size. Decoded whole (no draft, or a format without one) beyond the limit: refused."""
+    from otclip.engine.images import photo_size
+
+    path = tmp_path / "gfx100.jpg"  # 11648 x 8736, a 102-megapixel medium-format frame
+    Image.new("RGB", (11648, 8736), (90, 120, 150)).save(path, quality=70)
+    image = load_image(path, draft=224)
+    assert photo_size(image) == (11648, 8736) and image.size == (1456, 1092)
+    assert np.abs(np.asarray(image, float).mean((0, 1)) - (90, 120, 150)).max() < 2
+    with pytest.raises(ImageDecodeError, match=r"too large to decode safely \(11648x8736 pixels to decode"):
+        load_image(path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1_000_000)  # the same at a small scale, and for a PNG
+    Image.new("RGB", (1600, 1200)).save(tmp_path / "a.jpg")
+    Image.new("RGB", (1600, 1200)).save(tmp_path / "a.png")
+    assert load_image(tmp_path / "a.jpg", draft=224).size == (400, 300)
+    with pytest.raises(ImageDecodeError, match=r"\(1600x1200 pixels to decode, beyond 1,000,000\)"):
+        load_image(tmp_path / "a.png", draft=224)
+
+
 def test_image_extensions_any_case():
     assert is_image_path("a/B.JPEG") and is_image_path("x.TiFf") and not is_image_path("x.txt")
 
