@@ -5,12 +5,20 @@ from __future__ import annotations
 
 from pathlib import Path
 
+# cameras' RAW files, decoded by LibRaw (rawpy): Adobe, Canon, Nikon, Sony, Fujifilm, Olympus/OM, Panasonic, Pentax,
+# Samsung, Hasselblad, Phase One, Leica
+RAW_EXTENSIONS = frozenset({".dng", ".cr2", ".cr3", ".nef", ".nrw", ".arw", ".raf", ".orf", ".rw2", ".pef", ".srw",
+                            ".3fr", ".iiq", ".rwl"})
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff",
-                              ".heic", ".heif", ".avif"})  # HEIC/HEIF: pillow-heif; AVIF: Pillow's own (libavif)
+                              ".heic", ".heif", ".avif"}) | RAW_EXTENSIONS  # HEIC: pillow-heif; AVIF: Pillow (libavif)
 
 
 def is_image_path(path: str | Path) -> bool:
     return Path(path).suffix.lower() in IMAGE_EXTENSIONS
+
+
+def is_raw_path(path: str | Path) -> bool:
+    return Path(path).suffix.lower() in RAW_EXTENSIONS
 
 
 def undecodable_name(path: str) -> str | None:

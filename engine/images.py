@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .image_paths import is_raw_path
+
 MAX_ASPECT = 50  # longer side / shorter side: beyond it an image is a strip whose resize to the model's
 # input (shorter side -> 224) would be gigapixels (a 1 x 30000 PNG of 204 bytes took 7.6 GB)
 THUMBNAIL_SIDE = 384  # pixels, the longer side of a result tile (the app's preview enlarges it)
@@ -69,7 +71,8 @@ def load_image(source: str | Path | bytes | Image.Image, name: str | None = None
     """Decode `source` into an RGB image with EXIF orientation applied (first frame if animated).
 
     `draft`: the smallest side the caller needs; JPEGs are then decoded at a reduced DCT scale
-    that still covers it (PIL's draft mode), several times faster for large photos.
+    that still covers it (PIL's draft mode), several times faster for large photos. A camera's RAW file (by its
+    path's extension) is decoded by LibRaw (`_load_raw`).
     `max_pixels`: a tighter pixel limit than PIL's decompression-bomb one (the app's uploads).
 
     Raises ImageDecodeError for anything that is not a complete, reasonably sized image:
@@ -77,6 +80,8 @@ def load_image(source: str | Path | bytes | Image.Image, name: str | None = None
     the header before any pixel is decoded, strips beyond MAX_ASPECT:1 and images over `max_pixels`.
     """
     label = name or (str(source) if isinstance(source, (str, Path)) else "image")
+    if isinstance(source, (str, Path)) and is_raw_path(source):
+        return _load_raw(source, label, draft, max_pixels)
     open_heif()
     if isinstance(source, Image.Image):
         img = source
@@ -123,6 +128,50 @@ def load_image(source: str | Path | bytes | Image.Image, name: str | None = None
     return _to_rgb(img)
 
 
+_TURNS = {3: Image.Transpose.ROTATE_180, 5: Image.Transpose.ROTATE_90, 6: Image.Transpose.ROTATE_270}  # LibRaw flip
+
+
+def _load_raw(path: str | Path, label: str, draft: int | None, max_pixels: int | None) -> Image.Image:
+    """A camera's RAW file through LibRaw (rawpy): its embedded JPEG preview (what the camera rendered; LibRaw
+    gives it an EXIF header with the orientation and time) where it covers `draft`, else the mosaic demosaiced at
+    half size with the camera's white balance (LibRaw turns it). `photo_size` is the sensor image's, as shown."""
+    import rawpy
+
+    try:
+        with rawpy.imread(str(path)) as raw:
+            width, height, flip = raw.sizes.width, raw.sizes.height, raw.sizes.flip
+            size = (height, width) if flip in (5, 6) else (width, height)
+            check_size(size, label, max_pixels)
+            image = _raw_preview(raw, label, draft, flip)
+            if image is None:
+                image = Image.fromarray(raw.postprocess(half_size=True, use_camera_wb=True))
+    except (rawpy.LibRawError, OSError, ValueError) as exc:
+        raise ImageDecodeError(label, f"RAW file cannot be decoded ({exc})") from None
+    image.info[_STORED_SIZE] = size
+    return _to_rgb(image)
+
+
+def _raw_preview(raw, label: str, draft: int | None, flip: int) -> Image.Image | None:
+    """The RAW file's embedded preview, if it has one at least `draft` pixels on its shorter side."""
+    import rawpy
+
+    try:
+        thumb = raw.extract_thumb()
+    except rawpy.LibRawError:  # none, or one of a kind LibRaw does not give out
+        return None
+    if thumb.format == rawpy.ThumbFormat.JPEG:
+        try:
+            image = load_image(thumb.data, name=label, draft=draft)
+        except ImageDecodeError:
+            return None
+    elif thumb.format == rawpy.ThumbFormat.BITMAP:
+        image = Image.fromarray(thumb.data)
+        image = image.transpose(_TURNS[flip]) if flip in _TURNS else image
+    else:
+        return None
+    return image if min(image.size) >= (draft or 0) else None
+
+
 def photo_size(image: Image.Image) -> tuple[int, int]:
     """(width, height) of the photo as shown (EXIF orientation applied), also when `load_image` decoded a JPEG at a
     reduced scale (draft): what the index records and `--min-width` filters on."""
@@ -131,13 +180,15 @@ def photo_size(image: Image.Image) -> tuple[int, int]:
 
 def taken_time(image: Image.Image) -> float | None:
     """When the photo was taken: EXIF DateTimeOriginal (else DateTime) as local time, in Unix seconds; None
-    when the image has no such tag or a malformed one."""
+    when the image has no such tag, a malformed one, or the Unix epoch itself (the local time of timestamp 0:
+    what LibRaw writes into a RAW file's preview when the file holds no time)."""
     try:
         exif = image.getexif()
         stamp = exif.get_ifd(0x8769).get(0x9003) or exif.get(0x0132)  # ExifIFD DateTimeOriginal, IFD0 DateTime
         if not stamp:
             return None
-        return datetime.datetime.strptime(str(stamp).strip("\x00 ")[:19], "%Y:%m:%d %H:%M:%S").timestamp()
+        seconds = datetime.datetime.strptime(str(stamp).strip("\x00 ")[:19], "%Y:%m:%d %H:%M:%S").timestamp()
+        return None if seconds == 0 else seconds
     except (ValueError, TypeError, OSError, AttributeError, KeyError, SyntaxError):
         return None
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from otclip.engine.exclusions import Exclusions
-from otclip.engine.image_paths import is_image_path, shown_path
+from otclip.engine.image_paths import is_image_path, is_raw_path, shown_path
 from otclip.engine.manifests import MANIFEST_SUFFIXES, read_rows
 
 
@@ -36,8 +36,10 @@ def _is_index_directory(path: str) -> bool:
 def walk_images(folder: Path, unreadable: list[dict] | None = None,
                 exclusions: Exclusions = Exclusions()) -> list[CollectionItem]:
     """Image files below `folder`, recursively, following symlinked folders once (loops are cut), less what
-    `exclusions` leaves out (NAS thumbnails, trash, hidden files). An otclip index directory inside it (`--out
-    PHOTOS/.otclip`) is skipped: its thumbnails are not photos. A folder that cannot be listed (permission denied,
+    `exclusions` leaves out (NAS thumbnails, trash, hidden files) and a camera's RAW file beside a photo of the same
+    name (IMG_1.CR3 and IMG_1.JPG: a camera shooting RAW+JPEG, or an export; as rclip does), which would be the same
+    picture twice. An otclip index directory inside it (`--out PHOTOS/.otclip`) is skipped: its thumbnails are not
+    photos. A folder that cannot be listed (permission denied,
     an I/O error) is appended to `unreadable` as {"path", "reason"}, not passed over in silence as `os.walk`
     would."""
     seen_dirs: set[tuple[int, int]] = set()
@@ -58,7 +60,10 @@ def walk_images(folder: Path, unreadable: list[dict] | None = None,
             continue
         seen_dirs.add((st.st_dev, st.st_ino))
         dirnames[:] = sorted(d for d in dirnames if kept(dirpath, d) and not _is_index_directory(os.path.join(dirpath, d)))
-        found.extend(os.path.join(dirpath, name) for name in filenames if is_image_path(name) and kept(dirpath, name))
+        names = [name for name in filenames if is_image_path(name) and kept(dirpath, name)]
+        developed = {os.path.splitext(name)[0] for name in names if not is_raw_path(name)}
+        found.extend(os.path.join(dirpath, name) for name in names  # RAW+JPEG: the developed photo stands for both
+                     if not (is_raw_path(name) and os.path.splitext(name)[0] in developed))
     return [CollectionItem(os.path.abspath(p)) for p in sorted(found)]
 
 

@@ -1,3 +1,5 @@
+import datetime
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -71,6 +73,7 @@ def test_a_medium_format_jpeg_decodes_at_the_scale_the_model_needs(tmp_path, mon
 
 def test_image_extensions_any_case():
     assert is_image_path("a/B.JPEG") and is_image_path("x.TiFf") and not is_image_path("x.txt")
+    assert is_image_path("IMG_1.CR3") and is_image_path("DSC_1.nef") and is_image_path("a.DNG")
 
 
 def test_a_strip_is_refused_from_its_header_whatever_the_input(tmp_path):
@@ -131,3 +134,40 @@ def test_a_draft_decoded_jpeg_still_reports_the_photos_size(tmp_path, encoder, o
     assert photo_size(load_image(Image.open(path), draft=224)) == shown
     (batch,) = encoder.iter_image_batches([path], thumbnails=True)
     assert batch.sizes == [shown]
+
+
+def _two_colours(h: int = 256, w: int = 384) -> np.ndarray:
+    """A scene: orange on the left, blue on the right (linear values)."""
+    rgb = np.zeros((h, w, 3))
+    rgb[:, : w // 2], rgb[:, w // 2 :] = [0.8, 0.4, 0.1], [0.1, 0.3, 0.8]
+    return rgb
+
+
+@pytest.mark.parametrize("preview", [True, False])
+def test_a_camera_raw_file_decodes_to_its_picture_turned_as_shot(tmp_path, preview):
+    """A DNG (a 16-bit Bayer mosaic, written by the tests, read by LibRaw): through its embedded preview, or
+    demosaiced when it has none; turned by its orientation (6: 90 degrees clockwise, so the left half comes on top),
+    the sensor's size recorded as shown, the time from the file where LibRaw passes it on (the preview)."""
+    from raw_files import write_dng
+
+    from otclip.engine.images import photo_size, taken_time
+
+    path = write_dng(tmp_path / "IMG_1.dng", _two_colours(), preview=preview, orientation=6, taken="2021:06:05 14:30:00")
+    image = load_image(path, draft=224)
+    pixels = np.asarray(image, float)
+    top, bottom = pixels[: image.height // 3].mean((0, 1)), pixels[-image.height // 3 :].mean((0, 1))
+    assert photo_size(image) == (256, 384) and image.width < image.height
+    assert top[0] > top[1] > top[2] and bottom[2] > bottom[1] > bottom[0]  # orange above blue
+    if preview:  # the camera's rendering: the scene at gamma 2.2
+        assert image.size == (256, 384) and np.abs(top - 255 * np.array([0.8, 0.4, 0.1]) ** (1 / 2.2)).max() < 4
+        assert taken_time(image) == pytest.approx(datetime.datetime(2021, 6, 5, 14, 30).timestamp())
+    else:  # LibRaw's rendering of the mosaic at half size
+        assert image.size == (128, 192) and taken_time(image) is None
+    if preview:  # a preview smaller than the model needs: the mosaic instead
+        assert load_image(path, draft=300).size == (128, 192)
+
+
+def test_a_raw_file_that_cannot_be_decoded_is_named(tmp_path):
+    (tmp_path / "IMG_9.CR2").write_bytes(b"II*\0" + bytes(200))
+    with pytest.raises(ImageDecodeError, match=r"IMG_9.CR2: RAW file cannot be decoded"):
+        load_image(tmp_path / "IMG_9.CR2")

@@ -620,3 +620,31 @@ def test_nas_thumbnails_trash_and_hidden_files_are_not_photos(sample_dir, tmp_pa
         index_images(manifest, out, default_model, progress=False, exclusions=Exclusions(("x",)))
     assert Exclusions(("*/Screenshots",)).covers("2020/Screenshots/a.jpg")
     assert not Exclusions(("*/Screenshots",)).covers("Screenshots/a.jpg")  # a pattern with "/" is a relative path
+
+
+def test_camera_raw_files_are_indexed_unless_a_developed_photo_stands_for_them(tmp_path, default_model, encoder):
+    """A RAW file alone is indexed (its size as shown, a thumbnail, its embedding that of its decoded picture); one
+    beside a JPEG of the same name (RAW+JPEG shooting) is left out, the JPEG stands for it; a broken one is named."""
+    from PIL import Image
+    from raw_files import write_dng
+
+    from otclip.engine.images import load_image
+
+    photos, out = tmp_path / "photos", tmp_path / "ix"
+    photos.mkdir()
+    scene = np.zeros((256, 384, 3))
+    scene[:, :192], scene[:, 192:] = [0.8, 0.4, 0.1], [0.1, 0.3, 0.8]
+    write_dng(photos / "IMG_1.DNG", scene)
+    Image.fromarray((scene ** (1 / 2.2) * 255).astype(np.uint8)).save(photos / "IMG_1.JPG")  # shot RAW+JPEG
+    write_dng(photos / "IMG_2.dng", scene[:, ::-1].copy(), preview=False, orientation=6)
+    (photos / "IMG_3.NEF").write_bytes(b"MM\0*" + bytes(500))
+    s = index_images(photos, out, default_model, progress=False, workers=0, query_models=False)
+    assert sorted(os.path.basename(p) for p in paths_in(out)) == ["IMG_1.JPG", "IMG_2.dng"]
+    (error,) = [json.loads(line) for line in (out / "errors.jsonl").read_text().splitlines()]
+    assert error["path"].endswith("IMG_3.NEF") and "RAW file cannot be decoded" in error["reason"] and s.skipped == 1
+    directory = IndexDirectory(out)
+    row = directory.store.stats("images")[str(photos / "IMG_2.dng")]
+    assert (row["width"], row["height"]) == (256, 384) and directory.thumbnail_path(row["sha256"]).exists()
+    np.testing.assert_allclose(directory.vectors_at([(row["shard"], row["row"])])[0],
+                               encoder.encode_images([load_image(photos / "IMG_2.dng", draft=224)])[0], atol=1e-4)
+    directory.close()
