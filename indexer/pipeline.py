@@ -13,7 +13,7 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -62,7 +62,7 @@ class IndexingSummary:
     repaired: int = 0  # items of damaged embedding chunks, embedded again
 
     def line(self) -> str:
-        returned = f", {self.returned} back (kept embeddings)" if self.returned else ""
+        returned = f", {self.returned} came back" if self.returned else ""  # embeddings kept (`retired`)
         s = (f"{self.side}: {self.total} indexed ({self.embedded} embedded, {self.unchanged} unchanged, "
              f"{self.duplicates} duplicates{returned}), {self.removed} removed, {self.skipped} skipped")
         if self.skipped and self.errors_file:
@@ -500,7 +500,7 @@ class EmptySourceError(IndexDirectoryError):
 
 
 def _refuse_to_empty(source, directory: IndexDirectory, side: str, found: int, listed: int,
-                     unreadable: list[dict] = ()) -> None:
+                     unreadable: Sequence[dict] = ()) -> None:
     """A source with nothing in it that can be read (`found` of `listed`) would remove every item of the side (the
     index mirrors its source): most often a drive not mounted (a folder left empty, a manifest whose files are all
     missing) or a wrong path, and the items would have to be embedded again. Refused in one line, which names the
