@@ -357,6 +357,10 @@ def index_images(
     start = time.time()
     if chunk_size < 1:
         raise ValueError(f"--chunk-size {chunk_size}: must be at least 1")
+    if Path(source).is_dir() and Path(source).resolve() == Path(index_dir).resolve():
+        # its thumbnails would be indexed as photos at the next run, and `watch` would take every change for its own
+        raise ValueError(f"--out {index_dir}: the folder being indexed; give the index a folder of its own "
+                         f"(e.g. --out {Path(source) / '.otclip'}: left out of the photos)")
     ranks = init_from_env()
     try:
         directory = IndexDirectory(index_dir)

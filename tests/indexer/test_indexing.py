@@ -384,6 +384,10 @@ def test_bad_settings_fail_before_anything_is_embedded(gallery, tmp_path, defaul
     (tmp_path / "file").write_text("not a folder")
     with pytest.raises(IndexDirectoryError, match="is a file"):
         index_images(gallery, tmp_path / "file", default_model, progress=False)
+    before = sorted(gallery.iterdir())  # an index in the photos' own folder: its thumbnails would become photos
+    with pytest.raises(ValueError, match=f"--out {gallery}/: the folder being indexed; .* --out {gallery}/.otclip"):
+        index_images(gallery, f"{gallery}/", default_model, progress=False)
+    assert sorted(gallery.iterdir()) == before
 
 
 def test_an_empty_source_does_not_empty_the_index(gallery, tmp_path, default_model):
