@@ -45,8 +45,8 @@ def walk_images(folder: Path, unreadable: list[dict] | None = None,
     seen_dirs: set[tuple[int, int]] = set()
     found: list[str] = []
 
-    def kept(dirpath: str, name: str) -> bool:
-        return not exclusions.excludes(Path(os.path.relpath(os.path.join(dirpath, name), folder)).as_posix())
+    def kept(below: str, name: str) -> bool:
+        return not exclusions.excludes(f"{below}/{name}" if below else name)
 
     def failed(exc: OSError) -> None:
         if unreadable is not None:
@@ -59,8 +59,10 @@ def walk_images(folder: Path, unreadable: list[dict] | None = None,
             dirnames[:] = []
             continue
         seen_dirs.add((st.st_dev, st.st_ino))
-        dirnames[:] = sorted(d for d in dirnames if kept(dirpath, d) and not _is_index_directory(os.path.join(dirpath, d)))
-        names = [name for name in filenames if is_image_path(name) and kept(dirpath, name)]
+        below = Path(os.path.relpath(dirpath, folder)).as_posix()
+        below = "" if below == "." else below  # the folder itself
+        dirnames[:] = sorted(d for d in dirnames if kept(below, d) and not _is_index_directory(os.path.join(dirpath, d)))
+        names = [name for name in filenames if is_image_path(name) and kept(below, name)]
         developed = {os.path.splitext(name)[0] for name in names if not is_raw_path(name)}
         found.extend(os.path.join(dirpath, name) for name in names  # RAW+JPEG: the developed photo stands for both
                      if not (is_raw_path(name) and os.path.splitext(name)[0] in developed))
