@@ -39,9 +39,8 @@ def walk_images(folder: Path, unreadable: list[dict] | None = None,
     `exclusions` leaves out (NAS thumbnails, trash, hidden files) and a camera's RAW file beside a photo of the same
     name (IMG_1.CR3 and IMG_1.JPG: a camera shooting RAW+JPEG, or an export; as rclip does), which would be the same
     picture twice. An otclip index directory inside it (`--out PHOTOS/.otclip`) is skipped: its thumbnails are not
-    photos. A folder that cannot be listed (permission denied,
-    an I/O error) is appended to `unreadable` as {"path", "reason"}, not passed over in silence as `os.walk`
-    would."""
+    photos. A folder that cannot be listed (permission denied, an I/O error) is appended to `unreadable` as
+    {"path", "reason"}, not passed over in silence as `os.walk` would."""
     seen_dirs: set[tuple[int, int]] = set()
     found: list[str] = []
 

@@ -6,8 +6,12 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from otclip.engine import DEFAULT_MODEL_NAME
+
+if TYPE_CHECKING:
+    from otclip.engine.exclusions import Exclusions
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -123,7 +127,7 @@ def _exclusion_flags(p: argparse.ArgumentParser) -> None:
                    help="index folders and files whose names start with a dot too")
 
 
-def _exclusions(args: argparse.Namespace):
+def _exclusions(args: argparse.Namespace) -> Exclusions:
     from otclip.engine.exclusions import Exclusions
 
     return Exclusions(tuple(args.exclude), args.include_hidden)

@@ -27,6 +27,7 @@ from otclip.engine.atomic_files import write_lines_atomically
 from otclip.engine.checksums import sha256_file
 from otclip.engine.distributed import Ranks, init_from_env
 from otclip.engine.errors import IndexDirectoryError
+from otclip.engine.exclusions import Exclusions
 from otclip.engine.faiss_indexes import auto_factory, new_index
 from otclip.engine.image_batches import ImageBatch
 from otclip.engine.image_paths import shown_path, undecodable_name
@@ -38,8 +39,6 @@ from otclip.engine.query_model_cache import cache_query_model, cached_query_mode
 
 if TYPE_CHECKING:
     from otclip.engine import LoadedModel
-
-from otclip.engine.exclusions import Exclusions
 
 from .collection import CollectionItem, read_collection, read_texts
 
