@@ -11,8 +11,10 @@ Information`); `--exclude PATTERN` adds the user's own, `--include-hidden` keeps
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
-from fnmatch import fnmatchcase
+from fnmatch import translate
+from functools import cached_property
 from pathlib import PurePosixPath
 
 DEFAULT_EXCLUDES = ("@eaDir", "#recycle", "#snapshot", "$RECYCLE.BIN", "System Volume Information", "node_modules")
@@ -27,13 +29,24 @@ class Exclusions:
     patterns: tuple[str, ...] = ()
     include_hidden: bool = False
 
+    @cached_property
+    def _by_name(self) -> re.Pattern:
+        """The patterns without "/" (and the defaults) as one expression over a name (a walk asks for every file)."""
+        return re.compile("|".join(translate(p) for p in (*DEFAULT_EXCLUDES, *self.patterns) if "/" not in p))
+
+    @cached_property
+    def _by_path(self) -> re.Pattern | None:
+        """The patterns with "/", over the relative path; None without any."""
+        paths = [translate(p) for p in self.patterns if "/" in p]
+        return re.compile("|".join(paths)) if paths else None
+
     def excludes(self, relative: str) -> bool:
         """Whether the folder or file at this path (relative to the indexed folder, "/"-separated) is left out
         itself (what is below an excluded folder is left out with it: see `covers`)."""
-        name = PurePosixPath(relative).name
+        name = relative.rpartition("/")[2]
         if name.startswith(".") and not self.include_hidden:
             return True
-        return any(fnmatchcase(relative if "/" in p else name, p) for p in (*DEFAULT_EXCLUDES, *self.patterns))
+        return bool(self._by_name.match(name) or (self._by_path is not None and self._by_path.match(relative)))
 
     def covers(self, relative: str) -> bool:
         """Whether this path or a folder above it (below the indexed folder) is excluded."""
