@@ -652,3 +652,5 @@ def test_camera_raw_files_are_indexed_unless_a_developed_photo_stands_for_them(t
     np.testing.assert_allclose(directory.vectors_at([(row["shard"], row["row"])])[0],
                                encoder.encode_images([load_image(photos / "IMG_2.dng", draft=224)])[0], atol=1e-4)
     directory.close()
+    hits = IndexSearcher(out, model=default_model).search_image(photos / "IMG_2.dng", k=1)  # a RAW file as the query
+    assert hits[0].path.endswith("IMG_2.dng") and hits[0].score == pytest.approx(1.0, abs=1e-4)
