@@ -27,6 +27,7 @@ from PIL import Image
 from torchvision import transforms as T
 
 from .image_batches import DecodedImage, decode_for_model
+from .image_paths import is_raw_path
 from .images import THUMBNAIL_SIDE, ImageDecodeError, ImageInput, check_size, open_heif, taken_time
 
 _DEVICE_MODES = ("RGB", "L")  # what decode_jpeg(mode=RGB) turns into RGB as PIL's convert does
@@ -65,15 +66,15 @@ def device_preprocess_steps(preprocess) -> list[Callable] | None:
 
 def read_for_device(item: ImageInput, preprocess: Callable, draft: int | None, thumbnails: bool) -> DecodedImage | str:
     """In a decoding worker: a JPEG's bytes and header for the device to decode, or, for anything the device
-    should not take, the CPU decode (`decode_for_model`)."""
-    if not isinstance(item, (str, Path, bytes)):
+    should not take, the CPU decode (`decode_for_model`): a camera's RAW file goes there unread (LibRaw reads it)."""
+    if not isinstance(item, (str, Path, bytes)) or (not isinstance(item, bytes) and is_raw_path(item)):
         return decode_for_model(item, preprocess, draft, thumbnails)
     label = str(item) if isinstance(item, (str, Path)) else "image"
     try:
         data = item if isinstance(item, bytes) else Path(item).read_bytes()
         open_heif()
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)  # the CPU decode reports it
+            warnings.simplefilter("error", Image.DecompressionBombWarning)  # the CPU decode takes it (draft scale)
             header = Image.open(io.BytesIO(data))
         with header:
             if (header.format != "JPEG" or header.mode not in _DEVICE_MODES  # CMYK, YCCK: PIL converts them

@@ -325,7 +325,7 @@ class MetadataStore:
         """How many contents of a side are kept retired; 0 for a store of an older schema opened read-only (not
         migrated: it keeps none)."""
         with self._lock:
-            if self._db.execute("SELECT 1 FROM sqlite_master WHERE name='retired'").fetchone() is None:
+            if self.schema_version() < 4:
                 return 0
         return self._query("SELECT COUNT(*) FROM retired WHERE side=?", (side,))[0][0]
 

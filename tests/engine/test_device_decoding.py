@@ -150,3 +150,23 @@ def test_device_decoding_refuses_a_preprocessing_it_cannot_run(default_model):
     with pytest.raises(ValueError, match="cannot run on the device"):
         Encoder(odd, device_decoding=True)
     assert Encoder(odd)._device_decoder is None
+
+
+def test_a_raw_file_goes_to_the_cpu_decode_unread_by_the_worker(default_model, tmp_path, monkeypatch):
+    """LibRaw reads a camera's RAW file itself: the worker does not read its bytes first (25-60 MB each)."""
+    from pathlib import Path
+
+    from raw_files import write_dng
+
+    from otclip.engine.image_batches import decode_for_model
+
+    preprocess = Encoder(default_model)._preprocess.cpu
+    scene = np.zeros((256, 384, 3))
+    scene[:, :192], scene[:, 192:] = [0.8, 0.4, 0.1], [0.1, 0.3, 0.8]
+    dng = write_dng(tmp_path / "IMG_1.DNG", scene)
+    expected = decode_for_model(dng, preprocess, 224, False)
+    read = Path.read_bytes
+    monkeypatch.setattr(Path, "read_bytes", lambda p: pytest.fail(f"{p} read") if p == dng else read(p))
+    decoded = read_for_device(dng, preprocess, 224, False)
+    assert isinstance(decoded.pixels, torch.Tensor) and torch.equal(decoded.pixels, expected.pixels)
+    assert decoded.size == expected.size == (384, 256)
