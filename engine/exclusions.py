@@ -6,12 +6,15 @@ Synology's `@eaDir/IMG_1.JPG/SYNOPHOTO_THUMB_XL.jpg` (five per photo), its `#rec
 photo copied to a FAT, exFAT or SMB drive (not images: each would be reported as broken), `.Trashes`,
 `.thumbnails`. Indexed, they fill the results with copies of every photo. Skipped by default, as immich and rclip
 do (immich-app/immich#12566: `@eaDir`, `._*`; yurijmikhalevich/rclip#304: hidden files and folders, `System Volume
-Information`); `--exclude PATTERN` adds the user's own, `--include-hidden` keeps what starts with a dot.
+Information`); `--exclude PATTERN` adds the user's own, `--include-hidden` keeps what starts with a dot. An index keeps
+the last ones it was given (`IndexDirectory.keep_exclusions`): a later run without them does not bring back what they
+left out.
 """
 
 from __future__ import annotations
 
 import re
+import shlex
 from dataclasses import dataclass
 from fnmatch import translate
 from functools import cached_property
@@ -39,6 +42,11 @@ class Exclusions:
         """The patterns with "/", over the relative path; None without any."""
         paths = [translate(p) for p in self.patterns if "/" in p]
         return re.compile("|".join(paths)) if paths else None
+
+    def flags(self) -> str:
+        """These exclusions as the command-line flags that give them ("" for the defaults)."""
+        given = [f"--exclude {shlex.quote(p)}" for p in self.patterns]
+        return " ".join([*given, "--include-hidden"] if self.include_hidden else given)
 
     def excludes(self, relative: str) -> bool:
         """Whether the folder or file at this path (relative to the indexed folder, "/"-separated) is left out

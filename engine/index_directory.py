@@ -49,6 +49,7 @@ from .atomic_files import (
 )
 from .distributed import Ranks
 from .errors import IndexDirectoryError, NewerIndexFormatError
+from .exclusions import Exclusions
 from .faiss_indexes import (
     ADD_BLOCK,
     add_rows,
@@ -92,6 +93,10 @@ def _manifest_problem(data: object) -> str | None:
             return f"its {key} is damaged (not a positive integer)"
     if not isinstance(sides, dict):
         return "its sides entry is damaged (not a mapping)"
+    kept = data.get("exclusions", {"patterns": [], "include_hidden": False})
+    if not (isinstance(kept, dict) and isinstance(kept.get("patterns"), list)
+            and all(isinstance(p, str) for p in kept["patterns"]) and type(kept.get("include_hidden")) is bool):
+        return "its exclusions entry is damaged (no list of patterns and include_hidden)"
     for side, entry in sides.items():
         if not (side in SIDES and isinstance(entry, dict) and type(entry.get("generation")) is int
                 and isinstance(entry.get("factory"), str)):
@@ -221,6 +226,23 @@ class IndexDirectory:
                 "sides": {},
             },
         )
+
+    def kept_exclusions(self) -> Exclusions:
+        """What runs over a folder leave out, as the last run that was given exclusions kept them
+        (`keep_exclusions`); the defaults for an index with none kept, or none yet."""
+        kept = self.manifest().get("exclusions") if self.exists() else None
+        return Exclusions() if kept is None else Exclusions(tuple(kept["patterns"]), kept["include_hidden"])
+
+    def keep_exclusions(self, exclusions: Exclusions) -> None:
+        """Keep a folder run's exclusions for the runs after it, which are not given them again (the defaults
+        keep nothing). Kept in manifest.json, as the memory budget is."""
+        manifest = self.manifest()
+        if exclusions == self.kept_exclusions():
+            return
+        manifest.pop("exclusions", None)
+        if exclusions != Exclusions():
+            manifest["exclusions"] = {"patterns": list(exclusions.patterns), "include_hidden": exclusions.include_hidden}
+        write_json_atomically(self.manifest_path, manifest)
 
     def check_model(self, identity: ModelIdentity) -> None:
         built = self.model_identity()

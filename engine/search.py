@@ -185,6 +185,7 @@ class IndexSearcher:
             "metric": self.manifest["metric"],
             "sides": sides,
             "max_index_memory": self.manifest.get("max_index_memory"),
+            "exclusions": self.manifest.get("exclusions", {"patterns": [], "include_hidden": False}),
             "size_bytes": self.directory.size_on_disk(),
         }
 

@@ -119,18 +119,32 @@ def _factory_flags(p: argparse.ArgumentParser) -> None:
 def _exclusion_flags(p: argparse.ArgumentParser) -> None:
     from otclip.engine.exclusions import DEFAULT_EXCLUDES
 
-    p.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
-                   help="leave out folders and files matching this shell pattern: a name anywhere ('Screenshots', "
-                   "'*.tmp.jpg') or, with a '/', a path below the folder ('2019/private'); repeatable. Always left "
-                   f"out: {', '.join(DEFAULT_EXCLUDES)}, and names starting with a dot")
-    p.add_argument("--include-hidden", action="store_true",
-                   help="index folders and files whose names start with a dot too")
+    given = p.add_mutually_exclusive_group()
+    given.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
+                       help="leave out folders and files matching this shell pattern: a name anywhere ('Screenshots', "
+                       "'*.tmp.jpg') or, with a '/', a path below the folder ('2019/private'); repeatable; kept with the "
+                       "index for later runs, which a new --exclude replaces. Always left out: "
+                       f"{', '.join(DEFAULT_EXCLUDES)}, and names starting with a dot")
+    given.add_argument("--no-exclude", action="store_true", help="forget the --exclude patterns the index keeps")
+    p.add_argument("--include-hidden", action=argparse.BooleanOptionalAction, default=None,
+                   help="index folders and files whose names start with a dot too (kept with the index; default: as "
+                   "kept, else no)")
 
 
-def _exclusions(args: argparse.Namespace) -> Exclusions:
+def _exclusions(args: argparse.Namespace) -> Exclusions | None:
+    """The exclusions the flags give, each one not given as the index keeps it; None if none is given (the index's
+    own, said in one line on stderr when there are any)."""
     from otclip.engine.exclusions import Exclusions
+    from otclip.engine.index_directory import IndexDirectory
 
-    return Exclusions(tuple(args.exclude), args.include_hidden)
+    kept = IndexDirectory(args.out).kept_exclusions()
+    if not (args.exclude or args.no_exclude or args.include_hidden is not None):
+        if kept != Exclusions() and args.images.is_dir():
+            print(f"otclip: as kept with {args.out}: {kept.flags()} (a new --exclude replaces the patterns, "
+                  "--no-exclude forgets them)", file=sys.stderr, flush=True)
+        return None
+    patterns = kept.patterns if not (args.exclude or args.no_exclude) else tuple(args.exclude)
+    return Exclusions(patterns, kept.include_hidden if args.include_hidden is None else args.include_hidden)
 
 
 def _user_value(parse):
@@ -313,6 +327,7 @@ def _repair(args: argparse.Namespace) -> int:
 def _info(args: argparse.Namespace) -> int:
     import datetime
 
+    from otclip.engine.exclusions import Exclusions
     from otclip.engine.faiss_indexes import size_text
     from otclip.engine.index_directory import RETIRED_DAYS
     from otclip.engine.search import IndexSearcher
@@ -344,5 +359,8 @@ def _info(args: argparse.Namespace) -> int:
                   f"{RETIRED_DAYS} days after removal (a file that comes back is not embedded again)")
     if info["max_index_memory"]:
         print(f"budget    --max-index-memory {size_text(info['max_index_memory'])} (auto keeps within it)")
+    kept = Exclusions(tuple(info["exclusions"]["patterns"]), info["exclusions"]["include_hidden"])
+    if kept != Exclusions():
+        print(f"excludes  {kept.flags()} (kept for the runs over the folder)")
     print(f"size      {size_text(info['size_bytes'])} on disk")
     return 0

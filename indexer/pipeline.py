@@ -343,12 +343,13 @@ def index_images(
     query_models: bool = True,
     thumbnails: bool = True,
     max_index_memory: int | None = None,
-    exclusions: Exclusions = Exclusions(),
+    exclusions: Exclusions | None = None,
 ) -> IndexingSummary:
     """Index (or update the index of) an image folder or manifest. Returns the run's summary.
     `thumbnails`: keep a JPEG display copy of each new image content (the app's result tiles).
     `max_index_memory`: bytes the FAISS index may take (kept with the index for later runs; 0 removes it).
-    `exclusions`: what below a folder is not part of the collection (`exclusions.Exclusions`).
+    `exclusions`: what below a folder is not part of the collection (`exclusions.Exclusions`), kept with the index
+    for the runs after this one; None: those kept by the last run given some (a manifest: none apply).
 
     The model is loaded only if there is something new to embed (or the text tower to export:
     `text_query_model`, kept for torch-free text queries); the FAISS index is rebuilt only if the
@@ -375,7 +376,7 @@ def index_images(
 
 def _index_images(source, directory: IndexDirectory, models: _ModelOnDemand, ranks: Ranks, factory: str,
                   batch_size: int, workers: int | None, chunk_size: int, progress: bool, query_models: bool,
-                  thumbnails: bool, max_index_memory: int | None, exclusions: Exclusions) -> IndexingSummary:
+                  thumbnails: bool, max_index_memory: int | None, exclusions: Exclusions | None) -> IndexingSummary:
     ingested = repaired = 0
     if ranks.is_main:
         ingested, repaired = _prepare(directory, models, factory)
@@ -383,6 +384,10 @@ def _index_images(source, directory: IndexDirectory, models: _ModelOnDemand, ran
     if not ranks.is_main:
         models.open_index()  # checks the identity: every rank embeds with the index's model
     unreadable: list[dict] = []
+    folder = Path(source).is_dir()
+    given = exclusions is not None
+    if exclusions is None:
+        exclusions = directory.kept_exclusions() if folder else Exclusions()
     items = read_collection(source, unreadable, exclusions)
     plan = _plan(items, directory, ranks)
     _refuse_to_empty(source, directory, "images", len(items) - len(plan.errors), len(items), unreadable)
@@ -432,6 +437,8 @@ def _index_images(source, directory: IndexDirectory, models: _ModelOnDemand, ran
         changed = bool(ingested or writer.count or gone or repaired)
     _publish(directory, "images", factory, changed, summary, models, query_models, progress,
              max_index_memory, ranks)
+    if ranks.is_main and given and folder and directory.exists():  # after a run that ended: the next one goes on
+        directory.keep_exclusions(exclusions)
     summary.model_loaded = models.loaded
     ranks.barrier()
     return summary

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 from otclip.engine.exclusions import Exclusions
 from otclip.engine.image_paths import is_image_path
+from otclip.engine.index_directory import IndexDirectory
 
 from .pipeline import EmptySourceError, IndexingSummary, index_images
 
@@ -34,7 +35,9 @@ def watch(folder: str | Path, index_dir: str | Path, model: str | LoadedModel, s
     from watchdog.observers import Observer
 
     folder, index_dir = Path(folder).resolve(), Path(index_dir).resolve()
-    exclusions = index_options.get("exclusions", Exclusions())
+    exclusions: Exclusions | None = index_options.get("exclusions")
+    if exclusions is None:  # those the index keeps from an earlier run given some
+        exclusions = IndexDirectory(index_dir).kept_exclusions()
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: no such folder")
     stop = stop or threading.Event()

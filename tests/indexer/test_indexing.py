@@ -585,10 +585,11 @@ def test_a_folder_that_cannot_be_listed_is_reported(sample_dir, tmp_path):
     assert sorted(os.path.basename(p) for p in paths_in(out)) == ["chelsea.jpg", "coffee.jpg"]
 
 
-def test_nas_thumbnails_trash_and_hidden_files_are_not_photos(sample_dir, tmp_path, default_model):
+def test_nas_thumbnails_trash_and_hidden_files_are_not_photos(sample_dir, tmp_path, default_model, capsys):
     """A Synology share holds five thumbnails of each photo in @eaDir, macOS leaves a ._ file (not an image) beside
     each photo it copies to a FAT or SMB drive: left out by default, with the user's --exclude patterns; hidden
-    ones come back with --include-hidden. A manifest lists what it means: patterns are refused for it."""
+    ones come back with --include-hidden. The index keeps the last ones given for later runs, each flag changing
+    its own part. A manifest lists what it means: patterns are refused for it."""
     from otclip.engine.exclusions import Exclusions
 
     photos = tmp_path / "photos"
@@ -618,6 +619,33 @@ def test_nas_thumbnails_trash_and_hidden_files_are_not_photos(sample_dir, tmp_pa
                  "--exclude", "2019", "--no-progress", "--no-thumbnails"]) == 0  # the command's flags
     assert sorted(os.path.relpath(p, photos) for p in paths_in(out)) == [
         ".thumbnails/moon.jpg", "chelsea.jpg", "trip/.@__thumb/rocket.jpg", "trip/rocket.jpg"]
+    capsys.readouterr()
+
+    def run_without_model(*flags: str) -> list[str]:  # every content has been embedded before: no model loads
+        assert main(["index", str(photos), "--out", str(out), "--no-progress", "--no-thumbnails", *flags]) == 0
+        assert "0 embedded" in capsys.readouterr().out
+        return sorted(os.path.relpath(p, photos) for p in paths_in(out))
+
+    # kept with the index: a run without the flags leaves out what they left out, and says so
+    assert run_without_model() == [".thumbnails/moon.jpg", "chelsea.jpg", "trip/.@__thumb/rocket.jpg", "trip/rocket.jpg"]
+    assert main(["info", str(out)]) == 0
+    assert "excludes  --exclude Screenshots --exclude 2019 --include-hidden (kept" in capsys.readouterr().out
+    kept = index_images(photos, out, default_model, progress=False, workers=0, query_models=False, thumbnails=False)
+    assert kept.total == 4 and kept.removed == 0  # the API alike
+    assert run_without_model("--no-include-hidden") == ["chelsea.jpg", "trip/rocket.jpg"]  # the patterns stay
+    assert run_without_model("--exclude", "trip") == [  # replaces the patterns; hidden names stay out
+        "2019/private/cat.jpg", "2019/public/coffee.jpg", "Screenshots/grass.jpg", "chelsea.jpg"]
+    assert run_without_model("--no-exclude") == [  # the defaults alone
+        "2019/private/cat.jpg", "2019/public/coffee.jpg", "Screenshots/grass.jpg", "chelsea.jpg", "trip/rocket.jpg"]
+    assert "exclusions" not in json.loads((out / "manifest.json").read_text())
+    assert run_without_model() == [
+        "2019/private/cat.jpg", "2019/public/coffee.jpg", "Screenshots/grass.jpg", "chelsea.jpg", "trip/rocket.jpg"]
+    assert "as kept" not in capsys.readouterr().err
+    damaged = json.loads((out / "manifest.json").read_text())
+    (out / "manifest.json").write_text(json.dumps({**damaged, "exclusions": {"patterns": "Screenshots"}}))
+    with pytest.raises(IndexDirectoryError, match="manifest.json: its exclusions entry is damaged"):
+        IndexDirectory(out).kept_exclusions()
+    (out / "manifest.json").write_text(json.dumps(damaged))
     manifest = tmp_path / "m.csv"
     manifest.write_text(f"path\n{photos / 'chelsea.jpg'}\n")
     with pytest.raises(ValueError, match="--exclude and --include-hidden apply to a folder, not to a manifest"):

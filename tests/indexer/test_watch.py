@@ -72,6 +72,36 @@ def test_new_changed_and_removed_photos_reach_a_running_searcher(tmp_path, sampl
     assert not watcher.is_alive()
 
 
+def test_a_watch_leaves_out_what_the_index_keeps_excluded(tmp_path, sample_dir, default_model):
+    """The exclusions an earlier run was given are kept with the index: a watch started without them neither
+    indexes what they leave out nor runs again for a change there."""
+    from otclip.engine.exclusions import Exclusions
+    from otclip.indexer.pipeline import index_images
+
+    photos, index = tmp_path / "photos", tmp_path / "index"
+    (photos / "Screenshots").mkdir(parents=True)
+    shutil.copy(sample_dir / "rocket.jpg", photos / "rocket.jpg")
+    shutil.copy(sample_dir / "coffee.jpg", photos / "Screenshots" / "coffee.jpg")
+    options = dict(progress=False, workers=0, query_models=False)
+    assert index_images(photos, index, default_model, exclusions=Exclusions(("Screenshots",)), **options).total == 1
+    stop, runs = threading.Event(), []
+    watcher = threading.Thread(target=watch, args=(photos, index, default_model), daemon=True,
+                               kwargs=dict(settle=0.5, stop=stop, report=runs.append, **options))
+    watcher.start()
+    try:
+        wait_for(lambda: len(runs) == 1)
+        assert runs[0].total == 1 and runs[0].removed == 0
+        shutil.copy(sample_dir / "chelsea.jpg", photos / "Screenshots" / "chelsea.jpg")
+        time.sleep(1.5)
+        assert len(runs) == 1
+        shutil.copy(sample_dir / "chelsea.jpg", photos / "chelsea.jpg")
+        wait_for(lambda: len(runs) > 1 and runs[-1].total == 2)
+    finally:
+        stop.set()
+        watcher.join(30)
+    assert not watcher.is_alive()
+
+
 def test_watching_a_missing_folder_is_one_line(tmp_path):
     with pytest.raises(FileNotFoundError, match="no such folder"):
         watch(tmp_path / "nothing", tmp_path / "ix", "effnet-minilm")
