@@ -72,7 +72,7 @@ def load_image(source: str | Path | bytes | Image.Image, name: str | None = None
 
     `draft`: the smallest side the caller needs; JPEGs are then decoded at a reduced DCT scale
     that still covers it (PIL's draft mode), several times faster for large photos. A camera's RAW file (by its
-    path's extension) is decoded by LibRaw (`_load_raw`).
+    path's extension, or for bytes by `name`'s: an upload's file name) is decoded by LibRaw (`_load_raw`).
     `max_pixels`: a tighter pixel limit than PIL's decompression-bomb one (the app's uploads).
 
     Raises ImageDecodeError for anything that is not a complete, reasonably sized image:
@@ -81,7 +81,9 @@ def load_image(source: str | Path | bytes | Image.Image, name: str | None = None
     """
     label = name or (str(source) if isinstance(source, (str, Path)) else "image")
     if isinstance(source, (str, Path)) and is_raw_path(source):
-        return _load_raw(source, label, draft, max_pixels)
+        return _load_raw(str(source), label, draft, max_pixels)
+    if isinstance(source, bytes) and name and is_raw_path(name):  # an upload, known by its file name
+        return _load_raw(io.BytesIO(source), label, draft, max_pixels)
     open_heif()
     if isinstance(source, Image.Image):
         img = source
@@ -131,18 +133,18 @@ def load_image(source: str | Path | bytes | Image.Image, name: str | None = None
 _TURNS = {3: Image.Transpose.ROTATE_180, 5: Image.Transpose.ROTATE_90, 6: Image.Transpose.ROTATE_270}  # LibRaw flip
 
 
-def _load_raw(path: str | Path, label: str, draft: int | None, max_pixels: int | None) -> Image.Image:
+def _load_raw(source: str | io.BytesIO, label: str, draft: int | None, max_pixels: int | None) -> Image.Image:
     """A camera's RAW file through LibRaw (rawpy): its embedded JPEG preview (what the camera rendered; LibRaw
     gives it an EXIF header with the orientation and time) where it covers `draft`, else the mosaic demosaiced at
     half size with the camera's white balance (LibRaw turns it). `photo_size` is the sensor image's, as shown."""
     import rawpy
 
     try:
-        with rawpy.imread(str(path)) as raw:
+        with rawpy.imread(source) as raw:
             width, height, flip = raw.sizes.width, raw.sizes.height, raw.sizes.flip
             size = (height, width) if flip in (5, 6) else (width, height)
             check_size(size, label, max_pixels)
-            image = _raw_preview(raw, label, draft, flip)
+            image = _raw_preview(raw, draft, flip)
             if image is None:
                 image = Image.fromarray(raw.postprocess(half_size=True, use_camera_wb=True))
     except (rawpy.LibRawError, OSError, ValueError) as exc:
@@ -151,7 +153,7 @@ def _load_raw(path: str | Path, label: str, draft: int | None, max_pixels: int |
     return _to_rgb(image)
 
 
-def _raw_preview(raw, label: str, draft: int | None, flip: int) -> Image.Image | None:
+def _raw_preview(raw, draft: int | None, flip: int) -> Image.Image | None:
     """The RAW file's embedded preview, if it has one at least `draft` pixels on its shorter side."""
     import rawpy
 
@@ -161,7 +163,7 @@ def _raw_preview(raw, label: str, draft: int | None, flip: int) -> Image.Image |
         return None
     if thumb.format == rawpy.ThumbFormat.JPEG:
         try:
-            image = load_image(thumb.data, name=label, draft=draft)
+            image = load_image(thumb.data, draft=draft)  # unnamed: a name would make it a RAW file again
         except ImageDecodeError:
             return None
     elif thumb.format == rawpy.ThumbFormat.BITMAP:

@@ -165,9 +165,13 @@ def test_a_camera_raw_file_decodes_to_its_picture_turned_as_shot(tmp_path, previ
         assert image.size == (128, 192) and taken_time(image) is None
     if preview:  # a preview smaller than the model needs: the mosaic instead
         assert load_image(path, draft=300).size == (128, 192)
+    uploaded = load_image(path.read_bytes(), name="IMG_1.DNG", draft=224)  # an upload: known by its file name
+    assert photo_size(uploaded) == (256, 384) and np.array_equal(np.asarray(uploaded), pixels)
 
 
 def test_a_raw_file_that_cannot_be_decoded_is_named(tmp_path):
     (tmp_path / "IMG_9.CR2").write_bytes(b"II*\0" + bytes(200))
     with pytest.raises(ImageDecodeError, match=r"IMG_9.CR2: RAW file cannot be decoded"):
         load_image(tmp_path / "IMG_9.CR2")
+    with pytest.raises(ImageDecodeError, match=r"IMG_9.CR2: RAW file cannot be decoded"):
+        load_image((tmp_path / "IMG_9.CR2").read_bytes(), name="IMG_9.CR2")
