@@ -37,6 +37,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL_NAME, help="model spec (default: %(default)s)")
     _factory_flags(p)
     p.add_argument("--settle", type=float, default=2.0, help="seconds without changes before re-indexing")
+    p.add_argument("--poll", type=float, default=None, metavar="SECONDS",
+                   help="list the folder for changes every SECONDS rather than wait for the system's events, which a "
+                   "network share does not raise for another machine's changes (default: 30 on NFS, SMB, SSHFS and "
+                   "the like, else 0: events)")
     p.add_argument("--no-thumbnails", action="store_true")
     _exclusion_flags(p)
     _speed_flags(p)
@@ -199,7 +203,7 @@ def _watch(args: argparse.Namespace) -> int:
     from .watch import watch
 
     apply_thread_budget(thread_budget(args.threads))
-    watch(args.images, args.out, args.model, settle=args.settle, factory=args.factory,
+    watch(args.images, args.out, args.model, settle=args.settle, poll=args.poll, factory=args.factory,
           max_index_memory=args.max_index_memory, progress=not args.no_progress,
           query_models=not args.no_query_export, thumbnails=not args.no_thumbnails, exclusions=_exclusions(args))
     return 0

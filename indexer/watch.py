@@ -4,15 +4,19 @@ The folder is indexed once, then again after each burst of changes (when `settle
 event), through the same incremental `index_images`: only new or changed files are embedded, removed ones
 are dropped, and each run publishes a new generation that a running `otclip serve` picks up at its next
 query. Events come from the `watchdog` package (inotify on Linux, FSEvents, ReadDirectoryChangesW); events
-inside the index directory itself (when it lives in the watched folder) are ignored.
+inside the index directory itself (when it lives in the watched folder) are ignored. A folder on a network share
+(`filesystems.remote_filesystem`), where another machine's changes raise no event, is listed every `poll` seconds
+instead (watchdog's polling observer), past what the exclusions leave out.
 """
 
 from __future__ import annotations
 
+import math
+import os
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -20,20 +24,27 @@ from otclip.engine.exclusions import Exclusions
 from otclip.engine.image_paths import is_image_path
 from otclip.engine.index_directory import IndexDirectory
 
+from .filesystems import remote_filesystem
 from .pipeline import EmptySourceError, IndexingSummary, index_images
 
 if TYPE_CHECKING:
     from otclip.engine import LoadedModel
 
 
+REMOTE_POLL_SECONDS = 30.0  # how often a folder on a network share is listed, by default
+
+
 def watch(folder: str | Path, index_dir: str | Path, model: str | LoadedModel, settle: float = 2.0,
           stop: threading.Event | None = None, report: Callable[[IndexingSummary], None] | None = None,
-          **index_options) -> int:
+          poll: float | None = None, **index_options) -> int:
     """Index `folder` into `index_dir` now and after every burst of changes, until `stop` is set (or Ctrl-C).
-    `report` gets each run's summary. Returns how many runs were made."""
+    `report` gets each run's summary. `poll`: list the folder every `poll` seconds for changes rather than wait for
+    the system's events (0: events; None: REMOTE_POLL_SECONDS on a network share, else events). Returns how many
+    runs were made."""
     from watchdog.events import FileSystemEvent, FileSystemEventHandler
-    from watchdog.observers import Observer
 
+    if poll is not None and not (math.isfinite(poll) and poll >= 0):
+        raise ValueError(f"--poll {poll:g}: expected seconds between listings (0: wait for the system's events)")
     folder, index_dir = Path(folder).resolve(), Path(index_dir).resolve()
     exclusions: Exclusions | None = index_options.get("exclusions")
     if exclusions is None:  # those the index keeps from an earlier run given some
@@ -62,7 +73,14 @@ def watch(folder: str | Path, index_dir: str | Path, model: str | LoadedModel, s
         from otclip.engine import load_model
 
         model = load_model(model)  # once: a watcher re-indexes many times
-    observer = Observer()
+    if poll is None:
+        remote = remote_filesystem(folder)
+        poll = REMOTE_POLL_SECONDS if remote else 0.0
+        if remote:
+            print(f"otclip watch: {folder} is on {remote}, where changes made on another machine raise no event here: "
+                  f"looking for changes every {poll:g} s (--poll S sets how often, --poll 0 waits for events)",
+                  file=sys.stderr, flush=True)
+    observer = _observer(folder, index_dir, exclusions, poll)
     observer.schedule(Changes(), str(folder), recursive=True)
     observer.start()  # before the first run: nothing that changes during it is missed
     runs = 0
@@ -91,3 +109,28 @@ def watch(folder: str | Path, index_dir: str | Path, model: str | LoadedModel, s
     finally:
         observer.stop()
         observer.join()
+
+
+def _observer(folder: Path, index_dir: Path, exclusions: Exclusions, poll: float):
+    """watchdog's observer of the system's events, or with `poll` one that lists the folder every `poll` seconds
+    and compares (a stat a file, as `otclip index` makes), through `_listing`."""
+    from watchdog.observers import Observer
+    from watchdog.observers.polling import PollingObserverVFS
+
+    if not poll:
+        return Observer()
+    return PollingObserverVFS(os.stat, _listing(folder, index_dir, exclusions), polling_interval=poll)
+
+
+def _listing(folder: Path, index_dir: Path, exclusions: Exclusions) -> Callable[[str], Iterator[os.DirEntry]]:
+    """`os.scandir` for the polling observer, less what the exclusions leave out and the index directory: a Synology
+    share's @eaDir holds five thumbnails a photo, each a stat a poll."""
+    def listdir(path: str) -> Iterator[os.DirEntry]:
+        below = Path(path).relative_to(folder).as_posix()
+        with os.scandir(path) as entries:
+            for entry in entries:
+                relative = entry.name if below == "." else f"{below}/{entry.name}"
+                if not exclusions.excludes(relative) and Path(entry.path) != index_dir:
+                    yield entry
+
+    return listdir

@@ -8,8 +8,9 @@ import time
 
 import pytest
 
+from otclip.engine.exclusions import Exclusions
 from otclip.engine.search import IndexSearcher
-from otclip.indexer.watch import watch
+from otclip.indexer.watch import _listing, watch
 
 
 def wait_for(condition, seconds: float = 60.0) -> None:
@@ -75,7 +76,6 @@ def test_new_changed_and_removed_photos_reach_a_running_searcher(tmp_path, sampl
 def test_a_watch_leaves_out_what_the_index_keeps_excluded(tmp_path, sample_dir, default_model):
     """The exclusions an earlier run was given are kept with the index: a watch started without them neither
     indexes what they leave out nor runs again for a change there."""
-    from otclip.engine.exclusions import Exclusions
     from otclip.indexer.pipeline import index_images
 
     photos, index = tmp_path / "photos", tmp_path / "index"
@@ -100,6 +100,76 @@ def test_a_watch_leaves_out_what_the_index_keeps_excluded(tmp_path, sample_dir, 
         stop.set()
         watcher.join(30)
     assert not watcher.is_alive()
+
+
+def test_a_folder_on_a_network_share_is_polled(tmp_path, sample_dir, default_model, monkeypatch, capfd):
+    """inotify raises no event for a change another machine makes on an NFS or SMB share: there the watch lists the
+    folder every --poll seconds instead (the system's observer is not even made here), leaving out what the exclusions
+    leave out, and says so in one line."""
+    import watchdog.observers
+
+    from otclip.indexer import filesystems
+
+    class NoEvents:
+        def __init__(self, *args, **kwargs) -> None:
+            raise AssertionError("the system's events were waited for on a network share")
+
+    photos, index = tmp_path / "photos", tmp_path / "index"
+    photos.mkdir()
+    shutil.copy(sample_dir / "rocket.jpg", photos / "rocket.jpg")
+    mounts = tmp_path / "mounts"
+    mounts.write_text(f"/dev/sda1 / ext4 rw 0 0\n//nas/photos {tmp_path} cifs rw,vers=3.0 0 0\n")
+    monkeypatch.setattr(filesystems, "MOUNT_TABLE", str(mounts))
+    monkeypatch.setattr(watchdog.observers, "Observer", NoEvents)
+    monkeypatch.setattr("otclip.indexer.watch.REMOTE_POLL_SECONDS", 0.3)
+    stop, runs = threading.Event(), []
+    watcher = threading.Thread(target=watch, args=(photos, index, default_model), daemon=True,
+                               kwargs=dict(settle=0.5, stop=stop, report=runs.append, progress=False, workers=0,
+                                           query_models=False))
+    watcher.start()
+    try:
+        wait_for(lambda: len(runs) == 1)
+        assert f"{photos} is on cifs, where changes made on another machine raise no event here: looking for changes " \
+               "every 0.3 s" in capfd.readouterr().err
+        thumbs = photos / "@eaDir" / "rocket.jpg"  # a NAS's thumbnails: not listed
+        thumbs.mkdir(parents=True)
+        shutil.copy(sample_dir / "rocket.jpg", thumbs / "SYNOPHOTO_THUMB_S.jpg")
+        time.sleep(1.5)
+        assert len(runs) == 1
+        shutil.copy(sample_dir / "chelsea.jpg", photos / "chelsea.jpg")
+        wait_for(lambda: len(runs) > 1 and runs[-1].total == 2)
+        done = len(runs)
+        (photos / "rocket.jpg").unlink()
+        wait_for(lambda: len(runs) > done and runs[-1].total == 1 and runs[-1].removed == 1)
+    finally:
+        stop.set()
+        watcher.join(30)
+    assert not watcher.is_alive()
+    with pytest.raises(ValueError, match="--poll -1"):
+        watch(photos, index, default_model, poll=-1)
+    (photos / ".index").mkdir()  # the index in the folder, a hidden file, an excluded folder: never listed
+    (photos / "._chelsea.jpg").write_bytes(b"\x00\x05\x16\x07")
+    listing = _listing(photos, photos / ".index", Exclusions(("private",), include_hidden=True))
+    (photos / "2019" / "private").mkdir(parents=True)
+    assert sorted(e.name for e in listing(str(photos))) == ["._chelsea.jpg", "2019", "chelsea.jpg"]
+    assert [e.name for e in listing(str(photos / "2019"))] == []
+    assert sorted(e.name for e in _listing(photos, index, Exclusions())(str(photos))) == ["2019", "chelsea.jpg"]
+
+
+def test_the_filesystem_of_a_folder_is_its_deepest_mount_points():
+    """A folder's filesystem is that of the deepest mount point above it (a local disk mounted inside a share is
+    local); spaces in mount points are octal escapes in the table."""
+    from otclip.indexer.filesystems import filesystem_type
+
+    table = ("/dev/sda1 / ext4 rw 0 0\n//nas/photos /mnt/nas cifs rw 0 0\n/dev/sdb1 /mnt/nas/local ext4 rw 0 0\n"
+             "server:/export /media/My\\040Photos nfs4 rw 0 0\nC:\\134 /mnt/c 9p rw 0 0\n")
+    assert filesystem_type("/home/me/Pictures", table) == "ext4"
+    assert filesystem_type("/mnt/nas/2019/summer", table) == "cifs"
+    assert filesystem_type("/mnt/nas/local/2019", table) == "ext4"
+    assert filesystem_type("/mnt/nasty", table) == "ext4"  # a mount point is a folder, not a prefix of a name
+    assert filesystem_type("/media/My Photos/2020", table) == "nfs4"
+    assert filesystem_type("/mnt/c/Users/me/Pictures", table) == "9p"  # WSL's view of the Windows disk
+    assert filesystem_type("relative", "") is None
 
 
 def test_watching_a_missing_folder_is_one_line(tmp_path):
