@@ -5,11 +5,14 @@ from __future__ import annotations
 import shutil
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 
 from otclip.engine.exclusions import Exclusions
 from otclip.engine.search import IndexSearcher
+from otclip.indexer.pipeline import IndexingSummary
 from otclip.indexer.watch import _listing, watch
 
 
@@ -21,17 +24,29 @@ def wait_for(condition, seconds: float = 60.0) -> None:
         time.sleep(0.2)
 
 
+@contextmanager
+def watching(photos, index, model) -> Iterator[tuple[list[IndexingSummary], threading.Thread]]:
+    """`watch` in a thread (settle 0.5 s), as `otclip watch` runs, stopped and joined on leaving; yields the summaries
+    of its runs as they come, and the thread."""
+    stop, runs = threading.Event(), []
+    watcher = threading.Thread(target=watch, args=(photos, index, model), daemon=True,
+                               kwargs=dict(settle=0.5, stop=stop, report=runs.append, progress=False, workers=0,
+                                           query_models=False))
+    watcher.start()
+    try:
+        yield runs, watcher
+    finally:
+        stop.set()
+        watcher.join(30)
+    assert not watcher.is_alive()
+
+
 def test_new_changed_and_removed_photos_reach_a_running_searcher(tmp_path, sample_dir, default_model, capfd):
     photos, index = tmp_path / "photos", tmp_path / "photos" / ".index"  # the index inside the watched folder
     photos.mkdir()
     for name in ("rocket", "coffee"):
         shutil.copy(sample_dir / f"{name}.jpg", photos / f"{name}.jpg")
-    stop, runs = threading.Event(), []
-    watcher = threading.Thread(target=watch, args=(photos, index, default_model), daemon=True,
-                               kwargs=dict(settle=0.5, stop=stop, report=runs.append, progress=False, workers=0,
-                                           query_models=False))
-    watcher.start()
-    try:
+    with watching(photos, index, default_model) as (runs, watcher):
         wait_for(lambda: len(runs) == 1)
         searcher = IndexSearcher(index, model=default_model)  # as `otclip serve` holds it
 
@@ -67,10 +82,6 @@ def test_new_changed_and_removed_photos_reach_a_running_searcher(tmp_path, sampl
         assert len(runs) == done and len(searcher.search("a rocket", k=5).results) == 2 and watcher.is_alive()
         shutil.copy(sample_dir / "rocket.jpg", photos / "rocket.jpg")  # back: the next run mirrors the folder
         wait_for(lambda: len(runs) > done and runs[-1].total == 1 and runs[-1].removed == 1)
-    finally:
-        stop.set()
-        watcher.join(30)
-    assert not watcher.is_alive()
 
 
 def test_a_watch_leaves_out_what_the_index_keeps_excluded(tmp_path, sample_dir, default_model):
@@ -82,13 +93,10 @@ def test_a_watch_leaves_out_what_the_index_keeps_excluded(tmp_path, sample_dir, 
     (photos / "Screenshots").mkdir(parents=True)
     shutil.copy(sample_dir / "rocket.jpg", photos / "rocket.jpg")
     shutil.copy(sample_dir / "coffee.jpg", photos / "Screenshots" / "coffee.jpg")
-    options = dict(progress=False, workers=0, query_models=False)
-    assert index_images(photos, index, default_model, exclusions=Exclusions(("Screenshots",)), **options).total == 1
-    stop, runs = threading.Event(), []
-    watcher = threading.Thread(target=watch, args=(photos, index, default_model), daemon=True,
-                               kwargs=dict(settle=0.5, stop=stop, report=runs.append, **options))
-    watcher.start()
-    try:
+    kept = index_images(photos, index, default_model, exclusions=Exclusions(("Screenshots",)), progress=False,
+                        workers=0, query_models=False)
+    assert kept.total == 1
+    with watching(photos, index, default_model) as (runs, _):
         wait_for(lambda: len(runs) == 1)
         assert runs[0].total == 1 and runs[0].removed == 0
         shutil.copy(sample_dir / "chelsea.jpg", photos / "Screenshots" / "chelsea.jpg")
@@ -96,10 +104,6 @@ def test_a_watch_leaves_out_what_the_index_keeps_excluded(tmp_path, sample_dir, 
         assert len(runs) == 1
         shutil.copy(sample_dir / "chelsea.jpg", photos / "chelsea.jpg")
         wait_for(lambda: len(runs) > 1 and runs[-1].total == 2)
-    finally:
-        stop.set()
-        watcher.join(30)
-    assert not watcher.is_alive()
 
 
 def test_a_folder_on_a_network_share_is_polled(tmp_path, sample_dir, default_model, monkeypatch, capfd):
@@ -122,12 +126,7 @@ def test_a_folder_on_a_network_share_is_polled(tmp_path, sample_dir, default_mod
     monkeypatch.setattr(filesystems, "MOUNT_TABLE", str(mounts))
     monkeypatch.setattr(watchdog.observers, "Observer", NoEvents)
     monkeypatch.setattr("otclip.indexer.watch.REMOTE_POLL_SECONDS", 0.3)
-    stop, runs = threading.Event(), []
-    watcher = threading.Thread(target=watch, args=(photos, index, default_model), daemon=True,
-                               kwargs=dict(settle=0.5, stop=stop, report=runs.append, progress=False, workers=0,
-                                           query_models=False))
-    watcher.start()
-    try:
+    with watching(photos, index, default_model) as (runs, _):
         wait_for(lambda: len(runs) == 1)
         assert f"{photos} is on cifs, where changes made on another machine raise no event here: looking for changes " \
                "every 0.3 s" in capfd.readouterr().err
@@ -141,10 +140,6 @@ def test_a_folder_on_a_network_share_is_polled(tmp_path, sample_dir, default_mod
         done = len(runs)
         (photos / "rocket.jpg").unlink()
         wait_for(lambda: len(runs) > done and runs[-1].total == 1 and runs[-1].removed == 1)
-    finally:
-        stop.set()
-        watcher.join(30)
-    assert not watcher.is_alive()
     with pytest.raises(ValueError, match="--poll -1"):
         watch(photos, index, default_model, poll=-1)
     (photos / ".index").mkdir()  # the index in the folder, a hidden file, an excluded folder: never listed
