@@ -123,14 +123,23 @@ def _observer(folder: Path, index_dir: Path, exclusions: Exclusions, poll: float
 
 
 def _listing(folder: Path, index_dir: Path, exclusions: Exclusions) -> Callable[[str], Iterator[os.DirEntry]]:
-    """`os.scandir` for the polling observer, less what the exclusions leave out and the index directory: a Synology
-    share's @eaDir holds five thumbnails a photo, each a stat a poll."""
+    """`os.scandir` for the polling observer, less what the exclusions leave out, the index directory (a Synology
+    share's @eaDir holds five thumbnails a photo, each a stat a poll) and a symlinked folder that leads back to one on
+    the way to it: the observer follows symlinks, and its walk of a loop ends only when the kernel refuses a path 40
+    links deep, having listed the tree again at every level (a link to the folder itself: each photo 40 times; two
+    such links, 2^40). `otclip index` cuts loops too."""
+    def loops(path: str, entry: os.DirEntry) -> bool:
+        if not (entry.is_symlink() and entry.is_dir()):
+            return False
+        target, here = os.path.realpath(entry.path), Path(path)
+        return any(os.path.realpath(p) == target for p in (here, *here.parents) if p.is_relative_to(folder))
+
     def listdir(path: str) -> Iterator[os.DirEntry]:
         below = Path(path).relative_to(folder).as_posix()
         with os.scandir(path) as entries:
             for entry in entries:
                 relative = entry.name if below == "." else f"{below}/{entry.name}"
-                if not exclusions.excludes(relative) and Path(entry.path) != index_dir:
+                if not (exclusions.excludes(relative) or Path(entry.path) == index_dir or loops(path, entry)):
                     yield entry
 
     return listdir

@@ -7,6 +7,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 
@@ -149,6 +150,27 @@ def test_a_folder_on_a_network_share_is_polled(tmp_path, sample_dir, default_mod
     assert sorted(e.name for e in listing(str(photos))) == ["._chelsea.jpg", "2019", "chelsea.jpg"]
     assert [e.name for e in listing(str(photos / "2019"))] == []
     assert sorted(e.name for e in _listing(photos, index, Exclusions())(str(photos))) == ["2019", "chelsea.jpg"]
+
+
+def test_a_polled_folder_with_symlink_loops_is_listed_to_its_end(tmp_path):
+    """The polling observer follows symlinked folders; one that leads back to a folder on the way to it (a link to the
+    folder itself, two folders linked to each other) is not followed: walked, a loop lists the tree again at every
+    level until the kernel refuses a path 40 links deep."""
+    from watchdog.utils.dirsnapshot import DirectorySnapshot
+
+    photos = tmp_path / "photos"
+    for name in ("a", "b", "elsewhere"):
+        (photos / name).mkdir(parents=True)
+        (photos / name / f"{name}.jpg").write_bytes(b"")
+    (photos / "again").symlink_to(photos)
+    (photos / "a" / "to-b").symlink_to(photos / "b")
+    (photos / "b" / "to-a").symlink_to(photos / "a")
+    (photos / "a" / "to-elsewhere").symlink_to(photos / "elsewhere")  # no loop: followed
+    snapshot = DirectorySnapshot(str(photos), listdir=_listing(photos, tmp_path / "index", Exclusions()))
+    assert sorted(Path(p).relative_to(photos).as_posix() for p in snapshot.paths) == [
+        ".", "a", "a/a.jpg", "a/to-b", "a/to-b/b.jpg", "a/to-elsewhere", "a/to-elsewhere/elsewhere.jpg", "b", "b/b.jpg",
+        "b/to-a", "b/to-a/a.jpg", "b/to-a/to-elsewhere", "b/to-a/to-elsewhere/elsewhere.jpg", "elsewhere",
+        "elsewhere/elsewhere.jpg"]
 
 
 def test_the_filesystem_of_a_folder_is_its_deepest_mount_points():
