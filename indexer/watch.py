@@ -24,6 +24,7 @@ from otclip.engine.exclusions import Exclusions
 from otclip.engine.image_paths import is_image_path
 from otclip.engine.index_directory import IndexDirectory
 
+from .collection import walk_folders
 from .filesystems import remote_filesystem
 from .pipeline import EmptySourceError, IndexingSummary, index_images
 
@@ -53,6 +54,7 @@ def watch(folder: str | Path, index_dir: str | Path, model: str | LoadedModel, s
         raise FileNotFoundError(f"{folder}: no such folder")
     stop = stop or threading.Event()
     changed = threading.Event()
+    links: dict[str, str | None] = {}  # the symlinked folders of the collection (`_linked_folders`)
 
     class Changes(FileSystemEventHandler):
         def on_any_event(self, event: FileSystemEvent) -> None:
@@ -66,7 +68,8 @@ def watch(folder: str | Path, index_dir: str | Path, model: str | LoadedModel, s
                                               exclusions.covers(Path(p).relative_to(folder).as_posix()))]
             if not paths:
                 return
-            if event.is_directory or any(is_image_path(p) for p in paths):
+            # a symlinked folder is a folder of the collection, though its link's events are a file's
+            if event.is_directory or any(is_image_path(p) or p in links or _links_to_folder(p) for p in paths):
                 changed.set()
 
     if isinstance(model, str):
@@ -80,8 +83,16 @@ def watch(folder: str | Path, index_dir: str | Path, model: str | LoadedModel, s
             print(f"otclip watch: {folder} is on {remote}, where changes made on another machine raise no event here: "
                   f"looking for changes every {poll:g} s (--poll S sets how often, --poll 0 waits for events)",
                   file=sys.stderr, flush=True)
-    observer = _observer(folder, index_dir, exclusions, poll)
-    observer.schedule(Changes(), str(folder), recursive=True)
+    observer, handler, watched = _observer(folder, index_dir, exclusions, poll), Changes(), {}
+    observer.schedule(handler, str(folder), recursive=True)
+
+    def follow_links() -> None:  # the system's events do not reach into symlinked folders; a poll follows them
+        nonlocal links
+        links = _linked_folders(folder, exclusions)
+        if not poll:
+            _watch_outside(observer, handler, set(links.values()) - {None}, watched)
+
+    follow_links()
     observer.start()  # before the first run: nothing that changes during it is missed
     runs = 0
     try:
@@ -96,6 +107,7 @@ def watch(folder: str | Path, index_dir: str | Path, model: str | LoadedModel, s
                 else:
                     print(summary.line(), flush=True)
                 runs += 1
+            follow_links()
             while not changed.wait(0.2):
                 if stop.is_set():
                     return runs
@@ -109,6 +121,29 @@ def watch(folder: str | Path, index_dir: str | Path, model: str | LoadedModel, s
     finally:
         observer.stop()
         observer.join()
+
+
+def _linked_folders(folder: Path, exclusions: Exclusions) -> dict[str, str | None]:
+    """The symlinked folders that `otclip index` follows below `folder`: link -> its target where that lies outside
+    the folder (which the folder's watch does not cover), else None."""
+    inside = Path(os.path.realpath(folder))
+    links = (path for path, _, _ in walk_folders(folder, exclusions) if os.path.islink(path))
+    return {link: None if Path(target := os.path.realpath(link)).is_relative_to(inside) else target for link in links}
+
+
+def _links_to_folder(path: str) -> bool:
+    return os.path.islink(path) and os.path.isdir(path)
+
+
+def _watch_outside(observer, handler, targets: set[str], watched: dict) -> None:
+    """Watch each of `targets` that is not yet (`watched`: target -> its watch), and no longer those that went."""
+    for target in targets - watched.keys():
+        try:
+            watched[target] = observer.schedule(handler, target, recursive=True)
+        except OSError:  # gone since the walk; the next run's walk says what is there
+            pass
+    for target in watched.keys() - targets:
+        observer.unschedule(watched.pop(target))
 
 
 def _observer(folder: Path, index_dir: Path, exclusions: Exclusions, poll: float):

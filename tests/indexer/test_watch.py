@@ -107,6 +107,32 @@ def test_a_watch_leaves_out_what_the_index_keeps_excluded(tmp_path, sample_dir, 
         wait_for(lambda: len(runs) > 1 and runs[-1].total == 2)
 
 
+def test_a_change_in_a_symlinked_folder_elsewhere_is_seen(tmp_path, sample_dir, default_model):
+    """`otclip index` follows symlinked folders (~/Pictures/Phone -> /media/card/DCIM); the system's events for a
+    folder do not reach into them, so the watch watches each one's target too, as long as the link is there."""
+    photos, card = tmp_path / "photos", tmp_path / "card" / "DCIM"
+    photos.mkdir()
+    card.mkdir(parents=True)
+    shutil.copy(sample_dir / "rocket.jpg", photos / "rocket.jpg")
+    (photos / "Phone").symlink_to(card)
+    with watching(photos, tmp_path / "index", default_model) as (runs, _):
+        wait_for(lambda: len(runs) == 1)
+        assert runs[0].total == 1
+        shutil.copy(sample_dir / "chelsea.jpg", card / "IMG_1.jpg")
+        wait_for(lambda: len(runs) > 1 and runs[-1].total == 2, seconds=20)
+        (photos / "Phone").unlink()  # no longer part of the collection: nor watched
+        wait_for(lambda: runs[-1].total == 1)
+        time.sleep(1.5)
+        done = len(runs)
+        shutil.copy(sample_dir / "coffee.jpg", card / "IMG_2.jpg")
+        time.sleep(1.5)
+        assert len(runs) == done
+        (photos / "Phone").symlink_to(card)  # linked again: a run, and the card is watched again
+        wait_for(lambda: runs[-1].total == 3)
+        (card / "IMG_2.jpg").unlink()
+        wait_for(lambda: runs[-1].total == 2 and runs[-1].removed == 1)
+
+
 def test_a_folder_on_a_network_share_is_polled(tmp_path, sample_dir, default_model, monkeypatch, capfd):
     """inotify raises no event for a change another machine makes on an NFS or SMB share: there the watch lists the
     folder every --poll seconds instead (the system's observer is not even made here), leaving out what the exclusions
