@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import os
+import stat
 import sys
 import threading
 import time
@@ -84,7 +85,6 @@ def watch(folder: str | Path, index_dir: str | Path, model: str | LoadedModel, s
                   f"looking for changes every {poll:g} s (--poll S sets how often, --poll 0 waits for events)",
                   file=sys.stderr, flush=True)
     observer, handler, watched = _observer(folder, index_dir, exclusions, poll), Changes(), {}
-    observer.schedule(handler, str(folder), recursive=True)
 
     def follow_links() -> None:  # the system's events do not reach into symlinked folders; a poll follows them
         nonlocal links
@@ -92,7 +92,14 @@ def watch(folder: str | Path, index_dir: str | Path, model: str | LoadedModel, s
         if not poll:
             _watch_outside(observer, handler, set(links.values()) - {None}, watched)
 
-    follow_links()
+    def watch_folder() -> None:  # (again): the events of a folder are its inode's, not its path's
+        observer.unschedule_all()
+        watched.clear()
+        observer.schedule(handler, str(folder), recursive=True)
+        follow_links()
+
+    watch_folder()
+    identity = _identity(folder)
     observer.start()  # before the first run: nothing that changes during it is missed
     runs = 0
     try:
@@ -111,6 +118,18 @@ def watch(folder: str | Path, index_dir: str | Path, model: str | LoadedModel, s
             while not changed.wait(0.2):
                 if stop.is_set():
                     return runs
+                if (now := _identity(folder)) != identity:  # a drive unplugged, or plugged in again
+                    identity = now
+                    if now is None:
+                        print(f"otclip watch: {folder} is gone (a drive unplugged?): waiting for it to come back",
+                              file=sys.stderr, flush=True)
+                        continue
+                    try:
+                        watch_folder()
+                    except OSError:  # gone again already
+                        identity = None
+                        continue
+                    changed.set()  # what it holds now is not what the index holds
             while changed.is_set():  # settle: wait for a quiet moment, so a copy of 1000 photos is one run
                 changed.clear()
                 deadline = time.monotonic() + settle
@@ -121,6 +140,17 @@ def watch(folder: str | Path, index_dir: str | Path, model: str | LoadedModel, s
     finally:
         observer.stop()
         observer.join()
+
+
+def _identity(folder: Path) -> tuple[int, int] | None:
+    """(device, inode) of the folder at this path now; None while there is none. A drive mounted again, or a folder
+    replaced (moved away and made anew), is another folder at the same path, which the events of the old one do not
+    cover."""
+    try:
+        st = os.stat(folder)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino) if stat.S_ISDIR(st.st_mode) else None
 
 
 def _linked_folders(folder: Path, exclusions: Exclusions) -> dict[str, str | None]:

@@ -133,6 +133,26 @@ def test_a_change_in_a_symlinked_folder_elsewhere_is_seen(tmp_path, sample_dir, 
         wait_for(lambda: runs[-1].total == 2 and runs[-1].removed == 1)
 
 
+def test_a_folder_gone_and_back_is_watched_again(tmp_path, sample_dir, default_model, capfd):
+    """The system's events follow a folder's inode, not its path: after a drive was unplugged and plugged in again
+    (mounted again at the same path: checked by hand with tmpfs) or a folder moved away and made anew, the watch kept
+    listening to the old one and missed every change. It now looks at the path's identity, says when the folder is
+    gone, and watches the new one, indexing what it holds."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    shutil.copy(sample_dir / "rocket.jpg", photos / "rocket.jpg")
+    err: list[str] = []
+    with watching(photos, tmp_path / "index", default_model) as (runs, _):
+        wait_for(lambda: len(runs) == 1)
+        shutil.move(photos, tmp_path / "unplugged")
+        wait_for(lambda: err.append(capfd.readouterr().err) or "is gone (a drive unplugged?)" in "".join(err))
+        photos.mkdir()  # another card in the reader
+        shutil.copy(sample_dir / "chelsea.jpg", photos / "chelsea.jpg")
+        wait_for(lambda: runs[-1].total == 1 and runs[-1].removed == 1)
+        shutil.copy(sample_dir / "coffee.jpg", photos / "coffee.jpg")
+        wait_for(lambda: runs[-1].total == 2)
+
+
 def test_a_folder_on_a_network_share_is_polled(tmp_path, sample_dir, default_model, monkeypatch, capfd):
     """inotify raises no event for a change another machine makes on an NFS or SMB share: there the watch lists the
     folder every --poll seconds instead (the system's observer is not even made here), leaving out what the exclusions
