@@ -13,8 +13,9 @@ import pytest
 
 from otclip.engine.exclusions import Exclusions
 from otclip.engine.search import IndexSearcher
+from otclip.indexer.folder_observer import _listing
 from otclip.indexer.pipeline import IndexingSummary
-from otclip.indexer.watch import _listing, watch
+from otclip.indexer.watch import watch
 
 
 def wait_for(condition, seconds: float = 60.0) -> None:
@@ -153,6 +154,37 @@ def test_a_folder_gone_and_back_is_watched_again(tmp_path, sample_dir, default_m
         wait_for(lambda: runs[-1].total == 2)
 
 
+def test_past_the_systems_inotify_watches_the_folder_is_listed(tmp_path, sample_dir, default_model, monkeypatch, capfd):
+    """inotify takes a watch a folder, and the system allows so many (fs.inotify.max_user_watches: 8192 on older
+    kernels; a Synology share holds a folder of thumbnails a photo): past the limit the watch stopped, and the command
+    said the disk was full. It now lists the folder instead, and says why in one line."""
+    import ctypes
+    import errno
+
+    from watchdog.observers import inotify_c
+
+    real, added = inotify_c.inotify_add_watch, []
+
+    def two_watches(fd, path, mask):  # the system's limit, reached at the third folder
+        added.append(path)
+        if len(added) > 2:
+            ctypes.set_errno(errno.ENOSPC)
+            return -1
+        return real(fd, path, mask)
+
+    monkeypatch.setattr(inotify_c, "inotify_add_watch", two_watches)
+    monkeypatch.setattr("otclip.indexer.folder_observer.REMOTE_POLL_SECONDS", 0.3)
+    photos = tmp_path / "photos"
+    for year in ("2019", "2020", "2021"):
+        (photos / year).mkdir(parents=True)
+    shutil.copy(sample_dir / "rocket.jpg", photos / "2019" / "rocket.jpg")
+    with watching(photos, tmp_path / "index", default_model) as (runs, _):
+        wait_for(lambda: len(runs) == 1)
+        assert "the system allows no more inotify watches (inotify watch limit reached" in capfd.readouterr().err
+        shutil.copy(sample_dir / "chelsea.jpg", photos / "2021" / "chelsea.jpg")
+        wait_for(lambda: runs[-1].total == 2)
+
+
 def test_a_folder_on_a_network_share_is_polled(tmp_path, sample_dir, default_model, monkeypatch, capfd):
     """inotify raises no event for a change another machine makes on an NFS or SMB share: there the watch lists the
     folder every --poll seconds instead (the system's observer is not even made here), leaving out what the exclusions
@@ -172,7 +204,7 @@ def test_a_folder_on_a_network_share_is_polled(tmp_path, sample_dir, default_mod
     mounts.write_text(f"/dev/sda1 / ext4 rw 0 0\n//nas/photos {tmp_path} cifs rw,vers=3.0 0 0\n")
     monkeypatch.setattr(filesystems, "MOUNT_TABLE", str(mounts))
     monkeypatch.setattr(watchdog.observers, "Observer", NoEvents)
-    monkeypatch.setattr("otclip.indexer.watch.REMOTE_POLL_SECONDS", 0.3)
+    monkeypatch.setattr("otclip.indexer.folder_observer.REMOTE_POLL_SECONDS", 0.3)
     with watching(photos, index, default_model) as (runs, _):
         wait_for(lambda: len(runs) == 1)
         assert f"{photos} is on cifs, where changes made on another machine raise no event here: looking for changes " \
