@@ -19,6 +19,7 @@ MAX_ASPECT = 50  # longer side / shorter side: beyond it an image is a strip who
 THUMBNAIL_SIDE = 384  # pixels, the longer side of a result tile (the app's preview enlarges it)
 ImageInput = str | Path | bytes | Image.Image  # what every image-taking call accepts
 _STORED_SIZE = "otclip_stored_size"  # Image.info key: the JPEG's size before a draft decode shrank it
+_TAKEN = "otclip_taken"  # Image.info key: a RAW file's time in Unix seconds, as LibRaw read it (0: none)
 
 
 class ImageDecodeError(ValueError):
@@ -135,8 +136,9 @@ _TURNS = {3: Image.Transpose.ROTATE_180, 5: Image.Transpose.ROTATE_90, 6: Image.
 
 def _load_raw(source: str | io.BytesIO, label: str, draft: int | None, max_pixels: int | None) -> Image.Image:
     """A camera's RAW file through LibRaw (rawpy): its embedded JPEG preview (what the camera rendered; LibRaw
-    gives it an EXIF header with the orientation and time) where it covers `draft`, else the mosaic demosaiced at
-    half size with the camera's white balance (LibRaw turns it). `photo_size` is the sensor image's, as shown."""
+    gives it an EXIF header with the orientation) where it covers `draft`, else the mosaic demosaiced at half size
+    with the camera's white balance (LibRaw turns it). `photo_size` is the sensor image's, as shown; `taken_time`
+    LibRaw's (rawpy >= 0.27), which a demosaiced picture has no EXIF to carry."""
     import rawpy
 
     try:
@@ -147,9 +149,11 @@ def _load_raw(source: str | io.BytesIO, label: str, draft: int | None, max_pixel
             image = _raw_preview(raw, draft, flip)
             if image is None:
                 image = Image.fromarray(raw.postprocess(half_size=True, use_camera_wb=True))
+            taken = raw.other.timestamp
     except (rawpy.LibRawError, OSError, ValueError) as exc:
         raise ImageDecodeError(label, f"RAW file cannot be decoded ({exc})") from None
     image.info[_STORED_SIZE] = size
+    image.info[_TAKEN] = taken.timestamp() if taken is not None else None
     return _to_rgb(image)
 
 
@@ -181,9 +185,12 @@ def photo_size(image: Image.Image) -> tuple[int, int]:
 
 
 def taken_time(image: Image.Image) -> float | None:
-    """When the photo was taken: EXIF DateTimeOriginal (else DateTime) as local time, in Unix seconds; None
-    when the image has no such tag, a malformed one, or the Unix epoch itself (the local time of timestamp 0:
-    what LibRaw writes into a RAW file's preview when the file holds no time)."""
+    """When the photo was taken: EXIF DateTimeOriginal (else DateTime) as local time, or a RAW file's time as LibRaw
+    read it, in Unix seconds; None when the image has no such tag, a malformed one, or the Unix epoch itself (the
+    local time of timestamp 0: LibRaw's time, and what it writes into a RAW file's preview, when the file holds no
+    time)."""
+    if _TAKEN in image.info:
+        return image.info[_TAKEN] or None
     try:
         exif = image.getexif()
         stamp = exif.get_ifd(0x8769).get(0x9003) or exif.get(0x0132)  # ExifIFD DateTimeOriginal, IFD0 DateTime

@@ -147,7 +147,8 @@ def _two_colours(h: int = 256, w: int = 384) -> np.ndarray:
 def test_a_camera_raw_file_decodes_to_its_picture_turned_as_shot(tmp_path, preview):
     """A DNG (a 16-bit Bayer mosaic, written by the tests, read by LibRaw): through its embedded preview, or
     demosaiced when it has none; turned by its orientation (6: 90 degrees clockwise, so the left half comes on top),
-    the sensor's size recorded as shown, the time from the file where LibRaw passes it on (the preview)."""
+    the sensor's size recorded as shown, the time LibRaw reads from the file (a demosaiced mosaic has no EXIF to carry
+    it: its time had been the file's mtime)."""
     from raw_files import write_dng
 
     from otclip.engine.images import photo_size, taken_time
@@ -158,11 +159,13 @@ def test_a_camera_raw_file_decodes_to_its_picture_turned_as_shot(tmp_path, previ
     top, bottom = pixels[: image.height // 3].mean((0, 1)), pixels[-image.height // 3 :].mean((0, 1))
     assert photo_size(image) == (256, 384) and image.width < image.height
     assert top[0] > top[1] > top[2] and bottom[2] > bottom[1] > bottom[0]  # orange above blue
+    assert taken_time(image) == pytest.approx(datetime.datetime(2021, 6, 5, 14, 30).timestamp())  # LibRaw's
     if preview:  # the camera's rendering: the scene at gamma 2.2
         assert image.size == (256, 384) and np.abs(top - 255 * np.array([0.8, 0.4, 0.1]) ** (1 / 2.2)).max() < 4
-        assert taken_time(image) == pytest.approx(datetime.datetime(2021, 6, 5, 14, 30).timestamp())
     else:  # LibRaw's rendering of the mosaic at half size
-        assert image.size == (128, 192) and taken_time(image) is None
+        assert image.size == (128, 192)
+    no_time = write_dng(tmp_path / "IMG_2.dng", _two_colours(), preview=preview)
+    assert taken_time(load_image(no_time, draft=224)) is None  # not the epoch: the file's mtime stands for it
     if preview:  # a preview smaller than the model needs: the mosaic instead
         assert load_image(path, draft=300).size == (128, 192)
     uploaded = load_image(path.read_bytes(), name="IMG_1.DNG", draft=224)  # an upload: known by its file name
