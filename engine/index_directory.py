@@ -237,11 +237,12 @@ class IndexDirectory:
         """Keep a folder run's exclusions for the runs after it, which are not given them again (the defaults
         keep nothing). Kept in manifest.json, as the memory budget is."""
         manifest = self.manifest()
-        if exclusions == self.kept_exclusions():
+        entry = {"patterns": list(exclusions.patterns), "include_hidden": exclusions.include_hidden}
+        if manifest.get("exclusions") == (entry if exclusions != Exclusions() else None):
             return
         manifest.pop("exclusions", None)
         if exclusions != Exclusions():
-            manifest["exclusions"] = {"patterns": list(exclusions.patterns), "include_hidden": exclusions.include_hidden}
+            manifest["exclusions"] = entry
         write_json_atomically(self.manifest_path, manifest)
 
     def check_model(self, identity: ModelIdentity) -> None:
