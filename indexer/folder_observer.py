@@ -89,10 +89,10 @@ class FolderObserver:
                                                           for p in paths))
 
     def follow_links(self) -> None:
-        """Read the collection's symlinked folders again (after each run) and watch their targets outside the folder
-        (a listing follows links itself)."""
-        self.links = linked_folders(self.folder, self.exclusions)
+        """Read the collection's symlinked folders again (after each run) and watch their targets outside the folder.
+        Not while listing: a listing follows links itself, and sees a link as the folder it leads to."""
         if not self.poll:
+            self.links = linked_folders(self.folder, self.exclusions)
             self._guarded(self._watch_outside)
 
     def check_identity(self) -> None:

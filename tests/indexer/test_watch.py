@@ -219,6 +219,13 @@ def test_a_folder_on_a_network_share_is_polled(tmp_path, sample_dir, default_mod
         done = len(runs)
         (photos / "rocket.jpg").unlink()
         wait_for(lambda: len(runs) > done and runs[-1].total == 1 and runs[-1].removed == 1)
+        card = tmp_path / "card"  # a symlinked folder: listed through the link
+        card.mkdir()
+        (photos / "Phone").symlink_to(card)
+        shutil.copy(sample_dir / "coffee.jpg", card / "IMG_1.jpg")
+        wait_for(lambda: runs[-1].total == 2)
+        (photos / "Phone").unlink()
+        wait_for(lambda: runs[-1].total == 1)
     with pytest.raises(ValueError, match="--poll -1"):
         watch(photos, index, default_model, poll=-1)
     (photos / ".index").mkdir()  # the index in the folder, a hidden file, an excluded folder: never listed
