@@ -12,6 +12,7 @@ from gradio.data_classes import GradioModel, GradioRootModel
 from gradio.utils import is_prop_update
 
 from otclip.engine.filters import Filters, filters_from_strings
+from otclip.engine.image_paths import is_raw_path
 from otclip.engine.images import ImageDecodeError, thumbnail
 
 from .http_api import MOUNT as API_MOUNT
@@ -34,8 +35,20 @@ EXAMPLE_QUERIES = ["a cat", "a cup of coffee", "a rocket", "galaxies in deep spa
 
 def _image_input(elem_id: str) -> gr.Image:
     """An image query, handed to the app as the uploaded file's path (`image_mode=None`: Gradio decodes nothing),
-    so that `load_image` checks the header's size and aspect ratio before any pixel is decoded."""
-    return gr.Image(type="filepath", image_mode=None, label="Image", sources=["upload", "clipboard"], elem_id=elem_id)
+    so that `load_image` checks the header's size and aspect ratio before any pixel is decoded. A camera's RAW file
+    skips Gradio's own `preprocess`, which opens each upload with Pillow: Pillow cannot open most (CR3, RAF, ORF,
+    RW2; of a DNG, the first image at best), LibRaw decodes them in `load_image`. (Set on the instance: a subclass of
+    a Gradio component makes Gradio write a .pyi file beside this module at import.)"""
+    box = gr.Image(type="filepath", image_mode=None, label="Image", sources=["upload", "clipboard"], elem_id=elem_id)
+    gradio_preprocess = box.preprocess
+
+    def preprocess(payload):
+        if payload is not None and payload.path and is_raw_path(payload.orig_name or payload.path):
+            return str(payload.path)  # in Gradio's upload folder, with the upload's name
+        return gradio_preprocess(payload)
+
+    box.preprocess = preprocess
+    return box
 
 
 def index_panel(app: SearchApp) -> str:

@@ -31,18 +31,19 @@ def test_image_to_text_and_image_to_image(client, demo_index):
 
 
 def test_a_camera_raw_file_is_an_image_query(client, demo_index, tmp_path):
-    """A DNG (NEF, CR2 and ARW alike: TIFF files whose first image is the camera's preview, which Gradio's image box
-    opens) is decoded through LibRaw, as `otclip index` decodes it. (One Pillow cannot open, such as a CR3, Gradio
-    refuses before the app sees it: the HTTP API and the terminal take those.)"""
+    """A RAW file is decoded through LibRaw, as `otclip index` decodes it: a DNG with a preview (Pillow takes it for a
+    TIFF whose first image is the preview, and could not decode it) and one without (Pillow cannot open it, nor a CR3:
+    Gradio's own preprocessing had refused it before the app saw it)."""
     import numpy as np
     from PIL import Image
     from raw_files import write_dng
 
     scene = (np.asarray(Image.open(demo_index / "data" / "photos" / "chelsea.jpg").convert("RGB"), float) / 255) ** 2.2
     h, w = scene.shape[0] // 2 * 2, scene.shape[1] // 2 * 2
-    dng = write_dng(tmp_path / "IMG_1.DNG", scene[:h, :w])
-    gallery, _ = client.predict(handle_file(str(dng)), 3, -1, api_name="/image_to_image")
-    assert "a tabby cat" in first_caption(gallery)
+    for preview in (True, False):
+        dng = write_dng(tmp_path / f"IMG_{preview}.DNG", scene[:h, :w], preview=preview)
+        gallery, _ = client.predict(handle_file(str(dng)), 3, -1, api_name="/image_to_image")
+        assert "a tabby cat" in first_caption(gallery)
 
 
 def test_threshold_with_no_results(client):

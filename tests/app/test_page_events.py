@@ -104,6 +104,21 @@ def test_image_to_image_page_tiles_are_inline(live_app, demo_index):
     assert "a tabby cat" in gallery[0]["caption"] and all(t["image"]["url"].startswith("data:") for t in gallery)
 
 
+def test_a_camera_raw_file_uploaded_on_the_page_is_a_query(live_app, demo_index, tmp_path):
+    """The page's image box takes a RAW file Pillow cannot open (a DNG without a preview; a CR3 alike): LibRaw
+    decodes it, not Gradio's preprocessing (which refused it)."""
+    import numpy as np
+    from PIL import Image
+    from raw_files import write_dng
+
+    scene = (np.asarray(Image.open(demo_index / "data" / "photos" / "chelsea.jpg").convert("RGB"), float) / 255) ** 2.2
+    h, w = scene.shape[0] // 2 * 2, scene.shape[1] // 2 * 2
+    dng = write_dng(tmp_path / "IMG_7.DNG", scene[:h, :w], preview=False)
+    image = upload(live_app, "IMG_7.DNG", dng.read_bytes())
+    gallery = run(live_app, page_event(live_app, "i2i-search"), ["index", image, "", *SETTINGS])[0]
+    assert "a tabby cat" in gallery[0]["caption"]
+
+
 def test_data_uri_of_a_kept_file_and_of_an_image_made_on_the_fly(tmp_path):
     picture = Image.new("RGB", (900, 300), (200, 30, 40))
     kept = tmp_path / "ab.jpg"
