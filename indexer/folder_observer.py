@@ -96,8 +96,9 @@ class FolderObserver:
             self._guarded(self._watch_outside)
 
     def check_identity(self) -> None:
-        """Whether the folder at the path is another than before: gone (said in one line) or back (watched again, and
-        `changed` set: what it holds is not what the index holds)."""
+        """Look at the folder at the path (five times a second, between runs): gone since the last look, it is said in
+        one line; back, or another, it is watched again and `changed` set (what it holds is not what the index
+        holds)."""
         now = identity(self.folder)
         if now == self._identity:
             return
