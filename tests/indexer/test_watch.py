@@ -277,3 +277,13 @@ def test_the_filesystem_of_a_folder_is_its_deepest_mount_points():
 def test_watching_a_missing_folder_is_one_line(tmp_path):
     with pytest.raises(FileNotFoundError, match="no such folder"):
         watch(tmp_path / "nothing", tmp_path / "ix", "effnet-minilm")
+
+
+def test_the_commands_poll_flag_reaches_the_watch(tmp_path, capsys):
+    """`otclip watch --poll S` is the watch's `poll` (a bad value is one line, exit 2, before the folder is looked at
+    or a model loads)."""
+    from otclip.main import main
+
+    assert main(["watch", str(tmp_path / "photos"), "--out", str(tmp_path / "ix"), "--poll", "-5"]) == 2
+    assert capsys.readouterr().err.strip() == \
+        "otclip watch: --poll -5: expected seconds between listings (0: wait for the system's events)"
