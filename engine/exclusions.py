@@ -43,6 +43,14 @@ class Exclusions:
         paths = [translate(p) for p in self.patterns if "/" in p]
         return re.compile("|".join(paths)) if paths else None
 
+    def entry(self) -> dict:
+        """As manifest.json keeps them (`IndexDirectory.keep_exclusions`) and `otclip info --json` shows them."""
+        return {"patterns": list(self.patterns), "include_hidden": self.include_hidden}
+
+    @classmethod
+    def from_entry(cls, entry: dict) -> Exclusions:
+        return cls(tuple(entry["patterns"]), entry["include_hidden"])
+
     def flags(self) -> str:
         """These exclusions as the command-line flags that give them ("" for the defaults)."""
         given = [f"--exclude {shlex.quote(p)}" for p in self.patterns]

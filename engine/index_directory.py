@@ -93,7 +93,7 @@ def _manifest_problem(data: object) -> str | None:
             return f"its {key} is damaged (not a positive integer)"
     if not isinstance(sides, dict):
         return "its sides entry is damaged (not a mapping)"
-    kept = data.get("exclusions", {"patterns": [], "include_hidden": False})
+    kept = data.get("exclusions", Exclusions().entry())
     if not (isinstance(kept, dict) and isinstance(kept.get("patterns"), list)
             and all(isinstance(p, str) for p in kept["patterns"]) and type(kept.get("include_hidden")) is bool):
         return "its exclusions entry is damaged (no list of patterns and include_hidden)"
@@ -231,13 +231,13 @@ class IndexDirectory:
         """What runs over a folder leave out, as the last run that was given exclusions kept them
         (`keep_exclusions`); the defaults for an index with none kept, or none yet."""
         kept = self.manifest().get("exclusions") if self.exists() else None
-        return Exclusions() if kept is None else Exclusions(tuple(kept["patterns"]), kept["include_hidden"])
+        return Exclusions() if kept is None else Exclusions.from_entry(kept)
 
     def keep_exclusions(self, exclusions: Exclusions) -> None:
         """Keep a folder run's exclusions for the runs after it, which are not given them again (the defaults
         keep nothing). Kept in manifest.json, as the memory budget is."""
         manifest = self.manifest()
-        entry = {"patterns": list(exclusions.patterns), "include_hidden": exclusions.include_hidden}
+        entry = exclusions.entry()
         if manifest.get("exclusions") == (entry if exclusions != Exclusions() else None):
             return
         manifest.pop("exclusions", None)

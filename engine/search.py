@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .errors import IndexDirectoryError
+from .exclusions import Exclusions
 from .faiss_indexes import best_k, exact_vectors, probe_search
 from .filters import Filters
 from .images import ImageInput
@@ -185,7 +186,7 @@ class IndexSearcher:
             "metric": self.manifest["metric"],
             "sides": sides,
             "max_index_memory": self.manifest.get("max_index_memory"),
-            "exclusions": self.manifest.get("exclusions", {"patterns": [], "include_hidden": False}),
+            "exclusions": self.manifest.get("exclusions", Exclusions().entry()),
             "size_bytes": self.directory.size_on_disk(),
         }
 

@@ -363,7 +363,7 @@ def _info(args: argparse.Namespace) -> int:
                   f"{RETIRED_DAYS} days after removal (a file that comes back is not embedded again)")
     if info["max_index_memory"]:
         print(f"budget    --max-index-memory {size_text(info['max_index_memory'])} (auto keeps within it)")
-    kept = Exclusions(tuple(info["exclusions"]["patterns"]), info["exclusions"]["include_hidden"])
+    kept = Exclusions.from_entry(info["exclusions"])
     if kept != Exclusions():
         print(f"excludes  {kept.flags()} (kept for the runs over the folder)")
     print(f"size      {size_text(info['size_bytes'])} on disk")
