@@ -51,6 +51,7 @@ class FolderObserver:
                      f"for changes every {poll:g} s (--poll S sets how often, --poll 0 waits for events)")
         self.poll = poll
         self.links: dict[str, str | None] = {}  # the collection's symlinked folders (`linked_folders`)
+        self._links_stale = True  # a folder or a link changed since `links` was read: read them again
         self._outside: dict[str, object] = {}  # target outside the folder -> its watch
         self._identity = identity(folder)
         self._running = False
@@ -84,14 +85,20 @@ class FolderObserver:
         # NAS thumbnails written into @eaDir, a hidden file: not a change to the collection
         paths = [p for p in paths if not (Path(p).is_relative_to(self.folder) and
                                           self.exclusions.covers(Path(p).relative_to(self.folder).as_posix()))]
+        if not paths:
+            return False
         # a symlinked folder is a folder of the collection, though its link's events are a file's
-        return bool(paths) and (event.is_directory or any(is_image_path(p) or p in self.links or _links_to_folder(p)
-                                                          for p in paths))
+        if event.is_directory or any(p in self.links or _links_to_folder(p) for p in paths):
+            self._links_stale = True
+            return True
+        return any(is_image_path(p) for p in paths)
 
     def follow_links(self) -> None:
-        """Read the collection's symlinked folders again (after each run) and watch their targets outside the folder.
+        """Read the collection's symlinked folders again, after a run that followed a change of folders or links (a
+        walk of the whole folder: not after photos alone came or went), and watch their targets outside the folder.
         Not while listing: a listing follows links itself, and sees a link as the folder it leads to."""
-        if not self.poll:
+        if not self.poll and self._links_stale:
+            self._links_stale = False  # before the walk: a change during it marks them stale again
             self.links = linked_folders(self.folder, self.exclusions)
             self._guarded(self._watch_outside)
 
@@ -126,6 +133,7 @@ class FolderObserver:
     def _watch_folder(self) -> None:
         self._observer.unschedule_all()
         self._outside.clear()
+        self._links_stale = True
         self._observer.schedule(self._handler, str(self.folder), recursive=True)
         self.follow_links()
 

@@ -13,7 +13,7 @@ import pytest
 
 from otclip.engine.exclusions import Exclusions
 from otclip.engine.search import IndexSearcher
-from otclip.indexer.folder_observer import _listing
+from otclip.indexer.folder_observer import _listing, linked_folders
 from otclip.indexer.pipeline import IndexingSummary
 from otclip.indexer.watch import watch
 
@@ -108,9 +108,14 @@ def test_a_watch_leaves_out_what_the_index_keeps_excluded(tmp_path, sample_dir, 
         wait_for(lambda: len(runs) > 1 and runs[-1].total == 2)
 
 
-def test_a_change_in_a_symlinked_folder_elsewhere_is_seen(tmp_path, sample_dir, default_model):
+def test_a_change_in_a_symlinked_folder_elsewhere_is_seen(tmp_path, sample_dir, default_model, monkeypatch):
     """`otclip index` follows symlinked folders (~/Pictures/Phone -> /media/card/DCIM); the system's events for a
-    folder do not reach into them, so the watch watches each one's target too, as long as the link is there."""
+    folder do not reach into them, so the watch watches each one's target too, as long as the link is there. The
+    links are read again (a walk of the whole folder) after a change of links or folders, not of photos alone."""
+    from otclip.indexer import folder_observer
+
+    walks = []
+    monkeypatch.setattr(folder_observer, "linked_folders", lambda *a: walks.append(a) or linked_folders(*a))
     photos, card = tmp_path / "photos", tmp_path / "card" / "DCIM"
     photos.mkdir()
     card.mkdir(parents=True)
@@ -118,9 +123,10 @@ def test_a_change_in_a_symlinked_folder_elsewhere_is_seen(tmp_path, sample_dir, 
     (photos / "Phone").symlink_to(card)
     with watching(photos, tmp_path / "index", default_model) as (runs, _):
         wait_for(lambda: len(runs) == 1)
-        assert runs[0].total == 1
+        assert runs[0].total == 1 and len(walks) == 1
         shutil.copy(sample_dir / "chelsea.jpg", card / "IMG_1.jpg")
         wait_for(lambda: len(runs) > 1 and runs[-1].total == 2, seconds=20)
+        assert len(walks) == 1  # a photo came: the links are as they were
         (photos / "Phone").unlink()  # no longer part of the collection: nor watched
         wait_for(lambda: runs[-1].total == 1)
         time.sleep(1.5)
