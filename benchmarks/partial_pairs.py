@@ -589,6 +589,15 @@ def plots(results: dict, stem: str) -> list[str]:
     return out
 
 
+def set_quick_sizes(args: argparse.Namespace) -> None:
+    """--quick: CI sizes on `args`, and one setting in each validation grid."""
+    args.train, args.val, args.test, args.steps, args.unpaired_batch = 200, 40, 60, 20, 64
+    args.fractions, args.classic_fractions, args.seeds = [0.0, 0.1], [0.1], [0]
+    args.unpaired, args.linear_steps, args.n_test = [0, 200], (10, 20), 1000
+    GRID["alpha"], GRID["ot_eps"] = [0.5], [0.05]
+    LINEAR_GRID["alpha"], LINEAR_GRID["ot_eps"] = [1.0], [0.05]
+
+
 def main() -> None:
     global RESULTS
     ap = argparse.ArgumentParser()
@@ -609,11 +618,7 @@ def main() -> None:
         return
     args.unseen = "sandal,bag,ankle boot"
     if args.quick:
-        args.train, args.val, args.test, args.steps, args.unpaired_batch = 200, 40, 60, 20, 64
-        args.fractions, args.classic_fractions, args.seeds = [0.0, 0.1], [0.1], [0]
-        args.unpaired, args.linear_steps, args.n_test = [0, 200], (10, 20), 1000
-        GRID["alpha"], GRID["ot_eps"] = [0.5], [0.05]
-        LINEAR_GRID["alpha"], LINEAR_GRID["ot_eps"] = [1.0], [0.05]
+        set_quick_sizes(args)
     else:
         args.train, args.val, args.test, args.steps, args.unpaired_batch = 3000, 500, 2000, 200, 256
         args.fractions, args.classic_fractions, args.seeds = [0.0, 0.001, 0.01, 0.05], [0.01], [0, 1, 2]

@@ -22,11 +22,19 @@ def test_gap_is_a_ratio_only_where_the_oracle_leads_beyond_the_seeds_spread():
     assert pp.gap_cell(None) == "n/a" and pp.gap_cell(0.25) == "+0.25"
 
 
-@pytest.mark.slow
-def test_quick_mode_writes_report(tmp_path):
-    done = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--out", str(tmp_path), "--work", str(tmp_path / "work")],
-                          capture_output=True, text=True, timeout=900)
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    """One --quick run for the module's tests, its linear runs side by side in two processes."""
+    out = tmp_path_factory.mktemp("quick")
+    done = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--workers", "2", "--out", str(out),
+                           "--work", str(out / "work")], capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
+    return out
+
+
+@pytest.mark.slow
+def test_quick_mode_writes_report(quick_run):
+    tmp_path = quick_run
     results = json.loads((tmp_path / "partial_pairs-quick.json").read_text())
     methods = {r["method"] for r in results["linear"]["runs"]}
     from otclip.training.losses import REGISTRY
@@ -55,23 +63,29 @@ def test_quick_mode_writes_report(tmp_path):
     assert (tmp_path / "partial_pairs-quick.md").read_text().startswith(report.split("Total time")[0])
 
 
-def test_runs_side_by_side_give_the_runs_of_one_process_in_order(monkeypatch):
-    """--workers 2 hands the runs to two spawned single-threaded processes: every run's result must be the
-    one a single process with one thread computes, in the same order (linear setup, CI sizes)."""
+def test_runs_side_by_side_give_the_runs_of_one_process_in_order(quick_run, monkeypatch):
+    """The --quick run hands its linear runs to two spawned single-threaded processes (--workers 2): every run's
+    result must be the one a single process with one thread computes, in the same order."""
     import argparse
 
     import torch
 
-    monkeypatch.syspath_prepend(str(SCRIPT.parent))  # spawned workers import the script as a module
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))
     import partial_pairs as pp
 
-    args = argparse.Namespace(unpaired=[0, 200], linear_steps=(10, 20), n_test=1000, seeds=[0, 1])
+    side_by_side = json.loads((quick_run / "partial_pairs-quick.json").read_text())["linear"]
+    assert side_by_side["workers"] == 2
+    args = argparse.Namespace(workers=1)
+    for grid in (pp.GRID, pp.LINEAR_GRID):  # set_quick_sizes narrows the grids in place
+        for key, values in grid.items():
+            monkeypatch.setitem(grid, key, values)
+    pp.set_quick_sizes(args)
+    assert side_by_side["recipe"]["steps"] == list(args.linear_steps) and side_by_side["n_test"] == args.n_test
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        alone = pp.linear(argparse.Namespace(**vars(args), workers=1), lambda msg: None)
+        alone = json.loads(json.dumps(pp.linear(args, lambda msg: None)))  # as the JSON file holds it
     finally:
         torch.set_num_threads(threads)
-    side_by_side = pp.linear(argparse.Namespace(**vars(args), workers=2), lambda msg: None)
     assert side_by_side["chosen"] == alone["chosen"]
-    assert side_by_side["runs"] == alone["runs"] and len(alone["runs"]) == 2 * 2 * 2 * len(pp.LINEAR_METHODS) + 8
+    assert side_by_side["runs"] == alone["runs"] and len(alone["runs"]) == 2 * 2 * len(pp.LINEAR_METHODS) + 4
