@@ -102,6 +102,12 @@ class FolderObserver:
             self.links = linked_folders(self.folder, self.exclusions)
             self._guarded(self._watch_outside)
 
+    def use_exclusions(self, exclusions: Exclusions) -> None:
+        """Leave out what `exclusions` leaves out from now on (another run changed those the index keeps); the
+        symlinked folders are read again at the next `follow_links`, since the exclusions choose them too."""
+        if exclusions != self.exclusions:
+            self.exclusions, self._links_stale = exclusions, True
+
     def check_identity(self) -> None:
         """Look at the folder at the path (five times a second, between runs): gone since the last look, it is said in
         one line; back, or another, it is watched again and `changed` set (what it holds is not what the index
@@ -127,7 +133,7 @@ class FolderObserver:
 
         if not self.poll:
             return Observer()
-        return PollingObserverVFS(os.stat, _listing(self.folder, self.index_dir, self.exclusions),
+        return PollingObserverVFS(os.stat, _listing(self.folder, self.index_dir, lambda: self.exclusions),
                                   polling_interval=self.poll)
 
     def _watch_folder(self) -> None:
@@ -202,8 +208,10 @@ def _read_number(path: str) -> int | None:
         return None
 
 
-def _listing(folder: Path, index_dir: Path, exclusions: Exclusions) -> Callable[[str], Iterator[os.DirEntry]]:
-    """`os.scandir` for the polling observer, less what the exclusions leave out, the index directory (a Synology
+def _listing(folder: Path, index_dir: Path,
+             exclusions: Callable[[], Exclusions]) -> Callable[[str], Iterator[os.DirEntry]]:
+    """`os.scandir` for the polling observer, less what the exclusions (as they are at each listing) leave out, the
+    index directory (a Synology
     share's @eaDir holds five thumbnails a photo, each a stat a poll) and a symlinked folder that leads back to one on
     the way to it: the observer follows symlinks, and its walk of a loop ends only when the kernel refuses a path 40
     links deep, having listed the tree again at every level (a link to the folder itself: each photo 40 times; two
@@ -215,11 +223,11 @@ def _listing(folder: Path, index_dir: Path, exclusions: Exclusions) -> Callable[
         return any(os.path.realpath(p) == target for p in (here, *here.parents) if p.is_relative_to(folder))
 
     def listdir(path: str) -> Iterator[os.DirEntry]:
-        below = Path(path).relative_to(folder).as_posix()
+        below, leaves_out = Path(path).relative_to(folder).as_posix(), exclusions()
         with os.scandir(path) as entries:
             for entry in entries:
                 relative = entry.name if below == "." else f"{below}/{entry.name}"
-                if not (exclusions.excludes(relative) or Path(entry.path) == index_dir or loops(path, entry)):
+                if not (leaves_out.excludes(relative) or Path(entry.path) == index_dir or loops(path, entry)):
                     yield entry
 
     return listdir

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from otclip.engine.errors import IndexDirectoryError
 from otclip.engine.exclusions import Exclusions
 from otclip.engine.index_directory import IndexDirectory
 
@@ -25,6 +26,19 @@ from .pipeline import EmptySourceError, IndexingSummary, index_images
 
 if TYPE_CHECKING:
     from otclip.engine import LoadedModel
+
+
+KEPT_EXCLUSIONS_EVERY = 1.0  # seconds between looks at the exclusions the index keeps, while the watch waits
+
+
+def _kept_exclusions(directory: IndexDirectory, current: Exclusions) -> Exclusions:
+    """The exclusions the index keeps now: an `otclip index --exclude ...` run beside the watch changes them, and
+    with them what is a change to the collection. `current` while the manifest cannot be read (the next run says
+    why)."""
+    try:
+        return directory.kept_exclusions()
+    except IndexDirectoryError:
+        return current
 
 
 def watch(folder: str | Path, index_dir: str | Path, model: str | LoadedModel, settle: float = 2.0,
@@ -36,9 +50,9 @@ def watch(folder: str | Path, index_dir: str | Path, model: str | LoadedModel, s
     if poll is not None and not (math.isfinite(poll) and poll >= 0):
         raise ValueError(f"--poll {poll:g}: expected seconds between listings (0: wait for the system's events)")
     folder, index_dir = Path(folder).resolve(), Path(index_dir).resolve()
-    exclusions: Exclusions | None = index_options.get("exclusions")
-    if exclusions is None:  # those the index keeps from an earlier run given some
-        exclusions = IndexDirectory(index_dir).kept_exclusions()
+    given: Exclusions | None = index_options.get("exclusions")
+    directory = IndexDirectory(index_dir)
+    exclusions = directory.kept_exclusions() if given is None else given  # None: those the index keeps
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: no such folder")
     stop = stop or threading.Event()
@@ -63,10 +77,15 @@ def watch(folder: str | Path, index_dir: str | Path, model: str | LoadedModel, s
                     print(summary.line(), flush=True)
                 runs += 1
             observer.follow_links()
+            looked = time.monotonic()
             while not changed.wait(0.2):
                 if stop.is_set():
                     return runs
                 observer.check_identity()  # a drive unplugged, or plugged in again
+                if given is None and time.monotonic() - looked >= KEPT_EXCLUSIONS_EVERY:
+                    looked = time.monotonic()
+                    observer.use_exclusions(_kept_exclusions(directory, observer.exclusions))
+                    observer.follow_links()
             while changed.is_set():  # settle: wait for a quiet moment, so a copy of 1000 photos is one run
                 changed.clear()
                 deadline = time.monotonic() + settle

@@ -27,13 +27,13 @@ def wait_for(condition, seconds: float = 60.0) -> None:
 
 
 @contextmanager
-def watching(photos, index, model) -> Iterator[tuple[list[IndexingSummary], threading.Thread]]:
+def watching(photos, index, model, poll: float | None = None) -> Iterator[tuple[list[IndexingSummary], threading.Thread]]:
     """`watch` in a thread (settle 0.5 s), as `otclip watch` runs, stopped and joined on leaving; yields the summaries
     of its runs as they come, and the thread."""
     stop, runs = threading.Event(), []
     watcher = threading.Thread(target=watch, args=(photos, index, model), daemon=True,
                                kwargs=dict(settle=0.5, stop=stop, report=runs.append, progress=False, workers=0,
-                                           query_models=False))
+                                           query_models=False, poll=poll))
     watcher.start()
     try:
         yield runs, watcher
@@ -86,9 +86,11 @@ def test_new_changed_and_removed_photos_reach_a_running_searcher(tmp_path, sampl
         wait_for(lambda: len(runs) > done and runs[-1].total == 1 and runs[-1].removed == 1)
 
 
-def test_a_watch_leaves_out_what_the_index_keeps_excluded(tmp_path, sample_dir, default_model):
+@pytest.mark.parametrize("poll", [None, 0.3], ids=["events", "listings"])
+def test_a_watch_leaves_out_what_the_index_keeps_excluded(tmp_path, sample_dir, default_model, poll):
     """The exclusions an earlier run was given are kept with the index: a watch started without them neither
-    indexes what they leave out nor runs again for a change there."""
+    indexes what they leave out nor runs again for a change there; a run beside it that keeps others changes what
+    the watch takes for a change, whether it waits for the system's events or lists the folder."""
     from otclip.indexer.pipeline import index_images
 
     photos, index = tmp_path / "photos", tmp_path / "index"
@@ -98,7 +100,7 @@ def test_a_watch_leaves_out_what_the_index_keeps_excluded(tmp_path, sample_dir, 
     kept = index_images(photos, index, default_model, exclusions=Exclusions(("Screenshots",)), progress=False,
                         workers=0, query_models=False)
     assert kept.total == 1
-    with watching(photos, index, default_model) as (runs, _):
+    with watching(photos, index, default_model, poll) as (runs, _):
         wait_for(lambda: len(runs) == 1)
         assert runs[0].total == 1 and runs[0].removed == 0
         shutil.copy(sample_dir / "chelsea.jpg", photos / "Screenshots" / "chelsea.jpg")
@@ -106,6 +108,23 @@ def test_a_watch_leaves_out_what_the_index_keeps_excluded(tmp_path, sample_dir, 
         assert len(runs) == 1
         shutil.copy(sample_dir / "chelsea.jpg", photos / "chelsea.jpg")
         wait_for(lambda: len(runs) > 1 and runs[-1].total == 2)
+        # a run beside the watch keeps other exclusions: the watch's idea of a change follows them
+        time.sleep(1.5)  # any late run has come
+        before = len(runs)
+        beside = index_images(photos, index, default_model, exclusions=Exclusions(("Drafts",)), progress=False,
+                              workers=0, query_models=False)
+        assert beside.total == 4  # the screenshots are in again
+        # the watch looks at the kept exclusions once a second; a listing then finds the screenshots, new to it: one
+        # run, which has nothing to do (a fresh listing in its place could miss a photo added since the last one)
+        time.sleep(3.0)
+        done = len(runs)
+        assert done <= before + (poll is not None) and not any(r.embedded or r.removed for r in runs[before:])
+        (photos / "Drafts").mkdir()
+        shutil.copy(sample_dir / "rocket.jpg", photos / "Drafts" / "rocket-edit.jpg")
+        time.sleep(1.5)
+        assert len(runs) == done  # no longer a change
+        shutil.copy(sample_dir / "camera.jpg", photos / "Screenshots" / "camera.jpg")
+        wait_for(lambda: len(runs) > done and runs[-1].total == 5 and runs[-1].embedded == 1)
 
 
 def test_a_change_in_a_symlinked_folder_elsewhere_is_seen(tmp_path, sample_dir, default_model, monkeypatch):
@@ -236,11 +255,11 @@ def test_a_folder_on_a_network_share_is_polled(tmp_path, sample_dir, default_mod
         watch(photos, index, default_model, poll=-1)
     (photos / ".index").mkdir()  # the index in the folder, a hidden file, an excluded folder: never listed
     (photos / "._chelsea.jpg").write_bytes(b"\x00\x05\x16\x07")
-    listing = _listing(photos, photos / ".index", Exclusions(("private",), include_hidden=True))
+    listing = _listing(photos, photos / ".index", lambda: Exclusions(("private",), include_hidden=True))
     (photos / "2019" / "private").mkdir(parents=True)
     assert sorted(e.name for e in listing(str(photos))) == ["._chelsea.jpg", "2019", "chelsea.jpg"]
     assert [e.name for e in listing(str(photos / "2019"))] == []
-    assert sorted(e.name for e in _listing(photos, index, Exclusions())(str(photos))) == ["2019", "chelsea.jpg"]
+    assert sorted(e.name for e in _listing(photos, index, Exclusions)(str(photos))) == ["2019", "chelsea.jpg"]
 
 
 def test_a_polled_folder_with_symlink_loops_is_listed_to_its_end(tmp_path):
@@ -257,7 +276,7 @@ def test_a_polled_folder_with_symlink_loops_is_listed_to_its_end(tmp_path):
     (photos / "a" / "to-b").symlink_to(photos / "b")
     (photos / "b" / "to-a").symlink_to(photos / "a")
     (photos / "a" / "to-elsewhere").symlink_to(photos / "elsewhere")  # no loop: followed
-    snapshot = DirectorySnapshot(str(photos), listdir=_listing(photos, tmp_path / "index", Exclusions()))
+    snapshot = DirectorySnapshot(str(photos), listdir=_listing(photos, tmp_path / "index", Exclusions))
     assert sorted(Path(p).relative_to(photos).as_posix() for p in snapshot.paths) == [
         ".", "a", "a/a.jpg", "a/to-b", "a/to-b/b.jpg", "a/to-elsewhere", "a/to-elsewhere/elsewhere.jpg", "b", "b/b.jpg",
         "b/to-a", "b/to-a/a.jpg", "b/to-a/to-elsewhere", "b/to-a/to-elsewhere/elsewhere.jpg", "elsewhere",
