@@ -79,7 +79,7 @@ def test_resume_after_kill(small_corpus, tmp_path):
     """Killed after a checkpoint, the same command resumes from it; the half-written checkpoint a kill leaves
     (`.last.pt.tmpPID`, 100+ MB) is removed, and a temporary file of a live process is kept."""
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "otclip", "train", "--corpus", str(small_corpus), "--out", str(run), "--steps", "200",
+    cmd = [sys.executable, "-m", "otclip", "train", "--corpus", str(small_corpus), "--out", str(run), "--steps", "60",
            "--save-every", "10", "--eval-every", "1000", "--batch-size", "32", "--unpaired-batch-size", "64",
            "--reg", "ot-pairwise", "--no-progress"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -98,7 +98,7 @@ def test_resume_after_kill(small_corpus, tmp_path):
     log = read_log(run)
     assert [r["event"] for r in log if "event" in r][:2] == ["start", "resume"]
     end = log[-1]
-    assert end["event"] == "end" and end["steps"] == 200 and 0 < end["trained_steps"] < 200
+    assert end["event"] == "end" and end["steps"] == 60 and 0 < end["trained_steps"] < 60
     resumed_at = next(r["step"] for r in log if r.get("event") == "resume")
     assert resumed_at % 10 == 0 and resumed_at > 0
 
