@@ -29,6 +29,7 @@ from .body_limit import BodyLimit
 from .http_api import MOUNT as API_MOUNT
 from .http_api import build_api
 from .immutable_tiles import ImmutableTiles
+from .raw_uploads import PAGE_SCRIPT
 from .search_app import MAX_UPLOAD_PIXELS, SearchApp
 from .ui import EXAMPLE_QUERIES, build_ui
 
@@ -90,7 +91,7 @@ def serve(index_dirs: str | Path | list[str | Path], host: str = "127.0.0.1", po
     thumbnails = [str(s.directory.thumbnails_dir) for s in searchers]
     gr.set_static_paths([*thumbnails, str(results_dir)])
     # max_threads: Gradio's bound on its worker threads, what bounds the page's unqueued searches (ui.PAGE_EVENT)
-    ui.launch(server_name=host, server_port=port, max_file_size=MAX_UPLOAD, prevent_thread_lock=True,
+    ui.launch(server_name=host, server_port=port, max_file_size=MAX_UPLOAD, prevent_thread_lock=True, head=PAGE_SCRIPT,
               max_threads=CONCURRENT_REQUESTS,
               show_error=True, quiet=not block, allowed_paths=[*thumbnails, str(results_dir)],
               app_kwargs={"middleware": [Middleware(BodyLimit, max_bytes=MAX_BODY),

@@ -12,14 +12,14 @@ from gradio.data_classes import GradioModel, GradioRootModel
 from gradio.utils import is_prop_update
 
 from otclip.engine.filters import Filters, filters_from_strings
-from otclip.engine.image_paths import is_raw_path
 from otclip.engine.images import ImageDecodeError, thumbnail
 
 from .http_api import MOUNT as API_MOUNT
 from .http_api import ORIGINAL as API_ORIGINAL
 from .inline_gallery import inline_gallery
+from .raw_uploads import accept_raw_uploads
 from .reports import report_markdown, report_plots
-from .search_app import SearchApp
+from .search_app import MAX_UPLOAD_PIXELS, SearchApp
 
 ORIGINAL_ROUTE = API_MOUNT + API_ORIGINAL  # an indexed image's original file, by id; nothing else
 # The page's own searches (its three buttons and the query box): one HTTP POST each (Gradio's /run route), not
@@ -35,20 +35,10 @@ EXAMPLE_QUERIES = ["a cat", "a cup of coffee", "a rocket", "galaxies in deep spa
 
 def _image_input(elem_id: str) -> gr.Image:
     """An image query, handed to the app as the uploaded file's path (`image_mode=None`: Gradio decodes nothing),
-    so that `load_image` checks the header's size and aspect ratio before any pixel is decoded. A camera's RAW file
-    skips Gradio's own `preprocess`, which opens each upload with Pillow: Pillow cannot open most (CR3, RAF, ORF,
-    RW2; of a DNG, the first image at best), LibRaw decodes them in `load_image`. (Set on the instance: a subclass of
-    a Gradio component makes Gradio write a .pyi file beside this module at import.)"""
+    so that `load_image` checks the header's size and aspect ratio before any pixel is decoded; cameras' RAW files
+    too (`raw_uploads`)."""
     box = gr.Image(type="filepath", image_mode=None, label="Image", sources=["upload", "clipboard"], elem_id=elem_id)
-    gradio_preprocess = box.preprocess
-
-    def preprocess(payload):
-        if payload is not None and payload.path and is_raw_path(payload.orig_name or payload.path):
-            return str(payload.path)  # in Gradio's upload folder, with the upload's name
-        return gradio_preprocess(payload)
-
-    box.preprocess = preprocess
-    return box
+    return accept_raw_uploads(box, MAX_UPLOAD_PIXELS)
 
 
 def index_panel(app: SearchApp) -> str:

@@ -79,3 +79,11 @@ def write_dng(path: Path, rgb: np.ndarray, preview: bool = True, orientation: in
     out = (b"II*\0" + struct.pack("<I", 8) + ifds).ljust(blobs_at, b"\0") + bytes(blobs)
     Path(path).write_bytes(out.ljust(data_at, b"\0") + preview_data + raw_data)
     return Path(path)
+
+
+def write_dng_of(photo: Path, path: Path, preview: bool = False) -> Path:
+    """A DNG of what `photo` shows (its pixels taken back to linear light, as a sensor sees the scene), cropped to even
+    sides."""
+    scene = (np.asarray(Image.open(photo).convert("RGB"), float) / 255) ** 2.2
+    h, w = scene.shape[0] // 2 * 2, scene.shape[1] // 2 * 2
+    return write_dng(path, scene[:h, :w], preview=preview)

@@ -34,14 +34,10 @@ def test_a_camera_raw_file_is_an_image_query(client, demo_index, tmp_path):
     """A RAW file is decoded through LibRaw, as `otclip index` decodes it: a DNG with a preview (Pillow takes it for a
     TIFF whose first image is the preview, and could not decode it) and one without (Pillow cannot open it, nor a CR3:
     Gradio's own preprocessing had refused it before the app saw it)."""
-    import numpy as np
-    from PIL import Image
-    from raw_files import write_dng
+    from raw_files import write_dng_of
 
-    scene = (np.asarray(Image.open(demo_index / "data" / "photos" / "chelsea.jpg").convert("RGB"), float) / 255) ** 2.2
-    h, w = scene.shape[0] // 2 * 2, scene.shape[1] // 2 * 2
     for preview in (True, False):
-        dng = write_dng(tmp_path / f"IMG_{preview}.DNG", scene[:h, :w], preview=preview)
+        dng = write_dng_of(demo_index / "data" / "photos" / "chelsea.jpg", tmp_path / f"IMG_{preview}.DNG", preview)
         gallery, _ = client.predict(handle_file(str(dng)), 3, -1, api_name="/image_to_image")
         assert "a tabby cat" in first_caption(gallery)
 

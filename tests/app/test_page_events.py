@@ -3,6 +3,7 @@
 as the kept thumbnails' bytes, and the inputs are still checked by their components."""
 
 import base64
+import io
 import json
 import uuid
 from pathlib import Path
@@ -17,11 +18,12 @@ SETTINGS = [3, -1.0, "", "", "", "", "", "", "any", "score", 0]  # k, min score,
 SHOWN = None  # the text search's last input, a state: the page sends null (Gradio passes the session's value)
 
 
-def page_event(url: str, button: str) -> dict:
-    """The dependency (fn_index, its trigger, queued or not) the page runs when `button` is clicked."""
+def page_event(url: str, button: str, kind: str = "click") -> dict:
+    """The dependency (fn_index, its trigger, queued or not) the page runs when `button` is clicked (or another
+    `kind` of event of that component happens)."""
     config = httpx.get(url + "config", timeout=30).json()
     trigger = next(c["id"] for c in config["components"] if c["props"].get("elem_id") == button)
-    (event,) = [d for d in config["dependencies"] if [trigger, "click"] in [list(t) for t in d["targets"]]]
+    (event,) = [d for d in config["dependencies"] if [trigger, kind] in [list(t) for t in d["targets"]]]
     return {"fn_index": event["id"], "trigger_id": trigger, "queue": event.get("queue")}
 
 
@@ -106,17 +108,31 @@ def test_image_to_image_page_tiles_are_inline(live_app, demo_index):
 
 def test_a_camera_raw_file_uploaded_on_the_page_is_a_query(live_app, demo_index, tmp_path):
     """The page's image box takes a RAW file Pillow cannot open (a DNG without a preview; a CR3 alike): LibRaw
-    decodes it, not Gradio's preprocessing (which refused it)."""
+    decodes it, not Gradio's preprocessing (which refused it). Once uploaded, the box holds a JPEG of LibRaw's decode,
+    which the browser can draw, and a search with it finds what the RAW file finds."""
     import numpy as np
-    from PIL import Image
-    from raw_files import write_dng
+    from raw_files import write_dng_of
 
-    scene = (np.asarray(Image.open(demo_index / "data" / "photos" / "chelsea.jpg").convert("RGB"), float) / 255) ** 2.2
-    h, w = scene.shape[0] // 2 * 2, scene.shape[1] // 2 * 2
-    dng = write_dng(tmp_path / "IMG_7.DNG", scene[:h, :w], preview=False)
-    image = upload(live_app, "IMG_7.DNG", dng.read_bytes())
-    gallery = run(live_app, page_event(live_app, "i2i-search"), ["index", image, "", *SETTINGS])[0]
+    photo = demo_index / "data" / "photos" / "chelsea.jpg"
+    dng = write_dng_of(photo, tmp_path / "IMG_7.DNG")
+    image = {**upload(live_app, "IMG_7.DNG", dng.read_bytes()), "orig_name": "IMG_7.DNG"}
+    search = page_event(live_app, "i2i-search")
+    gallery = run(live_app, search, ["index", image, "", *SETTINGS])[0]
     assert "a tabby cat" in gallery[0]["caption"]
+    (shown,) = run(live_app, page_event(live_app, "i2i-image", "upload"), [image])
+    assert shown["path"].endswith("IMG_7.DNG.jpg") and shown["url"].endswith(shown["path"])
+    jpeg = httpx.get(live_app + "gradio_api/file=" + shown["path"], timeout=30).content
+    with Image.open(io.BytesIO(jpeg)) as drawn, Image.open(photo) as original:
+        assert drawn.format == "JPEG" and max(drawn.size) <= 1024
+        expected = np.asarray(original.convert("L").resize(drawn.size), float).ravel()
+        # the scene, as LibRaw renders it (its own white balance and brightness): correlated pixel for pixel
+        assert np.corrcoef(np.asarray(drawn.convert("L"), float).ravel(), expected)[0, 1] > 0.95
+    again = run(live_app, search, ["index", shown, "", *SETTINGS])[0]
+    ranked = [[t["caption"].split(" · ", 1) for t in tiles] for tiles in (gallery, again)]
+    assert [c for _, c in ranked[1]] == [c for _, c in ranked[0]]  # the same results, scores within 0.02 (a JPEG)
+    assert all(abs(float(a[0]) - float(b[0])) < 0.02 for a, b in zip(*ranked)), ranked
+    jpeg_upload = upload(live_app, "chelsea.jpg", photo.read_bytes())  # not RAW: the box keeps it as it is
+    assert run(live_app, page_event(live_app, "i2i-image", "upload"), [jpeg_upload]) == [{"__type__": "update"}]
 
 
 def test_data_uri_of_a_kept_file_and_of_an_image_made_on_the_fly(tmp_path):
