@@ -28,8 +28,8 @@ from otclip.engine.threads import apply_thread_budget, thread_budget
 from .body_limit import BodyLimit
 from .http_api import MOUNT as API_MOUNT
 from .http_api import build_api
+from .image_uploads import PAGE_SCRIPT
 from .immutable_tiles import ImmutableTiles
-from .raw_uploads import PAGE_SCRIPT
 from .search_app import MAX_UPLOAD_PIXELS, SearchApp
 from .ui import EXAMPLE_QUERIES, build_ui
 

@@ -16,8 +16,8 @@ from otclip.engine.images import ImageDecodeError, thumbnail
 
 from .http_api import MOUNT as API_MOUNT
 from .http_api import ORIGINAL as API_ORIGINAL
+from .image_uploads import accept_images
 from .inline_gallery import inline_gallery
-from .raw_uploads import accept_raw_uploads
 from .reports import report_markdown, report_plots
 from .search_app import MAX_UPLOAD_PIXELS, SearchApp
 
@@ -34,11 +34,10 @@ EXAMPLE_QUERIES = ["a cat", "a cup of coffee", "a rocket", "galaxies in deep spa
 
 
 def _image_input(elem_id: str) -> gr.Image:
-    """An image query, handed to the app as the uploaded file's path (`image_mode=None`: Gradio decodes nothing),
-    so that `load_image` checks the header's size and aspect ratio before any pixel is decoded; cameras' RAW files
-    too (`raw_uploads`)."""
+    """An image query, handed to the app as the uploaded file's path, so that `load_image` checks the header's size
+    and aspect ratio before any pixel is decoded; any format `otclip index` reads (`image_uploads`)."""
     box = gr.Image(type="filepath", image_mode=None, label="Image", sources=["upload", "clipboard"], elem_id=elem_id)
-    return accept_raw_uploads(box, MAX_UPLOAD_PIXELS)
+    return accept_images(box, MAX_UPLOAD_PIXELS)
 
 
 def index_panel(app: SearchApp) -> str:

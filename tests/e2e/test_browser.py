@@ -62,7 +62,7 @@ def test_a_camera_raw_file_is_taken_shown_and_searched(browser, live_app, demo_i
                                                        results, found):
     """A DNG (Chromium gives it no MIME type, and Gradio's image box took only image/* types: the upload never left
     the page), chosen in the file chooser or dropped on the box: the box shows LibRaw's decode and the search finds
-    the cat; the chooser offers RAW files."""
+    the cat; the chooser offers RAW files (`image_uploads.PAGE_SCRIPT`)."""
     import base64
 
     from raw_files import write_dng_of
