@@ -75,10 +75,13 @@ class SearchApp:
         return terms
 
     def check_image(self, image) -> Image.Image:
+        """An uploaded image (its path, in Gradio's upload folder under the upload's name) decoded; gr.Error naming the
+        upload as the user named it if it is not one."""
         if image is None:
             raise gr.Error("no image: upload or paste an image, or pick one from the results")
         try:
-            return load_image(image if not isinstance(image, str) else Path(image), name="upload",
+            return load_image(image if not isinstance(image, str) else Path(image),
+                              name=Path(image).name if isinstance(image, str) else "upload",
                               draft=self.searcher.image_draft, max_pixels=MAX_UPLOAD_PIXELS)
         except ImageDecodeError as exc:
             raise gr.Error(f"{exc}") from None
