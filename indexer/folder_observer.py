@@ -211,11 +211,10 @@ def _read_number(path: str) -> int | None:
 def _listing(folder: Path, index_dir: Path,
              exclusions: Callable[[], Exclusions]) -> Callable[[str], Iterator[os.DirEntry]]:
     """`os.scandir` for the polling observer, less what the exclusions (as they are at each listing) leave out, the
-    index directory (a Synology
-    share's @eaDir holds five thumbnails a photo, each a stat a poll) and a symlinked folder that leads back to one on
-    the way to it: the observer follows symlinks, and its walk of a loop ends only when the kernel refuses a path 40
-    links deep, having listed the tree again at every level (a link to the folder itself: each photo 40 times; two
-    such links, 2^40). `otclip index` cuts loops too."""
+    index directory (a Synology share's @eaDir holds five thumbnails a photo, each a stat a poll) and a symlinked
+    folder that leads back to one on the way to it: the observer follows symlinks, and its walk of a loop ends only
+    when the kernel refuses a path 40 links deep, having listed the tree again at every level (a link to the folder
+    itself: each photo 40 times; two such links, 2^40). `otclip index` cuts loops too."""
     def loops(path: str, entry: os.DirEntry) -> bool:
         if not (entry.is_symlink() and entry.is_dir()):
             return False
