@@ -20,7 +20,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from otclip.engine.atomic_files import write_atomically
+from otclip.engine.atomic_files import write_bytes_atomically
 from otclip.engine.image_paths import IMAGE_EXTENSIONS, RAW_EXTENSIONS
 from otclip.engine.images import ImageDecodeError, load_image, thumbnail_jpeg
 
@@ -83,13 +83,11 @@ def browser_copy(payload: dict | None, max_pixels: int) -> str | None:
     `otclip index` decodes the file), BROWSER_COPY_SIDE pixels on its longer side, written beside the upload in
     Gradio's upload folder. Any other upload, or a file that cannot be decoded, is left as it is (`gr.skip`: the
     search then says why). Gradio has checked that the path is an upload before this runs."""
-    name = (payload or {}).get("orig_name") or (payload or {}).get("path") or ""
-    if Path(name).suffix.lower() not in BROWSER_UNDRAWN:
+    if not payload or Path(payload.get("orig_name") or payload["path"]).suffix.lower() not in BROWSER_UNDRAWN:
         return gr.skip()
     upload = Path(payload["path"])
     try:
         picture = load_image(upload, max_pixels=max_pixels)
     except ImageDecodeError:
         return gr.skip()
-    jpeg = thumbnail_jpeg(picture, BROWSER_COPY_SIDE)
-    return str(write_atomically(upload.with_name(upload.name + ".jpg"), lambda tmp: Path(tmp).write_bytes(jpeg)))
+    return str(write_bytes_atomically(upload.with_name(upload.name + ".jpg"), thumbnail_jpeg(picture, BROWSER_COPY_SIDE)))

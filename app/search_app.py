@@ -79,10 +79,9 @@ class SearchApp:
         upload as the user named it if it is not one."""
         if image is None:
             raise gr.Error("no image: upload or paste an image, or pick one from the results")
+        source, name = (Path(image), Path(image).name) if isinstance(image, str) else (image, "upload")
         try:
-            return load_image(image if not isinstance(image, str) else Path(image),
-                              name=Path(image).name if isinstance(image, str) else "upload",
-                              draft=self.searcher.image_draft, max_pixels=MAX_UPLOAD_PIXELS)
+            return load_image(source, name=name, draft=self.searcher.image_draft, max_pixels=MAX_UPLOAD_PIXELS)
         except ImageDecodeError as exc:
             raise gr.Error(f"{exc}") from None
 

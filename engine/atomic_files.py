@@ -67,6 +67,10 @@ def write_npy_atomically(path: str | Path, array: np.ndarray) -> Path:
     return write_atomically(path, write)
 
 
+def write_bytes_atomically(path: str | Path, data: bytes) -> Path:
+    return write_atomically(path, lambda tmp: Path(tmp).write_bytes(data))
+
+
 def write_lines_atomically(path: str | Path, lines: list[str]) -> Path:
     def write(tmp: str) -> None:
         with open(tmp, "w", encoding="utf-8") as f:

@@ -44,6 +44,7 @@ from .atomic_files import (
     read_file_set,
     sync_file,
     write_atomically,
+    write_bytes_atomically,
     write_json_atomically,
     write_npy_atomically,
 )
@@ -705,7 +706,7 @@ class IndexDirectory:
     def write_thumbnail(self, sha256: str, jpeg: bytes, replace: bool = False) -> None:
         path = self.thumbnail_path(sha256)
         if replace or not path.exists():
-            write_atomically(path, lambda tmp: Path(tmp).write_bytes(jpeg))
+            write_bytes_atomically(path, jpeg)
 
     def damaged_thumbnails(self) -> dict[str, str]:
         """sha256 -> an indexed path holding it, for each image content whose kept thumbnail is missing or cut
