@@ -103,13 +103,13 @@ def run_jobs(make, args, jobs: list[tuple]) -> Iterator[dict]:
 
 # --- Fashion-MNIST ------------------------------------------------------------------------------
 def fashion_corpus(args, protocol: str, fraction: float, seed: int) -> Path:
-    """A corpus of the experiment, built on first use (by the parent process, before any run is handed out)."""
+    """A corpus of the experiment, built on first use (by the parent process, before any run is handed out) and
+    again when the one in `--work` has other sizes (a --quick run after a full one)."""
     from otclip.training.fashion_corpus import build_fashion_mnist_corpus
 
     out = Path(args.work) / "fashion" / f"{protocol}-p{fraction}-s{seed}"
-    if not (out / "train.jsonl").exists():
-        build_fashion_mnist_corpus(out, fraction, args.unseen, seed, args.train, args.val, args.test,
-                                   open_world=protocol == "open-world", pool_seed=0)
+    build_fashion_mnist_corpus(out, fraction, args.unseen, seed, args.train, args.val, args.test,
+                               open_world=protocol == "open-world", pool_seed=0, reuse=True)
     return out
 
 

@@ -47,19 +47,27 @@ def parse_unseen(names: str) -> set[int]:
 
 def build_fashion_mnist_corpus(out: str | Path, pair_fraction: float = 0.05, unseen: str = "", seed: int = 0,
                                train_size: int = 10_000, val_size: int = 1_000, test_size: int = 2_000,
-                               open_world: bool = False, pool_seed: int | None = None) -> dict:
-    """Write PNGs and train/val/test manifests under `out`; returns counts per split. `pair_fraction` is
-    the share of the training images (seen classes) that keep their caption. `pool_seed` (default:
-    `seed`) draws which images make up the splits, `seed` the pairs, captions and shuffles, so
-    experiments can vary the pairing over one set of images."""
+                               open_world: bool = False, pool_seed: int | None = None, reuse: bool = False) -> dict:
+    """Write PNGs and train/val/test manifests under `out`; returns counts per split and the parameters
+    (`corpus.json`). `pair_fraction` is the share of the training images (seen classes) that keep their
+    caption. `pool_seed` (default: `seed`) draws which images make up the splits, `seed` the pairs, captions
+    and shuffles, so experiments can vary the pairing over one set of images. `reuse`: a corpus already under
+    `out` built with these very parameters is kept as it is (experiments share their corpora); one built with
+    others, or by a version that did not record them, is built again (its rows would change the figures)."""
     if not 0 <= pair_fraction <= 1:
         raise ValueError(f"--pair-fraction {pair_fraction}: must be in [0, 1]")
     for flag, size in (("--train-size", train_size), ("--val-size", val_size), ("--test-size", test_size)):
         if size < 0:  # a negative size would slice from the end: every image but that many
             raise ValueError(f"{flag} {size}: must not be negative")
     out = Path(out)
-    pool_rng, rng = random.Random(seed if pool_seed is None else pool_seed), random.Random(seed)
+    pool_seed = seed if pool_seed is None else pool_seed
     unseen_ids = parse_unseen(unseen)
+    params = {"pair_fraction": pair_fraction, "seed": seed, "pool_seed": pool_seed, "open_world": open_world,
+              "unseen": sorted(fashion_mnist.SHORT_NAMES[i] for i in unseen_ids), "train_size": train_size,
+              "val_size": val_size, "test_size": test_size}
+    if reuse and (kept := _kept_corpus(out)) and {k: kept.get(k) for k in params} == params:
+        return kept
+    pool_rng, rng = random.Random(pool_seed), random.Random(seed)
     train_x, train_y = fashion_mnist.load_split("train")
     test_x, test_y = fashion_mnist.load_split("test")
     seen_idx = [i for i in range(len(train_y)) if int(train_y[i]) not in unseen_ids]
@@ -107,7 +115,16 @@ def build_fashion_mnist_corpus(out: str | Path, pair_fraction: float = 0.05, uns
     for name, split_rows in (("train", train), ("val", val), ("test", test)):
         write_lines_atomically(out / f"{name}.jsonl", [json.dumps(r) for r in split_rows])
     info = {"pairs": len(rows), "unpaired_images": len(images), "unpaired_texts": len(texts), "val": len(val),
-            "test": len(test), "unseen": sorted(fashion_mnist.SHORT_NAMES[i] for i in unseen_ids),
-            "pair_fraction": pair_fraction, "seed": seed, "open_world": open_world}
-    write_lines_atomically(out / "corpus.json", [json.dumps(info, indent=2)])
+            "test": len(test), **params}
+    write_lines_atomically(out / "corpus.json", [json.dumps(info, indent=2)])  # last: it vouches for the manifests
     return info
+
+
+def _kept_corpus(out: Path) -> dict | None:
+    """The recorded info of a complete corpus under `out` (`corpus.json` and its three manifests), else None."""
+    try:
+        kept = json.loads((out / "corpus.json").read_text())
+    except (OSError, ValueError):
+        return None
+    complete = isinstance(kept, dict) and all((out / f"{name}.jsonl").is_file() for name in ("train", "val", "test"))
+    return kept if complete else None

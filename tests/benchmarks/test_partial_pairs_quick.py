@@ -89,3 +89,32 @@ def test_runs_side_by_side_give_the_runs_of_one_process_in_order(quick_run, monk
         torch.set_num_threads(threads)
     assert side_by_side["chosen"] == alone["chosen"]
     assert side_by_side["runs"] == alone["runs"] and len(alone["runs"]) == 2 * 2 * len(pp.LINEAR_METHODS) + 4
+
+
+def test_a_corpus_left_in_the_work_folder_with_other_sizes_is_built_again(tmp_path, monkeypatch):
+    """`--quick` and full runs share the default `--work`: a quick run after a full one had used the full run's
+    corpora (its figures then differed from a clean quick run's)."""
+    import argparse
+
+    from otclip.engine import fashion_mnist
+
+    if not fashion_mnist.available():
+        pytest.skip("Debian's dataset-fashion-mnist is not installed")
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))
+    import partial_pairs as pp
+
+    def corpus(train: int, val: int, test: int) -> Path:
+        args = argparse.Namespace(work=str(tmp_path), unseen="sandal,bag,ankle boot", train=train, val=val, test=test)
+        return pp.fashion_corpus(args, "open-world", 0.1, 0)
+
+    def rows(path: Path) -> int:  # rows with an image (a training split's unpaired texts have none)
+        return sum("image" in json.loads(line) for line in path.read_text().splitlines())
+
+    first = corpus(90, 20, 30)
+    assert (rows(first / "train.jsonl"), rows(first / "val.jsonl"), rows(first / "test.jsonl")) == (90, 20, 30)
+    kept = (first / "train.jsonl").stat().st_ino
+    assert corpus(90, 20, 30) == first and (first / "train.jsonl").stat().st_ino == kept  # the same sizes: kept
+    other = corpus(50, 10, 15)
+    assert other == first and (rows(other / "train.jsonl"), rows(other / "test.jsonl")) == (50, 15)
+    recorded = json.loads((other / "corpus.json").read_text())
+    assert (recorded["train_size"], recorded["val_size"], recorded["test_size"]) == (50, 10, 15)

@@ -55,3 +55,30 @@ def test_fashion_mnist_corpus_holds_unseen_classes_out(tmp_path):
     with pytest.raises(ValueError, match="--val-size -5: must not be negative"):
         build_fashion_mnist_corpus(tmp_path / "y", 0.1, val_size=-5)
     assert not (tmp_path / "y").exists()
+
+
+@pytest.mark.skipif(not fashion_mnist.available(), reason="Debian's dataset-fashion-mnist is not installed")
+def test_fashion_mnist_corpus_is_reused_only_when_built_with_the_same_parameters(tmp_path):
+    def build(**changes) -> dict:
+        params = {"pair_fraction": 0.1, "unseen": "bag", "seed": 1, "train_size": 60, "val_size": 10,
+                  "test_size": 20, "pool_seed": 0, **changes}
+        return build_fashion_mnist_corpus(tmp_path, reuse=True, **params)
+
+    def inode() -> int:
+        return (tmp_path / "val.jsonl").stat().st_ino
+
+    first = build()
+    assert first["test_size"] == first["test"] == 20 and first["pool_seed"] == 0
+    before = inode()
+    assert build() == first and inode() == before
+    for change in ({"seed": 2}, {"pool_seed": 1}, {"unseen": "sandal"}, {"test_size": 25}, {"open_world": True}):
+        assert build(**change) != first and inode() != before, change
+        before = inode()
+    assert build()["test"] == 20
+    (tmp_path / "test.jsonl").unlink()  # a corpus missing a manifest is built again
+    assert build() and (tmp_path / "test.jsonl").is_file()
+    legacy = json.loads((tmp_path / "corpus.json").read_text())
+    del legacy["test_size"]  # recorded by a version that kept no sizes
+    (tmp_path / "corpus.json").write_text(json.dumps(legacy))
+    before = inode()
+    assert build()["test_size"] == 20 and inode() != before
