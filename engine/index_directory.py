@@ -67,6 +67,7 @@ from .faiss_indexes import (
 )
 from .metadata_store import SCHEMA_VERSION, SIDES, ItemRecord, MetadataStore
 from .model_identity import ModelIdentity
+from .model_memo import normal_spec
 from .records_log import RecordsLog, chunk_payload, in_order, read_entry
 
 FORMAT_VERSION = 1
@@ -207,7 +208,8 @@ class IndexDirectory:
         return ModelIdentity(m["name"], m["checksum"])
 
     def model_spec(self) -> str:
-        return self.manifest()["model"]["spec"]
+        """The spec that loads the index's model, from any folder (`normal_spec`)."""
+        return normal_spec(self.manifest()["model"]["spec"], base=self.root.resolve().parent)
 
     def open_for_model(self, spec: str, identity: ModelIdentity, dim: int) -> None:
         """Create the directory for this model, or check that an existing one was built with it."""

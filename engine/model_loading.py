@@ -134,6 +134,8 @@ def _open_clip(arch: str, pretrained: str | None, state_dict: dict | None, name:
         )
     torch.manual_seed(RANDOM_INIT_SEED)  # random-weight architectures get the same weights every load
     remote = bool(pretrained) and not Path(pretrained).exists()
+    if remote and _names_a_file(pretrained):
+        raise ModelLoadError(f"{name}: no such file {pretrained} (local weights, looked for from {Path.cwd()})")
     try:
         with _quiet_logging():
             if remote:
@@ -222,6 +224,14 @@ def _from_checkpoint(path: Path) -> LoadedModel:
     return loaded
 
 
+WEIGHTS_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".safetensors")
+
+
+def _names_a_file(text: str) -> bool:
+    """A checkpoint or weights path rather than a model's or a pretrained tag's name (which hold no slash)."""
+    return "/" in text or os.sep in text or Path(text).suffix in WEIGHTS_SUFFIXES
+
+
 def load_model(spec: str = DEFAULT_MODEL_NAME, device: str | torch.device | None = None) -> LoadedModel:
     """Load a model from a spec (see module docstring) in eval mode on `device` (auto by default)."""
     spec = str(spec)
@@ -232,6 +242,8 @@ def load_model(spec: str = DEFAULT_MODEL_NAME, device: str | torch.device | None
         loaded = _from_checkpoint(Path(spec))
     elif spec.startswith("hf-hub:"):
         loaded = _open_clip_hub(spec)
+    elif ":" not in spec and _names_a_file(spec):
+        raise ModelLoadError(f"{spec}: no such file (a checkpoint's path, looked for from {Path.cwd()})")
     else:
         arch, _, pretrained = spec.partition(":")
         loaded = _open_clip(arch, pretrained or None, None, spec)

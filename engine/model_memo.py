@@ -21,9 +21,20 @@ from .model_identity import ModelIdentity, identity_without_loading
 BUILDERS = ("torch", "open_clip_torch", "torchvision")
 
 
-def normal_spec(spec: str) -> str:
-    """A checkpoint path made absolute (what `load_model` records), any other spec as given."""
-    return str(Path(spec).resolve()) if Path(spec).is_file() else spec
+def normal_spec(spec: str, base: Path | None = None) -> str:
+    """A checkpoint path or the weights path of ARCH:/local/weights made absolute (what `load_model` and indexes
+    record, so that an index loads its model from any folder); any other spec as given. `base`: a folder where a
+    relative path is looked for when the current folder has no such file (an index recorded relative paths before
+    2026-12: its parent folder is where `--out` was most often given from; the weights' checksum is checked after
+    they load either way)."""
+    if spec.startswith("hf-hub:"):
+        return spec
+    arch, colon, weights = spec.partition(":")
+    for prefix, path in (("", spec), (arch + colon, weights)) if colon else (("", spec),):
+        for folder in (Path.cwd(), base) if base is not None else (Path.cwd(),):
+            if path and (found := Path(folder, path)).is_file():  # an absolute path ignores the folder
+                return prefix + str(found.resolve())
+    return spec
 
 
 def _fingerprint(spec: str) -> dict:

@@ -106,7 +106,7 @@ class IndexSearcher:
                         self._model, self._encoder = encoder.loaded, encoder
                         return encoder
                     apply_thread_budget(thread_budget(self._threads))
-                    model = self._model or load_model(self.manifest["model"]["spec"], device=self._device)
+                    model = self._model or load_model(self.directory.model_spec(), device=self._device)
                     self.directory.check_model(model.identity)
                     self._model, self._encoder = model, Encoder(model)
         return self._encoder

@@ -18,7 +18,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("index", help="index an image folder or manifest (incremental; torchrun-shardable)")
     p.add_argument("images", type=Path, help="folder of images, or a .csv/.jsonl/.parquet manifest with a path column")
     p.add_argument("--out", type=Path, required=True, help="index directory")
-    p.add_argument("--model", default=DEFAULT_MODEL_NAME, help="model spec (default: %(default)s)")
+    p.add_argument("--model", default=None, help=f"model spec (default: the index's model, else {DEFAULT_MODEL_NAME})")
     _factory_flags(p)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=None,
@@ -34,7 +34,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("watch", help="index a folder, then again whenever its photos change (until Ctrl-C)")
     p.add_argument("images", type=Path, help="folder of images")
     p.add_argument("--out", type=Path, required=True, help="index directory")
-    p.add_argument("--model", default=DEFAULT_MODEL_NAME, help="model spec (default: %(default)s)")
+    p.add_argument("--model", default=None, help=f"model spec (default: the index's model, else {DEFAULT_MODEL_NAME})")
     _factory_flags(p)
     p.add_argument("--settle", type=float, default=2.0, help="seconds without changes before re-indexing")
     p.add_argument("--poll", type=float, default=None, metavar="SECONDS",
@@ -49,7 +49,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("index-texts", help="index a text corpus as the text side (for image -> text search)")
     p.add_argument("texts", type=Path, help=".txt (one per line) or .csv/.jsonl/.parquet with a text column")
     p.add_argument("--out", type=Path, required=True, help="index directory")
-    p.add_argument("--model", default=None, help="model spec (default: the index's model, else effnet-minilm)")
+    p.add_argument("--model", default=None, help=f"model spec (default: the index's model, else {DEFAULT_MODEL_NAME})")
     _factory_flags(p)
     p.add_argument("--batch-size", type=int, default=256)
     _speed_flags(p)

@@ -34,7 +34,7 @@ from otclip.engine.image_paths import shown_path, undecodable_name
 from otclip.engine.index_directory import IndexDirectory
 from otclip.engine.metadata_store import ItemRecord
 from otclip.engine.model_identity import DEFAULT_MODEL_NAME, identity_without_loading
-from otclip.engine.model_memo import remembered_model
+from otclip.engine.model_memo import normal_spec, remembered_model
 from otclip.engine.query_model_cache import cache_query_model, cached_query_model
 
 if TYPE_CHECKING:
@@ -73,13 +73,22 @@ class IndexingSummary:
         return s + f", index {self.factory}, {self.seconds:.1f}s"
 
 
+def model_of(directory: IndexDirectory) -> str:
+    """The spec of the index's own model, else the default's (a run that updates an index need not name it)."""
+    return directory.model_spec() if directory.exists() else DEFAULT_MODEL_NAME
+
+
 class _ModelOnDemand:
     """The run's model, loaded only when something must be embedded or exported: a re-index of unchanged
     files checks the model's identity against the index without building it (`identity_without_loading`)."""
 
-    def __init__(self, model: str | LoadedModel, directory: IndexDirectory, ranks: Ranks) -> None:
-        # the manifest records a spec that reloads these weights (a model built in memory has only its name)
-        self.spec = model if isinstance(model, str) else (model.spec or model.identity.name)
+    def __init__(self, model: str | LoadedModel | None, directory: IndexDirectory, ranks: Ranks) -> None:
+        """`model` None: `model_of`."""
+        if model is None:
+            model = model_of(directory)
+        # the manifest records a spec that reloads these weights from any folder (a model built in memory has
+        # only its name)
+        self.spec = normal_spec(model) if isinstance(model, str) else (model.spec or model.identity.name)
         self._model = None if isinstance(model, str) else model
         self._given = self._model is not None  # the caller's loaded model: its own torch forward embeds
         self.directory, self.ranks = directory, ranks
@@ -334,7 +343,7 @@ class _ChunkWriter:
 def index_images(
     source: str | Path,
     index_dir: str | Path,
-    model: str | LoadedModel = DEFAULT_MODEL_NAME,
+    model: str | LoadedModel | None = None,
     factory: str = "auto",
     batch_size: int = 64,
     workers: int | None = None,
@@ -348,6 +357,7 @@ def index_images(
     """Index (or update the index of) an image folder or manifest. Returns the run's summary.
     `thumbnails`: keep a JPEG display copy of each new image content (the app's result tiles).
     `max_index_memory`: bytes the FAISS index may take (kept with the index for later runs; 0 removes it).
+    `model`: a spec or a loaded model; None: the index's own model, else the default.
     `exclusions`: what below a folder is not part of the collection (`exclusions.Exclusions`), kept with the index
     for the runs after this one; None: those kept by the last run given some (a manifest: none apply).
 
@@ -497,8 +507,6 @@ def index_texts(
     start = time.time()
     directory = IndexDirectory(index_dir)
     with directory.writing():
-        if model is None:
-            model = directory.model_spec() if directory.exists() else DEFAULT_MODEL_NAME
         summary = _index_texts(source, directory, _ModelOnDemand(model, directory, Ranks()), factory, batch_size,
                                chunk_size, progress, query_models, max_index_memory)
     summary.seconds = time.time() - start

@@ -22,7 +22,7 @@ from otclip.engine.exclusions import Exclusions
 from otclip.engine.index_directory import IndexDirectory
 
 from .folder_observer import FolderObserver
-from .pipeline import EmptySourceError, IndexingSummary, index_images
+from .pipeline import EmptySourceError, IndexingSummary, index_images, model_of
 
 if TYPE_CHECKING:
     from otclip.engine import LoadedModel
@@ -41,7 +41,7 @@ def _kept_exclusions(directory: IndexDirectory, current: Exclusions) -> Exclusio
         return current
 
 
-def watch(folder: str | Path, index_dir: str | Path, model: str | LoadedModel, settle: float = 2.0,
+def watch(folder: str | Path, index_dir: str | Path, model: str | LoadedModel | None, settle: float = 2.0,
           stop: threading.Event | None = None, report: Callable[[IndexingSummary], None] | None = None,
           poll: float | None = None, **index_options) -> int:
     """Index `folder` into `index_dir` now and after every burst of changes, until `stop` is set (or Ctrl-C).
@@ -57,10 +57,10 @@ def watch(folder: str | Path, index_dir: str | Path, model: str | LoadedModel, s
         raise FileNotFoundError(f"{folder}: no such folder")
     stop = stop or threading.Event()
     changed = threading.Event()
-    if isinstance(model, str):
+    if model is None or isinstance(model, str):
         from otclip.engine import load_model
 
-        model = load_model(model)  # once: a watcher re-indexes many times
+        model = load_model(model_of(directory) if model is None else model)  # once: a watcher re-indexes many times
     observer = FolderObserver(folder, index_dir, exclusions, poll, changed)
     observer.start()
     runs = 0

@@ -83,3 +83,33 @@ def test_class_prompts_run_at_their_own_length_as_if_padded(default_model):
         padded = F.normalize(text(ids), dim=-1)
     got = embed_by_length(text, ids, text.config.pad_token_id, "test", batch=7)
     assert (got - padded).abs().max() < 1e-5
+
+
+def test_a_missing_weights_path_is_named_as_a_missing_file(tmp_path, monkeypatch):
+    """A checkpoint path that does not exist was 'unknown model' (and ARCH:/missing/weights 'no network?'): wrong
+    advice for a path given relative to another folder."""
+    monkeypatch.chdir(tmp_path)
+    for spec, missing in (("run/best.pt", "run/best.pt"), ("best.pt", "best.pt"),
+                          ("ViT-B-32:/nowhere/w.safetensors", "/nowhere/w.safetensors"), ("RN50:w.bin", "w.bin")):
+        with pytest.raises(ModelLoadError) as info:
+            load_model(spec, device="cpu")
+        assert "no such file" in str(info.value) and missing in str(info.value) and str(tmp_path) in str(info.value)
+
+
+def test_specs_naming_files_are_made_absolute_from_the_folder_or_a_base(tmp_path, monkeypatch):
+    from otclip.engine.model_memo import normal_spec
+
+    (tmp_path / "here").mkdir()
+    (tmp_path / "here" / "run").mkdir()
+    (tmp_path / "here" / "run" / "best.pt").write_bytes(b"x")
+    (tmp_path / "here" / "w.safetensors").write_bytes(b"x")
+    monkeypatch.chdir(tmp_path / "here")
+    here = tmp_path.resolve() / "here"
+    assert normal_spec("run/best.pt") == str(here / "run" / "best.pt")
+    assert normal_spec("ViT-B-32:w.safetensors") == f"ViT-B-32:{here / 'w.safetensors'}"
+    for spec in ("effnet-minilm", "ViT-B-32", "ViT-B-32:laion2b_s34b_b79k", "hf-hub:org/run", "other/best.pt"):
+        assert normal_spec(spec) == spec
+    monkeypatch.chdir(tmp_path)  # elsewhere: found only from the base folder given
+    assert normal_spec("run/best.pt") == "run/best.pt"
+    assert normal_spec("run/best.pt", base=here) == str(here / "run" / "best.pt")
+    assert normal_spec("ViT-B-32:w.safetensors", base=here) == f"ViT-B-32:{here / 'w.safetensors'}"

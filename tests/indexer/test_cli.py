@@ -224,3 +224,37 @@ def test_output_cut_short_by_a_pipe_ends_quietly(tmp_path):
     command.stdout.close()  # before it writes a line
     assert command.wait(60) == 141
     assert command.stderr.read() == b""
+
+
+def test_an_index_of_a_checkpoint_given_relative_is_updated_and_searched_from_any_folder(gallery, tmp_path,
+                                                                                          default_model, monkeypatch,
+                                                                                          capsys):
+    """`otclip index photos --out ix --model run/best.pt`: the index records the checkpoint's absolute path (it had
+    recorded `run/best.pt`, which loads from no other folder); a later `otclip index` or `watch` without --model
+    uses the index's model (it had refused the index, asking for --model); an index that recorded a relative path
+    loads it from the index's parent folder (where --out was given from) when the current folder has no such file."""
+    from otclip.engine import save_checkpoint
+    from otclip.engine.search import IndexSearcher
+    from otclip.indexer.pipeline import index_images
+    from otclip.main import main
+
+    project, elsewhere = tmp_path / "project", tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    checkpoint = save_checkpoint(default_model, project / "run" / "best.pt", name="tuned")
+    monkeypatch.chdir(project)
+    index_images(gallery, "ix", "run/best.pt", progress=False, workers=0, query_models=False)
+    manifest = project / "ix" / "manifest.json"
+    assert json.loads(manifest.read_text())["model"]["spec"] == str(checkpoint.resolve())
+
+    monkeypatch.chdir(elsewhere)
+    (gallery / "rocket.jpg").unlink()
+    assert main(["index", str(gallery), "--out", str(project / "ix"), "--no-progress", "--no-query-export"]) == 0
+    assert "images: 19 indexed (0 embedded, 19 unchanged" in capsys.readouterr().out
+
+    recorded = json.loads(manifest.read_text())
+    recorded["model"]["spec"] = "run/best.pt"  # as an index made before this fix recorded it
+    manifest.write_text(json.dumps(recorded))
+    searcher = IndexSearcher(project / "ix")
+    searcher.load_model()  # no text export: the model answers
+    assert searcher.model.identity.name == "tuned@best.pt"
+    assert searcher.search("a cat", "images", 1).results[0].path.endswith("chelsea.jpg")
