@@ -31,6 +31,17 @@ def read_rows(path: str | Path) -> list[dict]:
     raise ValueError(f"{path}: unsupported manifest type; use {', '.join(MANIFEST_SUFFIXES)}")
 
 
+def with_aliases(rows: list[dict], aliases: dict[str, str]) -> list[dict]:
+    """`rows` with each column named by an alias (alias -> column) renamed to its column, where the file lacks that
+    column: one manifest serves both readers (an index's `path` and `caption`, a training corpus's `image` and
+    `text`). A file that has the column keeps the alias as a column of its own (an index keeps it as metadata)."""
+    columns = set().union(*rows) if rows else set()
+    renames = {alias: column for alias, column in aliases.items() if alias in columns and column not in columns}
+    if not renames:
+        return rows
+    return [{renames.get(key, key): value for key, value in row.items()} for row in rows]
+
+
 def _jsonl_rows(path: Path) -> list[dict]:
     rows = []
     with open(path, encoding="utf-8") as f:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from otclip.engine.exclusions import Exclusions
 from otclip.engine.image_paths import is_image_path, is_raw_path, shown_path
-from otclip.engine.manifests import MANIFEST_SUFFIXES, read_rows
+from otclip.engine.manifests import MANIFEST_SUFFIXES, read_rows, with_aliases
 
 
 @dataclass
@@ -84,8 +84,9 @@ def _clean(value) -> str | None:
 
 
 def read_image_manifest(path: Path) -> list[CollectionItem]:
-    """Rows with a `path` column (relative to the manifest's folder) and optional caption, label, others."""
-    rows = read_rows(path)
+    """Rows with a `path` column (relative to the manifest's folder) and optional caption, label, others; a training
+    corpus's `image` and `text` columns stand for `path` and `caption` where those are missing."""
+    rows = with_aliases(read_rows(path), {"image": "path", "text": "caption"})
     if rows and "path" not in rows[0]:
         raise ValueError(f"{path}: manifest has no 'path' column (columns: {', '.join(rows[0])})")
     items = []

@@ -1,15 +1,17 @@
-"""Partially-paired corpora: a manifest (CSV or JSONL) with columns `image` (path), `text`, optional
-`label` and `split`. A row with both image and text is a pair; a row with one of them is unpaired.
-Validated up front: nothing starts half-way on a bad corpus."""
+"""Partially-paired corpora: a manifest (CSV, JSONL or Parquet) with columns `image` (path), `text`, optional
+`label` and `split` (an index's manifest, with `path` and `caption`, reads alike). A row with both image and text is a
+pair; a row with one of them is unpaired. Validated up front: nothing starts half-way on a bad corpus."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from otclip.engine.manifests import read_rows
+from otclip.engine.manifests import MANIFEST_SUFFIXES, read_rows, with_aliases
 
 KNOWN_COLUMNS = {"image", "text", "label", "split"}
+INDEX_COLUMNS = {"path": "image", "caption": "text"}  # an index's manifest's names for them (`otclip index`)
 MAX_LISTED = 5
 
 
@@ -37,8 +39,8 @@ class PartiallyPairedCorpus:
 
 
 def _read_rows(path: Path) -> list[dict]:
-    if path.suffix.lower() not in (".csv", ".jsonl"):
-        raise CorpusError(f"{path}: corpus manifest must be .csv or .jsonl")
+    if path.suffix.lower() not in MANIFEST_SUFFIXES:
+        raise CorpusError(f"{path}: corpus manifest must be {', '.join(MANIFEST_SUFFIXES)}")
     try:
         return read_rows(path)
     except ValueError as exc:
@@ -50,16 +52,19 @@ def _blank(v) -> bool:
 
 
 def load_corpus(path: str | Path, split: str | None = None, require_pairs: bool = True) -> PartiallyPairedCorpus:
-    """Read and validate a manifest; relative image paths are relative to the manifest's folder.
-    With `split`, only rows whose `split` column equals it are kept."""
+    """Read and validate a manifest; relative image paths are relative to the manifest's folder (made absolute).
+    With `split`, only rows whose `split` column equals it are kept. Unknown columns are refused (a misspelt
+    `text` would leave every image unpaired), but for an index's manifest (`path`, `caption`), whose other columns
+    are the photos' metadata."""
     path = Path(path)
     if not path.is_file():
         raise CorpusError(f"{path}: corpus manifest not found")
-    rows = _read_rows(path)
+    raw = _read_rows(path)
+    rows = with_aliases(raw, INDEX_COLUMNS)
     problems: list[str] = []
     if rows:
         unknown = set(rows[0]) - KNOWN_COLUMNS
-        if unknown:
+        if unknown and not ("path" in raw[0] and "image" not in raw[0]):  # an index's manifest: its metadata
             problems.append(f"unknown columns {sorted(unknown)} (expected {sorted(KNOWN_COLUMNS)})")
     corpus = PartiallyPairedCorpus(source=str(path))
     for number, row in enumerate(rows, start=2 if path.suffix.lower() == ".csv" else 1):
@@ -78,7 +83,7 @@ def load_corpus(path: str | Path, split: str | None = None, require_pairs: bool 
             if not p.is_file():
                 problems.append(f"row {number}: image {image} not found")
                 continue
-            image = str(p)
+            image = os.path.abspath(p)  # as an index stores it: `eval --index` finds the corpus's images by path
         item = CorpusRow(None if _blank(image) else image, None if _blank(text) else str(text).strip(),
                          None if _blank(row.get("label")) else str(row["label"]), row.get("split"))
         (corpus.pairs if item.image and item.text else corpus.images if item.image else corpus.texts).append(item)

@@ -1,6 +1,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -57,3 +58,29 @@ def test_cli_writes_json_and_markdown(photo_corpus, tmp_path):
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["relevance"] == "label" and "| text to image |" in (tmp_path / "r.md").read_text()
     assert "| text to image |" in done.stdout
+
+
+def test_one_manifest_serves_the_index_and_the_evaluation(photo_corpus, default_model, tmp_path, monkeypatch):
+    """A user's captioned collection (`path`, `caption`, metadata columns), given by a relative path, indexes and
+    evaluates alike: `eval` had refused its columns, and found none of a relative corpus's images in the index
+    (it compared relative paths with the index's absolute ones). And a corpus (`image`, `text`) indexes with its
+    captions."""
+    from otclip.engine.search import IndexSearcher
+    from otclip.indexer.pipeline import index_images
+
+    root = photo_corpus.parent
+    rows = [json.loads(line) for line in photo_corpus.read_text().splitlines()]
+    with open(root / "collection.csv", "w", newline="") as f:
+        f.write("path,caption,label,camera\n")
+        f.writelines(f"photos/{Path(r['image']).name},{r['text']},{r['label']},X100\n" for r in rows)
+    monkeypatch.chdir(root)
+    index_images("collection.csv", tmp_path / "ix", default_model, progress=False, workers=0, query_models=False)
+    direct = evaluate(default_model, photo_corpus, progress=False)
+    via_index = evaluate(default_model, "collection.csv", index_dir=tmp_path / "ix", progress=False)
+    assert via_index["counts"] == direct["counts"] == {"images": len(SAMPLE_PHOTOS), "texts": len(rows)}
+    for k in ("R@1", "R@5", "R@10"):
+        assert via_index["text_to_image"][k] == pytest.approx(direct["text_to_image"][k])
+
+    index_images(photo_corpus, tmp_path / "ix2", default_model, progress=False, workers=0, query_models=False)
+    best = IndexSearcher(tmp_path / "ix2", model=default_model).search("a cat", "images", 1).results[0]
+    assert (Path(best.path).name, best.text, best.label) == ("chelsea.jpg", "a cat lying down", "chelsea")
