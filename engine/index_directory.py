@@ -230,6 +230,18 @@ class IndexDirectory:
             },
         )
 
+    def kept_source(self) -> str | None:
+        """The absolute path of the folder or manifest the last image run indexed (`keep_source`); None before."""
+        return self.manifest().get("source") if self.exists() else None
+
+    def keep_source(self, source: str) -> None:
+        """Remember the source an image run indexed, in manifest.json: a later run of another source is checked
+        (the index mirrors one source)."""
+        manifest = self.manifest()
+        if manifest.get("source") != source:
+            manifest["source"] = source
+            write_json_atomically(self.manifest_path, manifest)
+
     def kept_exclusions(self) -> Exclusions:
         """What runs over a folder leave out, as the last run that was given exclusions kept them
         (`keep_exclusions`); the defaults for an index with none kept, or none yet."""

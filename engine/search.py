@@ -187,6 +187,7 @@ class IndexSearcher:
             "sides": sides,
             "max_index_memory": self.manifest.get("max_index_memory"),
             "exclusions": self.manifest.get("exclusions", Exclusions().entry()),
+            "source": self.manifest.get("source"),  # the folder or manifest the images mirror
             "size_bytes": self.directory.size_on_disk(),
         }
 

@@ -27,6 +27,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--chunk-size", type=int, default=1024, help="embeddings committed per chunk")
     p.add_argument("--no-thumbnails", action="store_true",
                    help="keep no JPEG display copies (the app then makes its result tiles from the originals)")
+    p.add_argument("--replace", action="store_true",
+                   help="index another folder or manifest than the one the index mirrors in its place (a library "
+                   "moved elsewhere); without it a run that would take photos out so is refused")
     _exclusion_flags(p)
     _speed_flags(p)
     p.set_defaults(func=_index)
@@ -192,7 +195,7 @@ def _index(args: argparse.Namespace) -> int:
     summary = index_images(args.images, args.out, args.model, args.factory, args.batch_size, args.workers,
                            args.chunk_size, progress=not args.no_progress, query_models=not args.no_query_export,
                            thumbnails=not args.no_thumbnails, max_index_memory=args.max_index_memory,
-                           exclusions=_exclusions(args))
+                           exclusions=_exclusions(args), replace=args.replace)
     print(summary.line())
     return 0
 
@@ -348,6 +351,8 @@ def _info(args: argparse.Namespace) -> int:
     print(f"index     {info['index_dir']}", file=out)
     print(f"model     {info['model']['name']} (spec {info['model']['spec']}, weights {info['model']['checksum'][:12]})")
     print(f"dim       {info['dim']} ({info['metric']})")
+    if info["source"]:
+        print(f"source    {info['source']} (the images mirror it)")
     for side, s in info["sides"].items():
         when = datetime.datetime.fromtimestamp(s["updated"]).isoformat(timespec="seconds")
         merged = " on disk" if s.get("lists_on_disk") else ""

@@ -353,6 +353,7 @@ def index_images(
     thumbnails: bool = True,
     max_index_memory: int | None = None,
     exclusions: Exclusions | None = None,
+    replace: bool = False,
 ) -> IndexingSummary:
     """Index (or update the index of) an image folder or manifest. Returns the run's summary.
     `thumbnails`: keep a JPEG display copy of each new image content (the app's result tiles).
@@ -360,6 +361,8 @@ def index_images(
     `model`: a spec or a loaded model; None: the index's own model, else the default.
     `exclusions`: what below a folder is not part of the collection (`exclusions.Exclusions`), kept with the index
     for the runs after this one; None: those kept by the last run given some (a manifest: none apply).
+    `replace`: index another source than the one the index mirrors in its place, though photos leave the index
+    (else refused: `_refuse_to_switch`).
 
     The model is loaded only if there is something new to embed (or the text tower to export:
     `text_query_model`, kept for torch-free text queries); the FAISS index is rebuilt only if the
@@ -377,7 +380,7 @@ def index_images(
         with directory.writing() if ranks.is_main else nullcontext():  # one writer at a time (the main rank)
             summary = _index_images(source, directory, _ModelOnDemand(model, directory, ranks), ranks, factory,
                                     batch_size, workers, chunk_size, progress, query_models, thumbnails,
-                                    max_index_memory, exclusions)
+                                    max_index_memory, exclusions, replace)
     finally:
         ranks.close()
     summary.seconds = time.time() - start
@@ -386,7 +389,8 @@ def index_images(
 
 def _index_images(source, directory: IndexDirectory, models: _ModelOnDemand, ranks: Ranks, factory: str,
                   batch_size: int, workers: int | None, chunk_size: int, progress: bool, query_models: bool,
-                  thumbnails: bool, max_index_memory: int | None, exclusions: Exclusions | None) -> IndexingSummary:
+                  thumbnails: bool, max_index_memory: int | None, exclusions: Exclusions | None,
+                  replace: bool) -> IndexingSummary:
     ingested = repaired = 0
     if ranks.is_main:
         ingested, repaired = _prepare(directory, models, factory)
@@ -399,6 +403,8 @@ def _index_images(source, directory: IndexDirectory, models: _ModelOnDemand, ran
     if exclusions is None:
         exclusions = directory.kept_exclusions() if folder else Exclusions()
     items = read_collection(source, unreadable, exclusions)
+    if not replace:
+        _refuse_to_switch(Path(source).resolve(), directory, items)
     plan = _plan(items, directory, ranks)
     _refuse_to_empty(source, directory, "images", len(items) - len(plan.errors), len(items), unreadable)
     plan.errors.extend(unreadable)  # reported with the files skipped
@@ -447,8 +453,10 @@ def _index_images(source, directory: IndexDirectory, models: _ModelOnDemand, ran
         changed = bool(ingested or writer.count or gone or repaired)
     _publish(directory, "images", factory, changed, summary, models, query_models, progress,
              max_index_memory, ranks)
-    if ranks.is_main and given and folder and directory.exists():  # after a run that ended: the next one goes on
-        directory.keep_exclusions(exclusions)
+    if ranks.is_main and directory.exists():  # after a run that ended: the next one goes on from it
+        directory.keep_source(str(Path(source).resolve()))
+        if given and folder:
+            directory.keep_exclusions(exclusions)
     summary.model_loaded = models.loaded
     ranks.barrier()
     return summary
@@ -511,6 +519,30 @@ def index_texts(
                                chunk_size, progress, query_models, max_index_memory)
     summary.seconds = time.time() - start
     return summary
+
+
+class SourceSwitchError(IndexDirectoryError):
+    """Another source than the one the index mirrors, which would take photos out (`_refuse_to_switch`)."""
+
+
+def _refuse_to_switch(source: Path, directory: IndexDirectory, items: Sequence[CollectionItem]) -> None:
+    """A run of another source than the one the index mirrors (`IndexDirectory.kept_source`) that would take photos
+    out of the index: most often another folder given by mistake (a second folder replaces the first rather than
+    joining it; a subfolder drops the rest), or a library moved elsewhere. Refused in one line, before any file is
+    read, unless `replace` (photos that moved are then not embedded again: their contents are kept retired). The
+    same source with other photos (another card in the reader) is the index following it, not refused."""
+    kept = directory.kept_source()
+    if kept is None or kept == str(source):
+        return
+    listed = {item.path for item in items}
+    held = directory.store.stats("images")
+    leaving = sum(key not in listed for key in held)
+    if leaving and any(os.path.exists(path) for path in listed):  # else a drive not mounted: `_refuse_to_empty`
+        raise SourceSwitchError(
+            f"{source}: not the source {directory.root} mirrors ({kept}), and indexing it would take {leaving} of its "
+            f"{len(held)} photos out. To index it in its place: otclip index {source} --out {directory.root} "
+            "--replace (photos that moved are not embedded again); to search both, index a folder that holds both or "
+            "a manifest that lists both, or serve two indexes")
 
 
 class EmptySourceError(IndexDirectoryError):

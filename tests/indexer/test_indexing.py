@@ -1,6 +1,7 @@
 import json
 import os
 import shutil
+import sqlite3
 import subprocess
 import sys
 import time
@@ -682,3 +683,45 @@ def test_camera_raw_files_are_indexed_unless_a_developed_photo_stands_for_them(t
     directory.close()
     hits = IndexSearcher(out, model=default_model).search_image(photos / "IMG_2.dng", k=1)  # a RAW file as the query
     assert hits[0].path.endswith("IMG_2.dng") and hits[0].score == pytest.approx(1.0, abs=1e-4)
+
+
+def test_another_source_that_would_take_photos_out_is_refused(gallery, tmp_path, default_model, capsys):
+    """An index mirrors one source: indexing another folder into it had replaced the collection in silence (a
+    second year's folder took the first year's photos out of search). Now a run of another source than the one kept
+    (`manifest.json` "source") that would take photos out is refused in one line, nothing changed; one that only
+    adds (a parent folder) is not; `--replace` indexes the other source in its place, moved photos not embedded."""
+    import pytest
+
+    from otclip.indexer.pipeline import SourceSwitchError, index_images
+    from otclip.main import main
+
+    library = tmp_path / "library"
+    library.mkdir()
+    year1, year2 = gallery.rename(library / "2023"), library / "2024"
+    year2.mkdir()
+    shutil.copy(year1 / "rocket.jpg", year2 / "launch.jpg")
+    out = tmp_path / "ix"
+    index_images(year1, out, default_model, progress=False, workers=0, query_models=False, thumbnails=False)
+    assert json.loads((out / "manifest.json").read_text())["source"] == str(year1.resolve())
+
+    def held() -> set[str]:
+        with sqlite3.connect(out / "metadata.sqlite") as db:
+            return {key for (key,) in db.execute("SELECT key FROM items WHERE side = 'images'")}
+
+    before = held()
+    with pytest.raises(SourceSwitchError, match=f"{year2}: not the source {out} mirrors \\({year1}\\), and indexing "
+                                                "it would take 20 of its 20 photos out.*--replace"):
+        index_images(year2, out, default_model, progress=False, workers=0)
+    assert held() == before and len(before) == 20
+    code = main(["index", str(year2), "--out", str(out), "--no-progress"])
+    assert code == 2 and "--replace" in capsys.readouterr().err  # the command line: one line, exit 2
+    assert main(["info", str(out)]) == 0 and f"source    {year1.resolve()} (the images mirror it)" in capsys.readouterr().out
+
+    summary = index_images(library, out, default_model, progress=False, workers=0, query_models=False)
+    assert (summary.total, summary.removed, summary.embedded) == (21, 0, 0)  # a parent folder only adds
+    with pytest.raises(SourceSwitchError, match="would take 1 of its 21 photos out"):
+        index_images(year1, out, default_model, progress=False, workers=0)  # a subfolder would drop the rest
+    moved = library.rename(tmp_path / "moved")  # the library moved elsewhere: in its place, nothing embedded again
+    summary = index_images(moved, out, default_model, progress=False, workers=0, query_models=False, replace=True)
+    assert (summary.total, summary.removed, summary.embedded) == (21, 21, 0)
+    assert json.loads((out / "manifest.json").read_text())["source"] == str(moved.resolve())
