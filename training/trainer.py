@@ -104,6 +104,7 @@ class Trainer:
         self.best = -1.0
         self.matching = None
         self._load_features()
+        self._refuse_without_both_unpaired_sides()
         params = self.trainable.trainable_parameters()
         self.optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -117,6 +118,18 @@ class Trainer:
         if self.trainable.cache_images:
             return cache.images(paths, failures)
         return cache.encoder.pixels(paths, progress=self.progress, failures=failures)
+
+    def _refuse_without_both_unpaired_sides(self) -> None:
+        """Every regularizer reads unpaired images and unpaired texts; with fewer than two of either (none in the
+        corpus, or the unpaired images unreadable) its term is never computed, and the run would train the pairs
+        alone under its name."""
+        if self.regularizer is None:
+            return
+        images, texts = (0 if t is None else len(t) for t in (self.unp_img, self.unp_txt))
+        if min(images, texts) < 2:
+            raise ValueError(f"--reg {self.cfg.reg} aligns unpaired images with unpaired texts, but {self.cfg.corpus} "
+                             f"has {images} (readable) unpaired images and {texts} unpaired texts (rows with an image "
+                             "and no text, rows with a text and no image): add the missing ones, or use --reg none")
 
     def _readable(self, cache: FeatureCache, rows: list[CorpusRow]) -> tuple[list[CorpusRow], torch.Tensor | None]:
         """The rows whose image can be read, and their image inputs (None if no row is left); the others are skipped

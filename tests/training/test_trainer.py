@@ -156,6 +156,23 @@ def test_label_positives_need_labels(tmp_path):
         Trainer(TrainConfig(corpus=str(tmp_path), out=str(tmp_path / "r"), positives="label"), progress=False)
 
 
+def test_a_regularizer_without_unpaired_images_or_texts_is_refused(small_corpus, tmp_path, default_model):
+    """A corpus of pairs and unpaired images only (a user's captioned manifest) trained with --reg ot-pairwise had
+    run as the pairs alone: the term is computed only where both unpaired sides exist."""
+    from otclip.training.trainer import TrainConfig, Trainer
+
+    rows = [json.loads(line) for line in (small_corpus / "train.jsonl").read_text().splitlines()]
+    for kept, missing in (("image", "0 unpaired texts"), ("text", r"0 \(readable\) unpaired images")):
+        corpus = tmp_path / kept
+        corpus.mkdir()
+        (corpus / "train.jsonl").write_text("".join(json.dumps({**r, "image": str(small_corpus / r["image"])} if "image" in r
+                                                               else r) + "\n" for r in rows if kept in r))
+        for reg in ("ot-pairwise", "mmcl-nakada"):
+            with pytest.raises(ValueError, match=f"--reg {reg} aligns unpaired images with unpaired texts, .* {missing}"):
+                Trainer(TrainConfig(corpus=str(corpus), out=str(tmp_path / "r"), reg=reg), False, default_model)
+        Trainer(TrainConfig(corpus=str(corpus), out=str(tmp_path / "r")), False, default_model)  # pairs alone: asked
+
+
 def test_bad_corpus_is_a_one_line_error(tmp_path):
     (tmp_path / "train.jsonl").write_text('{"text": "only text"}\n')
     done = subprocess.run([sys.executable, "-m", "otclip", "train", "--corpus", str(tmp_path), "--out", str(tmp_path / "r")],
