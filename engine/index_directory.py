@@ -99,6 +99,8 @@ def _manifest_problem(data: object) -> str | None:
     if not (isinstance(kept, dict) and isinstance(kept.get("patterns"), list)
             and all(isinstance(p, str) for p in kept["patterns"]) and type(kept.get("include_hidden")) is bool):
         return "its exclusions entry is damaged (no list of patterns and include_hidden)"
+    if not isinstance(data.get("source", ""), str):
+        return "its source entry is damaged (not a path)"
     for side, entry in sides.items():
         if not (side in SIDES and isinstance(entry, dict) and type(entry.get("generation")) is int
                 and isinstance(entry.get("factory"), str)):

@@ -725,3 +725,7 @@ def test_another_source_that_would_take_photos_out_is_refused(gallery, tmp_path,
     summary = index_images(moved, out, default_model, progress=False, workers=0, query_models=False, replace=True)
     assert (summary.total, summary.removed, summary.embedded) == (21, 21, 0)
     assert json.loads((out / "manifest.json").read_text())["source"] == str(moved.resolve())
+    manifest = json.loads((out / "manifest.json").read_text())
+    (out / "manifest.json").write_text(json.dumps({**manifest, "source": ["not", "a", "path"]}))
+    with pytest.raises(IndexDirectoryError, match="manifest.json: its source entry is damaged"):
+        IndexDirectory(out).kept_source()
