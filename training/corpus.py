@@ -64,7 +64,8 @@ def load_corpus(path: str | Path, split: str | None = None, require_pairs: bool 
     problems: list[str] = []
     if rows:
         unknown = set(rows[0]) - KNOWN_COLUMNS
-        if unknown and not ("path" in raw[0] and "image" not in raw[0]):  # an index's manifest: its metadata
+        columns = set().union(*raw)
+        if unknown and not ("path" in columns and "image" not in columns):  # an index's manifest: its metadata
             problems.append(f"unknown columns {sorted(unknown)} (expected {sorted(KNOWN_COLUMNS)})")
     corpus = PartiallyPairedCorpus(source=str(path))
     for number, row in enumerate(rows, start=2 if path.suffix.lower() == ".csv" else 1):

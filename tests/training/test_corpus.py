@@ -102,6 +102,8 @@ def test_an_index_manifest_reads_as_a_corpus_and_a_corpus_as_an_index_manifest(t
         corpus = load_corpus(manifest)
         assert [(r.image, r.text) for r in corpus.pairs] == [(str(tmp_path / "a.png"), "a thing")]
         assert [r.image for r in corpus.images] == [str(tmp_path / "b.png")] and corpus.texts[0].text == "words"
+    texts_first = write(tmp_path / "t.jsonl", [{"caption": "words", "camera": "X"}, *rows[:1]])  # path in row 2 only
+    assert len(load_corpus(texts_first).pairs) == 1
     with pytest.raises(CorpusError, match=r"unknown columns \['path'\]"):
         load_corpus(write(tmp_path / "d.jsonl", [{"image": "a.png", "path": "b.png", "text": "x"}]))
 
