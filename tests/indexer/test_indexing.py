@@ -5,6 +5,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import faiss
 import numpy as np
@@ -254,6 +255,21 @@ def test_parquet_and_csv_manifests(tmp_path, sample_dir, default_model):
     (tmp_path / "bad.csv").write_text("file,caption\nx.jpg,y\n")
     with pytest.raises(ValueError, match="no 'path' column"):
         build(tmp_path / "bad.csv", tmp_path / "ix2", default_model)
+
+
+def test_a_training_corpus_reads_as_a_manifest(tmp_path):
+    """A corpus's `image` and `text` stand for `path` and `caption` where those are missing; a manifest's own
+    `caption` wins over a `text` column, kept as metadata."""
+    from otclip.indexer.collection import read_image_manifest
+
+    def rows(name: str, *listed: dict) -> Path:
+        (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in listed))
+        return tmp_path / name
+
+    items = read_image_manifest(rows("e.jsonl", {"image": "a.png", "text": "a thing", "label": "x"}))
+    assert (items[0].path, items[0].caption, items[0].label) == (str(tmp_path / "a.png"), "a thing", "x")
+    items = read_image_manifest(rows("f.jsonl", {"path": "a.png", "caption": "cap", "text": "other"}))
+    assert (items[0].caption, items[0].extra) == ("cap", {"text": "other"})
 
 
 def test_a_missing_metadata_store_is_refused_and_no_embedding_is_deleted(gallery, tmp_path, default_model):

@@ -84,14 +84,12 @@ def test_fashion_mnist_corpus_is_reused_only_when_built_with_the_same_parameters
     assert build()["test_size"] == 20 and inode() != before
 
 
-def test_an_index_manifest_reads_as_a_corpus_and_a_corpus_as_an_index_manifest(tmp_path):
-    """`path` and `caption` stand for `image` and `text` (an index's manifest; its other columns are metadata),
-    in CSV, JSONL and Parquet; a file that has both spellings keeps the strict check."""
+def test_an_index_manifest_reads_as_a_corpus(tmp_path):
+    """`path` and `caption` stand for `image` and `text` (an index's manifest; its other columns are metadata), in
+    JSONL and Parquet (CSV: test_evaluation); a file that has both spellings keeps the strict check."""
     import pyarrow as pa
     import pyarrow.parquet as pq
     from PIL import Image
-
-    from otclip.indexer.collection import read_image_manifest
 
     for name in ("a.png", "b.png"):
         Image.new("RGB", (8, 8)).save(tmp_path / name)
@@ -106,8 +104,3 @@ def test_an_index_manifest_reads_as_a_corpus_and_a_corpus_as_an_index_manifest(t
     assert len(load_corpus(texts_first).pairs) == 1
     with pytest.raises(CorpusError, match=r"unknown columns \['path'\]"):
         load_corpus(write(tmp_path / "d.jsonl", [{"image": "a.png", "path": "b.png", "text": "x"}]))
-
-    items = read_image_manifest(write(tmp_path / "e.jsonl", [{"image": "a.png", "text": "a thing", "label": "x"}]))
-    assert (items[0].path, items[0].caption, items[0].label) == (str(tmp_path / "a.png"), "a thing", "x")
-    items = read_image_manifest(write(tmp_path / "f.jsonl", [{"path": "a.png", "caption": "cap", "text": "other"}]))
-    assert (items[0].caption, items[0].extra) == ("cap", {"text": "other"})  # the file's own caption wins
