@@ -66,7 +66,7 @@ from .faiss_indexes import (
     train_index,
 )
 from .metadata_store import SCHEMA_VERSION, SIDES, ItemRecord, MetadataStore
-from .model_identity import ModelIdentity
+from .model_identity import DEFAULT_MODEL_NAME, ModelIdentity
 from .model_memo import normal_spec
 from .records_log import RecordsLog, chunk_payload, in_order, read_entry
 
@@ -106,6 +106,12 @@ def _manifest_problem(data: object) -> str | None:
                 and isinstance(entry.get("factory"), str)):
             return f"side entry {side!r} damaged (not {' or '.join(SIDES)} with a generation and a factory)"
     return None
+
+
+def model_of(directory: IndexDirectory) -> str:
+    """The spec of the index's own model, else the default's: a command that updates or evaluates an index need
+    not name its model."""
+    return directory.model_spec() if directory.exists() else DEFAULT_MODEL_NAME
 
 
 class LoadedSide(NamedTuple):

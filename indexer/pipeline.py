@@ -31,9 +31,9 @@ from otclip.engine.exclusions import Exclusions
 from otclip.engine.faiss_indexes import auto_factory, new_index
 from otclip.engine.image_batches import ImageBatch
 from otclip.engine.image_paths import shown_path, undecodable_name
-from otclip.engine.index_directory import IndexDirectory
+from otclip.engine.index_directory import IndexDirectory, model_of
 from otclip.engine.metadata_store import ItemRecord
-from otclip.engine.model_identity import DEFAULT_MODEL_NAME, identity_without_loading
+from otclip.engine.model_identity import identity_without_loading
 from otclip.engine.model_memo import normal_spec, remembered_model
 from otclip.engine.query_model_cache import cache_query_model, cached_query_model
 
@@ -71,11 +71,6 @@ class IndexingSummary:
         for tower, reason in self.torch_queries.items():
             s += f", {tower} queries load torch ({reason})"
         return s + f", index {self.factory}, {self.seconds:.1f}s"
-
-
-def model_of(directory: IndexDirectory) -> str:
-    """The spec of the index's own model, else the default's (a run that updates an index need not name it)."""
-    return directory.model_spec() if directory.exists() else DEFAULT_MODEL_NAME
 
 
 class _ModelOnDemand:

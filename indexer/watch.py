@@ -19,10 +19,10 @@ from typing import TYPE_CHECKING
 
 from otclip.engine.errors import IndexDirectoryError
 from otclip.engine.exclusions import Exclusions
-from otclip.engine.index_directory import IndexDirectory
+from otclip.engine.index_directory import IndexDirectory, model_of
 
 from .folder_observer import FolderObserver
-from .pipeline import EmptySourceError, IndexingSummary, index_images, model_of
+from .pipeline import EmptySourceError, IndexingSummary, index_images
 
 if TYPE_CHECKING:
     from otclip.engine import LoadedModel

@@ -55,7 +55,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_wise_ft)
 
     p = sub.add_parser("eval", help="retrieval recall and zero-shot accuracy of a model on a test corpus")
-    p.add_argument("--model", default=DEFAULT_MODEL_NAME, help="model spec or checkpoint (default: %(default)s)")
+    p.add_argument("--model", default=None,
+                   help=f"model spec or checkpoint (default: the --index's model, else {DEFAULT_MODEL_NAME})")
     p.add_argument("--corpus", type=Path, required=True, help="test manifest (pairs; labels for zero-shot)")
     p.add_argument("--relevance", choices=["pair", "label"], default="pair")
     p.add_argument("--unseen", default=None, help="unseen classes (default: from corpus.json beside the manifest)")
@@ -87,12 +88,13 @@ class _GivenFlag(_Given):
 def _eval(args: argparse.Namespace) -> int:
     from otclip.engine import load_model
     from otclip.engine.atomic_files import write_json_atomically, write_lines_atomically
+    from otclip.engine.index_directory import IndexDirectory, model_of
 
     from .evaluation import evaluate, format_report
 
     unseen = [c.strip() for c in args.unseen.split(",") if c.strip()] if args.unseen else None
-    report = evaluate(load_model(args.model), args.corpus, args.relevance, unseen, args.index,
-                      progress=not args.no_progress)
+    model = args.model or (model_of(IndexDirectory(args.index)) if args.index else DEFAULT_MODEL_NAME)
+    report = evaluate(load_model(model), args.corpus, args.relevance, unseen, args.index, progress=not args.no_progress)
     text = format_report(report)
     print(text)
     if args.out:

@@ -84,3 +84,16 @@ def test_one_manifest_serves_the_index_and_the_evaluation(photo_corpus, default_
     index_images(photo_corpus, tmp_path / "ix2", default_model, progress=False, workers=0, query_models=False)
     best = IndexSearcher(tmp_path / "ix2", model=default_model).search("a cat", "images", 1).results[0]
     assert (Path(best.path).name, best.text, best.label) == ("chelsea.jpg", "a cat lying down", "chelsea")
+
+
+def test_eval_through_an_index_uses_the_index_model(photo_corpus, default_model, tmp_path, capsys):
+    """`otclip eval --index DIR` without --model evaluates the index's own model (it loaded the default and was
+    refused by an index of a fine-tuned checkpoint)."""
+    from otclip.engine import save_checkpoint
+    from otclip.indexer.pipeline import index_images
+    from otclip.main import main
+
+    checkpoint = save_checkpoint(default_model, tmp_path / "tuned.pt", name="tuned")
+    index_images(photo_corpus, tmp_path / "ix", str(checkpoint), progress=False, workers=0, query_models=False)
+    assert main(["eval", "--corpus", str(photo_corpus), "--index", str(tmp_path / "ix"), "--no-progress"]) == 0
+    assert capsys.readouterr().out.startswith(f"model tuned@tuned.pt on {photo_corpus}")
