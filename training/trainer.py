@@ -90,6 +90,9 @@ class Trainer:
         self.device = torch.device(device)
         torch.manual_seed(config.seed)
         self.loaded = loaded or load_model(config.model, device=device)
+        # what `otclip wise-ft` interpolates towards: a spec that loads from any folder, and the weights' checksum
+        self.start_model = {"spec": self.loaded.spec or config.model, "name": self.loaded.identity.name,
+                            "checksum": self.loaded.identity.checksum}
         self.trainable = TrainableModel(self.loaded, config.unlock_image, config.unlock_text)
         self.contrastive = ContrastiveLoss()
         self.reg_spec = lookup(config.reg)
@@ -321,7 +324,7 @@ class Trainer:
 
     def save(self, name: str, with_state: bool) -> Path:
         extra = {"train_state": self._train_state()} if with_state else {"train_config": asdict(self.cfg)}
-        return save_checkpoint(self.loaded, self.out / name, extra=extra)
+        return save_checkpoint(self.loaded, self.out / name, extra={**extra, "start_model": self.start_model})
 
     def try_resume(self) -> bool:
         last = self.out / "last.pt"

@@ -37,16 +37,26 @@ def interpolate(zero_shot: LoadedModel, fine_tuned: LoadedModel, alpha: float) -
 
 
 def wise_ft(fine_tuned: str | Path, alpha: float, out: str | Path, zero_shot: str | None = None) -> Path:
-    """Write the interpolated checkpoint to `out`. The zero-shot model defaults to the one the
-    training run recorded (`train_config.model` in the checkpoint)."""
+    """Write the interpolated checkpoint to `out`. The zero-shot model defaults to the one the training run
+    started from: its spec as recorded (`start_model`: absolute paths, so from any folder) and checked against the
+    recorded checksum (weights changed since would be interpolated as if they were the start); a checkpoint of an
+    older run records only its `--model` as given (`train_config.model`)."""
     _check_alpha(alpha)  # before loading two models
     tuned = load_model(str(fine_tuned), device="cpu")  # a clear error for anything but a checkpoint
+    start = None
     if zero_shot is None:
         ckpt = torch.load(fine_tuned, map_location="cpu", weights_only=True)
-        zero_shot = (ckpt.get("train_config") or ckpt.get("train_state", {}).get("config") or {}).get("model")
+        start = ckpt.get("start_model")
+        zero_shot = start["spec"] if start else (
+            ckpt.get("train_config") or ckpt.get("train_state", {}).get("config") or {}).get("model")
         if zero_shot is None:
             raise ValueError(f"{fine_tuned}: records no training config; pass --zero-shot MODEL")
-    merged = interpolate(load_model(zero_shot, device="cpu"), tuned, alpha)
+    base = load_model(zero_shot, device="cpu")
+    if start and base.identity.checksum != start["checksum"]:
+        raise ValueError(f"{fine_tuned}: the model it was fine-tuned from, {zero_shot}, has other weights now "
+                         f"({base.identity.checksum[:12]}, trained from {start['checksum'][:12]}); pass --zero-shot "
+                         "with the model it started from")
+    merged = interpolate(base, tuned, alpha)
     name = f"{tuned.identity.name.split('@')[0]}-wise{alpha:g}"
     return save_checkpoint(merged, out, name=name, extra={"wise_ft": {"zero_shot": zero_shot, "fine_tuned": str(fine_tuned),
                                                                       "alpha": alpha}})

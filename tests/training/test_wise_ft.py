@@ -55,3 +55,33 @@ def test_cli_writes_a_checkpoint_between_the_run_and_its_starting_model(small_co
     bad = subprocess.run([sys.executable, "-m", "otclip", "wise-ft", str(run / "missing.pt"), "--alpha", "1.5", "--out",
                           str(tmp_path / "x.pt")], capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and bad.stderr.strip() == "otclip wise-ft: --alpha 1.5: must be in [0, 1]"
+
+
+def test_the_model_a_run_started_from_is_found_from_any_folder_and_checked(small_corpus, tmp_path, monkeypatch,
+                                                                          default_model):
+    """A run fine-tuned from `--model base.pt` (a path relative to where it ran) had recorded only that path, so
+    `wise-ft` from another folder could not find it (or found another file of that name); the run now records the
+    absolute path and the weights' checksum, and refuses weights changed since."""
+    from otclip.engine import save_checkpoint
+    from otclip.training.trainer import TrainConfig, Trainer
+    from otclip.training.wise_ft import wise_ft
+
+    project = tmp_path / "project"
+    base = save_checkpoint(default_model, project / "base.pt", name="base")
+    monkeypatch.chdir(project)
+    Trainer(TrainConfig(corpus=str(small_corpus), out="run", model="base.pt", steps=4, batch_size=16, eval_every=4,
+                        lr=1e-2), progress=False).train()
+    monkeypatch.chdir(tmp_path)
+    out = wise_ft(project / "run" / "best.pt", 0.5, tmp_path / "wise.pt")
+    start, tuned, merged = (load_model(str(m), device="cpu").model.state_dict() for m in (base, project / "run" /
+                                                                                        "best.pt", out))
+    moved = [k for k in start if start[k].is_floating_point() and not torch.equal(start[k], tuned[k])]
+    assert moved
+    for k in moved:
+        assert torch.allclose(merged[k], 0.5 * start[k] + 0.5 * tuned[k], atol=1e-6)
+    changed = load_model(str(base), device="cpu")
+    with torch.no_grad():
+        next(p for p in changed.model.parameters() if p.is_floating_point()).add_(1.0)
+    save_checkpoint(changed, base, name="base")  # the same path, other weights
+    with pytest.raises(ValueError, match="best.pt: the model it was fine-tuned from, .*base.pt, has other weights"):
+        wise_ft(project / "run" / "best.pt", 0.5, tmp_path / "wise2.pt")
