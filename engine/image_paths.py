@@ -4,6 +4,7 @@ parses queries with it)."""
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 # cameras' RAW files, decoded by LibRaw (rawpy): Adobe, Canon, Nikon, Sony, Fujifilm, Olympus/OM, Panasonic, Pentax,
@@ -20,6 +21,17 @@ def is_image_path(path: str | Path) -> bool:
 
 def is_raw_path(path: str | Path) -> bool:
     return os.path.splitext(path)[1].lower() in RAW_EXTENSIONS
+
+
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
+DOWNLOAD_FIRST = "otclip reads files on disk: download the images first (e.g. with img2dataset)"
+URL_REASON = f"a URL, not a file: {DOWNLOAD_FIRST}"
+
+
+def is_url(path: str) -> bool:
+    """A web address rather than a file (LAION-style manifests list URLs); read as a relative path, it was reported
+    as a missing file under the manifest's folder."""
+    return bool(_URL.match(path))
 
 
 def undecodable_name(path: str) -> str | None:

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from otclip.engine.exclusions import Exclusions
-from otclip.engine.image_paths import is_image_path, is_raw_path, shown_path
+from otclip.engine.image_paths import DOWNLOAD_FIRST, is_image_path, is_raw_path, is_url, shown_path
 from otclip.engine.manifests import MANIFEST_SUFFIXES, read_rows, with_aliases
 
 
@@ -93,16 +93,20 @@ def read_image_manifest(path: Path) -> list[CollectionItem]:
     for row in rows:
         if not _clean(row.get("path")):
             continue
-        p = Path(str(row["path"]))
+        listed = str(row["path"])  # a URL as given: skipped by the run with URL_REASON
+        p = Path(listed)
         extra = {k: v for k, v in row.items() if k not in ("path", "caption", "label") and v not in (None, "")}
         items.append(
             CollectionItem(
-                os.path.abspath(p if p.is_absolute() else path.parent / p),
+                listed if is_url(listed) else os.path.abspath(p if p.is_absolute() else path.parent / p),
                 _clean(row.get("caption")),
                 _clean(row.get("label")),
                 json.loads(json.dumps(extra, default=str)),
             )
         )
+    if items and all(is_url(item.path) for item in items):
+        raise ValueError(f"{path}: its {len(items)} paths are URLs (the first: {items[0].path}); {DOWNLOAD_FIRST} "
+                         "and list the files")
     return items
 
 

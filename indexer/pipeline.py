@@ -30,7 +30,7 @@ from otclip.engine.errors import IndexDirectoryError
 from otclip.engine.exclusions import Exclusions
 from otclip.engine.faiss_indexes import auto_factory, new_index
 from otclip.engine.image_batches import ImageBatch
-from otclip.engine.image_paths import shown_path, undecodable_name
+from otclip.engine.image_paths import URL_REASON, is_url, shown_path, undecodable_name
 from otclip.engine.index_directory import IndexDirectory, model_of
 from otclip.engine.metadata_store import ItemRecord
 from otclip.engine.model_identity import identity_without_loading
@@ -211,6 +211,8 @@ class _Plan:
 
 
 def _stat(item: CollectionItem) -> tuple[int, int] | str:
+    if is_url(item.path):
+        return URL_REASON
     if reason := undecodable_name(item.path):
         return reason
     try:

@@ -8,6 +8,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from otclip.engine.image_paths import URL_REASON, is_url
 from otclip.engine.manifests import MANIFEST_SUFFIXES, read_rows, with_aliases
 
 KNOWN_COLUMNS = {"image", "text", "label", "split"}
@@ -77,6 +78,9 @@ def load_corpus(path: str | Path, split: str | None = None, require_pairs: bool 
             continue
         if "text" in row and text is not None and not _blank(image) and isinstance(text, str) and text != "" and not text.strip():
             problems.append(f"row {number}: empty text")
+            continue
+        if not _blank(image) and is_url(str(image)):
+            problems.append(f"row {number}: image {image} is {URL_REASON}")
             continue
         if not _blank(image):
             p = Path(str(image))

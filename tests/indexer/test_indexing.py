@@ -272,6 +272,23 @@ def test_a_training_corpus_reads_as_a_manifest(tmp_path):
     assert (items[0].caption, items[0].extra) == ("cap", {"text": "other"})
 
 
+def test_urls_in_a_manifest_are_named_as_urls(tmp_path, sample_dir, default_model):
+    """A LAION-style manifest lists URLs: each was read as a path below the manifest's folder and reported as
+    `/folder/https:/host/a.jpg: missing file`. A URL row is now skipped as a URL, named as listed; a manifest of
+    URLs only is refused in one line."""
+    manifest = tmp_path / "m.csv"
+    manifest.write_text(f"path,caption\nhttps://example.com/a.jpg,a cat\n{sample_dir / 'rocket.jpg'},a rocket\n")
+    summary = build(manifest, tmp_path / "ix", default_model)
+    assert (summary.total, summary.skipped) == (1, 1)
+    skipped = [json.loads(line) for line in (tmp_path / "ix" / "errors.jsonl").read_text().splitlines()]
+    assert skipped == [{"path": "https://example.com/a.jpg", "reason": "a URL, not a file: otclip reads files on disk: "
+                                                                      "download the images first (e.g. with img2dataset)"}]
+    manifest.write_text("path\nhttps://example.com/a.jpg\ns3://bucket/b.jpg\n")
+    with pytest.raises(ValueError, match=r"m.csv: its 2 paths are URLs \(the first: https://example.com/a.jpg\); "
+                                         "otclip reads files on disk: download the images first"):
+        build(manifest, tmp_path / "ix2", default_model)
+
+
 def test_a_missing_metadata_store_is_refused_and_no_embedding_is_deleted(gallery, tmp_path, default_model):
     """Before: `reindex` made a fresh empty store, then deleted every chunk it did not reference, and exited 0."""
     out = tmp_path / "idx"

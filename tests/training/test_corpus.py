@@ -102,5 +102,7 @@ def test_an_index_manifest_reads_as_a_corpus(tmp_path):
         assert [r.image for r in corpus.images] == [str(tmp_path / "b.png")] and corpus.texts[0].text == "words"
     texts_first = write(tmp_path / "t.jsonl", [{"caption": "words", "camera": "X"}, *rows[:1]])  # path in row 2 only
     assert len(load_corpus(texts_first).pairs) == 1
+    with pytest.raises(CorpusError, match="row 2: image https://example.com/c.jpg is a URL, not a file"):
+        load_corpus(write(tmp_path / "u.jsonl", [rows[0], {"path": "https://example.com/c.jpg", "caption": "c"}]))
     with pytest.raises(CorpusError, match=r"unknown columns \['path'\]"):
         load_corpus(write(tmp_path / "d.jsonl", [{"image": "a.png", "path": "b.png", "text": "x"}]))
