@@ -245,10 +245,7 @@ class IndexDirectory:
     def keep_source(self, source: str) -> None:
         """Remember the source an image run indexed, in manifest.json: a later run of another source is checked
         (the index mirrors one source)."""
-        manifest = self.manifest()
-        if manifest.get("source") != source:
-            manifest["source"] = source
-            write_json_atomically(self.manifest_path, manifest)
+        self._keep("source", source)
 
     def kept_exclusions(self) -> Exclusions:
         """What runs over a folder leave out, as the last run that was given exclusions kept them
@@ -259,13 +256,17 @@ class IndexDirectory:
     def keep_exclusions(self, exclusions: Exclusions) -> None:
         """Keep a folder run's exclusions for the runs after it, which are not given them again (the defaults
         keep nothing). Kept in manifest.json, as the memory budget is."""
+        self._keep("exclusions", exclusions.entry() if exclusions != Exclusions() else None)
+
+    def _keep(self, key: str, value: object) -> None:
+        """Keep a run's setting in manifest.json for the runs after it (None: none kept), written only when it
+        changed: a write is a new manifest, which every reader of the index reloads."""
         manifest = self.manifest()
-        entry = exclusions.entry()
-        if manifest.get("exclusions") == (entry if exclusions != Exclusions() else None):
+        if manifest.get(key) == value:
             return
-        manifest.pop("exclusions", None)
-        if exclusions != Exclusions():
-            manifest["exclusions"] = entry
+        manifest.pop(key, None)
+        if value is not None:
+            manifest[key] = value
         write_json_atomically(self.manifest_path, manifest)
 
     def check_model(self, identity: ModelIdentity) -> None:
