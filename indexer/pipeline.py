@@ -400,8 +400,9 @@ def _index_images(source, directory: IndexDirectory, models: _ModelOnDemand, ran
     if exclusions is None:
         exclusions = directory.kept_exclusions() if folder else Exclusions()
     items = read_collection(source, unreadable, exclusions)
+    here = Path(source).resolve()  # the source as the index keeps it
     if not replace:
-        _refuse_to_switch(Path(source).resolve(), directory, items)
+        _refuse_to_switch(here, directory, items)
     plan = _plan(items, directory, ranks)
     _refuse_to_empty(source, directory, "images", len(items) - len(plan.errors), len(items), unreadable)
     plan.errors.extend(unreadable)  # reported with the files skipped
@@ -451,7 +452,7 @@ def _index_images(source, directory: IndexDirectory, models: _ModelOnDemand, ran
     _publish(directory, "images", factory, changed, summary, models, query_models, progress,
              max_index_memory, ranks)
     if ranks.is_main and directory.exists():  # after a run that ended: the next one goes on from it
-        directory.keep_source(str(Path(source).resolve()))
+        directory.keep_source(str(here))
         if given and folder:
             directory.keep_exclusions(exclusions)
     summary.model_loaded = models.loaded
