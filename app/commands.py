@@ -62,11 +62,10 @@ def _serve(args: argparse.Namespace) -> int:
     for index_dir in args.index_dirs:
         IndexDirectory(index_dir).manifest()
     _check_listening(args.host, args.port)
-    from .server import EXAMPLE_QUERIES, serve
+    from .server import serve
 
     where = ", ".join(map(str, args.index_dirs))
-    print(f"otclip: serving {where} on http://{args.host}:{args.port} (API: /api/docs; try: "
-          f"{', '.join(EXAMPLE_QUERIES[:4])})")
+    print(f"otclip: serving {where} on http://{args.host}:{args.port} (API: /api/docs)")
     serve(list(args.index_dirs), args.host, args.port, args.report, threads=args.threads)
     return 0
 

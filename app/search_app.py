@@ -24,6 +24,8 @@ from otclip.engine.result_export import results_csv
 from otclip.engine.search import IndexSearcher
 from otclip.engine.search_results import SearchPage, SearchResult
 
+from . import example_queries
+
 MAX_UPLOAD_PIXELS = 40_000_000
 # a page's "Results as CSV" stays downloadable this long after its search, unless CSV_FILES_KEPT newer ones were
 # written since (a few kB each): a long-running server does not fill the disk with them
@@ -86,6 +88,12 @@ class SearchApp:
             raise gr.Error(f"{exc}") from None
 
     # --- what the UI shows -------------------------------------------------------------------------
+    def examples(self) -> list[str]:
+        """The queries the page offers for this collection (`example_queries.suggest`), the model call under the
+        server's model lock as any other."""
+        with self.texts.lock:
+            return example_queries.suggest(self.searcher)
+
     def _tile(self, r: SearchResult):
         """The thumbnail `otclip index` kept (a file in the index's thumbnails folder, the only folder
         Gradio may serve), else one made here from the indexed original; never the original itself."""

@@ -31,9 +31,9 @@ from .http_api import build_api
 from .image_uploads import PAGE_SCRIPT
 from .immutable_tiles import ImmutableTiles
 from .search_app import MAX_UPLOAD_PIXELS, SearchApp
-from .ui import EXAMPLE_QUERIES, build_ui
+from .ui import build_ui
 
-__all__ = ["EXAMPLE_QUERIES", "serve"]
+__all__ = ["serve"]
 MAX_UPLOAD = 20 * 1024 * 1024  # bytes of one image, uploaded or inline (base64 in the JSON body)
 MAX_BODY = MAX_UPLOAD * 4 // 3 + 1024 * 1024  # base64 grows 4/3; + the JSON around it
 CONCURRENT_REQUESTS = 8  # requests in flight (decoding, thumbnails, FAISS); model calls are batched, one at a time

@@ -29,8 +29,6 @@ ORIGINAL_ROUTE = API_MOUNT + API_ORIGINAL  # an indexed image's original file, b
 # buttons) stay queued, as gradio_client expects; so does a click on a result (Gradio passes its event data
 # only to a function whose own signature asks for it).
 PAGE_EVENT = {"api_name": False, "queue": False, "preprocess": False, "postprocess": False}  # with _unqueued (below)
-EXAMPLE_QUERIES = ["a cat", "a cup of coffee", "a rocket", "galaxies in deep space", "a sneaker", "a dress",
-                   "2:a cat - an animal"]
 
 
 def _image_input(elem_id: str) -> gr.Image:
@@ -103,7 +101,11 @@ def build_ui(apps: dict[str, SearchApp], report: Path | None = None) -> gr.Block
                 query = gr.Textbox(label="Query (texts, indexed images' paths, 2:weights, - exclusions)",
                                    placeholder="a cat", scale=4, elem_id="query")
                 search = gr.Button("Search", variant="primary", scale=1, elem_id="search")
-            gr.Examples(EXAMPLE_QUERIES, inputs=query)
+            offered = {name: app.examples() for name, app in apps.items()}  # chosen once, as the server starts
+            examples = _examples(query, offered[names[0]])
+            examples.click(lambda sample: sample[0], examples, query, queue=False, show_progress="hidden", api_name=False)
+            collection.change(lambda name: _examples(query, offered[name]), collection, examples, queue=False,
+                              show_progress="hidden", api_name=False)
             status = gr.Markdown(elem_id="t2i-status")
             gallery = inline_gallery(label="Results", columns=6, height="auto", elem_id="t2i-gallery")
             with gr.Row():
@@ -252,6 +254,13 @@ def _buttons(more: bool, csv: str | None, sent: tuple[bool, bool]) -> tuple:
     else:
         csv_out = gr.update(value=csv, visible=csv is not None)
     return more_out, csv_out, (more, csv is not None)
+
+
+def _examples(query: gr.Textbox, queries: list[str]) -> gr.Dataset:
+    """The collection's example queries (`SearchApp.examples`) as a row of samples that fill the query box; also the
+    update that shows another collection's (the picker's change)."""
+    return gr.Dataset(components=[query], samples=[[q] for q in queries], label="Examples", visible=bool(queries),
+                      elem_id="examples")
 
 
 def _api_outputs() -> list:

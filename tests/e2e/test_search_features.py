@@ -100,16 +100,30 @@ def test_more_results_and_the_csv_export(browser, two_collections):
     assert [int(r["rank"]) for r in rows] == list(range(1, 21))
 
 
+def examples(browser):
+    from selenium.webdriver.common.by import By
+
+    return [b.text.strip() for b in browser.find_elements(By.CSS_SELECTOR, "#examples button") if b.text.strip()]
+
+
 def test_the_collection_picker_switches_index(browser, two_collections):
+    """... and the example queries under the query box: each collection's own (`example_queries`); one fills the box."""
     from selenium.webdriver.common.by import By
 
     browser.get(two_collections)
     picker = wait_for(browser, lambda d: d.find_element(By.CSS_SELECTOR, "#collection input"))
+    shown = wait_for(browser, examples)
+    assert "a cat" in shown and not {"a dress", "a sneaker"} & set(shown)  # sample photos, no clothes
+    browser.find_element(By.XPATH, "//*[@id='examples']//button[normalize-space()='a cat']").click()
+    box = browser.find_element(By.CSS_SELECTOR, "#query textarea")
+    wait_for(browser, lambda d: box.get_attribute("value") == "a cat")
     picker.click()
     option = wait_for(browser, lambda d: [o for o in d.find_elements(By.CSS_SELECTOR, "ul.options li, [role='option']")
                                           if o.text.strip() == "farm"])
     option[0].click()
-    box = browser.find_element(By.CSS_SELECTOR, "#query textarea")
+    farm = wait_for(browser, lambda d: (found := examples(d)) != shown and found)
+    assert 1 <= len(farm) <= 2 and "a cat" not in farm  # two photos, a horse and a camera: one example each at most
+    box.clear()
     box.send_keys("a camera")
     browser.find_element(By.ID, "search").click()
     wait_for(browser, lambda d: d.find_element(By.ID, "t2i-status").text.startswith("2 results"))

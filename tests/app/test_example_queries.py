@@ -1,0 +1,72 @@
+"""The page's example queries are those its collection answers best (a fixed list offered "a rocket" and "a dress" over
+anybody's photos): real indexes of photos and of clothes, the real default model."""
+
+import pytest
+
+from otclip.engine import fashion_mnist
+
+CLOTHES = {"a sneaker", "a dress", "a shirt", "a bag", "a coat", "trousers", "a sandal"}
+
+
+def scored(searcher, queries):
+    """Each query's best match (score, id), searched one at a time."""
+    return [(r.score, r.id) for r in (searcher.search_text(q, k=1)[0] for q in queries)]
+
+
+def test_a_photo_collection_is_offered_its_own_subjects(demo_index, default_model):
+    from otclip.app.example_queries import CANDIDATES, SHOWN, suggest
+    from otclip.engine.search import IndexSearcher
+
+    searcher = IndexSearcher(demo_index / "index", model=default_model)
+    offered = suggest(searcher)
+    assert "a cat" in offered and not CLOTHES & set(offered)
+    assert len(offered) == SHOWN and set(offered) <= set(CANDIDATES)
+    best = scored(searcher, offered)
+    assert [s for s, _ in best] == sorted((s for s, _ in best), reverse=True)
+    assert len({i for _, i in best}) == len(best)  # one subject per best-matching photo
+    # no candidate left out scores above the last one offered with a best match of its own
+    taken = {i for _, i in best}
+    left = [(s, i) for s, i in scored(searcher, [c for c in CANDIDATES if c not in offered]) if i not in taken]
+    assert all(s <= best[-1][0] + 1e-6 for s, _ in left)
+
+
+@pytest.mark.skipif(not fashion_mnist.available(), reason="Debian's dataset-fashion-mnist is not installed")
+def test_a_collection_of_clothes_is_offered_clothes(tmp_path, default_model):
+    from otclip.app.example_queries import suggest
+    from otclip.engine.search import IndexSearcher
+    from otclip.indexer.pipeline import index_images
+
+    images, _ = fashion_mnist.load_split("test")
+    (tmp_path / "clothes").mkdir()
+    for i in range(60):
+        fashion_mnist.to_photo(images[i]).save(tmp_path / "clothes" / f"{i:03d}.png")
+    index_images(tmp_path / "clothes", tmp_path / "ix", default_model, progress=False, workers=0, query_models=False)
+    offered = suggest(IndexSearcher(tmp_path / "ix", model=default_model))
+    assert len(offered) >= 4 and set(offered) <= CLOTHES
+
+
+def test_an_index_of_texts_alone_offers_none(tmp_path, default_model):
+    from otclip.app.example_queries import suggest
+    from otclip.engine.search import IndexSearcher
+    from otclip.indexer.pipeline import index_texts
+
+    (tmp_path / "captions.txt").write_text("a cat\na rocket\n")
+    index_texts(tmp_path / "captions.txt", tmp_path / "ix", default_model, progress=False)
+    assert suggest(IndexSearcher(tmp_path / "ix", model=default_model)) == []
+
+
+def test_two_photos_are_offered_two_examples(demo_index, tmp_path, default_model):
+    """Candidates whose best match is the same photo name one subject: one example for each photo."""
+    import shutil
+
+    from otclip.app.example_queries import suggest
+    from otclip.engine.search import IndexSearcher
+    from otclip.indexer.pipeline import index_images
+
+    (tmp_path / "farm").mkdir()
+    for name in ("horse.jpg", "camera.jpg"):
+        shutil.copy(demo_index / "data" / "photos" / name, tmp_path / "farm" / name)
+    index_images(tmp_path / "farm", tmp_path / "ix", default_model, progress=False, workers=0, query_models=False)
+    searcher = IndexSearcher(tmp_path / "ix", model=default_model)
+    offered = suggest(searcher)
+    assert len(offered) == 2 and len({i for _, i in scored(searcher, offered)}) == 2
