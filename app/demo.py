@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from otclip.engine import fashion_mnist
+from otclip.engine.flag_values import check_at_least
 from otclip.engine.model_identity import DEFAULT_MODEL_NAME
 from otclip.engine.prompts import class_prompt, with_article
 from otclip.engine.sample_photos import SAMPLE_PHOTOS, write_sample_photos
@@ -14,6 +15,7 @@ from otclip.engine.sample_photos import SAMPLE_PHOTOS, write_sample_photos
 def write_demo_corpus(data_dir: Path, fashion_mnist_count: int = 300) -> tuple[Path, Path]:
     """The sample photos (+ a Fashion-MNIST test subset when installed) as an image manifest with
     captions, and a caption corpus for the text side. Returns (manifest, captions)."""
+    check_at_least("--fashion-mnist", fashion_mnist_count, 0)
     data_dir.mkdir(parents=True, exist_ok=True)
     rows = []
     for photo, path in zip(SAMPLE_PHOTOS, write_sample_photos(data_dir / "photos")):

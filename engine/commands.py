@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from .flag_values import check_at_least
 from .model_identity import DEFAULT_MODEL_NAME
 
 
@@ -26,8 +27,7 @@ def run_rank(args: argparse.Namespace) -> int:
     from .model_loading import load_model
     from .sample_photos import write_sample_photos
 
-    if args.k < 1:
-        raise ValueError(f"-k {args.k}: must be at least 1")
+    check_at_least("-k", args.k)
     if not all(query.strip() for query in args.queries):
         raise ValueError("empty query: type some words to rank the images by")
     if args.images is None:

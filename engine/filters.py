@@ -12,6 +12,8 @@ import datetime
 import os
 from dataclasses import dataclass, field
 
+from .flag_values import check_at_least
+
 ORIENTATIONS = ("landscape", "portrait", "square")
 COLUMNS = {"label": "label", "caption": "text", "text": "text", "width": "width", "height": "height",
            "size": "size"}  # names a --where may use that are store columns; any other is a manifest column
@@ -126,6 +128,8 @@ def filters_from_strings(under: str | None = None, glob: str | None = None, labe
                          min_height: int | None = None) -> Filters:
     """Filters from what a user typed (the CLI's flags, the HTTP API's parameters, the app's fields), so the
     three read them the same way. Empty strings mean no constraint."""
+    check_at_least("--min-width", min_width, 0)
+    check_at_least("--min-height", min_height, 0)
     return Filters(
         path_prefix=under or None, path_glob=glob or None, label=label or None,
         where=parse_where([w for w in where or [] if w]),

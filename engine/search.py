@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -210,6 +211,8 @@ class IndexSearcher:
             raise ValueError(f"order {order!r}: expected one of {', '.join(ORDERS)}")
         if collapse is not None and not 0 < collapse <= 1:
             raise ValueError(f"collapse {collapse}: a cosine threshold in (0, 1]")
+        if min_score is not None and math.isnan(min_score):
+            raise ValueError(f"min score {min_score}: expected a cosine (results score from -1 to 1)")
         vector = query if isinstance(query, np.ndarray) else self.query_vector(query)
         want = offset + k + 1  # one more than the page: whether a next page exists
         fetch = max(want, DATE_CANDIDATES) if order == "date" else want

@@ -8,6 +8,8 @@ from __future__ import annotations
 import os
 import sys
 
+from .flag_values import check_at_least
+
 
 def available_cores() -> int:
     """Cores this process may run on (its CPU affinity, which containers and `taskset` narrow)."""
@@ -24,8 +26,7 @@ def thread_budget(threads: int | None = None, concurrent_calls: int = 1) -> int:
     """Threads per model call: `threads` when given (the --threads flag), else the process's applied budget
     (or its cores) / concurrent calls."""
     if threads is not None:
-        if threads < 1:
-            raise ValueError(f"--threads {threads}: must be at least 1")
+        check_at_least("--threads", threads)
         return threads
     return max(1, (_applied or available_cores()) // max(1, concurrent_calls))
 

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from otclip.engine import DEFAULT_MODEL_NAME
+from otclip.engine.flag_values import check_at_least
 
 if TYPE_CHECKING:
     from otclip.engine.exclusions import Exclusions
@@ -173,6 +175,8 @@ def parse_size(text: str) -> int:
         size = float(cleaned[:-1] if scale > 1 else cleaned) * scale
     except ValueError:
         raise ValueError(f"--max-index-memory {text!r}: expected a size like 4G, 500M or 2.5GB") from None
+    if not math.isfinite(size):
+        raise ValueError(f"--max-index-memory {text!r}: expected a size like 4G, 500M or 2.5GB")
     if size < 0:
         raise ValueError(f"--max-index-memory {text!r}: a size cannot be negative")
     return int(size)
@@ -339,6 +343,7 @@ def _info(args: argparse.Namespace) -> int:
     from otclip.engine.index_directory import RETIRED_DAYS
     from otclip.engine.search import IndexSearcher
 
+    check_at_least("--recall", args.recall, 0)
     searcher = IndexSearcher(args.index_dir)
     info = searcher.info()
     if args.recall > 0:

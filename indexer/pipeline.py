@@ -29,6 +29,7 @@ from otclip.engine.distributed import Ranks, init_from_env
 from otclip.engine.errors import IndexDirectoryError
 from otclip.engine.exclusions import Exclusions
 from otclip.engine.faiss_indexes import auto_factory, new_index
+from otclip.engine.flag_values import check_at_least
 from otclip.engine.image_batches import ImageBatch
 from otclip.engine.image_paths import URL_REASON, is_url, shown_path, undecodable_name
 from otclip.engine.index_directory import IndexDirectory, model_of
@@ -365,8 +366,8 @@ def index_images(
     `text_query_model`, kept for torch-free text queries); the FAISS index is rebuilt only if the
     indexed set changed or another factory is asked for."""
     start = time.time()
-    if chunk_size < 1:
-        raise ValueError(f"--chunk-size {chunk_size}: must be at least 1")
+    for flag, value, low in (("--batch-size", batch_size, 1), ("--workers", workers, 0), ("--chunk-size", chunk_size, 1)):
+        check_at_least(flag, value, low)
     if Path(source).is_dir() and Path(source).resolve() == Path(index_dir).resolve():
         # its thumbnails would be indexed as photos at the next run, and `watch` would take every change for its own
         raise ValueError(f"--out {index_dir}: the folder being indexed; give the index a folder of its own "
@@ -511,6 +512,8 @@ def index_texts(
     """Index a text corpus as the text side of an index directory (the set of texts in the file).
     Like `index_images`, the model is loaded only for new texts or the text-tower export."""
     start = time.time()
+    check_at_least("--batch-size", batch_size)
+    check_at_least("--chunk-size", chunk_size)
     directory = IndexDirectory(index_dir)
     with directory.writing():
         summary = _index_texts(source, directory, _ModelOnDemand(model, directory, Ranks()), factory, batch_size,

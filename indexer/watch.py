@@ -49,6 +49,8 @@ def watch(folder: str | Path, index_dir: str | Path, model: str | LoadedModel | 
     the system's events (0: events; None: `FolderObserver`'s choice). Returns how many runs were made."""
     if poll is not None and not (math.isfinite(poll) and poll >= 0):
         raise ValueError(f"--poll {poll:g}: expected seconds between listings (0: wait for the system's events)")
+    if not (math.isfinite(settle) and settle >= 0):
+        raise ValueError(f"--settle {settle:g}: expected seconds without changes before a run (0: at once)")
     folder, index_dir = Path(folder).resolve(), Path(index_dir).resolve()
     given: Exclusions | None = index_options.get("exclusions")
     directory = IndexDirectory(index_dir)

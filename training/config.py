@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, fields
 
+from otclip.engine.flag_values import check_at_least, check_positive
 from otclip.engine.model_identity import DEFAULT_MODEL_NAME
 
 
@@ -71,24 +72,18 @@ class TrainConfig:
             raise ValueError(f"--reg {self.reg} needs --match-clusters K: the number of categories in the unpaired data "
                              "(2 or more)")
         for name in ("ot_rho", "match_rho"):
-            value = getattr(self, name)
-            if value is not None and value <= 0:
-                raise ValueError(f"--{name.replace('_', '-')} {value}: must be positive (leave it out for balanced OT)")
-        if self.ot_eps <= 0:
-            raise ValueError(f"--ot-eps {self.ot_eps}: must be positive")
-        if self.lr <= 0:
-            raise ValueError(f"--lr {self.lr}: must be positive")
+            check_positive(f"--{name.replace('_', '-')}", getattr(self, name), " (leave it out for balanced OT)")
+        check_positive("--ot-eps", self.ot_eps)
+        check_positive("--lr", self.lr)
         for name in ("match_min_mass", "match_min_certainty", "match_structure", "pseudo_warmup"):  # shares
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be a share, from 0 to 1")
         for name in ("steps", "batch_size", "unpaired_batch_size", "accum", "eval_every", "save_every", "match_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+            check_at_least(f"--{name.replace('_', '-')}", getattr(self, name))
         # negative values would be read as something else: a slice from the end (val_size, unlock_text), ascent
         for name in ("alpha", "loop_lambda", "weight_decay", "warmup", "unlock_image", "unlock_text", "val_size",
                      "match_clusters"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)}: must not be negative")
+            check_at_least(f"--{name.replace('_', '-')}", getattr(self, name), 0)
 
     def resume_fields(self) -> dict:
         """What must match for a run directory to be resumed (steps and eval cadence may change)."""

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from otclip.engine import fashion_mnist
 from otclip.engine.atomic_files import write_lines_atomically
+from otclip.engine.flag_values import check_at_least
 from otclip.engine.prompts import class_prompt
 
 TEMPLATES = (
@@ -57,8 +58,7 @@ def build_fashion_mnist_corpus(out: str | Path, pair_fraction: float = 0.05, uns
     if not 0 <= pair_fraction <= 1:
         raise ValueError(f"--pair-fraction {pair_fraction}: must be in [0, 1]")
     for flag, size in (("--train-size", train_size), ("--val-size", val_size), ("--test-size", test_size)):
-        if size < 0:  # a negative size would slice from the end: every image but that many
-            raise ValueError(f"{flag} {size}: must not be negative")
+        check_at_least(flag, size, 0)  # a negative size would slice from the end: every image but that many
     out = Path(out)
     pool_seed = seed if pool_seed is None else pool_seed
     unseen_ids = parse_unseen(unseen)

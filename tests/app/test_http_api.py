@@ -69,7 +69,9 @@ def test_an_indexed_image_may_be_a_term_and_nothing_else(api):
 
 def test_bad_requests_are_one_line_400s(api):
     for params, message in (({"q": "cat + "}, "no term"), ({"q": "a cat", "after": "June"}, "--after"),
-                            ({}, "give q"), ({"q": "a cat", "where": "year"}, "COLUMN=VALUE")):
+                            ({}, "give q"), ({"q": "a cat", "where": "year"}, "COLUMN=VALUE"),
+                            ({"q": "a cat", "min_width": -5}, "--min-width -5: must not be negative"),
+                            ({"q": "a cat", "min_score": "nan"}, "min score nan: expected a cosine")):
         response = api.get("/search", params=params)
         assert response.status_code == 400 and message in response.json()["detail"], response.text
     assert api.get("/search", params={"q": "a cat", "k": 0}).status_code == 422  # FastAPI's own validation
