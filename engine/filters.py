@@ -130,6 +130,8 @@ def filters_from_strings(under: str | None = None, glob: str | None = None, labe
     three read them the same way. Empty strings mean no constraint."""
     check_at_least("--min-width", min_width, 0)
     check_at_least("--min-height", min_height, 0)
+    # no image is 2^31 pixels wide (PNG's limit): a larger bound means the same, and SQLite's integers end at 2^63
+    min_width, min_height = (None if v is None else min(v, 2**31) for v in (min_width, min_height))
     return Filters(
         path_prefix=under or None, path_glob=glob or None, label=label or None,
         where=parse_where([w for w in where or [] if w]),

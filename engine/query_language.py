@@ -14,6 +14,7 @@ every term counts by its weight whatever the length of its embedding, and scores
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -130,6 +131,10 @@ def combine(terms: Sequence[Term], encode_texts: Callable[[list], np.ndarray],
             encode_images: Callable[[list], np.ndarray]) -> np.ndarray:
     """The (d,) query vector of the terms: the normalised weighted sum of their normalised embeddings."""
     import numpy as np
+
+    for t in terms:  # a weight the query language cannot write: an API's image_weight (NaN gave no results, silently)
+        if not (math.isfinite(t.weight) and t.weight != 0):
+            raise QueryError(f"weight {t.weight}: a term's weight is a non-zero number (negative excludes)")
 
     texts = [t for t in terms if t.kind == "text"]
     images = [t for t in terms if t.kind == "image"]

@@ -46,6 +46,10 @@ def test_an_uploaded_image_combines_with_text(api, demo_index):
     assert mixed["results"][0]["label"] == "chelsea"  # the text outweighs the image
     texts = api.post("/search", params={"k": 1, "target": "texts"}, files={"image": ("r.jpg", rocket.read_bytes())})
     assert "rocket" in texts.json()["results"][0]["text"]
+    for weight in ("nan", "inf", "0"):  # NaN and inf had answered no results, in silence; 0 an unweighted image
+        refused = api.post("/search", params={"q": "a cat", "image_weight": weight},
+                           files={"image": ("r.jpg", rocket.read_bytes(), "image/jpeg")})
+        assert refused.status_code == 400 and "a term's weight is a non-zero number" in refused.json()["detail"]
 
 
 def test_an_uploaded_camera_raw_file_is_decoded_by_libraw(api, demo_index, tmp_path):
@@ -74,6 +78,9 @@ def test_bad_requests_are_one_line_400s(api):
                             ({"q": "a cat", "min_score": "nan"}, "min score nan: expected a cosine")):
         response = api.get("/search", params=params)
         assert response.status_code == 400 and message in response.json()["detail"], response.text
+    # wider than any image (beyond SQLite's integers: it was a 500): no results, as for any width no image has
+    for side in ("min_width", "min_height"):
+        assert api.get("/search", params={"q": "a cat", side: 10**23}).json()["results"] == []
     assert api.get("/search", params={"q": "a cat", "k": 0}).status_code == 422  # FastAPI's own validation
     assert api.get("/items/999999").status_code == 404
     junk = api.post("/search", files={"image": ("x.png", b"not an image")})
