@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .flag_values import check_at_least
 from .model_identity import DEFAULT_MODEL_NAME
+
+if TYPE_CHECKING:
+    import numpy as np
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -37,14 +42,32 @@ def run_rank(args: argparse.Namespace) -> int:
             raise FileNotFoundError(f"{args.images}: not a folder")
         defaults = Exclusions()  # NAS thumbnails, trash and hidden files are left out, as `otclip index` does
         paths = sorted(p for p in args.images.rglob("*")
-                       if is_image_path(p) and not defaults.covers(p.relative_to(args.images).as_posix()))
+                       if is_image_path(p) and not p.is_dir() and not defaults.covers(p.relative_to(args.images).as_posix()))
         if not paths:
             raise FileNotFoundError(f"{args.images}: no images in it or its subfolders")
     encoder = Encoder(load_model(args.model))
-    images = encoder.encode_images(paths)
+    paths, images = _readable(encoder, paths, args.images or paths[0].parent)
     for query, q in zip(args.queries, encoder.encode_texts(args.queries)):
         scores = images @ q
         print(f"{query!r}:")
         for rank, i in enumerate(scores.argsort()[::-1][: args.k], start=1):
             print(f"  {rank}. {scores[i]:.3f}  {paths[i].name}")
     return 0
+
+
+def _readable(encoder, paths: list[Path], folder: Path) -> tuple[list[Path], np.ndarray]:
+    """The images that decode and their embeddings; those that do not are skipped and named in one line on stderr,
+    as `otclip index` skips them (one empty or damaged file had refused the whole folder)."""
+    import numpy as np
+
+    kept, parts, failed = [], [np.zeros((0, encoder.loaded.embed_dim), np.float32)], []
+    for batch in encoder.iter_image_batches(paths):
+        kept += [paths[i] for i in batch.indices]
+        parts.append(batch.embeddings)
+        failed += [(paths[i], reason) for i, reason in batch.failures]
+    if failed:
+        (first, reason), more = failed[0], f" and {len(failed) - 1} more" if len(failed) > 1 else ""
+        print(f"otclip rank: skipped {len(failed)} of {len(paths)} images: {first} ({reason}){more}", file=sys.stderr)
+    if not kept:
+        raise ValueError(f"{folder}: none of its {len(paths)} images can be read")
+    return kept, np.concatenate(parts)

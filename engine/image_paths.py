@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 from pathlib import Path
 
 # cameras' RAW files, decoded by LibRaw (rawpy): Adobe, Canon, Nikon, Sony, Fujifilm, Olympus/OM, Panasonic, Pentax,
@@ -43,6 +44,15 @@ def undecodable_name(path: str) -> str | None:
     except UnicodeEncodeError:
         return "file name is not UTF-8: rename it (`convmv -r -f cp1252 -t utf8 --notest FOLDER` converts a tree)"
     return None
+
+
+def not_a_file(mode: int) -> str | None:
+    """Why a path whose `os.stat` mode is `mode` is not read as an image, or None for a regular file: reading a pipe
+    waits for a writer and /dev/zero never ends (an index run hung on either, named *.jpg or linked so)."""
+    if stat.S_ISREG(mode):
+        return None
+    kind = "a folder" if stat.S_ISDIR(mode) else "a pipe" if stat.S_ISFIFO(mode) else "a device or socket"
+    return f"not a file ({kind})"
 
 
 def shown_path(path: str) -> str:

@@ -6,13 +6,14 @@ import datetime
 import functools
 import io
 import math
+import os
 import warnings
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .image_paths import is_raw_path
+from .image_paths import is_raw_path, not_a_file
 
 MAX_ASPECT = 50  # longer side / shorter side: beyond it an image is a strip whose resize to the model's
 # input (shorter side -> 224) would be gigapixels (a 1 x 30000 PNG of 204 bytes took 7.6 GB)
@@ -81,6 +82,13 @@ def load_image(source: str | Path | bytes | Image.Image, name: str | None = None
     the header before any pixel is decoded, strips beyond MAX_ASPECT:1 and images over `max_pixels`.
     """
     label = name or (str(source) if isinstance(source, (str, Path)) else "image")
+    if isinstance(source, (str, Path)):
+        try:
+            reason = not_a_file(os.stat(source).st_mode)
+        except OSError:
+            reason = None  # opening it says why
+        if reason:
+            raise ImageDecodeError(label, reason)
     if isinstance(source, (str, Path)) and is_raw_path(source):
         return _load_raw(str(source), label, draft, max_pixels)
     if isinstance(source, bytes) and name and is_raw_path(name):  # an upload, known by its file name

@@ -31,7 +31,7 @@ from otclip.engine.exclusions import Exclusions
 from otclip.engine.faiss_indexes import auto_factory, new_index
 from otclip.engine.flag_values import check_at_least
 from otclip.engine.image_batches import ImageBatch
-from otclip.engine.image_paths import URL_REASON, is_url, shown_path, undecodable_name
+from otclip.engine.image_paths import URL_REASON, is_url, not_a_file, shown_path, undecodable_name
 from otclip.engine.index_directory import IndexDirectory, model_of
 from otclip.engine.metadata_store import ItemRecord
 from otclip.engine.model_identity import identity_without_loading
@@ -222,6 +222,8 @@ def _stat(item: CollectionItem) -> tuple[int, int] | str:
         return "dangling symlink or missing file" if os.path.islink(item.path) else "missing file"
     except OSError as exc:
         return f"cannot stat ({exc.strerror})"
+    if reason := not_a_file(st.st_mode):
+        return reason
     if not os.access(item.path, os.R_OK):
         return "unreadable (permission denied)"
     return st.st_size, st.st_mtime_ns
@@ -251,11 +253,11 @@ def _plan(items: list[CollectionItem], directory: IndexDirectory, ranks: Ranks) 
     retired = directory.store.retired("images")
     candidates: list[tuple[CollectionItem, int, int]] = []
     for item in items:
-        stat = _stat(item)
-        if isinstance(stat, str):
-            plan.errors.append({"path": shown_path(item.path), "reason": stat})
+        stated = _stat(item)
+        if isinstance(stated, str):
+            plan.errors.append({"path": shown_path(item.path), "reason": stated})
             continue
-        size, mtime = stat
+        size, mtime = stated
         row = stored.get(item.path)
         if row is not None and row["size"] == size and row["mtime_ns"] == mtime:
             plan.unchanged += 1

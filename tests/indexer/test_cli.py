@@ -42,6 +42,25 @@ def test_cli_errors_are_one_line(tmp_path):
     assert code == 2 and "not a valid FAISS index description" in stderr
 
 
+def test_rank_skips_what_it_cannot_read(sample_dir, tmp_path, capsys):
+    """As `otclip index` does: an empty or damaged file is skipped and named (it had refused the whole folder); a
+    folder named like an image is not listed; a folder with no readable image is refused in one line."""
+    from otclip.main import main
+
+    shutil.copy(sample_dir / "chelsea.jpg", tmp_path / "chelsea.jpg")
+    (tmp_path / "empty.jpg").touch()
+    (tmp_path / "cut.png").write_bytes((sample_dir / "rocket.jpg").read_bytes()[:100])
+    (tmp_path / "album.jpg").mkdir()
+    code = main(["rank", "a cat", "--images", str(tmp_path), "-k", "5"])
+    out, err = capsys.readouterr()
+    assert code == 0 and out.splitlines()[1].endswith("chelsea.jpg") and len(out.splitlines()) == 2
+    assert err.startswith("otclip rank: skipped 2 of 3 images: ") and "and 1 more" in err and len(err.splitlines()) == 1
+    (tmp_path / "chelsea.jpg").unlink()
+    code = main(["rank", "a cat", "--images", str(tmp_path)])
+    out, err = capsys.readouterr()
+    assert code == 2 and not out and err.splitlines()[-1] == f"otclip rank: {tmp_path}: none of its 2 images can be read"
+
+
 def test_cli_rank_over_a_folder(gallery, tmp_path, capsys):
     from otclip.main import main
 

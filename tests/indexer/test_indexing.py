@@ -762,3 +762,54 @@ def test_another_source_that_would_take_photos_out_is_refused(gallery, tmp_path,
     (out / "manifest.json").write_text(json.dumps({**manifest, "source": ["not", "a", "path"]}))
     with pytest.raises(IndexDirectoryError, match="manifest.json: its source entry is damaged"):
         IndexDirectory(out).kept_source()
+
+
+def test_a_pipe_or_a_device_named_as_a_photo_is_skipped_not_read(sample_dir, tmp_path):
+    """Reading a pipe waits for a writer and /dev/zero never ends: a folder holding either under an image's name (or a
+    manifest listing a folder) hung the run, in silence. Each is skipped with what it is; the photos are indexed. In
+    a process of its own with a time limit, so that a regression fails rather than hangs the suite."""
+    photos, out = tmp_path / "photos", tmp_path / "ix"
+    photos.mkdir()
+    shutil.copy(sample_dir / "chelsea.jpg", photos / "chelsea.jpg")
+    os.mkfifo(photos / "pipe.jpg")
+    os.symlink("/dev/zero", photos / "zero.png")
+    (photos / "folder.jpg").mkdir()  # not listed: a folder is walked into, not read
+    manifest = tmp_path / "listed.csv"
+    manifest.write_text(f"path\n{photos / 'chelsea.jpg'}\n{photos / 'folder.jpg'}\n{photos / 'pipe.jpg'}\n")
+
+    def index(source, index_dir):
+        done = subprocess.run([sys.executable, "-m", "otclip.main", "index", str(source), "--out", str(index_dir),
+                               "--no-progress", "--no-query-export"], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        return done.stdout, {e["path"]: e["reason"] for e in map(json.loads, (index_dir / "errors.jsonl").open())}
+
+    summary, errors = index(photos, out)
+    assert "1 indexed" in summary and "2 skipped" in summary
+    assert errors == {str(photos / "pipe.jpg"): "not a file (a pipe)",
+                      str(photos / "zero.png"): "not a file (a device or socket)"}
+    summary, errors = index(manifest, tmp_path / "ix2")
+    assert "1 indexed" in summary and errors == {str(photos / "folder.jpg"): "not a file (a folder)",
+                                                 str(photos / "pipe.jpg"): "not a file (a pipe)"}
+
+
+def test_load_image_refuses_a_pipe_without_opening_it(tmp_path):
+    import threading
+
+    from otclip.engine.images import ImageDecodeError, load_image
+
+    os.mkfifo(tmp_path / "pipe.jpg")
+    outcome = []
+
+    def load():
+        try:
+            load_image(tmp_path / "pipe.jpg")
+        except ImageDecodeError as exc:
+            outcome.append(str(exc))
+
+    reader = threading.Thread(target=load, daemon=True)
+    reader.start()
+    reader.join(timeout=20)
+    if reader.is_alive():  # blocked in open(): let it go by writing to the pipe
+        with open(tmp_path / "pipe.jpg", "wb"):
+            pass
+    assert outcome == [f"{tmp_path / 'pipe.jpg'}: not a file (a pipe)"]
