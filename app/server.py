@@ -56,11 +56,18 @@ def open_collections(index_dirs: list[str | Path], threads: int | None = None) -
     return searchers
 
 
-def collection_names(searchers: list[IndexSearcher]) -> list[str]:
-    """Each index directory's folder name; its parent's too where two are alike."""
-    names = [s.directory.root.resolve().name for s in searchers]
-    return [f"{s.directory.root.resolve().parent.name}/{n}" if names.count(n) > 1 else n
-            for s, n in zip(searchers, names)]
+def collection_names(roots: list[Path]) -> list[str]:
+    """Each index directory's folder name, with as many of its parents as tell it from the others' (`c1/p/ix` and
+    `c2/p/ix`: one parent had named both `p/ix`, and the second collection replaced the first, in silence)."""
+    parts = [Path(root).resolve().parts for root in roots]
+    depth = [1] * len(parts)
+    while True:
+        names = ["/".join(p[-d:]).lstrip("/") for p, d in zip(parts, depth)]
+        alike = [i for i, n in enumerate(names) if names.count(n) > 1 and depth[i] < len(parts[i])]
+        if not alike:
+            return names
+        for i in alike:
+            depth[i] += 1
 
 
 def serve(index_dirs: str | Path | list[str | Path], host: str = "127.0.0.1", port: int = 7860,
@@ -72,13 +79,14 @@ def serve(index_dirs: str | Path | list[str | Path], host: str = "127.0.0.1", po
     apply_thread_budget(thread_budget(threads))
     if searchers is None:
         dirs = index_dirs if isinstance(index_dirs, list) else [index_dirs]
+        dirs = list(dict.fromkeys(Path(d).resolve() for d in dirs))  # a folder given twice is one collection
         searchers = [searcher] if searcher is not None else open_collections(dirs, threads)
     for opened in searchers:
         opened.prepare_queries()
     model_calls = threading.Lock()  # every collection's model calls: one at a time on the whole budget
     results_dir = _results_dir()
     apps = {name: SearchApp(s, name, model_calls, csv_dir=results_dir)
-            for name, s in zip(collection_names(searchers), searchers)}
+            for name, s in zip(collection_names([s.directory.root for s in searchers]), searchers)}
     ui = build_ui(apps, report)
     # Gradio's queue recomputes a monitoring summary (a pandas frame of up to 10,000 past events) after every
     # event unless told otherwise: 3 ms a request at first, 8 ms after 10,000, for a dashboard otclip never

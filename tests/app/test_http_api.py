@@ -109,7 +109,7 @@ def test_serving_several_index_directories_loads_each_model_once(demo_index, tmp
         assert searchers[0]._text_model is searchers[1]._text_model is not None
         assert searchers[0]._image_model is searchers[1]._image_model is not None
         assert searchers[1].model is searchers[0].model  # the second asks the first to load it
-        assert collection_names(searchers) == ["a/index", "b/index"]
+        assert collection_names([s.directory.root for s in searchers]) == ["a/index", "b/index"]
         assert searchers[1].search("a cat", k=1).results[0].label == "chelsea"
     finally:
         for searcher in searchers:
@@ -194,3 +194,29 @@ def test_an_item_whose_file_has_gone_is_a_404_that_says_so(tmp_path, default_mod
         assert missing.status_code == 404 and missing.json()["detail"] == "no indexed image has id 999"
     finally:
         searcher.close()
+
+
+def test_collections_alike_in_name_are_told_apart(demo_index, tmp_path):
+    """Two index folders of one name under parents of one name (`c1/p/ix`, `c2/p/ix`) had both been named `p/ix`, and
+    the second replaced the first in silence; a folder given twice is one collection."""
+    import shutil
+
+    from conftest import free_port
+
+    from otclip.app.server import collection_names, serve
+
+    assert collection_names(["/x/c1/p/ix", "/x/c2/p/ix", "/y/other"]) == ["c1/p/ix", "c2/p/ix", "other"]
+    assert collection_names(["/a/ix", "/b/ix", "/ix"]) == ["a/ix", "b/ix", "ix"]
+    for parent in ("c1", "c2"):
+        shutil.copytree(demo_index / "index", tmp_path / parent / "p" / "ix")
+    port = free_port()
+    first, second = tmp_path / "c1" / "p" / "ix", tmp_path / "c2" / "p" / "ix"
+    ui = serve([first, second, tmp_path / "c1" / "p" / ".." / "p" / "ix"], "127.0.0.1", port, block=False)
+    try:
+        api = f"http://127.0.0.1:{port}/api"
+        assert httpx.get(f"{api}/collections").json() == ["c1/p/ix", "c2/p/ix"]
+        for name in ("c1/p/ix", "c2/p/ix"):
+            found = httpx.get(f"{api}/search", params={"q": "a cat", "k": 1, "collection": name}).json()["results"]
+            assert found[0]["path"].endswith("chelsea.jpg")
+    finally:
+        ui.close()
