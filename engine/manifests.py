@@ -22,13 +22,27 @@ def read_rows(path: str | Path) -> list[dict]:
         if suffix == ".jsonl":
             return _jsonl_rows(path)
     except UnicodeDecodeError as exc:
-        raise ValueError(f"{path}: not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start}); "
-                         "save it as UTF-8") from None
+        raise _not_utf8(path, exc) from None
     if suffix == ".parquet":
         import pyarrow.parquet as pq
 
         return pq.read_table(path).to_pylist()
     raise ValueError(f"{path}: unsupported manifest type; use {', '.join(MANIFEST_SUFFIXES)}")
+
+
+def read_lines(path: str | Path) -> list[str]:
+    """A plain text file's non-blank lines, stripped; a file that is not UTF-8 is a ValueError naming it (the bare
+    codec error had named neither the file nor what to do)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return [line.strip() for line in f if line.strip()]
+    except UnicodeDecodeError as exc:
+        raise _not_utf8(Path(path), exc) from None
+
+
+def _not_utf8(path: Path, exc: UnicodeDecodeError) -> ValueError:
+    return ValueError(f"{path}: not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start}); save it as "
+                      "UTF-8")
 
 
 def with_aliases(rows: list[dict], aliases: dict[str, str]) -> list[dict]:

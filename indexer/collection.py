@@ -10,7 +10,7 @@ from pathlib import Path
 
 from otclip.engine.exclusions import Exclusions
 from otclip.engine.image_paths import DOWNLOAD_FIRST, is_image_path, is_raw_path, is_url, shown_path
-from otclip.engine.manifests import MANIFEST_SUFFIXES, read_rows, with_aliases
+from otclip.engine.manifests import MANIFEST_SUFFIXES, read_lines, read_rows, with_aliases
 
 
 @dataclass
@@ -145,5 +145,4 @@ def read_texts(source: str | Path) -> list[TextItem]:
             for r in rows
             if _clean(r.get("text"))
         ]
-    with open(source, encoding="utf-8") as f:
-        return [TextItem(line.strip()) for line in f if line.strip()]
+    return [TextItem(line) for line in read_lines(source)]

@@ -143,6 +143,12 @@ def test_damaged_index_files_and_manifests_are_one_line_errors(gallery, tmp_path
     latin.write_bytes(b"path,caption\n" + f"{gallery / 'chelsea.jpg'},un chat tigré\n".encode("latin-1"))
     code, _, stderr = otclip("index", latin, "--out", tmp_path / "ix3")
     assert code == 2 and f"{latin}: not UTF-8 text" in stderr and "Traceback" not in stderr
+    captions = tmp_path / "captions.txt"  # a plain text corpus alike (the bare codec error had named no file)
+    captions.write_bytes("a cat\nun chat tigré\n".encode("latin-1"))
+    code, _, stderr = otclip("index-texts", captions, "--out", tmp_path / "ix4")
+    line = stderr.strip()
+    assert code == 2 and line.startswith(f"otclip index-texts: {captions}: not UTF-8 text (byte 0xe9 at offset ")
+    assert line.endswith("); save it as UTF-8") and "\n" not in line
 
 
 def test_a_full_disk_is_one_line_and_the_next_run_completes(gallery, tmp_path):
