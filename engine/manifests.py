@@ -12,12 +12,13 @@ MANIFEST_SUFFIXES = (".csv", ".jsonl", ".parquet")
 
 def read_rows(path: str | Path) -> list[dict]:
     """The rows of a manifest as dicts. A malformed JSONL line, a JSONL line that is not an object, or a
-    CSV/JSONL that is not UTF-8 is a ValueError naming the file (and line)."""
+    CSV/JSONL that is not UTF-8 is a ValueError naming the file (and line). A byte-order mark is read past ("utf-8-sig":
+    Excel's "CSV UTF-8" starts with one, and its first column had been named "\ufeffpath", refused as no 'path')."""
     path = Path(path)
     suffix = path.suffix.lower()
     try:
         if suffix == ".csv":
-            with open(path, newline="", encoding="utf-8") as f:
+            with open(path, newline="", encoding="utf-8-sig") as f:
                 return list(csv.DictReader(f))
         if suffix == ".jsonl":
             return _jsonl_rows(path)
@@ -34,7 +35,7 @@ def read_lines(path: str | Path) -> list[str]:
     """A plain text file's non-blank lines, stripped; a file that is not UTF-8 is a ValueError naming it (the bare
     codec error had named neither the file nor what to do)."""
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:
             return [line.strip() for line in f if line.strip()]
     except UnicodeDecodeError as exc:
         raise _not_utf8(Path(path), exc) from None
@@ -58,7 +59,7 @@ def with_aliases(rows: list[dict], aliases: dict[str, str]) -> list[dict]:
 
 def _jsonl_rows(path: Path) -> list[dict]:
     rows = []
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:
         for number, line in enumerate(f, 1):
             if not line.strip():
                 continue
