@@ -19,7 +19,9 @@ def read_rows(path: str | Path) -> list[dict]:
     try:
         if suffix == ".csv":
             with open(path, newline="", encoding="utf-8-sig") as f:
-                return list(csv.DictReader(f))
+                delimiter = _delimiter(f.readline())
+                f.seek(0)
+                return list(csv.DictReader(f, delimiter=delimiter))
         if suffix == ".jsonl":
             return _jsonl_rows(path)
     except UnicodeDecodeError as exc:
@@ -29,6 +31,12 @@ def read_rows(path: str | Path) -> list[dict]:
 
         return pq.read_table(path).to_pylist()
     raise ValueError(f"{path}: unsupported manifest type; use {', '.join(MANIFEST_SUFFIXES)}")
+
+
+def _delimiter(header: str) -> str:
+    """The CSV's separator, as its header line uses it: a comma, or a semicolon (what Excel writes where the comma is
+    the decimal mark: "path;caption" had been one column, refused as no 'path'), or a tab; a comma when tied."""
+    return max((",", ";", "\t"), key=header.count)
 
 
 def read_lines(path: str | Path) -> list[str]:

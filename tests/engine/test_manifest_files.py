@@ -19,6 +19,15 @@ def test_a_byte_order_mark_is_read_past(tmp_path):
     assert read_lines(txt) == ["a cat", "un chien"]
 
 
+def test_a_csv_separated_by_semicolons_or_tabs_is_read(tmp_path):
+    """Excel writes "path;caption" where the comma is the decimal mark (it had been one column named "path;caption")."""
+    for separator in (";", "\t", ","):
+        manifest = tmp_path / "m.csv"
+        manifest.write_text(BOM + separator.join(["path", "caption", "price"]) + "\r\n"
+                            + separator.join(["a.jpg", '"un chat, tigré"', '"3,5"']) + "\r\n", encoding="utf-8")
+        assert read_rows(manifest) == [{"path": "a.jpg", "caption": "un chat, tigré", "price": "3,5"}], separator
+
+
 def test_an_excel_csv_indexes_with_its_captions(tmp_path, capsys):
     from otclip.engine.sample_photos import write_sample_photos
     from otclip.main import main
