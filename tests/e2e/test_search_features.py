@@ -101,9 +101,14 @@ def test_more_results_and_the_csv_export(browser, two_collections):
 
 
 def examples(browser):
+    """The example queries shown; [] while Gradio renders them anew (a button read as it is replaced is stale)."""
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.common.by import By
 
-    return [b.text.strip() for b in browser.find_elements(By.CSS_SELECTOR, "#examples button") if b.text.strip()]
+    try:
+        return [b.text.strip() for b in browser.find_elements(By.CSS_SELECTOR, "#examples button") if b.text.strip()]
+    except StaleElementReferenceException:
+        return []
 
 
 def test_the_collection_picker_switches_index(browser, two_collections):
