@@ -173,10 +173,10 @@ def parse_size(text: str) -> int:
     scale = units.get(cleaned[-1:], 1)
     try:
         size = float(cleaned[:-1] if scale > 1 else cleaned) * scale
+        if not math.isfinite(size):  # "inf" and "nan" parse as floats: int() of them was a traceback
+            raise ValueError(text)
     except ValueError:
         raise ValueError(f"--max-index-memory {text!r}: expected a size like 4G, 500M or 2.5GB") from None
-    if not math.isfinite(size):
-        raise ValueError(f"--max-index-memory {text!r}: expected a size like 4G, 500M or 2.5GB")
     if size < 0:
         raise ValueError(f"--max-index-memory {text!r}: a size cannot be negative")
     return int(size)
