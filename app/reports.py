@@ -35,7 +35,7 @@ def report_tables(data: dict) -> str:
         return isinstance(d, dict) and d and all(v is None or isinstance(v, (int, float)) for v in d.values())
 
     def cell(v) -> str:
-        return "n/a" if v is None else f"{v:.3f}"
+        return "n/a" if v is None else str(v) if isinstance(v, int) else f"{v:.3f}"  # a count is not a ratio
 
     rows = {k: v for k, v in data.items() if numeric(v)}
     out = []

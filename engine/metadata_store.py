@@ -458,6 +458,16 @@ class MetadataStore:
                     self._db.execute(f'CREATE INDEX IF NOT EXISTS "items_extra_{digest}_{kind.lower()}" '
                                      f"ON items (side, {column_expression(column, kind)})")
 
+    def key_locations(self, side: str, keys: Sequence[str]) -> dict[str, tuple[str, int]]:
+        """key -> (shard, row) of its embedding, for the keys the side holds."""
+        out: dict[str, tuple[str, int]] = {}
+        for start in range(0, len(keys), ID_BATCH):
+            part = list(keys[start : start + ID_BATCH])
+            rows = self._tuples(f"SELECT key, shard, row FROM items WHERE side=? AND key IN ({','.join('?' * len(part))})",
+                                (side, *part))
+            out.update({key: (shard, row) for key, shard, row in rows})
+        return out
+
     def locations(self, item_ids: Sequence[int]) -> dict[int, tuple[str, int]]:
         """id -> (shard, row) of its embedding."""
         rows = self._by_ids("SELECT id, shard, row FROM items WHERE id IN ({ids})", item_ids)

@@ -32,7 +32,12 @@ def first_relevant_rank(scores: np.ndarray, relevant: np.ndarray) -> np.ndarray:
 
 def recall_at_k(scores: np.ndarray, relevant: np.ndarray, ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
     """{"R@k": fraction of queries with a relevant item in the top k}, plus mean and median rank."""
-    ranks = first_relevant_rank(scores, relevant)
+    return recall_from_ranks(first_relevant_rank(scores, relevant), ks)
+
+
+def recall_from_ranks(ranks: np.ndarray, ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
+    """`recall_at_k` from each query's first relevant rank (inf: none found, a miss at every k, left out of the
+    mean and median rank)."""
     out = {f"R@{k}": float(np.mean(ranks <= k)) for k in ks}
     finite = ranks[np.isfinite(ranks)]
     out["mean_rank"] = float(finite.mean()) if finite.size else float("nan")

@@ -409,6 +409,15 @@ class IndexSearcher:
         """Whether the index lists this image path (the only images an app may open or serve)."""
         return self._store.has_key("images", str(path))
 
+    def image_vectors(self, paths: Sequence[str]) -> np.ndarray:
+        """(n, d) the stored embeddings of these indexed images (what the index searches), not encoded again."""
+        where = self._store.key_locations("images", [str(p) for p in paths])
+        unlisted = [p for p in paths if str(p) not in where]
+        if unlisted:
+            raise IndexDirectoryError(f"{self.directory.root}: {len(unlisted)} of the images are not in the index "
+                                      f"(first: {unlisted[0]})")
+        return self.directory.vectors_at([where[str(p)] for p in paths])
+
     def close(self) -> None:
         self._store.close()
 

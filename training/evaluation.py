@@ -10,12 +10,21 @@ from pathlib import Path
 import numpy as np
 
 from otclip.engine import Encoder, LoadedModel
-from otclip.engine.metrics import harmonic_mean, recall_at_k, relevance_from_ids, zero_shot_accuracy
+from otclip.engine.metrics import (
+    first_relevant_rank,
+    harmonic_mean,
+    recall_at_k,
+    recall_from_ranks,
+    relevance_from_ids,
+    zero_shot_accuracy,
+)
 from otclip.engine.prompts import class_prompt
 
 from .corpus import load_corpus
 
 KS = (1, 5, 10)
+INDEX_DEPTH = 100  # results a caption's first search through an index asks for (`ranks_through_index`)
+RESULT_CELLS = 1_000_000  # queries x depth per search of `ranks_through_index`: memory stays bounded
 
 
 @dataclass
@@ -68,11 +77,11 @@ def evaluate(loaded: LoadedModel, manifest: str | Path, relevance: str = "pair",
     if index_dir is None:
         images = encoder.encode_images(data.images, progress=progress)
         scores = texts @ images.T
-    else:
-        images, scores = _scores_from_index(loaded, index_dir, data, texts)
-    report["text_to_image"] = recall_at_k(scores, data.relevant, KS)
-    if index_dir is None:
+        report["text_to_image"] = recall_at_k(scores, data.relevant, KS)
         report["image_to_text"] = recall_at_k(scores.T, data.relevant.T, KS)
+    else:
+        images, ranks = _through_index(loaded, index_dir, data, texts)
+        report["text_to_image"] = {**recall_from_ranks(ranks, KS), "not_returned": int(np.isinf(ranks).sum())}
     labels = data.image_labels
     if all(lbl is not None for lbl in labels):
         classes = sorted(set(labels) | set(unseen or []))
@@ -94,24 +103,53 @@ def evaluate(loaded: LoadedModel, manifest: str | Path, relevance: str = "pair",
     return report
 
 
-def _scores_from_index(loaded: LoadedModel, index_dir, data: EvalData, texts: np.ndarray):
-    """Text -> image scores through the index's own search (top 100); images absent from the results
-    score -inf. Also returns the index's stored vectors for the corpus images (for zero-shot)."""
+def _through_index(loaded: LoadedModel, index_dir, data: EvalData, texts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The corpus images' stored vectors (what the index searches; for zero-shot) and each caption's rank through
+    the index's search (`ranks_through_index`)."""
     from otclip.engine.search import IndexSearcher
 
     searcher = IndexSearcher(index_dir, model=loaded)
-    at = {p: i for i, p in enumerate(data.images)}
-    missing = [p for p in data.images if not searcher.lists_image(p)]
-    if missing:
-        raise ValueError(f"{index_dir}: {len(missing)} corpus images are not in the index (first: {missing[0]})")
-    scores = np.full((len(data.texts), len(data.images)), -np.inf, dtype=np.float32)
-    for j, results in enumerate(searcher.search_vectors(texts, "images", k=100)):
-        for r in results:
-            for path in [r.path, *r.duplicates]:
-                if path in at:
-                    scores[j, at[path]] = r.score
-    images = Encoder(loaded).encode_images(data.images, progress=False)
-    return images, scores
+    try:
+        missing = [p for p in data.images if not searcher.lists_image(p)]
+        if missing:
+            raise ValueError(f"{index_dir}: {len(missing)} corpus images are not in the index (first: {missing[0]})")
+        return searcher.image_vectors(data.images), ranks_through_index(searcher, texts, data.images, data.relevant)
+    finally:
+        searcher.close()
+
+
+def ranks_through_index(searcher, queries: np.ndarray, images: list[str], relevant: np.ndarray) -> np.ndarray:
+    """(n_queries,) the rank of each query's first relevant image among `images`, in the order the index's search
+    gives them (approximate where the index is); the index's other items are not ranked (nothing says whether
+    they are relevant), so an index of the corpus alone and a larger one rank alike. Ties worst case, as
+    `first_relevant_rank`.
+
+    A query is searched INDEX_DEPTH deep, then 4x deeper while none of its relevant images came back and the
+    search does not yet cover the index: every corpus image the index orders above the first relevant one comes
+    back with it, so the rank is exact in the index's order (a fixed depth made an image found below it the
+    worst rank). A relevant image an approximate index never returns (in lists it does not probe) ranks inf: a
+    miss at every k, left out of the mean rank."""
+    at = {p: i for i, p in enumerate(images)}
+    scores = np.full(relevant.shape, -np.inf, np.float32)
+    returned = np.zeros(relevant.shape, bool)
+    total = searcher.count()
+    pending, depth = np.arange(len(queries)), INDEX_DEPTH
+    while True:
+        step = max(1, RESULT_CELLS // depth)  # queries per search: results held at once stay bounded
+        for start in range(0, len(pending), step):
+            rows = pending[start : start + step]
+            for j, results in zip(rows, searcher.search_vectors(queries[rows], "images", k=depth)):
+                for r in results:
+                    for path in (r.path, *r.duplicates):
+                        if path in at:
+                            scores[j, at[path]], returned[j, at[path]] = r.score, True
+        found = (returned & relevant).any(axis=1)
+        if depth >= total or found.all():
+            break
+        pending, depth = np.flatnonzero(~found), min(total, depth * 4)
+    ranks = first_relevant_rank(scores, relevant)
+    ranks[~found] = np.inf
+    return ranks
 
 
 def format_report(report: dict) -> str:
@@ -124,6 +162,10 @@ def format_report(report: dict) -> str:
             r = report[key]
             lines.append(f"| {key.replace('_', ' ')} | {r['R@1']:.3f} | {r['R@5']:.3f} | {r['R@10']:.3f} | "
                          f"{r['mean_rank']:.1f} | {r['median_rank']:.1f} |")
+    unreturned = report.get("text_to_image", {}).get("not_returned")
+    if unreturned:
+        lines += ["", f"{unreturned} of {report['counts']['texts']} texts: the index's search returned none of their "
+                  "images (approximate search): a miss at every k, not in the mean rank"]
     zs = report.get("zero_shot")
     if zs and "unseen_classes" in zs:  # a seen / unseen split; "-" where the test set has no image of a part
         cells = " | ".join("-" if zs[key] is None else f"{zs[key]:.3f}" for key in ("seen", "unseen", "harmonic_mean"))

@@ -8,6 +8,8 @@ def test_eval_report_becomes_a_table():
               "image_to_text": {"R@1": 0.25, "R@5": 0.5}}
     table = report_tables(report)
     assert "| text to image | 0.500 | 0.750 |" in table and "| image to text | 0.250 | 0.500 |" in table
+    through_index = report_tables({"text_to_image": {"R@1": 0.5, "mean_rank": 7.25, "not_returned": 2}})
+    assert "| text to image | 0.500 | 7.250 | 2 |" in through_index  # a count, not a ratio
 
 
 def test_nested_blocks_become_tables_and_markdown_wins(tmp_path):

@@ -3,6 +3,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from otclip.engine.sample_photos import SAMPLE_PHOTOS, write_sample_photos
@@ -44,10 +45,12 @@ def test_index_path_matches_direct_scores(photo_corpus, default_model, tmp_path)
     from otclip.indexer.pipeline import index_images
 
     index_images(photo_corpus.parent / "photos", tmp_path / "ix", default_model, progress=False, workers=0)
-    direct = evaluate(default_model, photo_corpus, progress=False)["text_to_image"]
-    via_index = evaluate(default_model, photo_corpus, index_dir=tmp_path / "ix", progress=False)["text_to_image"]
-    for k in ("R@1", "R@5", "R@10"):
-        assert via_index[k] == pytest.approx(direct[k])
+    direct = evaluate(default_model, photo_corpus, progress=False)
+    via_index = evaluate(default_model, photo_corpus, index_dir=tmp_path / "ix", progress=False)
+    for k in ("R@1", "R@5", "R@10", "mean_rank", "median_rank"):
+        assert via_index["text_to_image"][k] == pytest.approx(direct["text_to_image"][k])
+    assert via_index["text_to_image"]["not_returned"] == 0
+    assert via_index["zero_shot"]["accuracy"] == pytest.approx(direct["zero_shot"]["accuracy"])  # the stored vectors
 
 
 def test_cli_writes_json_and_markdown(photo_corpus, tmp_path):
@@ -97,3 +100,77 @@ def test_eval_through_an_index_uses_the_index_model(photo_corpus, default_model,
     index_images(photo_corpus, tmp_path / "ix", str(checkpoint), progress=False, workers=0, query_models=False)
     assert main(["eval", "--corpus", str(photo_corpus), "--index", str(tmp_path / "ix"), "--no-progress"]) == 0
     assert capsys.readouterr().out.startswith(f"model tuned@tuned.pt on {photo_corpus}")
+
+
+def test_recall_from_ranks_by_hand():
+    from otclip.engine.metrics import recall_from_ranks
+
+    r = recall_from_ranks(np.array([1.0, 3.0, np.inf, 12.0]))
+    assert (r["R@1"], r["R@5"], r["R@10"]) == (0.25, 0.5, 0.5)
+    assert r["mean_rank"] == pytest.approx(16 / 3) and r["median_rank"] == 3.0
+
+
+def _brute_force_ranks(queries, corpus, relevant):
+    """1 + the non-relevant corpus images scoring at least the best relevant one, in float64, one query at a time."""
+    ranks = []
+    for q, rel in zip(queries.astype(np.float64), relevant):
+        scores = corpus.astype(np.float64) @ q
+        best = scores[rel].max()
+        ranks.append(1 + int(np.sum((scores >= best) & ~rel)))
+    return np.array(ranks, float)
+
+
+def test_ranks_through_an_index_are_exact_past_the_first_depth(tmp_path):
+    """Through a Flat index of 2000 images, 300 of them the corpus, each caption's rank is its brute-force rank among
+    the corpus images, also where the index orders the relevant image past the first search's depth (a fixed depth
+    of 100 gave those the worst rank, about 300)."""
+    from synthetic_index import clustered, make_index
+
+    from otclip.engine.search import IndexSearcher
+    from otclip.training.evaluation import INDEX_DEPTH, ranks_through_index
+
+    vectors = clustered(2000, seed=3)
+    make_index(tmp_path / "ix", vectors, "Flat")
+    rng = np.random.default_rng(4)
+    corpus = np.sort(rng.choice(2000, 300, replace=False))
+    queries = clustered(80, seed=5)
+    relevant = np.zeros((80, 300), bool)
+    relevant[np.arange(80), rng.integers(0, 300, 80)] = True
+    relevant[rng.integers(0, 80, 20), rng.integers(0, 300, 20)] = True  # some captions with two images
+    expected = _brute_force_ranks(queries, vectors[corpus], relevant)
+    searcher = IndexSearcher(tmp_path / "ix")
+    got = ranks_through_index(searcher, queries, [f"/p/{i}.jpg" for i in corpus], relevant)
+    np.testing.assert_array_equal(got, expected)
+    in_index = [1 + int(np.sum(vectors @ q > max(vectors[corpus[relevant[j]]] @ q))) for j, q in enumerate(queries)]
+    assert sum(r > INDEX_DEPTH for r in in_index) >= 10  # the deeper searches were needed
+
+
+def test_an_image_an_approximate_index_never_returns_is_a_miss(tmp_path):
+    """An IVF index probes a few lists: a caption whose only relevant image sits in the opposite cluster is never
+    answered with it, at any depth: inf (a miss, out of the mean rank), and the report says how many."""
+    from synthetic_index import DIM, clustered, make_index
+
+    from otclip.engine.errors import IndexDirectoryError
+    from otclip.engine.search import IndexSearcher
+    from otclip.training.evaluation import format_report, ranks_through_index
+
+    east = np.eye(DIM, dtype=np.float32)[0]
+    rng = np.random.default_rng(6)
+    near = east + 0.05 * rng.normal(size=(30, DIM))
+    far = -east + 0.05 * rng.normal(size=(30, DIM))
+    vectors = np.concatenate([clustered(2500, seed=7), near, far]).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    make_index(tmp_path / "ix", vectors, "IVF64,Flat")
+    images = [f"/p/{i}.jpg" for i in range(2500, 2560)]
+    relevant = np.zeros((2, 60), bool)
+    relevant[0, 3], relevant[1, 45] = True, True  # near east; the far side
+    searcher = IndexSearcher(tmp_path / "ix")
+    ranks = ranks_through_index(searcher, np.stack([east, east]), images, relevant)
+    assert ranks[0] == _brute_force_ranks(east[None], vectors[2500:2560], relevant[:1])[0] and np.isinf(ranks[1])
+    np.testing.assert_array_equal(searcher.image_vectors(images[::-1]), vectors[2500:2560][::-1])  # as stored
+    with pytest.raises(IndexDirectoryError, match="1 of the images are not in the index"):
+        searcher.image_vectors([images[0], "/elsewhere.jpg"])
+    report = {"model": {"name": "m"}, "corpus": "c", "counts": {"images": 60, "texts": 2}, "relevance": "pair",
+              "text_to_image": {"R@1": 0.0, "R@5": 0.0, "R@10": 0.5, "mean_rank": 7.0, "median_rank": 7.0,
+                                "not_returned": 1}}
+    assert "1 of 2 texts: the index's search returned none of their images" in format_report(report)
