@@ -58,16 +58,11 @@ def run_rank(args: argparse.Namespace) -> int:
 def _readable(encoder, paths: list[Path], folder: Path) -> tuple[list[Path], np.ndarray]:
     """The images that decode and their embeddings; those that do not are skipped and named in one line on stderr,
     as `otclip index` skips them (one empty or damaged file had refused the whole folder)."""
-    import numpy as np
+    from .image_batches import skipped_images
 
-    kept, parts, failed = [], [np.zeros((0, encoder.loaded.embed_dim), np.float32)], []
-    for batch in encoder.iter_image_batches(paths):
-        kept += [paths[i] for i in batch.indices]
-        parts.append(batch.embeddings)
-        failed += [(paths[i], reason) for i, reason in batch.failures]
-    if failed:
-        (first, reason), more = failed[0], f" and {len(failed) - 1} more" if len(failed) > 1 else ""
-        print(f"otclip rank: skipped {len(failed)} of {len(paths)} images: {first} ({reason}){more}", file=sys.stderr)
-    if not kept:
+    readable = encoder.encode_readable_images(paths)
+    if readable.failures:
+        print(f"otclip rank: {skipped_images(readable.failures, paths)}", file=sys.stderr)
+    if not readable.indices:
         raise ValueError(f"{folder}: none of its {len(paths)} images can be read")
-    return kept, np.concatenate(parts)
+    return [paths[i] for i in readable.indices], readable.embeddings

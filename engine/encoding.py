@@ -22,9 +22,11 @@ from .devices import autocast_for
 from .image_batches import (
     DecodedImage,
     ImageBatch,
+    ReadableImages,
     decode_for_model,
     default_num_workers,
     embeddings_or_error,
+    readable_embeddings,
     refuse_failures,
     unfilled_batch,
 )
@@ -258,6 +260,10 @@ class Encoder:
     def encode_images(self, images: Sequence[ImageInput], **kwargs) -> np.ndarray:
         """(n, d) float32 L2-normalised image embeddings; raises ImageDecodeError on the first bad input."""
         return embeddings_or_error(self.iter_image_batches(images, **kwargs), images, self.loaded.embed_dim)
+
+    def encode_readable_images(self, images: Sequence[ImageInput], **kwargs) -> ReadableImages:
+        """The embeddings of the images that decode, and which did not and why (nothing raised for them)."""
+        return readable_embeddings(self.iter_image_batches(images, **kwargs), self.loaded.embed_dim)
 
     def encode_image(self, image: ImageInput) -> np.ndarray:
         """(d,) embedding of one image."""

@@ -82,6 +82,32 @@ def embeddings_or_error(batches: Iterable[ImageBatch], images: Sequence[ImageInp
     return np.concatenate(parts)
 
 
+@dataclass
+class ReadableImages:
+    """The embeddings of the inputs that decode (`indices`, in input order) and (index, reason) of those that do
+    not: for commands that skip a damaged file and name it, as indexing does."""
+
+    indices: list[int]
+    embeddings: np.ndarray
+    failures: list[tuple[int, str]]
+
+
+def readable_embeddings(batches: Iterable[ImageBatch], dim: int) -> ReadableImages:
+    """All batches gathered, failures kept aside (`embeddings_or_error` raises on the first instead)."""
+    indices, parts, failures = [], [np.zeros((0, dim), np.float32)], []
+    for batch in batches:
+        indices += batch.indices
+        parts.append(batch.embeddings)
+        failures += batch.failures
+    return ReadableImages(indices, np.concatenate(parts), failures)
+
+
+def skipped_images(failures: Sequence[tuple[int, str]], images: Sequence[ImageInput]) -> str:
+    """One line naming what was skipped: `skipped 2 of 9 images: a.jpg (not an image ...) and 1 more`."""
+    (first, reason), more = failures[0], f" and {len(failures) - 1} more" if len(failures) > 1 else ""
+    return f"skipped {len(failures)} of {len(images)} images: {images[first]} ({reason}){more}"
+
+
 def default_num_workers() -> int:
     """Decoding workers: the cores but one, which the model's forward keeps busy."""
     return max(1, min(16, (os.cpu_count() or 2) - 1))

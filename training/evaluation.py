@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from otclip.engine import Encoder, LoadedModel
+from otclip.engine.images import ImageDecodeError, load_image
 from otclip.engine.metrics import (
     first_relevant_rank,
     harmonic_mean,
@@ -66,22 +67,39 @@ def _unseen_from_corpus_info(manifest: Path) -> list[str] | None:
 
 def evaluate(loaded: LoadedModel, manifest: str | Path, relevance: str = "pair", unseen: list[str] | None = None,
              index_dir: str | Path | None = None, batch_size: int = 64, progress: bool = True) -> dict:
-    """The report: {"model", "corpus", "text_to_image": {...}, "image_to_text": {...}, "zero_shot": {...}}."""
+    """The report: {"model", "corpus", "text_to_image": {...}, "image_to_text": {...}, "zero_shot": {...}}, and
+    "skipped" [{"path", "reason"}] where some of the corpus's images could not be read (the rest is evaluated)."""
     manifest = Path(manifest)
     data = eval_data(manifest, relevance)
     encoder = Encoder(loaded, batch_size=batch_size)
-    texts = encoder.encode_texts(data.texts, progress=progress)
-    report: dict = {"model": {"name": loaded.identity.name, "checksum": loaded.identity.checksum},
-                    "corpus": str(manifest), "relevance": relevance,
-                    "counts": {"images": len(data.images), "texts": len(data.texts)}}
-    if index_dir is None:
-        images = encoder.encode_images(data.images, progress=progress)
-        scores = texts @ images.T
-        report["text_to_image"] = recall_at_k(scores, data.relevant, KS)
-        report["image_to_text"] = recall_at_k(scores.T, data.relevant.T, KS)
-    else:
-        images, ranks = _through_index(loaded, index_dir, data, texts)
-        report["text_to_image"] = {**recall_from_ranks(ranks, KS), "not_returned": int(np.isinf(ranks).sum())}
+    searcher = None
+    try:
+        if index_dir is None:
+            readable = encoder.encode_readable_images(data.images, progress=progress)
+            images, failures = readable.embeddings, readable.failures
+        else:
+            from otclip.engine.search import IndexSearcher
+
+            searcher = IndexSearcher(index_dir, model=loaded)
+            failures = _unindexed(searcher, index_dir, data)
+        data, skipped = _without_images(data, failures, manifest)
+        texts = encoder.encode_texts(data.texts, progress=progress)
+        report: dict = {"model": {"name": loaded.identity.name, "checksum": loaded.identity.checksum},
+                        "corpus": str(manifest), "relevance": relevance,
+                        "counts": {"images": len(data.images), "texts": len(data.texts)}}
+        if skipped:
+            report["skipped"] = skipped
+        if searcher is None:
+            scores = texts @ images.T
+            report["text_to_image"] = recall_at_k(scores, data.relevant, KS)
+            report["image_to_text"] = recall_at_k(scores.T, data.relevant.T, KS)
+        else:  # the vectors the index searches (not embedded again), for zero-shot
+            images = searcher.image_vectors(data.images)
+            ranks = ranks_through_index(searcher, texts, data.images, data.relevant)
+            report["text_to_image"] = {**recall_from_ranks(ranks, KS), "not_returned": int(np.isinf(ranks).sum())}
+    finally:
+        if searcher is not None:
+            searcher.close()
     labels = data.image_labels
     if all(lbl is not None for lbl in labels):
         classes = sorted(set(labels) | set(unseen or []))
@@ -103,19 +121,37 @@ def evaluate(loaded: LoadedModel, manifest: str | Path, relevance: str = "pair",
     return report
 
 
-def _through_index(loaded: LoadedModel, index_dir, data: EvalData, texts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The corpus images' stored vectors (what the index searches; for zero-shot) and each caption's rank through
-    the index's search (`ranks_through_index`)."""
-    from otclip.engine.search import IndexSearcher
+def _unindexed(searcher, index_dir, data: EvalData) -> list[tuple[int, str]]:
+    """(position, reason) of the corpus images the index does not list because they cannot be read (the indexer
+    skipped them too); one it does not list but that reads means another index: refused."""
+    missing = [i for i, p in enumerate(data.images) if not searcher.lists_image(p)]
+    unreadable: dict[int, str] = {}
+    for i in missing:
+        try:
+            load_image(data.images[i])
+        except ImageDecodeError as exc:
+            unreadable[i] = exc.reason
+    others = [data.images[i] for i in missing if i not in unreadable]
+    if others:
+        raise ValueError(f"{index_dir}: {len(others)} corpus images are not in the index (first: {others[0]})")
+    return list(unreadable.items())
 
-    searcher = IndexSearcher(index_dir, model=loaded)
-    try:
-        missing = [p for p in data.images if not searcher.lists_image(p)]
-        if missing:
-            raise ValueError(f"{index_dir}: {len(missing)} corpus images are not in the index (first: {missing[0]})")
-        return searcher.image_vectors(data.images), ranks_through_index(searcher, texts, data.images, data.relevant)
-    finally:
-        searcher.close()
+
+def _without_images(data: EvalData, failures: list[tuple[int, str]], manifest: Path) -> tuple[EvalData, list[dict]]:
+    """The corpus without the images that could not be read, and without the texts left with no relevant image
+    (they could only be misses): a damaged file is skipped and named, as indexing and training skip one."""
+    if not failures:
+        return data, []
+    gone = {i for i, _ in failures}
+    keep = np.array([i not in gone for i in range(len(data.images))])
+    if not keep.any():
+        raise ValueError(f"{manifest}: none of its {len(data.images)} images can be read "
+                         f"(first: {data.images[failures[0][0]]}: {failures[0][1]})")
+    answered = data.relevant[:, keep].any(axis=1)
+    kept = EvalData([p for p, k in zip(data.images, keep) if k], [t for t, a in zip(data.texts, answered) if a],
+                    [lbl for lbl, k in zip(data.image_labels, keep) if k],
+                    [lbl for lbl, a in zip(data.text_labels, answered) if a], data.relevant[answered][:, keep])
+    return kept, [{"path": data.images[i], "reason": reason} for i, reason in sorted(failures)]
 
 
 def ranks_through_index(searcher, queries: np.ndarray, images: list[str], relevant: np.ndarray) -> np.ndarray:
@@ -162,6 +198,11 @@ def format_report(report: dict) -> str:
             r = report[key]
             lines.append(f"| {key.replace('_', ' ')} | {r['R@1']:.3f} | {r['R@5']:.3f} | {r['R@10']:.3f} | "
                          f"{r['mean_rank']:.1f} | {r['median_rank']:.1f} |")
+    skipped = report.get("skipped")
+    if skipped:
+        more = f" and {len(skipped) - 1} more" if len(skipped) > 1 else ""
+        lines += ["", f"skipped {len(skipped)} image{'s' if len(skipped) > 1 else ''} that cannot be read: {skipped[0]['path']} "
+                  f"({skipped[0]['reason']}){more}; texts left with no image are not ranked"]
     unreturned = report.get("text_to_image", {}).get("not_returned")
     if unreturned:
         lines += ["", f"{unreturned} of {report['counts']['texts']} texts: the index's search returned none of their "

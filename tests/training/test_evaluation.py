@@ -1,4 +1,5 @@
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -174,3 +175,40 @@ def test_an_image_an_approximate_index_never_returns_is_a_miss(tmp_path):
               "text_to_image": {"R@1": 0.0, "R@5": 0.0, "R@10": 0.5, "mean_rank": 7.0, "median_rank": 7.0,
                                 "not_returned": 1}}
     assert "1 of 2 texts: the index's search returned none of their images" in format_report(report)
+
+
+def test_an_unreadable_test_image_is_skipped_and_named(photo_corpus, default_model, tmp_path):
+    """A damaged file in a test manifest had refused the whole evaluation; as indexing and training do, it is
+    skipped and named, the captions left with no image go with it, and the figures are those of the manifest
+    without its row, directly and through an index (whose indexer skipped it too). An image the index lacks that
+    reads is still refused: another index."""
+    from otclip.indexer.pipeline import index_images
+
+    photos = photo_corpus.parent / "photos"
+    broken = tmp_path / "photos" / "broken.jpg"
+    shutil.copytree(photos, broken.parent)
+    broken.write_bytes((photos / "rocket.jpg").read_bytes()[:300])
+    rows = [{**json.loads(line), "image": str(broken.parent / Path(json.loads(line)["image"]).name)}
+            for line in photo_corpus.read_text().splitlines()]
+    clean = tmp_path / "clean.jsonl"
+    clean.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with_broken = tmp_path / "test.jsonl"
+    rows.append({"image": str(broken), "text": "a rocket on the launch pad at night", "label": "broken"})
+    with_broken.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    expected = evaluate(default_model, clean, progress=False)
+    index_images(broken.parent, tmp_path / "ix", default_model, progress=False, workers=0, query_models=False)
+    for index_dir in (None, tmp_path / "ix"):
+        report = evaluate(default_model, with_broken, index_dir=index_dir, progress=False)
+        assert [s["path"] for s in report["skipped"]] == [str(broken)] and report["skipped"][0]["reason"]
+        assert report["counts"] == expected["counts"] == {"images": len(SAMPLE_PHOTOS), "texts": len(rows) - 1}
+        for key in ("R@1", "R@5", "R@10", "mean_rank", "median_rank"):
+            assert report["text_to_image"][key] == pytest.approx(expected["text_to_image"][key])
+        assert report["zero_shot"] == pytest.approx(expected["zero_shot"])
+        assert f"skipped 1 image that cannot be read: {broken} (" in format_report(report)
+        if index_dir is None:
+            assert report["image_to_text"] == pytest.approx(expected["image_to_text"])
+    shutil.copy(photos / "chelsea.jpg", tmp_path / "chelsea-copy.jpg")
+    rows.append({"image": str(tmp_path / "chelsea-copy.jpg"), "text": "a cat", "label": "chelsea"})
+    with_broken.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(ValueError, match=r"1 corpus images are not in the index \(first: .*chelsea-copy.jpg\)"):
+        evaluate(default_model, with_broken, index_dir=tmp_path / "ix", progress=False)
