@@ -27,10 +27,10 @@ def run_rank(args: argparse.Namespace) -> int:
     import tempfile
 
     from .encoding import Encoder
-    from .exclusions import Exclusions
-    from .image_paths import is_image_path
+    from .image_folders import image_files
     from .model_loading import load_model
     from .sample_photos import write_sample_photos
+    from .terminal_text import one_line
 
     check_at_least("-k", args.k)
     if not all(query.strip() for query in args.queries):
@@ -40,9 +40,7 @@ def run_rank(args: argparse.Namespace) -> int:
     else:
         if not args.images.is_dir():
             raise FileNotFoundError(f"{args.images}: not a folder")
-        defaults = Exclusions()  # NAS thumbnails, trash and hidden files are left out, as `otclip index` does
-        paths = sorted(p for p in args.images.rglob("*")
-                       if is_image_path(p) and not p.is_dir() and not defaults.covers(p.relative_to(args.images).as_posix()))
+        paths = [Path(p) for p in image_files(args.images)]  # listed as `otclip index` lists them
         if not paths:
             raise FileNotFoundError(f"{args.images}: no images in it or its subfolders")
     encoder = Encoder(load_model(args.model))
@@ -51,7 +49,7 @@ def run_rank(args: argparse.Namespace) -> int:
         scores = images @ q
         print(f"{query!r}:")
         for rank, i in enumerate(scores.argsort()[::-1][: args.k], start=1):
-            print(f"  {rank}. {scores[i]:.3f}  {paths[i].name}")
+            print(f"  {rank}. {scores[i]:.3f}  {one_line(paths[i].name)}")
     return 0
 
 

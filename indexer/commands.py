@@ -241,6 +241,7 @@ def _search(args: argparse.Namespace) -> int:
     from otclip.engine.filters import filters_from_strings
     from otclip.engine.query_language import Term, parse_query, refuse_url
     from otclip.engine.result_export import export_images, results_csv, results_json
+    from otclip.engine.terminal_text import one_line
     from otclip.engine.threads import thread_budget
 
     terms = parse_query(args.query) if args.query is not None else []
@@ -268,10 +269,10 @@ def _search(args: argparse.Namespace) -> int:
     if not results:
         print("no results" + (f" above score {args.min_score}" if args.min_score is not None else "")
               + (" passing the filters" if not filters.is_empty() else ""))
-    for r in results:
+    for r in results:  # one line each, whatever a name or caption holds
         what = r.path if args.target == "images" else r.text
-        caption = f"  ({r.text})" if args.target == "images" and r.text else ""
-        print(f"{r.rank:>4}  {r.score:6.3f}  {what}{caption}")
+        caption = f"  ({one_line(r.text)})" if args.target == "images" and r.text else ""
+        print(f"{r.rank:>4}  {r.score:6.3f}  {one_line(what)}{caption}")
     if page.more:
         print(f"more: --offset {args.offset + len(results)}", file=sys.stderr)
     return 0

@@ -24,9 +24,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from otclip.engine.exclusions import Exclusions
+from otclip.engine.image_folders import walk_folders
 from otclip.engine.image_paths import is_image_path
 
-from .collection import walk_folders
 from .filesystems import remote_filesystem
 
 REMOTE_POLL_SECONDS = 30.0  # how often a folder is listed where events do not come, by default

@@ -100,3 +100,26 @@ def test_export_links_or_copies_the_results(photos_index, tmp_path, capsys):
 def test_bad_searches_are_one_line(photos_index, capsys, args, message):
     code, _, err = run(capsys, "search", photos_index / "ix", *args)
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_names_and_captions_print_one_line_each(sample_dir, default_model, tmp_path, capsys):
+    """A filename may hold a newline or a terminal escape, a caption a line break: the table printed them raw (one
+    result over two lines; a name that recoloured the terminal). Now escaped as Python writes them; --json keeps them.
+    `rank` lists a folder as `index` does: the index directory inside it (its thumbnails) is not ranked."""
+    from otclip.engine.terminal_text import one_line
+
+    for c in [*map(chr, range(0x20)), "\x7f", "\x85", "\x9b", "\u2028", "\u2029"]:
+        assert one_line(f"a{c}b") == repr(f"a{c}b")[1:-1]  # Python's own escapes as the reference
+    assert one_line("café 猫 \\ ok") == "café 猫 \\ ok"
+    name = "cat\nevil\x1b[31m.jpg"
+    shutil.copy(sample_dir / "chelsea.jpg", tmp_path / name)
+    (tmp_path / "m.csv").write_text(f'path,caption\n"{name}","a cat\non two lines"\n')
+    index_images(tmp_path / "m.csv", tmp_path / "ix", default_model, progress=False, workers=0, query_models=False)
+    code, out, _ = run(capsys, "search", tmp_path / "ix", "a cat")
+    assert code == 0 and len(out.splitlines()) == 1 and "\x1b" not in out
+    assert out.rstrip().endswith("cat\\nevil\\x1b[31m.jpg  (a cat\\non two lines)")
+    code, out, _ = run(capsys, "search", tmp_path / "ix", "a cat", "--json")
+    assert results(out)[0]["path"].endswith(name) and results(out)[0]["text"] == "a cat\non two lines"
+    (tmp_path / "m.csv").unlink()
+    code, out, _ = run(capsys, "rank", "a cat", "--images", tmp_path)
+    assert code == 0 and out.splitlines()[1].endswith("cat\\nevil\\x1b[31m.jpg") and len(out.splitlines()) == 2
