@@ -25,6 +25,7 @@ from otclip.engine import LoadedModel, load_model, save_checkpoint
 from otclip.engine.atomic_files import remove_dead_writers_files, write_lines_atomically
 from otclip.engine.devices import autocast_for
 from otclip.engine.distributed import init_from_env
+from otclip.engine.manifests import MANIFEST_SUFFIXES
 from otclip.engine.metrics import recall_at_k
 
 from .config import POSITIVES, RegularizerOptions, TrainConfig  # noqa: F401 (POSITIVES: re-exported)
@@ -36,15 +37,23 @@ from .trainable import TrainableModel
 
 
 def corpus_paths(corpus: str) -> tuple[Path, Path | None]:
-    """`--corpus` is a folder with train.jsonl (and val.jsonl) or a single manifest file."""
+    """`--corpus` is a folder with a train manifest (and a val one), each CSV, JSONL or Parquet, or a single
+    manifest file; a folder with two train (or val) manifests is refused (which one is meant?)."""
     p = Path(corpus)
-    if p.is_dir():
-        train = next((p / n for n in ("train.jsonl", "train.csv") if (p / n).exists()), None)
-        if train is None:
-            raise FileNotFoundError(f"{p}: no train.jsonl or train.csv in the corpus folder")
-        val = next((p / n for n in ("val.jsonl", "val.csv") if (p / n).exists()), None)
-        return train, val
-    return p, None
+    if not p.is_dir():
+        return p, None
+
+    def manifest(stem: str) -> Path | None:
+        found = [p / f"{stem}{suffix}" for suffix in MANIFEST_SUFFIXES if (p / f"{stem}{suffix}").is_file()]
+        if len(found) > 1:
+            raise ValueError(f"{p}: {' and '.join(f.name for f in found)} are both in the corpus folder; keep one")
+        return found[0] if found else None
+
+    train = manifest("train")
+    if train is None:
+        names = ", ".join(f"train{suffix}" for suffix in MANIFEST_SUFFIXES)
+        raise FileNotFoundError(f"{p}: no train manifest in the corpus folder ({names})")
+    return train, manifest("val")
 
 
 def multi_positive_loss(scores: np.ndarray, relevant: np.ndarray, scale: float) -> float:

@@ -106,3 +106,29 @@ def test_an_index_manifest_reads_as_a_corpus(tmp_path):
         load_corpus(write(tmp_path / "u.jsonl", [rows[0], {"path": "https://example.com/c.jpg", "caption": "c"}]))
     with pytest.raises(CorpusError, match=r"unknown columns \['path'\]"):
         load_corpus(write(tmp_path / "d.jsonl", [{"image": "a.png", "path": "b.png", "text": "x"}]))
+
+
+def test_a_corpus_folder_holds_its_manifests_in_any_format(tmp_path):
+    """`--corpus FOLDER` found train.jsonl or train.csv only: a folder of train.parquet (or val.parquet beside a
+    train.csv) was 'no train.jsonl'. Every manifest format is looked for; two train files are refused (which one?)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    from otclip.training.trainer import corpus_paths
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    pq.write_table(pa.Table.from_pylist([{"image": "a.png", "text": "a thing"}]), tmp_path / "train.parquet")
+    (tmp_path / "val.csv").write_text("image,text\na.png,a thing\n")
+    train, val = corpus_paths(str(tmp_path))
+    assert (train.name, val.name) == ("train.parquet", "val.csv") and len(load_corpus(train).pairs) == 1
+    (tmp_path / "val.csv").rename(tmp_path / "elsewhere.csv")
+    assert corpus_paths(str(tmp_path)) == (tmp_path / "train.parquet", None)
+    write(tmp_path / "train.jsonl", [{"image": "a.png", "text": "a thing"}])
+    with pytest.raises(ValueError, match="train.jsonl and train.parquet are both in the corpus folder; keep one"):
+        corpus_paths(str(tmp_path))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match=r"no train manifest in the corpus folder \(train.csv, train.jsonl, "):
+        corpus_paths(str(empty))
+    assert corpus_paths(str(tmp_path / "elsewhere.csv")) == (tmp_path / "elsewhere.csv", None)
