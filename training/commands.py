@@ -31,7 +31,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     CHOICES = {"positives": list(POSITIVES)}  # --reg is checked by TrainConfig against the registry
 
     p = sub.add_parser("train", help="fine-tune a model on a partially-paired corpus")
-    p.add_argument("--corpus", required=True, help="corpus folder (train and val manifests: .jsonl, .csv or .parquet) or one manifest")
+    p.add_argument("--corpus", required=True,
+                   help="corpus folder (train and val manifests: .jsonl, .csv or .parquet) or one manifest")
     p.add_argument("--out", required=True, help="run directory (log.jsonl, best.pt, last.pt); resumes if present")
     for f in dataclasses.fields(TrainConfig):  # the defaults, without validating (that imports the registry)
         name, value = f.name, f.default
