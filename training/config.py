@@ -3,6 +3,7 @@ importing the training stack (so every other command starts fast)."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, fields
 
@@ -86,11 +87,24 @@ class TrainConfig:
             check_at_least(f"--{name.replace('_', '-')}", getattr(self, name), 0)
 
     def resume_fields(self) -> dict:
-        """What must match for a run directory to be resumed (steps and eval cadence may change)."""
+        """What must match for a run directory to be resumed: steps and eval cadence may change, and the run folder is
+        wherever its checkpoint is found (`resumable_paths`)."""
         d = asdict(self)
-        for k in ("steps", "eval_every", "save_every"):
+        for k in ("steps", "eval_every", "save_every", "out"):
             d.pop(k)
-        return d
+        return resumable_paths(d)
+
+
+def resumable_paths(fields: dict) -> dict:
+    """`fields` with the corpus, and the model where it names a file, as absolute paths: the same command typed in
+    another folder names them by other relative paths (its resume had been refused as 'other settings'). A run
+    saved before this read its relative paths from the folder the resume runs in, as before."""
+    out = {k: v for k, v in fields.items() if k != "out"}
+    if "corpus" in out:
+        out["corpus"] = os.path.abspath(out["corpus"])
+    if out.get("model") and os.path.exists(out["model"]):
+        out["model"] = os.path.abspath(out["model"])
+    return out
 
 
 OPTION_SETTINGS = {"eps": "ot_eps", "rho": "ot_rho"}  # RegularizerOptions fields whose TrainConfig setting is renamed

@@ -28,7 +28,7 @@ from otclip.engine.distributed import init_from_env
 from otclip.engine.manifests import MANIFEST_SUFFIXES
 from otclip.engine.metrics import recall_at_k
 
-from .config import POSITIVES, RegularizerOptions, TrainConfig  # noqa: F401 (POSITIVES: re-exported)
+from .config import POSITIVES, RegularizerOptions, TrainConfig, resumable_paths  # noqa: F401 (POSITIVES: re-exported)
 from .corpus import CorpusRow, PartiallyPairedCorpus, load_corpus
 from .feature_cache import FeatureCache
 from .losses import ContrastiveLoss, StepEmbeddings, in_first_stage, lookup, step_total, uniformity
@@ -348,7 +348,7 @@ class Trainer:
         now = self.cfg.resume_fields()
         # a setting otclip gained after this run started reads as its default, which keeps the earlier behaviour
         added = {f.name: f.default for f in fields(TrainConfig) if f.name in now and f.name not in state["config"]}
-        saved = {**added, **state["config"]}
+        saved = resumable_paths({**added, **state["config"]})
         if saved != now:
             diff = sorted(k for k in {*saved, *now} if saved.get(k) != now.get(k))
             raise ValueError(f"{last}: a run with other settings ({', '.join(diff)}) is in this folder; use a new --out")

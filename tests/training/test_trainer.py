@@ -76,8 +76,9 @@ def test_checkpoint_loads_in_the_engine_and_indexes(small_corpus, tmp_path):
 
 
 def test_resume_after_kill(small_corpus, tmp_path):
-    """Killed after a checkpoint, the same command resumes from it; the half-written checkpoint a kill leaves
-    (`.last.pt.tmpPID`, 100+ MB) is removed, and a temporary file of a live process is kept."""
+    """Killed after a checkpoint, the same command resumes from it, also typed in another folder with relative paths;
+    the half-written checkpoint a kill leaves (`.last.pt.tmpPID`, 100+ MB) is removed, and a temporary file of a live
+    process is kept."""
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "otclip", "train", "--corpus", str(small_corpus), "--out", str(run), "--steps", "60",
            "--save-every", "10", "--eval-every", "1000", "--batch-size", "32", "--unpaired-batch-size", "64",
@@ -92,7 +93,11 @@ def test_resume_after_kill(small_corpus, tmp_path):
     half_written, live = run / f".last.pt.tmp{proc.pid}", run / f".best.pt.tmp{os.getpid()}"
     half_written.write_bytes(b"PK\x03\x04 cut short by the kill")  # whether or not the kill fell mid-save
     live.write_bytes(b"being written")
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    # the same command typed in another folder: relative paths to the same corpus and run (refused as other settings)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    relative = [os.path.relpath(a, elsewhere) if a in (str(small_corpus), str(run)) else a for a in cmd]
+    done = subprocess.run(relative, capture_output=True, text=True, timeout=900, cwd=elsewhere)
     assert done.returncode == 0, done.stdout + done.stderr
     assert not half_written.exists() and live.exists()
     log = read_log(run)
