@@ -137,6 +137,8 @@ def _train(args: argparse.Namespace) -> int:
     if trainer.unreadable and trainer.ranks.rank == 0:
         print(f"otclip train: skipped the rows of {len(trainer.unreadable)} unreadable image(s), listed in "
               f"{Path(args.out) / 'errors.jsonl'}", file=sys.stderr)
+    if trainer.validates_training_pairs and trainer.ranks.rank == 0:
+        print(f"otclip train: validation on {trainer.validation_source()}", file=sys.stderr)
     summary = trainer.train()
     if summary:
         print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items() if k != "event"))

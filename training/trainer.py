@@ -95,6 +95,9 @@ class Trainer:
                                                                require_pairs=config.reg == "none")
         val_source = val_path or train_path
         self.val_corpus = load_corpus(val_source, split=None if val_path else "val", require_pairs=False)
+        # no val manifest and no row marked split=val: rows without a split are read as both, so the pairs validated
+        # (and best.pt's choice) are the training pairs; said at the start and in the log, not hidden under "val_"
+        self.validates_training_pairs = val_path is None and not any(r.split == "val" for r in self.val_corpus.pairs)
         device = f"cuda:{self.ranks.local_rank}" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
         torch.manual_seed(config.seed)
@@ -387,6 +390,13 @@ class Trainer:
         if len(keep) != len(lines):
             write_lines_atomically(path, keep)
 
+    def validation_source(self) -> str:
+        """Where the validation recall comes from, in words."""
+        if self.validates_training_pairs:
+            return (f"the training pairs ({self.cfg.corpus} has no val manifest and no row with split=val): best.pt is "
+                    "the step that fits them best; mark some pairs split=val to hold them out")
+        return f"{len(self.val_texts)} held-out pairs"
+
     # --- loop ----------------------------------------------------------------------------------
     def train(self) -> dict:
         cfg, main = self.cfg, self.ranks.rank == 0
@@ -400,7 +410,7 @@ class Trainer:
             write_lines_atomically(self.out / "errors.jsonl", [json.dumps(e, ensure_ascii=False) for e in self.unreadable])
             log.write(json.dumps({"event": "resume" if resumed else "start", "step": self.step,
                                   "corpus": self.train_corpus.summary(), "feature_seconds": self.feature_seconds,
-                                  "skipped": len(self.unreadable)}) + "\n")
+                                  "skipped": len(self.unreadable), "validation": self.validation_source()}) + "\n")
         start, t0 = self.step, time.time()
         if main and not resumed:
             log.write(json.dumps({"step": 0, **self.validate()}) + "\n")

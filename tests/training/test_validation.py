@@ -27,3 +27,26 @@ def test_several_captions_per_image(tmp_path, default_model, encoder):
     assert t2i > 0.5
     assert abs(got["val_t2i_R@1"] - t2i) <= 1 / len(flat) + 1e-9
     assert abs(got["val_i2t_R@1"] - i2t) <= 1 / len(paths) + 1e-9
+
+
+def test_a_manifest_without_a_val_split_says_it_validates_on_the_training_pairs(tmp_path, default_model):
+    """Rows without a split are read as training and validation rows alike: with no val manifest and no row marked
+    split=val, the "val_" recall (and best.pt's choice) is the training pairs' recall. Said at the start, in the log
+    and on stderr, rather than reported as held out."""
+    from otclip.engine.sample_photos import SAMPLE_PHOTOS, write_sample_photos
+    from otclip.training.trainer import TrainConfig, Trainer
+
+    paths = [str(p) for p in write_sample_photos(tmp_path / "photos")]
+    rows = [{"image": path, "text": p.caption} for path, p in zip(paths, SAMPLE_PHOTOS)]
+    (tmp_path / "all.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    marked = [{**r, "split": "val" if i < 2 else "train"} for i, r in enumerate(rows)]
+    (tmp_path / "marked.jsonl").write_text("".join(json.dumps(r) + "\n" for r in marked))
+    for manifest, on_training_pairs in (("all.jsonl", True), ("marked.jsonl", False)):
+        cfg = TrainConfig(corpus=str(tmp_path / manifest), out=str(tmp_path / f"run-{manifest}"), steps=1,
+                          save_checkpoints=False)
+        trainer = Trainer(cfg, progress=False, loaded=default_model)
+        assert trainer.validates_training_pairs is on_training_pairs
+        assert set(trainer.val_texts) == ({r["text"] for r in rows} if on_training_pairs else {r["text"] for r in rows[:2]})
+        trainer.train()
+        start = json.loads((tmp_path / f"run-{manifest}" / "log.jsonl").read_text().splitlines()[0])
+        assert start["validation"].startswith("the training pairs" if on_training_pairs else "2 held-out pairs")
