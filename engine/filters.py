@@ -115,11 +115,16 @@ def parse_where(items: list[str]) -> dict[str, str | tuple[str | None, str | Non
 
 
 def parse_date(text: str, flag: str) -> float:
-    """An ISO date or date-time (local time) -> Unix seconds; one line naming the flag when malformed."""
+    """An ISO date or date-time (local time) -> Unix seconds; one line naming the flag when malformed. A date in the
+    first days of year 1 has no local time (the offset would reach year 0): it is read as UTC there."""
     try:
-        return datetime.datetime.fromisoformat(text.strip()).timestamp()
+        when = datetime.datetime.fromisoformat(text.strip())
     except ValueError:
         raise ValueError(f"{flag} {text!r}: expected a date like 2024-06-30 or 2024-06-30T18:00") from None
+    try:
+        return when.timestamp()
+    except (ValueError, OverflowError, OSError):
+        return when.replace(tzinfo=when.tzinfo or datetime.timezone.utc).timestamp()
 
 
 def filters_from_strings(under: str | None = None, glob: str | None = None, label: str | None = None,

@@ -168,6 +168,16 @@ def test_bad_filters_are_one_line():
     assert Filters().is_empty() and not filters_from_strings(label="x").is_empty()
 
 
+def test_the_earliest_and_latest_dates_are_dates():
+    """`--after 0001-01-01` (everything) was 'expected a date': its local time would fall in year 0."""
+    import datetime
+
+    first = datetime.datetime(1, 1, 1, tzinfo=datetime.timezone.utc).timestamp()
+    assert filters_from_strings(after="0001-01-01").taken_after == pytest.approx(first)
+    assert filters_from_strings(before="9999-12-31").taken_before == datetime.datetime(9999, 12, 31).timestamp()
+    assert filters_from_strings(after="2024-06-30").taken_after == datetime.datetime(2024, 6, 30).timestamp()  # local
+
+
 @pytest.mark.parametrize("vectors_file", [True, False], ids=["vectors file", "older index without it"])
 @pytest.mark.parametrize("factory", ["IVF8,Flat", "HNSW16", "IVF8,PQ4"])
 def test_exact_scores_whatever_the_index_keeps(factory, vectors_file, corpus, tmp_path):
