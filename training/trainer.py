@@ -97,7 +97,8 @@ class Trainer:
         self.val_corpus = load_corpus(val_source, split=None if val_path else "val", require_pairs=False)
         # no val manifest and no row marked split=val: rows without a split are read as both, so the pairs validated
         # (and best.pt's choice) are the training pairs; said at the start and in the log, not hidden under "val_"
-        self.validates_training_pairs = val_path is None and not any(r.split == "val" for r in self.val_corpus.pairs)
+        self.validates_training_pairs = (val_path is None and bool(self.val_corpus.pairs)
+                                         and not any(r.split == "val" for r in self.val_corpus.pairs))
         device = f"cuda:{self.ranks.local_rank}" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
         torch.manual_seed(config.seed)
@@ -395,7 +396,7 @@ class Trainer:
         if self.validates_training_pairs:
             return (f"the training pairs ({self.cfg.corpus} has no val manifest and no row with split=val): best.pt is "
                     "the step that fits them best; mark some pairs split=val to hold them out")
-        return f"{len(self.val_texts)} held-out pairs"
+        return f"{len(self.val_texts)} held-out pairs" if self.val_texts else "no validation pairs (no row with split=val)"
 
     # --- loop ----------------------------------------------------------------------------------
     def train(self) -> dict:

@@ -41,12 +41,15 @@ def test_a_manifest_without_a_val_split_says_it_validates_on_the_training_pairs(
     (tmp_path / "all.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     marked = [{**r, "split": "val" if i < 2 else "train"} for i, r in enumerate(rows)]
     (tmp_path / "marked.jsonl").write_text("".join(json.dumps(r) + "\n" for r in marked))
-    for manifest, on_training_pairs in (("all.jsonl", True), ("marked.jsonl", False)):
+    (tmp_path / "train-only.jsonl").write_text("".join(json.dumps({**r, "split": "train"}) + "\n" for r in rows))
+    for manifest, on_training_pairs in (("all.jsonl", True), ("marked.jsonl", False), ("train-only.jsonl", False)):
         cfg = TrainConfig(corpus=str(tmp_path / manifest), out=str(tmp_path / f"run-{manifest}"), steps=1,
                           save_checkpoints=False)
         trainer = Trainer(cfg, progress=False, loaded=default_model)
         assert trainer.validates_training_pairs is on_training_pairs
-        assert set(trainer.val_texts) == ({r["text"] for r in rows} if on_training_pairs else {r["text"] for r in rows[:2]})
+        held_out = {"all.jsonl": rows, "marked.jsonl": rows[:2], "train-only.jsonl": []}[manifest]
+        assert set(trainer.val_texts) == {r["text"] for r in held_out}
         trainer.train()
         start = json.loads((tmp_path / f"run-{manifest}" / "log.jsonl").read_text().splitlines()[0])
-        assert start["validation"].startswith("the training pairs" if on_training_pairs else "2 held-out pairs")
+        expected = "the training pairs" if on_training_pairs else f"{len(held_out)} held-out" if held_out else "no validation"
+        assert start["validation"].startswith(expected)
