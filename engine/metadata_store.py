@@ -411,10 +411,11 @@ class MetadataStore:
         found = np.fromstring(listed or "", np.int64, sep=" ")
         return None if len(found) > limit else found
 
-    def _by_ids(self, sql: str, item_ids: Sequence[int], before: Sequence = ()) -> list[tuple]:
-        """Rows of `sql`, whose `{ids}` is a list of parameters, for every id, in batches of ID_BATCH: SQLite
-        takes at most 32766 parameters in one statement, and a filtered search may check many more ids."""
-        ids = [int(i) for i in item_ids]
+    def _by_ids(self, sql: str, item_ids: Sequence[int | str], before: Sequence = ()) -> list[tuple]:
+        """Rows of `sql`, whose `{ids}` is a list of parameters, for every id (an item id, or a key as a string), in
+        batches of ID_BATCH: SQLite takes at most 32766 parameters in one statement, and a filtered search may check
+        many more ids."""
+        ids = [i if isinstance(i, str) else int(i) for i in item_ids]
         rows: list[tuple] = []
         for start in range(0, len(ids), ID_BATCH):
             part = ids[start : start + ID_BATCH]
@@ -460,13 +461,8 @@ class MetadataStore:
 
     def key_locations(self, side: str, keys: Sequence[str]) -> dict[str, tuple[str, int]]:
         """key -> (shard, row) of its embedding, for the keys the side holds."""
-        out: dict[str, tuple[str, int]] = {}
-        for start in range(0, len(keys), ID_BATCH):
-            part = list(keys[start : start + ID_BATCH])
-            rows = self._tuples(f"SELECT key, shard, row FROM items WHERE side=? AND key IN ({','.join('?' * len(part))})",
-                                (side, *part))
-            out.update({key: (shard, row) for key, shard, row in rows})
-        return out
+        rows = self._by_ids("SELECT key, shard, row FROM items WHERE side=? AND key IN ({ids})", list(keys), (side,))
+        return {key: (shard, row) for key, shard, row in rows}
 
     def locations(self, item_ids: Sequence[int]) -> dict[int, tuple[str, int]]:
         """id -> (shard, row) of its embedding."""
