@@ -1,6 +1,7 @@
 """The trainer's validation recall when images have several captions (it chooses best.pt and the
 experiment's hyper-parameters), against a brute force over the engine's own embeddings."""
 
+import copy
 import json
 
 import numpy as np
@@ -36,6 +37,7 @@ def test_a_manifest_without_a_val_split_says_it_validates_on_the_training_pairs(
     from otclip.engine.sample_photos import SAMPLE_PHOTOS, write_sample_photos
     from otclip.training.trainer import TrainConfig, Trainer
 
+    trained = copy.deepcopy(default_model)  # train() changes the weights: not the session's shared model
     paths = [str(p) for p in write_sample_photos(tmp_path / "photos")]
     rows = [{"image": path, "text": p.caption} for path, p in zip(paths, SAMPLE_PHOTOS)]
     (tmp_path / "all.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -45,7 +47,7 @@ def test_a_manifest_without_a_val_split_says_it_validates_on_the_training_pairs(
     for manifest, on_training_pairs in (("all.jsonl", True), ("marked.jsonl", False), ("train-only.jsonl", False)):
         cfg = TrainConfig(corpus=str(tmp_path / manifest), out=str(tmp_path / f"run-{manifest}"), steps=1,
                           save_checkpoints=False)
-        trainer = Trainer(cfg, progress=False, loaded=default_model)
+        trainer = Trainer(cfg, progress=False, loaded=trained)
         assert trainer.validates_training_pairs is on_training_pairs
         held_out = {"all.jsonl": rows, "marked.jsonl": rows[:2], "train-only.jsonl": []}[manifest]
         assert set(trainer.val_texts) == {r["text"] for r in held_out}
