@@ -27,7 +27,7 @@ demo: $(STAMP) system-deps
 	$(VENV)/bin/otclip demo --out $(DEMO_INDEX) --host 127.0.0.1 --port 7860
 
 # two workers (pytest-xdist), each test file on one of them: the suite's model loads, subprocesses and servers are
-# largely single-threaded, so one process left a core idle (24 -> 17 min on a 2-core machine); `pytest` alone runs serially
+# largely single-threaded, so one process left a core idle (24 -> 16 min on a 2-core machine); `pytest` alone runs serially
 test: $(STAMP) system-deps
 	$(VENV)/bin/pytest -n 2 --dist loadfile
 

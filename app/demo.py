@@ -13,6 +13,8 @@ from otclip.engine.model_identity import DEFAULT_MODEL_NAME
 from otclip.engine.prompts import class_prompt, with_article
 from otclip.engine.sample_photos import SAMPLE_PHOTOS, write_sample_photos
 
+DEMO_MANIFEST = "gallery.jsonl"  # in --data, beside the photos: the source the demo index mirrors
+
 
 def write_demo_corpus(data_dir: Path, fashion_mnist_count: int = 300) -> tuple[Path, Path]:
     """The sample photos (+ a Fashion-MNIST test subset when installed) as an image manifest with
@@ -41,9 +43,6 @@ def write_demo_corpus(data_dir: Path, fashion_mnist_count: int = 300) -> tuple[P
     captions = data_dir / "captions.txt"
     captions.write_text("".join(t + "\n" for t in texts))
     return manifest, captions
-
-
-DEMO_MANIFEST = "gallery.jsonl"
 
 
 def _refuse_other_data(index_dir: Path, data_dir: Path) -> None:
