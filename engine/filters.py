@@ -123,8 +123,8 @@ def parse_date(text: str, flag: str) -> float:
         raise ValueError(f"{flag} {text!r}: expected a date like 2024-06-30 or 2024-06-30T18:00") from None
     try:
         return when.timestamp()
-    except (ValueError, OverflowError, OSError):
-        return when.replace(tzinfo=when.tzinfo or datetime.timezone.utc).timestamp()
+    except (ValueError, OverflowError, OSError):  # only a naive time goes through the local time zone
+        return when.replace(tzinfo=datetime.timezone.utc).timestamp()
 
 
 def filters_from_strings(under: str | None = None, glob: str | None = None, label: str | None = None,
