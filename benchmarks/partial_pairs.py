@@ -75,30 +75,50 @@ def grid_for(method: str) -> list[tuple[float, float]]:
 # --- runs side by side -----------------------------------------------------------------------------
 # Every run is independent (its own seed, corpus and pristine weights): on 2 cores, two single-threaded runs
 # side by side finish 1.36x as many runs as one run on both threads (small matrices, measured here).
-_WORKER = None
+_ARGS = None
+_RUNNERS: dict = {}  # a process's runners, one per `make`, built on its first job
 
 
-def _start_worker(make, args) -> None:
-    global _WORKER
+def _start_worker(args) -> None:
+    global _ARGS
     torch.set_num_threads(1)
-    _WORKER = make(args)
+    _ARGS = args
 
 
-def _work(job: tuple) -> dict:
-    return _WORKER(job)
+def _work(make_and_job: tuple) -> dict:
+    make, job = make_and_job
+    if make not in _RUNNERS:
+        _RUNNERS[make] = make(_ARGS)
+    return _RUNNERS[make](job)
 
 
-def run_jobs(make, args, jobs: list[tuple]) -> Iterator[dict]:
-    """`make(args)(job)` for each job, in order: in this process (`args.workers` 1) or in `args.workers`
-    spawned processes, each built once by `make` (its model, its corpora) and single-threaded."""
-    if args.workers <= 1 or len(jobs) <= 1:
-        runner = make(args)
-        yield from map(runner, jobs)
-        return
-    context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(min(args.workers, len(jobs)), mp_context=context, initializer=_start_worker,
-                             initargs=(make, args)) as pool:
-        yield from pool.map(_work, jobs)
+class SideBySide:
+    """`make(args)(job)` for each job, in order: in this process (`args.workers` 1, torch's threads) or in
+    `args.workers` spawned single-threaded processes. The processes serve the whole experiment and build each
+    `make` once (its model, its corpora): a pool for each of the four batches of jobs paid the imports and the model
+    loads each time (a --quick run on 2 cores, warm caches: 97-106 s, 57-60 s with one pool)."""
+
+    def __init__(self, args) -> None:
+        self.args = args
+        self.pool: ProcessPoolExecutor | None = None
+        self.runners: dict = {}
+
+    def __enter__(self) -> SideBySide:
+        if self.args.workers > 1:
+            self.pool = ProcessPoolExecutor(self.args.workers, mp_context=multiprocessing.get_context("spawn"),
+                                            initializer=_start_worker, initargs=(self.args,))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(cancel_futures=True)
+
+    def run(self, make, jobs: list[tuple]) -> Iterator[dict]:
+        if self.pool is not None:
+            return self.pool.map(_work, [(make, job) for job in jobs])
+        if make not in self.runners:
+            self.runners[make] = make(self.args)
+        return map(self.runners[make], jobs)
 
 
 # --- Fashion-MNIST ------------------------------------------------------------------------------
@@ -124,6 +144,7 @@ class FashionRunner:
         self.loaded = load_model("effnet-minilm")
         self.pristine = copy.deepcopy(self.loaded.model.state_dict())
         self.unseen = args.unseen.split(",")
+        self.prompt_features: torch.Tensor | None = None  # the class prompts through the frozen text tower, once
 
     def __call__(self, job: tuple) -> dict:
         from otclip.engine import fashion_mnist
@@ -166,9 +187,10 @@ class FashionRunner:
         from otclip.engine.prompts import class_prompt
 
         classes = list(fashion_mnist.SHORT_NAMES)
-        prompts = trainer.loaded.tokenizer([class_prompt(c) for c in classes])
-        cache_txt = trainer.trainable.text_features(prompts.to(trainer.device))
-        x, y = trainer.embed(img, cache_txt)
+        if self.prompt_features is None:  # the frozen part never trains (nor moves under WiSE-FT): once a process
+            prompts = trainer.loaded.tokenizer([class_prompt(c) for c in classes])
+            self.prompt_features = trainer.trainable.text_features(prompts.to(trainer.device))
+        x, y = trainer.embed(img, self.prompt_features)
         pred = (x @ y.T).argmax(1).cpu().numpy()
         truth = np.array([classes.index(lbl) for lbl in labels])
         is_unseen = np.array([lbl in self.unseen for lbl in labels])
@@ -198,7 +220,7 @@ def warm_caches(corpora: list[Path]) -> None:
     cache.texts(list(texts))
 
 
-def fashion(args, log) -> dict:
+def fashion(args, log, runs: SideBySide) -> dict:
     from otclip.engine import fashion_mnist
 
     if not fashion_mnist.available():
@@ -220,7 +242,7 @@ def fashion(args, log) -> dict:
     if args.workers > 1:
         warm_caches(corpora)
     scores: dict[str, dict] = {}
-    for (_, method, _, _, alpha, eps), r in zip(tuning, run_jobs(FashionRunner, args, tuning)):
+    for (_, method, _, _, alpha, eps), r in zip(tuning, runs.run(FashionRunner, tuning)):
         scores.setdefault(method, {})[(alpha, eps)] = r["val_mean_recall"]
         log(f"fashion val {method} alpha={alpha} eps={eps}: {r['val_mean_recall']:.3f}")
     chosen = {method: max(s, key=s.get) for method, s in scores.items()}
@@ -232,7 +254,7 @@ def fashion(args, log) -> dict:
         jobs += [(protocol, method, fraction, seed, *chosen.get(method, (0.0, 0.05)))
                  for protocol, fraction in plan for method in METHODS if applicable(method, fraction)]
     rows = []
-    for (protocol, method, fraction, seed, alpha, eps), r in zip(jobs, run_jobs(FashionRunner, args, jobs)):
+    for (protocol, method, fraction, seed, alpha, eps), r in zip(jobs, runs.run(FashionRunner, jobs)):
         if method == "zero-shot":
             rows.append({"protocol": protocol, "method": method, "fraction": None, "seed": seed, **r})
             continue
@@ -372,14 +394,14 @@ def linear_runner(args):
 VARIANTS = {False: "every item has a partner", True: "half the images have a partner"}
 
 
-def linear(args, log) -> dict:
+def linear(args, log, runs: SideBySide) -> dict:
     """Settings chosen per method and per variant on validation (N = the middle size, seed 0), then every run;
     their method in their setting runs as their notebook does (`THEIR_RECIPE`)."""
     t0 = time.time()
     tuning = [(method, args.unpaired[1], 0, half, settings) for half in VARIANTS for method in LINEAR_METHODS[1:]
               if method != THEIR_SETTING for settings in linear_grid(method)]
     scores: dict[tuple[str, bool], list] = {}
-    for (method, _, _, half, settings), r in zip(tuning, run_jobs(linear_runner, args, tuning)):
+    for (method, _, _, half, settings), r in zip(tuning, runs.run(linear_runner, tuning)):
         scores.setdefault((method, half), []).append((r["val_top1"], settings))
     chosen = {key: max(s, key=lambda vs: vs[0])[1] for key, s in scores.items()}  # the first of equals
     chosen |= {(THEIR_SETTING, half): THEIR_RECIPE for half in VARIANTS}
@@ -390,7 +412,7 @@ def linear(args, log) -> dict:
             for half in VARIANTS for seed in args.seeds for n in args.unpaired
             for method in ["oracle", *LINEAR_METHODS]]
     rows = []
-    for (method, n, seed, half, _), r in zip(jobs, run_jobs(linear_runner, args, jobs)):
+    for (method, n, seed, half, _), r in zip(jobs, runs.run(linear_runner, jobs)):
         rows.append({"method": method, "unpaired": n, "seed": seed, "half_partners": half, **r})
     log(f"linear: {len(rows)} runs")
     return {"chosen": {VARIANTS[half]: {m: c for (m, h), c in chosen.items() if h == half} for half in VARIANTS},
@@ -631,10 +653,11 @@ def main() -> None:
         print(f"[{time.time() - start:6.0f}s] {msg}", flush=True)
 
     results = {"quick": args.quick}
-    if args.only != "fashion":
-        results["linear"] = linear(args, log)
-    if args.only != "linear":
-        results["fashion"] = fashion(args, log)
+    with SideBySide(args) as runs:
+        if args.only != "fashion":
+            results["linear"] = linear(args, log, runs)
+        if args.only != "linear":
+            results["fashion"] = fashion(args, log, runs)
     results["seconds"] = time.time() - start
     stem = "partial_pairs" + ("-quick" if args.quick else "") + ("-pair-positives" if args.positives == "pair" else "")
     stem += f"-{args.only}" if args.only else ""

@@ -84,7 +84,8 @@ def test_runs_side_by_side_give_the_runs_of_one_process_in_order(quick_run, monk
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        alone = json.loads(json.dumps(pp.linear(args, lambda msg: None)))  # as the JSON file holds it
+        with pp.SideBySide(args) as runs:
+            alone = json.loads(json.dumps(pp.linear(args, lambda msg: None, runs)))  # as the JSON file holds it
     finally:
         torch.set_num_threads(threads)
     assert side_by_side["chosen"] == alone["chosen"]
