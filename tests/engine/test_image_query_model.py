@@ -2,6 +2,7 @@
 itself), the exported image tower embeds like the torch encoder, `otclip search --image` answers without
 importing torch, and a model whose preprocessing has no torch-free form is refused once, with the reason."""
 
+import shutil
 from types import SimpleNamespace
 
 import numpy as np
@@ -86,10 +87,15 @@ def test_cli_image_search_answers_without_torch(demo_index, default_model):
 
 
 def test_a_second_index_of_the_model_links_the_cached_exports(default_model, tmp_path, monkeypatch):
+    from otclip.engine.cache_dir import cache_dir
     from otclip.engine.sample_photos import write_sample_photos
     from otclip.indexer.pipeline import index_images, index_texts
 
-    monkeypatch.setenv("OTCLIP_CACHE_DIR", str(tmp_path / "cache"))
+    fresh = tmp_path / "cache"  # no exports yet; the default model's class embeddings (20 s on a core) kept
+    fresh.mkdir()
+    for kept in cache_dir().glob("imagenet-class-embeddings-*.npy"):
+        shutil.copy(kept, fresh / kept.name)
+    monkeypatch.setenv("OTCLIP_CACHE_DIR", str(fresh))
     photos = write_sample_photos(tmp_path / "photos")[0].parent
     index_images(photos, tmp_path / "first", default_model, progress=False, workers=0)
     texts = tmp_path / "captions.txt"
