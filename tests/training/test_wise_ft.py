@@ -1,5 +1,6 @@
 """WiSE-FT: interpolating a fine-tuned checkpoint with its zero-shot model."""
 
+import copy
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -31,7 +32,7 @@ def test_interpolation_is_linear_in_the_floating_weights_only():
 
 
 @pytest.mark.slow
-def test_cli_writes_a_checkpoint_between_the_run_and_its_starting_model(small_corpus, tmp_path, capsys):
+def test_cli_writes_a_checkpoint_between_the_run_and_its_starting_model(small_corpus, tmp_path, capsys, default_model):
     from otclip.main import main
     from otclip.training.trainer import TrainConfig, Trainer
 
@@ -42,13 +43,14 @@ def test_cli_writes_a_checkpoint_between_the_run_and_its_starting_model(small_co
     done = subprocess.run([sys.executable, "-m", "otclip", "wise-ft", str(run / "best.pt"), "--alpha", "0.25",
                            "--out", str(out)], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
-    start, tuned, merged = (load_model(m, device="cpu").model.state_dict()
-                            for m in ("effnet-minilm", str(run / "best.pt"), str(out)))
+    merged_model = load_model(str(out), device="cpu")
+    start, tuned, merged = (default_model.model.state_dict(), load_model(str(run / "best.pt"), device="cpu").model
+                            .state_dict(), merged_model.model.state_dict())  # the fixture: effnet-minilm, unchanged
     moved = [k for k in start if start[k].is_floating_point() and not torch.equal(start[k], tuned[k])]
     assert moved  # training changed the heads
     for k in moved:
         assert torch.allclose(merged[k], 0.75 * start[k] + 0.25 * tuned[k], atol=1e-6)
-    assert load_model(str(out)).identity.name.startswith("effnet-minilm-wise0.25@")
+    assert merged_model.identity.name.startswith("effnet-minilm-wise0.25@")
     bad = subprocess.run([sys.executable, "-m", "otclip", "wise-ft", str(small_corpus / "train.jsonl"), "--out",
                           str(tmp_path / "x.pt")], capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "train.jsonl: cannot read as a checkpoint (not a file torch.save wrote)" in bad.stderr
@@ -80,7 +82,7 @@ def test_the_model_a_run_started_from_is_found_from_any_folder_and_checked(small
     assert moved
     for k in moved:
         assert torch.allclose(merged[k], 0.5 * start[k] + 0.5 * tuned[k], atol=1e-6)
-    changed = load_model(str(base), device="cpu")
+    changed = copy.deepcopy(default_model)  # not the shared model itself
     with torch.no_grad():
         next(p for p in changed.model.parameters() if p.is_floating_point()).add_(1.0)
     save_checkpoint(changed, base, name="base")  # the same path, other weights
