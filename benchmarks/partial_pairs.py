@@ -95,8 +95,9 @@ def _work(make_and_job: tuple) -> dict:
 class SideBySide:
     """`make(args)(job)` for each job, in order: in this process (`args.workers` 1, torch's threads) or in
     `args.workers` spawned single-threaded processes. The processes serve the whole experiment and build each
-    `make` once (its model, its corpora): a pool for each of the four batches of jobs paid the imports and the model
-    loads each time (a --quick run on 2 cores, warm caches: 97-106 s, 57-60 s with one pool)."""
+    `make` once (its model, its corpora): a pool for each of the four batches of jobs started its processes again,
+    each paying the imports and, for Fashion-MNIST, the model's load (a --quick run on 2 cores, warm caches:
+    97-106 s, 57-60 s with one pool)."""
 
     def __init__(self, args) -> None:
         self.args = args

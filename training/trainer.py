@@ -121,7 +121,7 @@ class Trainer:
         self.matching = None
         self._load_features()
         self._refuse_without_both_unpaired_sides()
-        # listed once: walking the model's modules for them took 5 ms, 39% of a cached contrastive step at batch 64
+        # listed once: walking the model's modules for them twice a step took ~2.6 ms of a 15 ms cached step
         self.trained_parameters = self.trainable.trainable_parameters()
         self.optimizer = torch.optim.AdamW(self.trained_parameters, lr=config.lr, weight_decay=config.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
