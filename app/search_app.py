@@ -51,6 +51,8 @@ class SearchApp:
         self.csv_dir = csv_dir
         self._csv_files: deque[tuple[float, str]] = deque()  # (when written, path), oldest first
         self._csv_lock = threading.Lock()
+        self._examples: tuple[object, list[str]] | None = None  # (the index generation, its example queries)
+        self._examples_lock = threading.Lock()
 
     # --- the engine's search, batched ----------------------------------------------------------
     def query_vector(self, terms: list[Term]) -> np.ndarray:
@@ -89,10 +91,15 @@ class SearchApp:
 
     # --- what the UI shows -------------------------------------------------------------------------
     def examples(self) -> list[str]:
-        """The queries the page offers for this collection (`example_queries.suggest`), the model call under the
-        server's model lock as any other."""
-        with self.texts.lock:
-            return example_queries.suggest(self.searcher)
+        """The queries the page offers for this collection (`example_queries.suggest`), chosen again only when the
+        index has a new generation (a watched or re-indexed collection that grew offers its new subjects), the model
+        call under the server's model lock as any other."""
+        with self._examples_lock:
+            generation = self.searcher.generation()
+            if self._examples is None or self._examples[0] != generation:
+                with self.texts.lock:
+                    self._examples = generation, example_queries.suggest(self.searcher)
+            return self._examples[1]
 
     def _tile(self, r: SearchResult):
         """The thumbnail `otclip index` kept (a file in the index's thumbnails folder, the only folder

@@ -101,11 +101,19 @@ def build_ui(apps: dict[str, SearchApp], report: Path | None = None) -> gr.Block
                 query = gr.Textbox(label="Query (texts, indexed images' paths, 2:weights, - exclusions)",
                                    placeholder="a cat", scale=4, elem_id="query")
                 search = gr.Button("Search", variant="primary", scale=1, elem_id="search")
-            offered = {name: app.examples() for name, app in apps.items()}  # chosen once, as the server starts
-            examples = _examples(query, offered[names[0]])
+            built_with = apps[names[0]].examples()  # as the server starts
+            examples = _examples(query, built_with)
             examples.click(lambda sample: sample[0], examples, query, queue=False, show_progress="hidden", api_name=False)
-            collection.change(lambda name: _examples(query, offered[name]), collection, examples, queue=False,
+            collection.change(lambda name: _examples(query, apps[name].examples()), collection, examples, queue=False,
                               show_progress="hidden", api_name=False)
+
+            def opened(name: str):
+                """A page opened after its collection's index changed (a watch, a re-index) offers its subjects now;
+                otherwise the examples it was built with stay (not re-rendered under a first click)."""
+                offered = apps[name].examples()
+                return gr.skip() if name == names[0] and offered == built_with else _examples(query, offered)
+
+            ui.load(opened, collection, examples, queue=False, show_progress="hidden", api_name=False)
             status = gr.Markdown(elem_id="t2i-status")
             gallery = inline_gallery(label="Results", columns=6, height="auto", elem_id="t2i-gallery")
             with gr.Row():

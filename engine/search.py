@@ -162,6 +162,13 @@ class IndexSearcher:
                     self.manifest, self._sides, self._stamp = manifest, sides, stamp
         return self._sides
 
+    def generation(self) -> tuple[int, int] | None:
+        """The published generation this searcher answers from (loaded first if a newer one was published): what
+        is computed from the index's contents, such as the app's example queries, is computed again when it
+        changes."""
+        self.current_sides()
+        return self._stamp
+
     def recall(self, side: str = "images", sample: int = 200, k: int = 10) -> float:
         """The side's measured recall@k against exact search (`measured_recall`)."""
         return measured_recall(self._side(side), sample, k)
