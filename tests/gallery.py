@@ -53,3 +53,18 @@ def write_odd_images(folder) -> dict:
 
 
 BROKEN = {"truncated.jpg", "empty.png", "notes.jpg", "dangling.jpg", "strip.png"}
+
+
+def index_demo_photos(demo_index, names, folder, index, model):
+    """Copies of the demo's photos `names` added to `folder` and indexed into `index` (built, or brought up to date):
+    a collection of chosen subjects, which a second call grows."""
+    import shutil
+    from pathlib import Path
+
+    from otclip.indexer.pipeline import index_images
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        shutil.copy(Path(demo_index) / "data" / "photos" / name, folder / name)
+    index_images(folder, index, model, progress=False, workers=0, query_models=False)

@@ -5,6 +5,8 @@ import pytest
 
 from otclip.engine import fashion_mnist
 
+from gallery import index_demo_photos
+
 CLOTHES = {"a sneaker", "a dress", "a shirt", "a bag", "a coat", "trousers", "a sandal"}
 
 
@@ -57,16 +59,10 @@ def test_an_index_of_texts_alone_offers_none(tmp_path, default_model):
 
 def test_two_photos_are_offered_two_examples(demo_index, tmp_path, default_model):
     """Candidates whose best match is the same photo name one subject: one example for each photo."""
-    import shutil
-
     from otclip.app.example_queries import suggest
     from otclip.engine.search import IndexSearcher
-    from otclip.indexer.pipeline import index_images
 
-    (tmp_path / "farm").mkdir()
-    for name in ("horse.jpg", "camera.jpg"):
-        shutil.copy(demo_index / "data" / "photos" / name, tmp_path / "farm" / name)
-    index_images(tmp_path / "farm", tmp_path / "ix", default_model, progress=False, workers=0, query_models=False)
+    index_demo_photos(demo_index, ["horse.jpg", "camera.jpg"], tmp_path / "farm", tmp_path / "ix", default_model)
     searcher = IndexSearcher(tmp_path / "ix", model=default_model)
     offered = suggest(searcher)
     assert len(offered) == 2 and len({i for _, i in scored(searcher, offered)}) == 2
@@ -76,25 +72,18 @@ def test_the_app_chooses_again_when_its_index_has_a_new_generation_only(demo_ind
                                                                        monkeypatch):
     """Chosen at the server's start only, a watched collection that grew kept offering its old subjects; chosen at
     every page load, each would cost a batch of the text tower."""
-    import shutil
-
     from otclip.app import example_queries
     from otclip.app.search_app import SearchApp
     from otclip.engine.search import IndexSearcher
-    from otclip.indexer.pipeline import index_images
 
-    (tmp_path / "farm").mkdir()
-    for name in ("horse.jpg", "camera.jpg"):
-        shutil.copy(demo_index / "data" / "photos" / name, tmp_path / "farm" / name)
-    index_images(tmp_path / "farm", tmp_path / "ix", default_model, progress=False, workers=0, query_models=False)
+    index_demo_photos(demo_index, ["horse.jpg", "camera.jpg"], tmp_path / "farm", tmp_path / "ix", default_model)
     app = SearchApp(IndexSearcher(tmp_path / "ix", model=default_model))
     chosen = []
     suggest = example_queries.suggest
     monkeypatch.setattr(example_queries, "suggest", lambda searcher: chosen.append(1) or suggest(searcher))
     first = app.examples()
     assert app.examples() == first and "a cat" not in first and len(chosen) == 1
-    shutil.copy(demo_index / "data" / "photos" / "chelsea.jpg", tmp_path / "farm" / "chelsea.jpg")
-    index_images(tmp_path / "farm", tmp_path / "ix", default_model, progress=False, workers=0, query_models=False)
+    index_demo_photos(demo_index, ["chelsea.jpg"], tmp_path / "farm", tmp_path / "ix", default_model)
     grown = app.examples()
     assert "a cat" in grown and len(chosen) == 2
     assert app.examples() == grown and len(chosen) == 2

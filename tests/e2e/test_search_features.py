@@ -11,6 +11,8 @@ import pytest
 from browser import needs_chromium, wait_for
 from conftest import free_port
 
+from gallery import index_demo_photos
+
 pytestmark = needs_chromium
 
 
@@ -137,25 +139,18 @@ def test_the_collection_picker_switches_index(browser, two_collections):
 def test_a_page_opened_after_its_collection_grew_offers_the_new_subjects(browser, demo_index, tmp_path, default_model):
     """The example queries were chosen once, as the server started: a watched or re-indexed collection that grew kept
     offering its old subjects until a restart. A page opened after the index's next generation offers the new ones."""
-    import shutil
-
     from otclip.app.server import serve
     from otclip.engine.search import IndexSearcher
-    from otclip.indexer.pipeline import index_images
 
     photos = tmp_path / "photos"
-    photos.mkdir()
-    for name in ("horse.jpg", "camera.jpg"):
-        shutil.copy(demo_index / "data" / "photos" / name, photos / name)
-    index_images(photos, tmp_path / "ix", default_model, progress=False, workers=0, query_models=False)
+    index_demo_photos(demo_index, ["horse.jpg", "camera.jpg"], photos, tmp_path / "ix", default_model)
     port = free_port()
     ui = serve([], "127.0.0.1", port, block=False, searchers=[IndexSearcher(tmp_path / "ix", model=default_model)])
     try:
         browser.get(f"http://127.0.0.1:{port}/")
         before = wait_for(browser, examples)
         assert 1 <= len(before) <= 2 and "a cat" not in before
-        shutil.copy(demo_index / "data" / "photos" / "chelsea.jpg", photos / "chelsea.jpg")
-        index_images(photos, tmp_path / "ix", default_model, progress=False, workers=0, query_models=False)
+        index_demo_photos(demo_index, ["chelsea.jpg"], photos, tmp_path / "ix", default_model)
         browser.get(f"http://127.0.0.1:{port}/")
         wait_for(browser, lambda d: "a cat" in examples(d))
     finally:
